@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs everything Berth needs on Debian 12 (run as root), idempotently,
+# then builds it. `--test` adds what the test suite and benchmarks need.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(protobuf-compiler zstd bubblewrap)
+if [[ "${1:-}" == "--test" ]]; then
+  packages+=(bazel-bootstrap gcc)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]} > 0)); then
+  echo "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get -o DPkg::Lock::Timeout=900 update -q
+  apt-get -o DPkg::Lock::Timeout=900 install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [[ ! -d node_modules ]] || [[ package-lock.json -nt node_modules/.package-lock.json ]]; then
+  npm ci --no-audit --no-fund
+fi
+npm run build --silent

@@ -1,0 +1,72 @@
+import { Server, ServerCredentials } from "@grpc/grpc-js";
+import type { Config } from "../config/config.js";
+import type { Farm } from "../farm/farm.js";
+import {
+  ActionCacheService,
+  CapabilitiesService,
+  ContentAddressableStorageService,
+} from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { ByteStreamService } from "../gen/google/bytestream/bytestream.js";
+import type { Logger } from "../log/log.js";
+import { actionCacheService } from "./action-cache-service.js";
+import { byteStreamService } from "./bytestream-service.js";
+import { capabilitiesService } from "./capabilities-service.js";
+import { casService } from "./cas-service.js";
+import { InstanceNames } from "./instance-names.js";
+
+export interface RunningServer {
+  /** HOST:PORT actually bound (the port is chosen by the OS when the configured one is 0). */
+  readonly address: string;
+  close(): Promise<void>;
+}
+
+/** Room for a full batch plus the per-blob framing around it. */
+const MESSAGE_OVERHEAD_BYTES = 8 * 1024 * 1024;
+
+export async function startServer(farm: Farm, config: Config, log: Logger): Promise<RunningServer> {
+  const server = new Server({
+    "grpc.max_receive_message_length": config.cas.maxBatchTotalSizeBytes + MESSAGE_OVERHEAD_BYTES,
+    "grpc.max_send_message_length": config.cas.maxBatchTotalSizeBytes + MESSAGE_OVERHEAD_BYTES,
+  });
+  const instances = new InstanceNames(config.instanceNames);
+  server.addService(
+    CapabilitiesService,
+    capabilitiesService(
+      {
+        maxBatchTotalSizeBytes: config.cas.maxBatchTotalSizeBytes,
+        maxCasBlobSizeBytes: config.cas.maxSizeBytes,
+        allowAbsoluteSymlinks: config.cas.allowAbsoluteSymlinks,
+        executionEnabled: false,
+      },
+      instances,
+      log,
+    ),
+  );
+  server.addService(
+    ContentAddressableStorageService,
+    casService(farm.cas, instances, { maxBatchTotalSizeBytes: config.cas.maxBatchTotalSizeBytes }, log),
+  );
+  server.addService(ByteStreamService, byteStreamService(farm.cas, farm.uploads, instances, log));
+  server.addService(
+    ActionCacheService,
+    actionCacheService(farm.ac, farm.cas, instances, { maxInlineBytes: config.actionCache.maxInlineBytes }, log),
+  );
+
+  const port = await new Promise<number>((resolve, reject) => {
+    server.bindAsync(config.listen, ServerCredentials.createInsecure(), (err, bound) =>
+      err ? reject(err) : resolve(bound),
+    );
+  });
+  const host = config.listen.slice(0, config.listen.lastIndexOf(":"));
+  return {
+    address: `${host}:${port}`,
+    close: () =>
+      new Promise<void>((resolve) => {
+        const force = setTimeout(() => server.forceShutdown(), 5000);
+        server.tryShutdown(() => {
+          clearTimeout(force);
+          resolve();
+        });
+      }),
+  };
+}

@@ -1,0 +1,32 @@
+import type { Readable } from "node:stream";
+import type { Digest } from "../digest/digest.js";
+
+/**
+ * The content-addressable storage as the rest of Berth sees it. Every blob
+ * handed out has been verified against its digest; implementations never
+ * serve a partial or unverified blob.
+ */
+export interface BlobStore {
+  /** The digests among `digests` that are not stored; the others count as used now. */
+  findMissing(digests: readonly Digest[]): Promise<Digest[]>;
+  /** The whole blob, or undefined when it is not stored. */
+  get(digest: Digest): Promise<Buffer | undefined>;
+  /** Bytes [offset, offset+limit) of the blob (limit 0: to the end), or undefined when not stored. */
+  openRead(digest: Digest, offset: number, limit: number): Promise<Readable | undefined>;
+  /** Stores a blob held in memory; INVALID_ARGUMENT when it does not match its digest. */
+  put(digest: Digest, data: Uint8Array): Promise<void>;
+  /** Starts a streamed upload of one blob. */
+  createWriter(digest: Digest): Promise<BlobWriter>;
+}
+
+/** A blob being uploaded in pieces; it becomes visible only after commit(). */
+export interface BlobWriter {
+  readonly digest: Digest;
+  /** Bytes accepted so far. */
+  readonly written: number;
+  write(chunk: Uint8Array): Promise<void>;
+  /** Verifies size and hash, then publishes the blob atomically. */
+  commit(): Promise<void>;
+  /** Drops what was written. */
+  abort(): Promise<void>;
+}

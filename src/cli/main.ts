@@ -1,0 +1,13 @@
+#!/usr/bin/env node
+import { Command } from "commander";
+import { serveCommand } from "./serve.js";
+
+const program = new Command()
+  .name("berth")
+  .description("Berth: a remote build execution farm (REAPI v2) that runs actions in the container images they name")
+  .version("0.1.0")
+  .showHelpAfterError();
+
+program.addCommand(serveCommand());
+
+await program.parseAsync(process.argv);

@@ -1,0 +1,38 @@
+import { Command } from "commander";
+import { startServer } from "../api/server.js";
+import { ConfigError, loadConfig } from "../config/config.js";
+import { openFarm } from "../farm/farm.js";
+import { createLogger } from "../log/log.js";
+
+export function serveCommand(): Command {
+  return new Command("serve")
+    .description("run the farm: the REAPI gRPC server and its storage, on embedded defaults unless told otherwise")
+    .option("--listen <host:port>", "gRPC address to listen on (default 127.0.0.1:8980)")
+    .option("--data-dir <dir>", "directory for all of Berth's data (default ~/.cache/berth)")
+    .option("--config <file>", "YAML or JSON configuration file (see README: Configuration)")
+    .action(async (options: { listen?: string; dataDir?: string; config?: string }) => {
+      let config: Awaited<ReturnType<typeof loadConfig>>;
+      try {
+        config = await loadConfig(options.config, { listen: options.listen, dataDir: options.dataDir });
+      } catch (err) {
+        if (err instanceof ConfigError) {
+          process.stderr.write(`berth: ${err.message}\n`);
+          process.exit(2);
+        }
+        throw err;
+      }
+      const log = createLogger(config.logLevel);
+      const farm = await openFarm(config, log);
+      const server = await startServer(farm, config, log);
+      log.info({ address: server.address, dataDir: config.dataDir }, `berth listening on ${server.address}`);
+      const stop = async (signal: string) => {
+        log.info({ signal }, `received ${signal}; stopping`);
+        await server.close();
+        await farm.close();
+        log.info("stopped");
+        process.exit(0);
+      };
+      process.once("SIGINT", () => void stop("SIGINT"));
+      process.once("SIGTERM", () => void stop("SIGTERM"));
+    });
+}

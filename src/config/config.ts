@@ -1,0 +1,118 @@
+import { readFile } from "node:fs/promises";
+import { homedir } from "node:os";
+import { isAbsolute, join, resolve } from "node:path";
+import { parse as parseYaml } from "yaml";
+import { z } from "zod";
+
+const UNITS: Record<string, number> = {
+  "": 1,
+  b: 1,
+  kib: 1024,
+  mib: 1024 ** 2,
+  gib: 1024 ** 3,
+  tib: 1024 ** 4,
+  kb: 1e3,
+  mb: 1e6,
+  gb: 1e9,
+  tb: 1e12,
+};
+
+/** A byte count: a number, or a string such as "512MiB" or "10 GB". */
+const bytes = z.union([z.number().int().nonnegative(), z.string()]).transform((value, ctx) => {
+  if (typeof value === "number") return value;
+  const match = /^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$/.exec(value);
+  const factor = match ? UNITS[(match[2] ?? "").toLowerCase()] : undefined;
+  if (!match || factor === undefined) {
+    ctx.addIssue({ code: "custom", message: `"${value}" is not a size; write e.g. 1048576, "512MiB" or "10GiB"` });
+    return z.NEVER;
+  }
+  return Math.floor(Number(match[1]) * factor);
+});
+
+const hostPort = z.string().regex(/^(\[[0-9a-fA-F:]+\]|[^\s:]+):[0-9]{1,5}$/, "must be HOST:PORT, e.g. 127.0.0.1:8980");
+
+export const ConfigSchema = z
+  .object({
+    /** gRPC address the farm listens on. */
+    listen: hostPort.default("127.0.0.1:8980"),
+    /** Everything Berth writes goes below this directory. */
+    dataDir: z.string().default(join(homedir(), ".cache", "berth")),
+    logLevel: z.enum(["trace", "debug", "info", "warn", "error", "silent"]).default("info"),
+    /** Instance names served; empty means any name is accepted. */
+    instanceNames: z.array(z.string()).default([]),
+    cas: z
+      .object({
+        /** Blobs past this total are evicted, least recently used first. */
+        maxSizeBytes: bytes.default(10 * 1024 ** 3),
+        /** Limit on the data of one BatchUpdateBlobs or BatchReadBlobs request. */
+        maxBatchTotalSizeBytes: bytes.default(4 * 1024 ** 2 - 64 * 1024),
+        /** Interrupted ByteStream uploads are kept this long for QueryWriteStatus and resumption. */
+        uploadIdleTimeoutSeconds: z.number().positive().default(600),
+        /** Whether action results may hold symlinks with absolute targets. */
+        allowAbsoluteSymlinks: z.boolean().default(true),
+      })
+      .strict()
+      .prefault({}),
+    actionCache: z
+      .object({
+        maxSizeBytes: bytes.default(1024 ** 3),
+        /** Total bytes of stdout, stderr and files returned inline with one result. */
+        maxInlineBytes: bytes.default(1024 ** 2),
+      })
+      .strict()
+      .prefault({}),
+  })
+  .strict();
+
+export type Config = z.infer<typeof ConfigSchema>;
+
+/** Command-line values that take precedence over the file. */
+export interface ConfigOverrides {
+  listen?: string;
+  dataDir?: string;
+}
+
+export class ConfigError extends Error {}
+
+/** Reads and validates the configuration; errors name the offending key. */
+export async function loadConfig(file: string | undefined, overrides: ConfigOverrides = {}): Promise<Config> {
+  let raw: unknown = {};
+  if (file !== undefined) {
+    let text: string;
+    try {
+      text = await readFile(file, "utf8");
+    } catch (err) {
+      throw new ConfigError(`cannot read config file ${file}: ${(err as Error).message}`);
+    }
+    try {
+      raw = parseYaml(text) ?? {};
+    } catch (err) {
+      throw new ConfigError(`config file ${file} is not valid YAML or JSON: ${(err as Error).message}`);
+    }
+  }
+  const merged = { ...(raw as object), ...definedOnly(overrides) };
+  return parseConfig(merged, file ?? "the command line");
+}
+
+export function parseConfig(raw: unknown, source = "configuration"): Config {
+  const result = ConfigSchema.safeParse(raw);
+  if (!result.success) {
+    const lines = result.error.issues.map((issue) => {
+      const key = issue.path.join(".") || "(top level)";
+      return `  ${key}: ${issue.message}`;
+    });
+    throw new ConfigError(`invalid configuration in ${source}:\n${lines.join("\n")}`);
+  }
+  const config = result.data;
+  config.dataDir = expandHome(config.dataDir);
+  return config;
+}
+
+function expandHome(path: string): string {
+  if (path === "~" || path.startsWith("~/")) return join(homedir(), path.slice(1));
+  return isAbsolute(path) ? path : resolve(path);
+}
+
+function definedOnly(values: ConfigOverrides): Record<string, string> {
+  return Object.fromEntries(Object.entries(values).filter(([, v]) => v !== undefined));
+}

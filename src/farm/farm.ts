@@ -1,0 +1,43 @@
+import { mkdir } from "node:fs/promises";
+import { join } from "node:path";
+import type { ActionCache } from "../ac/action-cache.js";
+import { CompletenessCheckingActionCache } from "../ac/completeness-checking-action-cache.js";
+import { DiskActionCache } from "../ac/disk-action-cache.js";
+import type { BlobStore } from "../cas/blob-store.js";
+import { DiskBlobStore } from "../cas/disk-blob-store.js";
+import { UploadSessions } from "../cas/upload-sessions.js";
+import type { Config } from "../config/config.js";
+import { formatDigest } from "../digest/digest.js";
+import type { Logger } from "../log/log.js";
+import { LruDirectory } from "../store/lru-directory.js";
+
+/** The storage of one farm, as the services use it. */
+export interface Farm {
+  readonly cas: BlobStore;
+  readonly ac: ActionCache;
+  readonly uploads: UploadSessions;
+  close(): Promise<void>;
+}
+
+/** Opens (or creates) the farm's storage below `config.dataDir`. */
+export async function openFarm(config: Config, log: Logger): Promise<Farm> {
+  await mkdir(config.dataDir, { recursive: true });
+  const casFiles = await LruDirectory.open(join(config.dataDir, "cas"), {
+    maxBytes: config.cas.maxSizeBytes,
+    onEvict: (key, size) => log.debug({ key, size }, "evicted blob"),
+  });
+  const acFiles = await LruDirectory.open(join(config.dataDir, "ac"), {
+    maxBytes: config.actionCache.maxSizeBytes,
+    onEvict: (key) => log.debug({ key }, "evicted action result"),
+  });
+  log.info(
+    { casBlobs: casFiles.count, casBytes: casFiles.usedBytes, acEntries: acFiles.count },
+    `opened storage in ${config.dataDir}`,
+  );
+  const cas = new DiskBlobStore(casFiles);
+  const ac = new CompletenessCheckingActionCache(new DiskActionCache(acFiles), cas, (digest, missing) =>
+    log.debug({ action: formatDigest(digest), missing }, "action result has evicted blobs; answering a miss"),
+  );
+  const uploads = new UploadSessions(cas, config.cas.uploadIdleTimeoutSeconds * 1000);
+  return { cas, ac, uploads, close: () => uploads.close() };
+}
