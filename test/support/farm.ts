@@ -1,0 +1,128 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import { credentials } from "@grpc/grpc-js";
+import { type RunningServer, startServer } from "../../src/api/server.js";
+import { type Config, parseConfig } from "../../src/config/config.js";
+import { type Farm, openFarm } from "../../src/farm/farm.js";
+import {
+  ActionCacheClient,
+  CapabilitiesClient,
+  ContentAddressableStorageClient,
+} from "../../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { ByteStreamClient } from "../../src/gen/google/bytestream/bytestream.js";
+import { silentLogger } from "../../src/log/log.js";
+
+/** Real gRPC clients of every service, connected to one address. */
+export interface Clients {
+  cas: ContentAddressableStorageClient;
+  byteStream: ByteStreamClient;
+  ac: ActionCacheClient;
+  capabilities: CapabilitiesClient;
+  close(): void;
+}
+
+const CHANNEL_OPTIONS = {
+  "grpc.max_receive_message_length": 64 * 1024 * 1024,
+  "grpc.max_send_message_length": 64 * 1024 * 1024,
+};
+
+export function connect(address: string): Clients {
+  const creds = credentials.createInsecure();
+  const cas = new ContentAddressableStorageClient(address, creds, CHANNEL_OPTIONS);
+  const byteStream = new ByteStreamClient(address, creds, CHANNEL_OPTIONS);
+  const ac = new ActionCacheClient(address, creds, CHANNEL_OPTIONS);
+  const capabilities = new CapabilitiesClient(address, creds, CHANNEL_OPTIONS);
+  return {
+    cas,
+    byteStream,
+    ac,
+    capabilities,
+    close: () => {
+      for (const client of [cas, byteStream, ac, capabilities]) client.close();
+    },
+  };
+}
+
+/** A farm in this process on a free loopback port, with a fresh data directory. */
+export interface TestFarm {
+  readonly address: string;
+  readonly config: Config;
+  readonly clients: Clients;
+  readonly farm: Farm;
+  /** Stops and starts the server on the same data directory (a new port). */
+  restart(): Promise<TestFarm>;
+  close(): Promise<void>;
+}
+
+export async function startTestFarm(settings: Record<string, unknown> = {}, dataDir?: string): Promise<TestFarm> {
+  const dir = dataDir ?? (await mkdtemp(join(tmpdir(), "berth-test-")));
+  const config = parseConfig({ listen: "127.0.0.1:0", dataDir: dir, logLevel: "silent", ...settings });
+  const log = silentLogger();
+  const farm = await openFarm(config, log);
+  const server: RunningServer = await startServer(farm, config, log);
+  const clients = connect(server.address);
+  const stop = async () => {
+    clients.close();
+    await server.close();
+    await farm.close();
+  };
+  return {
+    address: server.address,
+    config,
+    clients,
+    farm,
+    restart: async () => {
+      await stop();
+      return startTestFarm(settings, dir);
+    },
+    close: async () => {
+      await stop();
+      if (dataDir === undefined) await rm(dir, { recursive: true, force: true });
+    },
+  };
+}
+
+const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..", "..");
+
+/** The compiled `berth` program of this checkout. */
+export const BERTH_BIN = join(REPO_ROOT, "dist", "src", "cli", "main.js");
+
+/** `berth serve` as a separate process, as a user starts it; resolves once it listens. */
+export interface BerthProcess {
+  readonly address: string;
+  readonly child: ChildProcess;
+  /** SIGTERM, then the exit code. */
+  stop(): Promise<number | null>;
+}
+
+export async function spawnBerth(args: string[] = []): Promise<BerthProcess> {
+  const child = spawn(process.execPath, [BERTH_BIN, "serve", "--listen", "127.0.0.1:0", ...args], {
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const lines = createInterface({ input: child.stdout as NodeJS.ReadableStream });
+  const address = await new Promise<string>((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error("berth serve did not start within 20 s")), 20_000);
+    child.once("exit", (code) => reject(new Error(`berth serve exited with ${code} before listening`)));
+    lines.on("line", (line) => {
+      const match = /berth listening on (\S+?)"/.exec(line);
+      if (match?.[1]) {
+        clearTimeout(timer);
+        resolve(match[1]);
+      }
+    });
+  });
+  return {
+    address,
+    child,
+    stop: () =>
+      new Promise((resolve) => {
+        if (child.exitCode !== null) return resolve(child.exitCode);
+        child.once("exit", (code) => resolve(code));
+        child.kill("SIGTERM");
+      }),
+  };
+}
