@@ -104,7 +104,7 @@ export function casService(
     getTree: (call: ServerWritableStream<GetTreeRequest, GetTreeResponse>) => {
       streamTree(call, cas, instances).catch((err: unknown) => {
         logFailure(log, "GetTree", err);
-        call.destroy(Object.assign(new Error(toStatusError(err).message), toServiceError(err)));
+        call.emit("error", toServiceError(err));
       });
     },
 

@@ -1,13 +1,21 @@
-import type { ClientReadableStream, ServiceError } from "@grpc/grpc-js";
+import { type CallOptions, type ClientReadableStream, Metadata, type ServiceError } from "@grpc/grpc-js";
 import { BadRequest, PreconditionFailure } from "../../src/gen/google/rpc/error_details.js";
 import { Status } from "../../src/gen/google/rpc/status.js";
 
 type Callback<Res> = (err: ServiceError | null, res: Res) => void;
 
-/** Calls a unary method of a generated client and awaits its answer. */
-export function unaryCall<Req, Res>(method: (req: Req, cb: Callback<Res>) => unknown, request: Req): Promise<Res> {
+/**
+ * Calls a unary method of a generated client and awaits its answer. The
+ * method's last overload (request, metadata, options, callback) is the one
+ * TypeScript infers from, so that is the form called.
+ */
+export function unaryCall<Req, Res>(
+  method: (req: Req, metadata: Metadata, options: Partial<CallOptions>, cb: Callback<Res>) => unknown,
+  request: Req,
+  metadata: Metadata = new Metadata(),
+): Promise<Res> {
   return new Promise((resolve, reject) => {
-    method(request, (err, res) => (err ? reject(err) : resolve(res)));
+    method(request, metadata, {}, (err, res) => (err ? reject(err) : resolve(res)));
   });
 }
 
