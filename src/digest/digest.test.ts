@@ -54,7 +54,11 @@ describe("digests", () => {
     assert.equal(resolveDigestFunction(0, undefined).name, "sha256");
     invalid(() => resolveDigestFunction(4, HASH), /digest_function.*VSO.*not supported/);
     invalid(() => resolveDigestFunction(77, HASH), /digest_function.*77/);
-    invalid(() => resolveDigestFunction(0, "c".repeat(50)), /digest_function.*50 hex/);
+    const unknownLength = "c".repeat(50);
+    invalid(
+      () => parseDigest(resolveDigestFunction(0, unknownLength), { hash: unknownLength, sizeBytes: 1 }, "d"),
+      /d\.hash.*50/,
+    );
   });
 
   test("verifyBlob refuses wrong sizes and wrong hashes", async () => {

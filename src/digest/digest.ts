@@ -6,6 +6,7 @@ import {
   digestFunctionByLength,
   digestFunctionByWire,
   hashBytes,
+  SHA256,
 } from "./functions.js";
 
 /** A validated content address: the function, its lowercase hex hash and the blob's size. */
@@ -43,15 +44,9 @@ export function resolveDigestFunction(
     }
     return fn;
   }
-  if (sampleHash === undefined) return DIGEST_FUNCTIONS[0] as DigestFunction;
-  const fn = digestFunctionByLength(sampleHash.length);
-  if (!fn) {
-    throw invalidArgument(
-      field,
-      `no digest function given and none of the supported ones has hashes of ${sampleHash.length} hex characters`,
-    );
-  }
-  return fn;
+  // A hash of no known length is reported against the digest itself, by parseDigest.
+  if (sampleHash === undefined) return SHA256;
+  return digestFunctionByLength(sampleHash.length) ?? SHA256;
 }
 
 /** Validates a wire digest against a digest function; `field` names it in errors. */
