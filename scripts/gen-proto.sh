@@ -12,5 +12,5 @@ protoc \
   --plugin=protoc-gen-ts_proto=node_modules/.bin/protoc-gen-ts_proto \
   --ts_proto_out="$out" \
   --ts_proto_opt=outputServices=grpc-js,env=node,esModuleInterop=true,forceLong=number,useDate=false,importSuffix=.js,useOptionals=none,exportCommonSymbols=false \
-  -I proto -I "$google" -I /usr/include \
+  -I proto -I "$google" \
   $protos google/bytestream/bytestream.proto google/rpc/error_details.proto google/rpc/code.proto
