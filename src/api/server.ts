@@ -1,3 +1,4 @@
+import type { Http2Server, ServerHttp2Session } from "node:http2";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
 import type { Config } from "../config/config.js";
 import type { Farm } from "../farm/farm.js";
@@ -6,9 +7,9 @@ import {
   CapabilitiesService,
   ContentAddressableStorageService,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
-import { ByteStreamService } from "../gen/google/bytestream/bytestream.js";
 import type { Logger } from "../log/log.js";
 import { actionCacheService } from "./action-cache-service.js";
+import { FastByteStreamService } from "./bytestream-codec.js";
 import { byteStreamService } from "./bytestream-service.js";
 import { capabilitiesService } from "./capabilities-service.js";
 import { casService } from "./cas-service.js";
@@ -18,6 +19,29 @@ export interface RunningServer {
   /** HOST:PORT actually bound (the port is chosen by the OS when the configured one is 0). */
   readonly address: string;
   close(): Promise<void>;
+}
+
+/**
+ * HTTP/2 receive window per connection and per stream. With the protocol's
+ * default of 64 KiB a client can have only that much of an upload in flight,
+ * which caps ByteStream writes far below what the disk takes.
+ */
+const RECEIVE_WINDOW_BYTES = 16 * 1024 * 1024;
+
+/**
+ * grpc-js reads its window option only on the client side, so the server's
+ * HTTP/2 sessions are widened here as they open. The servers are reached
+ * through a private field; if a future grpc-js lacks it, its defaults stay.
+ */
+export function widenReceiveWindows(server: Server, bytes = RECEIVE_WINDOW_BYTES): void {
+  const http2Servers = (server as unknown as { http2Servers?: unknown }).http2Servers;
+  if (!(http2Servers instanceof Map)) return;
+  for (const http2Server of http2Servers.keys() as Iterable<Http2Server>) {
+    http2Server.on("session", (session: ServerHttp2Session) => {
+      session.setLocalWindowSize(bytes);
+      session.settings({ initialWindowSize: bytes });
+    });
+  }
 }
 
 /** Room for a full batch plus the per-blob framing around it. */
@@ -46,7 +70,7 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
     ContentAddressableStorageService,
     casService(farm.cas, instances, { maxBatchTotalSizeBytes: config.cas.maxBatchTotalSizeBytes }, log),
   );
-  server.addService(ByteStreamService, byteStreamService(farm.cas, farm.uploads, instances, log));
+  server.addService(FastByteStreamService, byteStreamService(farm.cas, farm.uploads, instances, log));
   server.addService(
     ActionCacheService,
     actionCacheService(farm.ac, farm.cas, instances, { maxInlineBytes: config.actionCache.maxInlineBytes }, log),
@@ -57,6 +81,7 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
       err ? reject(err) : resolve(bound),
     );
   });
+  widenReceiveWindows(server);
   const host = config.listen.slice(0, config.listen.lastIndexOf(":"));
   return {
     address: `${host}:${port}`,

@@ -10,6 +10,17 @@ import { isEmptyBlob } from "./empty-blob.js";
 /** Read chunk size: large enough for throughput, well under gRPC's 4 MiB message limit. */
 const READ_CHUNK_BYTES = 1024 * 1024;
 
+/** Enough overlap to keep the disk busy while the next chunks arrive, bounded in memory. */
+const MAX_WRITES_IN_FLIGHT = 4;
+
+async function writeFully(handle: FileHandle, chunk: Uint8Array, position: number): Promise<void> {
+  let offset = 0;
+  while (offset < chunk.byteLength) {
+    const { bytesWritten } = await handle.write(chunk, offset, chunk.byteLength - offset, position + offset);
+    offset += bytesWritten;
+  }
+}
+
 /** The embedded CAS: blobs as files in an LRU-capped directory. */
 export class DiskBlobStore implements BlobStore {
   constructor(private readonly files: LruDirectory) {}
@@ -52,6 +63,7 @@ export class DiskBlobStore implements BlobStore {
 class DiskBlobWriter implements BlobWriter {
   written = 0;
   private done = false;
+  private readonly inFlight: Promise<void>[] = [];
 
   constructor(
     readonly digest: Digest,
@@ -70,18 +82,19 @@ class DiskBlobWriter implements BlobWriter {
       );
     }
     this.hasher.update(chunk);
-    let offset = 0;
-    while (offset < chunk.byteLength) {
-      const { bytesWritten } = await this.handle.write(chunk, offset, chunk.byteLength - offset, this.written + offset);
-      offset += bytesWritten;
-    }
+    // Positioned writes may overlap: the next chunk is received and hashed while
+    // earlier ones reach the file. The caller must not reuse `chunk`'s memory.
+    const pending = writeFully(this.handle, chunk, this.written);
+    pending.catch(() => {}); // awaited later (here or in settle); this only marks it handled meanwhile
+    this.inFlight.push(pending);
     this.written += chunk.byteLength;
+    if (this.inFlight.length >= MAX_WRITES_IN_FLIGHT) await this.inFlight.shift();
   }
 
   async commit(): Promise<void> {
     if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "the upload already finished");
     this.done = true;
-    await this.handle.close();
+    await this.settle();
     const { digest } = this;
     if (this.written !== digest.sizeBytes) {
       await unlink(this.temp).catch(() => {});
@@ -101,10 +114,18 @@ class DiskBlobWriter implements BlobWriter {
     await this.files.commit(this.temp, digestKey(digest), digest.sizeBytes);
   }
 
+  /** Waits for every write, then closes the file; the first write error is thrown. */
+  private async settle(): Promise<void> {
+    const results = await Promise.allSettled(this.inFlight.splice(0));
+    await this.handle.close();
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+    if (failed) throw failed.reason;
+  }
+
   async abort(): Promise<void> {
     if (this.done) return;
     this.done = true;
-    await this.handle.close().catch(() => {});
+    await this.settle().catch(() => {});
     await unlink(this.temp).catch(() => {});
   }
 }

@@ -6,7 +6,7 @@ import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { type BerthProcess, spawnBerth } from "../support/farm.js";
+import { type ServerProcess, spawnBerth } from "../support/farm.js";
 
 /**
  * Bazel 4.2.3 (Debian's bazel-bootstrap) against a spawned `berth serve` as its --remote_cache: a cold build
@@ -189,7 +189,7 @@ describe("Bazel 4.2.3 with Berth as its remote cache", { timeout: 300_000 }, () 
   let root = "";
   let workspace = "";
   let dataDir = "";
-  let berth: BerthProcess | undefined;
+  let berth: ServerProcess | undefined;
   let firstOutputs: Record<string, string> | undefined;
   let grpcLogs = 0;
 

@@ -28,6 +28,8 @@ export interface Clients {
 const CHANNEL_OPTIONS = {
   "grpc.max_receive_message_length": 64 * 1024 * 1024,
   "grpc.max_send_message_length": 64 * 1024 * 1024,
+  // The receive window grpc-java (Bazel's gRPC) opens by default; grpc-js's own is 64 KiB.
+  "grpc-node.flow_control_window": 1024 * 1024,
 };
 
 export function connect(address: string): Clients {
@@ -91,24 +93,26 @@ const REPO_ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..", ".."
 /** The compiled `berth` program of this checkout. */
 export const BERTH_BIN = join(REPO_ROOT, "dist", "src", "cli", "main.js");
 
-/** `berth serve` as a separate process, as a user starts it; resolves once it listens. */
-export interface BerthProcess {
+/** A server in a child process, as a user starts it. */
+export interface ServerProcess {
   readonly address: string;
   readonly child: ChildProcess;
   /** SIGTERM, then the exit code. */
   stop(): Promise<number | null>;
 }
 
-export async function spawnBerth(args: string[] = []): Promise<BerthProcess> {
-  const child = spawn(process.execPath, [BERTH_BIN, "serve", "--listen", "127.0.0.1:0", ...args], {
-    stdio: ["ignore", "pipe", "inherit"],
-  });
+/**
+ * Starts `node ARGS…` and resolves once a line of its standard output matches
+ * `listening` (whose first group is the address).
+ */
+export async function spawnListening(nodeArgs: string[], listening: RegExp, what: string): Promise<ServerProcess> {
+  const child = spawn(process.execPath, nodeArgs, { stdio: ["ignore", "pipe", "inherit"] });
   const lines = createInterface({ input: child.stdout as NodeJS.ReadableStream });
   const address = await new Promise<string>((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error("berth serve did not start within 20 s")), 20_000);
-    child.once("exit", (code) => reject(new Error(`berth serve exited with ${code} before listening`)));
+    const timer = setTimeout(() => reject(new Error(`${what} did not start within 20 s`)), 20_000);
+    child.once("exit", (code) => reject(new Error(`${what} exited with ${code} before listening`)));
     lines.on("line", (line) => {
-      const match = /berth listening on (\S+?)"/.exec(line);
+      const match = listening.exec(line);
       if (match?.[1]) {
         clearTimeout(timer);
         resolve(match[1]);
@@ -125,4 +129,13 @@ export async function spawnBerth(args: string[] = []): Promise<BerthProcess> {
         child.kill("SIGTERM");
       }),
   };
+}
+
+/** `berth serve` on a free loopback port; `nodeFlags` go to node itself (e.g. --cpu-prof). */
+export function spawnBerth(args: string[] = [], nodeFlags: string[] = []): Promise<ServerProcess> {
+  return spawnListening(
+    [...nodeFlags, BERTH_BIN, "serve", "--listen", "127.0.0.1:0", ...args],
+    /berth listening on (\S+?)"/,
+    "berth serve",
+  );
 }
