@@ -21,6 +21,8 @@ if ((${#missing[@]} > 0)); then
 fi
 
 if [[ ! -d node_modules ]] || [[ package-lock.json -nt node_modules/.package-lock.json ]]; then
-  npm ci --no-audit --no-fund
+  # `npm ci` refuses lock files that npm 11 itself writes without other platforms' optional
+  # packages (Biome's), so the locked versions are installed with `npm install`.
+  npm install --no-audit --no-fund
 fi
 npm run build --silent
