@@ -1,0 +1,17 @@
+/** A platform property, as REAPI's Platform.Property. */
+export interface Property {
+  name: string;
+  value: string;
+}
+
+/**
+ * The first property of `wanted` that `offered` lacks, or undefined when all
+ * are offered. A worker may offer several values of one name.
+ */
+export function unmetProperty(offered: readonly Property[], wanted: readonly Property[]): Property | undefined {
+  return wanted.find((w) => !offered.some((o) => o.name === w.name && o.value === w.value));
+}
+
+export function formatProperty(p: Property): string {
+  return `${p.name}=${p.value}`;
+}

@@ -1,0 +1,289 @@
+import { randomUUID } from "node:crypto";
+import { type Digest, digestKey } from "../digest/digest.js";
+import type { Assignment } from "../gen/berth/worker/v1/worker.js";
+import {
+  type Action,
+  type ActionResult,
+  type Command,
+  type ExecuteResponse,
+  ExecutionStage_Value,
+} from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import type { Status } from "../gen/google/rpc/status.js";
+import { Code } from "../status/status.js";
+import { Operation } from "./operation.js";
+import { type Property, unmetProperty } from "./platform.js";
+
+/** An action ready to run: validated, with its Action and Command fetched. */
+export interface ExecutionJob {
+  instanceName: string;
+  actionDigest: Digest;
+  action: Action;
+  command: Command;
+  platform: Property[];
+  /** Lower runs sooner, as REAPI's ExecutionPolicy.priority. */
+  priority: number;
+  timeoutMs: number;
+  /** Such a job neither joins nor is joined by identical ones. */
+  doNotCache: boolean;
+  queuedAt: Date;
+}
+
+/** What a worker reported for a job. */
+export interface WorkerOutcome {
+  status: Status;
+  result: ActionResult | undefined;
+}
+
+/** The scheduler's side of one connected worker. */
+export interface WorkerConnection {
+  readonly name: string;
+  readonly properties: readonly Property[];
+  readonly slots: number;
+  assign(assignment: Assignment): void;
+  cancel(leaseId: string): void;
+}
+
+export interface SchedulerOptions {
+  /** A worker silent for this long has vanished; its actions are queued again. */
+  leaseTimeoutMs: number;
+  /** How many times an action may be started before a vanishing worker fails it. */
+  maxAttempts: number;
+  /** How long completed operations stay visible to WaitExecution and GetOperation. */
+  retainCompletedMs: number;
+  /** Turns a worker's outcome into the client's response (and caches it). */
+  finish: (job: ExecutionJob, outcome: WorkerOutcome) => Promise<ExecuteResponse>;
+}
+
+interface Task {
+  readonly key: string;
+  readonly job: ExecutionJob;
+  readonly seq: number;
+  readonly operations: Set<Operation>;
+  attempts: number;
+  lease: { id: string; worker: WorkerState } | undefined;
+}
+
+interface WorkerState {
+  readonly connection: WorkerConnection;
+  readonly running: Map<string, Task>;
+  lastSeen: number;
+}
+
+/**
+ * Queues jobs by priority (first in, first out within one), hands them to
+ * workers whose properties satisfy them, and follows each to completion.
+ * Identical jobs in flight share one execution.
+ */
+export class Scheduler {
+  private readonly queue: Task[] = [];
+  private readonly inFlight = new Map<string, Task>();
+  private readonly workers = new Map<string, WorkerState>();
+  /** Property sets of every worker seen, so a briefly absent platform is not refused. */
+  private readonly knownPlatforms = new Map<string, readonly Property[]>();
+  private readonly operations = new Map<string, { operation: Operation; task: Task | undefined }>();
+  private seq = 0;
+  private readonly sweeper: NodeJS.Timeout;
+
+  constructor(private readonly options: SchedulerOptions) {
+    this.sweeper = setInterval(() => this.expireLeases(), Math.max(100, options.leaseTimeoutMs / 4));
+    this.sweeper.unref();
+  }
+
+  close(): void {
+    clearInterval(this.sweeper);
+  }
+
+  /** The first property no worker of the farm has offered, or undefined. */
+  unsatisfiable(platform: readonly Property[]): Property | undefined {
+    if (platform.length === 0) return undefined;
+    let best: Property | undefined = platform[0];
+    for (const offered of this.knownPlatforms.values()) {
+      const unmet = unmetProperty(offered, platform);
+      if (!unmet) return undefined;
+      best = unmet;
+    }
+    return best;
+  }
+
+  /** An operation already complete, for answers that need no execution (cache hits, refusals). */
+  completed(instanceName: string, actionDigest: Digest, response: ExecuteResponse): Operation {
+    const operation = new Operation(instanceName, actionDigest);
+    this.remember(operation, undefined);
+    operation.complete(response);
+    return operation;
+  }
+
+  submit(job: ExecutionJob): Operation {
+    const operation = new Operation(job.instanceName, job.actionDigest);
+    const key = `${job.instanceName}\0${digestKey(job.actionDigest)}`;
+    const existing = job.doNotCache ? undefined : this.inFlight.get(key);
+    if (existing && !existing.job.doNotCache) {
+      existing.operations.add(operation);
+      this.remember(operation, existing);
+      operation.advance(existing.lease ? ExecutionStage_Value.EXECUTING : ExecutionStage_Value.QUEUED);
+      return operation;
+    }
+    const task: Task = { key, job, seq: this.seq++, operations: new Set([operation]), attempts: 0, lease: undefined };
+    if (!job.doNotCache) this.inFlight.set(key, task);
+    this.remember(operation, task);
+    operation.advance(ExecutionStage_Value.QUEUED);
+    this.enqueue(task);
+    this.dispatch();
+    return operation;
+  }
+
+  getOperation(name: string): Operation | undefined {
+    return this.operations.get(name)?.operation;
+  }
+
+  /** Cancels one client's operation; the action stops when no other client waits for it. */
+  cancel(name: string): boolean {
+    const entry = this.operations.get(name);
+    if (!entry || entry.operation.done) return entry !== undefined;
+    const { operation, task } = entry;
+    operation.complete(failure(Code.CANCELLED, "the operation was cancelled"));
+    if (task) {
+      task.operations.delete(operation);
+      if (task.operations.size === 0) this.abandon(task);
+    }
+    return true;
+  }
+
+  connect(connection: WorkerConnection): void {
+    this.workers.set(connection.name, { connection, running: new Map(), lastSeen: Date.now() });
+    this.knownPlatforms.set(connection.name, connection.properties);
+    this.dispatch();
+  }
+
+  heartbeat(workerName: string): void {
+    const worker = this.workers.get(workerName);
+    if (worker) worker.lastSeen = Date.now();
+  }
+
+  /** The worker's stream ended or it went silent: its actions go back to the queue. */
+  disconnect(workerName: string, reason: string): void {
+    const worker = this.workers.get(workerName);
+    if (!worker) return;
+    this.workers.delete(workerName);
+    for (const task of worker.running.values()) {
+      task.lease = undefined;
+      if (task.operations.size === 0) continue;
+      if (task.attempts >= this.options.maxAttempts) {
+        this.finishTask(
+          task,
+          failure(
+            Code.UNAVAILABLE,
+            `the action was started ${task.attempts} times and each worker vanished (last: ${workerName}, ${reason})`,
+          ),
+        );
+        continue;
+      }
+      for (const op of task.operations) op.advance(ExecutionStage_Value.QUEUED);
+      this.enqueue(task);
+    }
+    this.dispatch();
+  }
+
+  /** A worker's report on a lease; stale or unknown leases are ignored. */
+  async complete(workerName: string, leaseId: string, outcome: WorkerOutcome): Promise<void> {
+    const worker = this.workers.get(workerName);
+    const task = worker?.running.get(leaseId);
+    if (!worker || !task) return;
+    worker.running.delete(leaseId);
+    task.lease = undefined;
+    this.dispatch();
+    if (task.operations.size === 0) return;
+    let response: ExecuteResponse;
+    try {
+      response = await this.options.finish(task.job, outcome);
+    } catch (err) {
+      response = failure(Code.INTERNAL, `storing the result failed: ${(err as Error).message}`);
+    }
+    this.finishTask(task, response);
+  }
+
+  private finishTask(task: Task, response: ExecuteResponse): void {
+    if (this.inFlight.get(task.key) === task) this.inFlight.delete(task.key);
+    for (const op of task.operations) op.complete(response);
+    task.operations.clear();
+  }
+
+  private abandon(task: Task): void {
+    if (this.inFlight.get(task.key) === task) this.inFlight.delete(task.key);
+    const queued = this.queue.indexOf(task);
+    if (queued >= 0) this.queue.splice(queued, 1);
+    if (task.lease) {
+      const { id, worker } = task.lease;
+      worker.running.delete(id);
+      task.lease = undefined;
+      worker.connection.cancel(id);
+      this.dispatch();
+    }
+  }
+
+  private enqueue(task: Task): void {
+    const before = (a: Task, b: Task) =>
+      a.job.priority < b.job.priority || (a.job.priority === b.job.priority && a.seq < b.seq);
+    let at = this.queue.length;
+    while (at > 0 && before(task, this.queue[at - 1] as Task)) at--;
+    this.queue.splice(at, 0, task);
+  }
+
+  private dispatch(): void {
+    for (const worker of this.workers.values()) {
+      while (worker.running.size < worker.connection.slots) {
+        const index = this.queue.findIndex((t) => !unmetProperty(worker.connection.properties, t.job.platform));
+        if (index < 0) break;
+        const [task] = this.queue.splice(index, 1) as [Task];
+        this.start(task, worker);
+      }
+    }
+  }
+
+  private start(task: Task, worker: WorkerState): void {
+    const leaseId = randomUUID();
+    task.attempts++;
+    task.lease = { id: leaseId, worker };
+    worker.running.set(leaseId, task);
+    for (const op of task.operations) op.advance(ExecutionStage_Value.EXECUTING);
+    const { job } = task;
+    worker.connection.assign({
+      leaseId,
+      instanceName: job.instanceName,
+      digestFunction: job.actionDigest.fn.wireValue,
+      actionDigest: { hash: job.actionDigest.hash, sizeBytes: job.actionDigest.sizeBytes },
+      action: job.action,
+      command: job.command,
+      timeout: { seconds: Math.floor(job.timeoutMs / 1000), nanos: (job.timeoutMs % 1000) * 1e6 },
+      queuedTimestamp: {
+        seconds: Math.floor(job.queuedAt.getTime() / 1000),
+        nanos: (job.queuedAt.getTime() % 1000) * 1e6,
+      },
+    });
+  }
+
+  private expireLeases(): void {
+    const deadline = Date.now() - this.options.leaseTimeoutMs;
+    for (const [name, worker] of this.workers) {
+      if (worker.lastSeen < deadline) this.disconnect(name, `no heartbeat for ${this.options.leaseTimeoutMs} ms`);
+    }
+  }
+
+  private remember(operation: Operation, task: Task | undefined): void {
+    this.operations.set(operation.name, { operation, task });
+    const forget = () => {
+      const timer = setTimeout(() => this.operations.delete(operation.name), this.options.retainCompletedMs);
+      timer.unref();
+    };
+    if (operation.done) forget();
+    else
+      operation.watch((op) => {
+        if (op.done) forget();
+      });
+  }
+}
+
+/** A response for an execution that did not produce a result. */
+export function failure(code: Code, message: string, details: Status["details"] = []): ExecuteResponse {
+  return { result: undefined, cachedResult: false, status: { code, message, details }, serverLogs: {}, message };
+}
