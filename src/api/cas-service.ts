@@ -13,8 +13,9 @@ import {
   type GetTreeResponse,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { Logger } from "../log/log.js";
+import { OK_STATUS, toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
-import { OK_STATUS, toRpcStatus, toServiceError } from "./grpc-status.js";
+import { toServiceError } from "./grpc-status.js";
 import { logFailure, unary } from "./handlers.js";
 import type { InstanceNames } from "./instance-names.js";
 

@@ -2,18 +2,24 @@ import type { Http2Server, ServerHttp2Session } from "node:http2";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
 import type { Config } from "../config/config.js";
 import type { Farm } from "../farm/farm.js";
+import { WorkerHubService } from "../gen/berth/worker/v1/worker.js";
 import {
   ActionCacheService,
   CapabilitiesService,
   ContentAddressableStorageService,
+  ExecutionService,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { OperationsService } from "../gen/google/longrunning/operations.js";
 import type { Logger } from "../log/log.js";
 import { actionCacheService } from "./action-cache-service.js";
 import { FastByteStreamService } from "./bytestream-codec.js";
 import { byteStreamService } from "./bytestream-service.js";
 import { capabilitiesService } from "./capabilities-service.js";
 import { casService } from "./cas-service.js";
+import { executionService } from "./execution-service.js";
 import { InstanceNames } from "./instance-names.js";
+import { operationsService } from "./operations-service.js";
+import { workerHubService } from "./worker-hub-service.js";
 
 export interface RunningServer {
   /** HOST:PORT actually bound (the port is chosen by the OS when the configured one is 0). */
@@ -60,7 +66,7 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
         maxBatchTotalSizeBytes: config.cas.maxBatchTotalSizeBytes,
         maxCasBlobSizeBytes: config.cas.maxSizeBytes,
         allowAbsoluteSymlinks: config.cas.allowAbsoluteSymlinks,
-        executionEnabled: false,
+        executionEnabled: true,
       },
       instances,
       log,
@@ -74,6 +80,23 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
   server.addService(
     ActionCacheService,
     actionCacheService(farm.ac, farm.cas, instances, { maxInlineBytes: config.actionCache.maxInlineBytes }, log),
+  );
+
+  server.addService(
+    ExecutionService,
+    executionService(
+      farm.executor,
+      farm.scheduler,
+      farm.cas,
+      instances,
+      { maxInlineBytes: config.actionCache.maxInlineBytes },
+      log,
+    ),
+  );
+  server.addService(OperationsService, operationsService(farm.scheduler, log));
+  server.addService(
+    WorkerHubService,
+    workerHubService(farm.scheduler, { heartbeatIntervalMs: config.execution.heartbeatIntervalSeconds * 1000 }, log),
   );
 
   const port = await new Promise<number>((resolve, reject) => {

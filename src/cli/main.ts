@@ -1,6 +1,7 @@
 #!/usr/bin/env node
 import { Command } from "commander";
 import { serveCommand } from "./serve.js";
+import { workerCommand } from "./worker.js";
 
 const program = new Command()
   .name("berth")
@@ -9,5 +10,6 @@ const program = new Command()
   .showHelpAfterError();
 
 program.addCommand(serveCommand());
+program.addCommand(workerCommand());
 
 await program.parseAsync(process.argv);

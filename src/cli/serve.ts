@@ -1,8 +1,13 @@
+import { join } from "node:path";
 import { Command } from "commander";
 import { startServer } from "../api/server.js";
 import { ConfigError, loadConfig } from "../config/config.js";
 import { openFarm } from "../farm/farm.js";
 import { createLogger } from "../log/log.js";
+import type { Property } from "../scheduler/platform.js";
+import { defaultWorkerCount, startWorkers } from "../worker/local-workers.js";
+import { collectProperty } from "./properties.js";
+import { parseCount } from "./worker.js";
 
 export function serveCommand(): Command {
   return new Command("serve")
@@ -10,29 +15,53 @@ export function serveCommand(): Command {
     .option("--listen <host:port>", "gRPC address to listen on (default 127.0.0.1:8980)")
     .option("--data-dir <dir>", "directory for all of Berth's data (default ~/.cache/berth)")
     .option("--config <file>", "YAML or JSON configuration file (see README: Configuration)")
-    .action(async (options: { listen?: string; dataDir?: string; config?: string }) => {
-      let config: Awaited<ReturnType<typeof loadConfig>>;
-      try {
-        config = await loadConfig(options.config, { listen: options.listen, dataDir: options.dataDir });
-      } catch (err) {
-        if (err instanceof ConfigError) {
-          process.stderr.write(`berth: ${err.message}\n`);
-          process.exit(2);
+    .option("--workers <n>", "local workers to run actions (default: one per core; 0 for none)", parseCount)
+    .option(
+      "--property <key=value>",
+      "a platform property the local workers offer (repeatable)",
+      collectProperty,
+      [] as Property[],
+    )
+    .action(
+      async (options: {
+        listen?: string;
+        dataDir?: string;
+        config?: string;
+        workers?: number;
+        property: Property[];
+      }) => {
+        let config: Awaited<ReturnType<typeof loadConfig>>;
+        try {
+          config = await loadConfig(options.config, { listen: options.listen, dataDir: options.dataDir });
+        } catch (err) {
+          if (err instanceof ConfigError) {
+            process.stderr.write(`berth: ${err.message}\n`);
+            process.exit(2);
+          }
+          throw err;
         }
-        throw err;
-      }
-      const log = createLogger(config.logLevel);
-      const farm = await openFarm(config, log);
-      const server = await startServer(farm, config, log);
-      log.info({ address: server.address, dataDir: config.dataDir }, `berth listening on ${server.address}`);
-      const stop = async (signal: string) => {
-        log.info({ signal }, `received ${signal}; stopping`);
-        await server.close();
-        await farm.close();
-        log.info("stopped");
-        process.exit(0);
-      };
-      process.once("SIGINT", () => void stop("SIGINT"));
-      process.once("SIGTERM", () => void stop("SIGTERM"));
-    });
+        const log = createLogger(config.logLevel);
+        const farm = await openFarm(config, log);
+        const server = await startServer(farm, config, log);
+        log.info({ address: server.address, dataDir: config.dataDir }, `berth listening on ${server.address}`);
+        const workers = await startWorkers({
+          address: server.address,
+          count: options.workers ?? defaultWorkerCount(),
+          workDir: join(config.dataDir, "worker"),
+          properties: options.property,
+          name: "local",
+          log,
+        });
+        const stop = async (signal: string) => {
+          log.info({ signal }, `received ${signal}; stopping`);
+          await workers.stop();
+          await server.close();
+          await farm.close();
+          log.info("stopped");
+          process.exit(0);
+        };
+        process.once("SIGINT", () => void stop("SIGINT"));
+        process.once("SIGTERM", () => void stop("SIGTERM"));
+      },
+    );
 }

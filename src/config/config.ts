@@ -61,6 +61,25 @@ export const ConfigSchema = z
       })
       .strict()
       .prefault({}),
+    execution: z
+      .object({
+        /** Timeout of actions that set none. */
+        defaultTimeoutSeconds: z.number().positive().default(900),
+        /** Actions asking for a longer timeout are refused. */
+        maxTimeoutSeconds: z
+          .number()
+          .positive()
+          .default(3 * 3600),
+        /** How often workers must report; one silent for leaseTimeoutSeconds loses its actions. */
+        heartbeatIntervalSeconds: z.number().positive().default(5),
+        leaseTimeoutSeconds: z.number().positive().default(30),
+        /** Starts of one action on workers that vanished before it fails. */
+        maxAttempts: z.number().int().positive().default(3),
+        /** How long WaitExecution and GetOperation still find a completed operation. */
+        retainCompletedSeconds: z.number().nonnegative().default(600),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict();
 

@@ -8,14 +8,18 @@ import { DiskBlobStore } from "../cas/disk-blob-store.js";
 import { UploadSessions } from "../cas/upload-sessions.js";
 import type { Config } from "../config/config.js";
 import { formatDigest } from "../digest/digest.js";
+import { Executor } from "../execution/executor.js";
 import type { Logger } from "../log/log.js";
+import { Scheduler } from "../scheduler/scheduler.js";
 import { LruDirectory } from "../store/lru-directory.js";
 
-/** The storage of one farm, as the services use it. */
+/** The storage and scheduling of one farm, as the services use them. */
 export interface Farm {
   readonly cas: BlobStore;
   readonly ac: ActionCache;
   readonly uploads: UploadSessions;
+  readonly scheduler: Scheduler;
+  readonly executor: Executor;
   close(): Promise<void>;
 }
 
@@ -39,5 +43,28 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     log.debug({ action: formatDigest(digest), missing }, "action result has evicted blobs; answering a miss"),
   );
   const uploads = new UploadSessions(cas, config.cas.uploadIdleTimeoutSeconds * 1000);
-  return { cas, ac, uploads, close: () => uploads.close() };
+  const { execution } = config;
+  // The executor and the scheduler refer to each other: the scheduler hands outcomes back to it.
+  let executor: Executor | undefined;
+  const scheduler = new Scheduler({
+    leaseTimeoutMs: execution.leaseTimeoutSeconds * 1000,
+    maxAttempts: execution.maxAttempts,
+    retainCompletedMs: execution.retainCompletedSeconds * 1000,
+    finish: (job, outcome) => (executor as Executor).finish(job, outcome),
+  });
+  executor = new Executor(cas, ac, scheduler, {
+    defaultTimeoutMs: execution.defaultTimeoutSeconds * 1000,
+    maxTimeoutMs: execution.maxTimeoutSeconds * 1000,
+  });
+  return {
+    cas,
+    ac,
+    uploads,
+    scheduler,
+    executor,
+    close: async () => {
+      scheduler.close();
+      await uploads.close();
+    },
+  };
 }

@@ -1,0 +1,57 @@
+import { homedir } from "node:os";
+import { join } from "node:path";
+import { Command, InvalidArgumentError } from "commander";
+import { createLogger } from "../log/log.js";
+import type { Property } from "../scheduler/platform.js";
+import { defaultWorkerCount, startWorkers } from "../worker/local-workers.js";
+import { collectProperty } from "./properties.js";
+
+export function workerCommand(): Command {
+  return new Command("worker")
+    .description("join a farm as a worker: run the actions its scheduler assigns, in a bubblewrap sandbox")
+    .requiredOption("--scheduler <host:port>", "the farm's gRPC address (its scheduler and CAS)")
+    .option("--name <name>", "worker name prefix, unique in the farm (default: host name and pid)")
+    .option("--slots <n>", "actions run at once (default: one per core)", parseCount)
+    .option("--work-dir <dir>", "directory for the file cache and the actions (default ~/.cache/berth/worker)")
+    .option(
+      "--property <key=value>",
+      "a platform property this worker offers (repeatable)",
+      collectProperty,
+      [] as Property[],
+    )
+    .option("--log-level <level>", "trace, debug, info, warn, error or silent", "info")
+    .action(
+      async (options: {
+        scheduler: string;
+        name?: string;
+        slots?: number;
+        workDir?: string;
+        property: Property[];
+        logLevel: string;
+      }) => {
+        const log = createLogger(options.logLevel);
+        const pool = await startWorkers({
+          address: options.scheduler,
+          count: options.slots ?? defaultWorkerCount(),
+          workDir: options.workDir ?? join(homedir(), ".cache", "berth", "worker"),
+          properties: options.property,
+          name: options.name,
+          log,
+        });
+        log.info(`berth worker joined ${options.scheduler}`);
+        const stop = async (signal: string) => {
+          log.info({ signal }, `received ${signal}; stopping`);
+          await pool.stop();
+          process.exit(0);
+        };
+        process.once("SIGINT", () => void stop("SIGINT"));
+        process.once("SIGTERM", () => void stop("SIGTERM"));
+      },
+    );
+}
+
+export function parseCount(value: string): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 0) throw new InvalidArgumentError(`"${value}" is not a whole number`);
+  return n;
+}

@@ -1,0 +1,150 @@
+import type { ActionCache } from "../ac/action-cache.js";
+import type { BlobStore } from "../cas/blob-store.js";
+import { type Digest, formatDigest, parseDigest, resolveDigestFunction } from "../digest/digest.js";
+import type { DigestFunction } from "../digest/functions.js";
+import {
+  Action,
+  Command,
+  type ExecuteRequest,
+  type ExecuteResponse,
+} from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import type { Operation } from "../scheduler/operation.js";
+import { formatProperty } from "../scheduler/platform.js";
+import { type ExecutionJob, failure, type Scheduler, type WorkerOutcome } from "../scheduler/scheduler.js";
+import { toRpcStatus } from "../status/rpc-status.js";
+import { Code, invalidArgument, missingBlobs, StatusError } from "../status/status.js";
+
+export interface ExecutorOptions {
+  /** Timeout of actions that set none. */
+  defaultTimeoutMs: number;
+  /** Actions asking for more are refused with INVALID_ARGUMENT. */
+  maxTimeoutMs: number;
+}
+
+/**
+ * The Execute front end: answers from the action cache when it can, checks
+ * that an action can run at all, hands it to the scheduler, and caches
+ * successful results. Problems with the action itself complete the
+ * operation with a status in ExecuteResponse, as REAPI asks.
+ */
+export class Executor {
+  constructor(
+    private readonly cas: BlobStore,
+    private readonly ac: ActionCache,
+    private readonly scheduler: Scheduler,
+    private readonly options: ExecutorOptions,
+  ) {}
+
+  async execute(request: ExecuteRequest): Promise<Operation> {
+    const fn = resolveDigestFunction(request.digestFunction, request.actionDigest?.hash);
+    const actionDigest = parseDigest(fn, request.actionDigest, "action_digest");
+    const { instanceName } = request;
+    if (!request.skipCacheLookup) {
+      const cached = await this.ac.get(instanceName, actionDigest);
+      if (cached) {
+        return this.scheduler.completed(instanceName, actionDigest, {
+          result: cached,
+          cachedResult: true,
+          status: { code: Code.OK, message: "", details: [] },
+          serverLogs: {},
+          message: "",
+        });
+      }
+    }
+    let job: ExecutionJob;
+    try {
+      job = await this.prepare(fn, instanceName, actionDigest, request.executionPolicy?.priority ?? 0);
+    } catch (err) {
+      if (!(err instanceof StatusError)) throw err;
+      const status = toRpcStatus(err);
+      return this.scheduler.completed(instanceName, actionDigest, failure(err.code, err.message, status.details));
+    }
+    return this.scheduler.submit(job);
+  }
+
+  /** Turns a worker's outcome into the response, caching successful results. */
+  async finish(job: ExecutionJob, outcome: WorkerOutcome): Promise<ExecuteResponse> {
+    const response: ExecuteResponse = {
+      result: outcome.result,
+      cachedResult: false,
+      status: outcome.status,
+      serverLogs: {},
+      message: outcome.status.message,
+    };
+    if (outcome.status.code === Code.OK && outcome.result?.exitCode === 0 && !job.doNotCache) {
+      await this.ac.put(job.instanceName, job.actionDigest, outcome.result);
+    }
+    return response;
+  }
+
+  private async prepare(
+    fn: DigestFunction,
+    instanceName: string,
+    actionDigest: Digest,
+    priority: number,
+  ): Promise<ExecutionJob> {
+    const actionBytes = await this.cas.get(actionDigest);
+    if (!actionBytes) throw missingBlobs([`blobs/${formatDigest(actionDigest)}`]);
+    const action = decode(Action, actionBytes, "action");
+    const commandDigest = parseDigest(fn, action.commandDigest, "action.command_digest");
+    const inputRootDigest = parseDigest(fn, action.inputRootDigest, "action.input_root_digest");
+    const [commandBytes, missingRoot] = await Promise.all([
+      this.cas.get(commandDigest),
+      this.cas.findMissing([inputRootDigest]),
+    ]);
+    const missing = [...(commandBytes ? [] : [commandDigest]), ...missingRoot];
+    if (missing.length > 0) throw missingBlobs(missing.map((d) => `blobs/${formatDigest(d)}`));
+    const command = decode(Command, commandBytes as Buffer, "command");
+    if (command.arguments.length === 0) throw invalidArgument("command.arguments", "is empty");
+    const timeoutMs = this.timeoutOf(action);
+    // REAPI 2.2 moved the platform to the Action; older clients (Bazel 4) set it on the Command.
+    const platform = (action.platform?.properties.length ? action.platform : command.platform)?.properties ?? [];
+    const unmet = this.scheduler.unsatisfiable(platform);
+    if (unmet) {
+      throw new StatusError(
+        Code.FAILED_PRECONDITION,
+        `no worker of this farm offers the platform property ${formatProperty(unmet)}`,
+        {
+          preconditionFailures: [
+            {
+              type: "UNSATISFIABLE_PLATFORM",
+              subject: formatProperty(unmet),
+              description: "no worker offers this property",
+            },
+          ],
+        },
+      );
+    }
+    return {
+      instanceName,
+      actionDigest,
+      action,
+      command,
+      platform: platform.map((p) => ({ name: p.name, value: p.value })),
+      priority,
+      timeoutMs,
+      doNotCache: action.doNotCache,
+      queuedAt: new Date(),
+    };
+  }
+
+  private timeoutOf(action: Action): number {
+    const requested = action.timeout ? action.timeout.seconds * 1000 + Math.floor(action.timeout.nanos / 1e6) : 0;
+    if (requested < 0) throw invalidArgument("action.timeout", "is negative");
+    if (requested > this.options.maxTimeoutMs) {
+      throw invalidArgument(
+        "action.timeout",
+        `${requested / 1000} s is more than this farm's maximum of ${this.options.maxTimeoutMs / 1000} s`,
+      );
+    }
+    return requested === 0 ? this.options.defaultTimeoutMs : requested;
+  }
+}
+
+function decode<T>(type: { decode(bytes: Uint8Array): T }, bytes: Buffer, what: string): T {
+  try {
+    return type.decode(bytes);
+  } catch (err) {
+    throw invalidArgument(what, `is not a valid ${what} message: ${(err as Error).message}`);
+  }
+}

@@ -1,0 +1,52 @@
+/**
+ * Runs one build action's command in isolation (REAPI v2 worker semantics).
+ *
+ * What the caller must prepare, because the command runs as an unprivileged host user (65534 by default):
+ * - every ancestor directory of `inputRoot` is searchable (x) by that user;
+ * - every directory in the input root is writable by that user (owned by it, or mode 0777), so the action can
+ *   create its outputs anywhere in the tree;
+ * - input files stay owned by root with mode 0444 (0555 for executables): the action can read and run them but
+ *   can neither modify nor chmod them, which protects files hard-linked from the worker's cache.
+ */
+export interface SandboxRequest {
+  /** Absolute host path of the action's input root (already materialized); the action may write in it. */
+  inputRoot: string;
+  /** Relative to the input root; "" is the input root itself. It must exist and stay inside the input root. */
+  workingDirectory: string;
+  /** argv[0] is resolved via PATH from `env` when it has no slash (REAPI 2.3 semantics), else relative to the working directory. */
+  argv: string[];
+  /**
+   * Exactly the environment the action gets, in order; nothing of the worker's own environment leaks in.
+   * The one exception: PWD is always set (by bubblewrap) to the working directory's absolute path.
+   */
+  env: { name: string; value: string }[];
+  /** Wall-clock limit; 0 or Infinity means none. */
+  timeoutMs: number;
+  /** Host files that receive the command's stdout and stderr (created/truncated by the sandbox; outside the input root). */
+  stdoutPath: string;
+  stderrPath: string;
+  /** Allow network access (default false: a private network namespace with only its own loopback). */
+  network?: boolean;
+  /** Aborting it kills the action (cancellation). */
+  signal?: AbortSignal;
+}
+
+export interface SandboxResult {
+  /**
+   * The command's exit code; for a command killed by a signal, 128 + the signal number (137 after a timeout or
+   * cancellation); 127 when argv[0] could not be executed (the reason is in the stderr file).
+   */
+  exitCode: number;
+  timedOut: boolean;
+  cancelled: boolean;
+  startedAt: Date;
+  completedAt: Date;
+}
+
+/**
+ * `run` resolves once the command has ended and no process it started is left. It rejects only when the sandbox
+ * itself fails (sandboxing tool missing, sandbox setup failed, invalid request), never because of the command.
+ */
+export interface Sandbox {
+  run(request: SandboxRequest): Promise<SandboxResult>;
+}

@@ -1,0 +1,180 @@
+import { chown, lstat, mkdir, rm } from "node:fs/promises";
+import { dirname, join } from "node:path";
+import { checkRelativePath } from "../ac/validate-result.js";
+import { type Digest, parseDigest } from "../digest/digest.js";
+import { digestFunctionByWire } from "../digest/functions.js";
+import type { Assignment, Completion } from "../gen/berth/worker/v1/worker.js";
+import type { ActionResult, ExecutedActionMetadata } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import type { Timestamp } from "../gen/google/protobuf/timestamp.js";
+import type { Sandbox } from "../sandbox/sandbox.js";
+import { toRpcStatus } from "../status/rpc-status.js";
+import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
+import type { FileCache } from "./file-cache.js";
+import { materializeInputRoot, type TreeOwner } from "./input-root.js";
+import { collectOutputs, hashFile } from "./outputs.js";
+import type { RemoteCas } from "./remote-cas.js";
+
+export interface ActionRunnerOptions {
+  workerName: string;
+  /** Each action gets a directory below this one, removed when it is done. */
+  workDir: string;
+  cas: RemoteCas;
+  cache: FileCache;
+  sandbox: Sandbox;
+  /** The action's unprivileged user, which must be able to write in its input root. */
+  owner: TreeOwner | undefined;
+}
+
+/**
+ * Runs one assignment from inputs to uploaded outputs and says how it went.
+ * A command that ran is OK whatever its exit code; a timeout is
+ * DEADLINE_EXCEEDED with the partial stdout and stderr in the result.
+ */
+export async function runAction(
+  assignment: Assignment,
+  options: ActionRunnerOptions,
+  signal: AbortSignal,
+): Promise<Completion> {
+  const { leaseId } = assignment;
+  const base = join(options.workDir, leaseId);
+  const inputRoot = join(base, "root");
+  const metadata: ExecutedActionMetadata = {
+    worker: options.workerName,
+    queuedTimestamp: assignment.queuedTimestamp,
+    workerStartTimestamp: now(),
+    workerCompletedTimestamp: undefined,
+    inputFetchStartTimestamp: undefined,
+    inputFetchCompletedTimestamp: undefined,
+    executionStartTimestamp: undefined,
+    executionCompletedTimestamp: undefined,
+    virtualExecutionDuration: undefined,
+    outputUploadStartTimestamp: undefined,
+    outputUploadCompletedTimestamp: undefined,
+    auxiliaryMetadata: [],
+  };
+  try {
+    const fn = digestFunctionByWire(assignment.digestFunction);
+    if (!fn) throw invalidArgument("digest_function", `${assignment.digestFunction} is not supported by this worker`);
+    const cas = options.cas.withInstance(assignment.instanceName);
+    const { action, command } = assignment;
+    if (!action || !command) throw invalidArgument("assignment", "lacks the action or the command");
+    const workingDirectory = command.workingDirectory;
+    if (workingDirectory !== "") checkRelativePath(workingDirectory, "command.working_directory");
+    for (const path of [...command.outputFiles, ...command.outputDirectories, ...command.outputPaths]) {
+      checkRelativePath(path, "command output path");
+    }
+
+    metadata.inputFetchStartTimestamp = now();
+    await mkdir(base, { recursive: true });
+    const rootDigest = parseDigest(fn, action.inputRootDigest, "action.input_root_digest");
+    await materializeInputRoot(fn, rootDigest, inputRoot, cas, options.cache, options.owner);
+    const workingDir = join(inputRoot, workingDirectory);
+    await makeOutputParents(
+      workingDir,
+      command.outputFiles,
+      command.outputDirectories,
+      command.outputPaths,
+      options.owner,
+    );
+    metadata.inputFetchCompletedTimestamp = now();
+
+    const stdoutPath = join(base, "stdout");
+    const stderrPath = join(base, "stderr");
+    const timeoutMs = assignment.timeout ? assignment.timeout.seconds * 1000 + assignment.timeout.nanos / 1e6 : 0;
+    const run = await options.sandbox.run({
+      inputRoot,
+      workingDirectory,
+      argv: command.arguments,
+      env: command.environmentVariables,
+      timeoutMs,
+      stdoutPath,
+      stderrPath,
+      signal,
+    });
+    metadata.executionStartTimestamp = toTimestamp(run.startedAt);
+    metadata.executionCompletedTimestamp = toTimestamp(run.completedAt);
+    if (run.cancelled) throw new StatusError(Code.CANCELLED, "the action was cancelled");
+
+    metadata.outputUploadStartTimestamp = now();
+    const outputs = await collectOutputs(fn, command, workingDir);
+    const stdout = await logDigest(fn, stdoutPath);
+    const stderr = await logDigest(fn, stderrPath);
+    const uploads = [...outputs.uploads];
+    if (stdout) uploads.push({ digest: stdout, path: stdoutPath });
+    if (stderr) uploads.push({ digest: stderr, path: stderrPath });
+    await cas.upload(uploads);
+    metadata.outputUploadCompletedTimestamp = now();
+    metadata.workerCompletedTimestamp = now();
+
+    const { uploads: _, ...fields } = outputs;
+    const result: ActionResult = {
+      ...fields,
+      exitCode: run.exitCode,
+      stdoutRaw: Buffer.alloc(0),
+      stdoutDigest: stdout && { hash: stdout.hash, sizeBytes: stdout.sizeBytes },
+      stderrRaw: Buffer.alloc(0),
+      stderrDigest: stderr && { hash: stderr.hash, sizeBytes: stderr.sizeBytes },
+      executionMetadata: metadata,
+    };
+    if (run.timedOut) {
+      const seconds = timeoutMs / 1000;
+      return {
+        leaseId,
+        status: {
+          code: Code.DEADLINE_EXCEEDED,
+          message: `the action ran past its timeout of ${seconds} s and was killed`,
+          details: [],
+        },
+        result,
+      };
+    }
+    return { leaseId, status: { code: Code.OK, message: "", details: [] }, result };
+  } catch (err) {
+    return { leaseId, status: toRpcStatus(toStatusError(err)), result: undefined };
+  } finally {
+    await rm(base, { recursive: true, force: true }).catch(() => {});
+  }
+}
+
+/** REAPI: the worker creates the parent directory of every output before the command runs. */
+async function makeOutputParents(
+  workingDir: string,
+  outputFiles: string[],
+  outputDirectories: string[],
+  outputPaths: string[],
+  owner: TreeOwner | undefined,
+): Promise<void> {
+  const parents = new Set<string>();
+  for (const path of [...outputFiles, ...outputPaths]) parents.add(dirname(join(workingDir, path)));
+  // Bazel 4 expects output directories themselves to exist.
+  for (const path of outputDirectories) parents.add(join(workingDir, path));
+  for (const dir of parents) {
+    const created = await mkdir(dir, { recursive: true });
+    if (owner && created !== undefined) await chownDown(created, dir, owner);
+  }
+}
+
+/** Gives every directory from `first` (the first one created) down to `last` to the action's user. */
+async function chownDown(first: string, last: string, owner: TreeOwner): Promise<void> {
+  let dir = last;
+  for (;;) {
+    await chown(dir, owner.uid, owner.gid);
+    if (dir === first || dir.length <= first.length) break;
+    dir = dirname(dir);
+  }
+}
+
+async function logDigest(fn: Parameters<typeof hashFile>[0], path: string): Promise<Digest | undefined> {
+  const info = await lstat(path).catch(() => undefined);
+  if (!info || info.size === 0) return undefined;
+  return hashFile(fn, path, info.size);
+}
+
+function now(): Timestamp {
+  return toTimestamp(new Date());
+}
+
+function toTimestamp(date: Date): Timestamp {
+  const ms = date.getTime();
+  return { seconds: Math.floor(ms / 1000), nanos: (ms % 1000) * 1e6 };
+}

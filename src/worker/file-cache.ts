@@ -1,0 +1,106 @@
+import { chmod, mkdir, rename, rm, writeFile } from "node:fs/promises";
+import { join } from "node:path";
+import { type Digest, formatDigest } from "../digest/digest.js";
+import type { RemoteCas } from "./remote-cas.js";
+
+/**
+ * The worker's local copies of input files, by digest, hard-linked into
+ * every action that uses them so a file is fetched once per worker. The
+ * copies are read-only and owned by the worker's user, so the actions
+ * (running as another, unprivileged user) cannot change them. Executable
+ * and plain copies are separate files: a hard link shares its mode.
+ */
+export class FileCache {
+  private readonly present = new Set<string>();
+  private readonly fetching = new Map<string, Promise<boolean>>();
+
+  private constructor(private readonly dir: string) {}
+
+  static async open(dir: string): Promise<FileCache> {
+    // Entries from an earlier run are not indexed; starting empty is always correct.
+    await rm(dir, { recursive: true, force: true });
+    await mkdir(dir, { recursive: true });
+    return new FileCache(dir);
+  }
+
+  /**
+   * The cached copies of `wanted` (fetching what is absent), or the digests
+   * the CAS does not have. Small files come in batches, large ones streamed.
+   */
+  async ensure(cas: RemoteCas, wanted: readonly { digest: Digest; executable: boolean }[]): Promise<Digest[]> {
+    const missing: Digest[] = [];
+    const toFetch = new Map<string, { digest: Digest; executable: boolean }>();
+    const waits: Promise<void>[] = [];
+    for (const item of wanted) {
+      const key = this.key(item.digest, item.executable);
+      if (this.present.has(key) || toFetch.has(key)) continue;
+      const pending = this.fetching.get(key);
+      if (pending) {
+        waits.push(
+          pending.then((ok) => {
+            if (!ok) missing.push(item.digest);
+          }),
+        );
+      } else {
+        toFetch.set(key, item);
+      }
+    }
+    if (toFetch.size > 0) {
+      const fetched = this.fetch(cas, [...toFetch.entries()]);
+      for (const [key, item] of toFetch) {
+        const done = fetched.then((found) => found.has(key));
+        this.fetching.set(key, done);
+        waits.push(
+          done.then((ok) => {
+            this.fetching.delete(key);
+            if (ok) this.present.add(key);
+            else missing.push(item.digest);
+          }),
+        );
+      }
+    }
+    await Promise.all(waits);
+    return missing;
+  }
+
+  pathOf(digest: Digest, executable: boolean): string {
+    return join(this.dir, this.key(digest, executable));
+  }
+
+  private key(digest: Digest, executable: boolean): string {
+    return `${digest.fn.name}-${digest.hash}-${digest.sizeBytes}${executable ? "-x" : ""}`;
+  }
+
+  private async fetch(
+    cas: RemoteCas,
+    items: [string, { digest: Digest; executable: boolean }][],
+  ): Promise<Set<string>> {
+    const found = new Set<string>();
+    const small = items.filter(([, i]) => i.digest.sizeBytes <= 1024 * 1024);
+    const large = items.filter(([, i]) => i.digest.sizeBytes > 1024 * 1024);
+    const blobs = await cas.readBlobs(small.map(([, i]) => i.digest));
+    await Promise.all(
+      small.map(async ([key, item]) => {
+        const data = blobs.get(item.digest);
+        if (!data) return;
+        const path = join(this.dir, key);
+        const temp = `${path}.part`;
+        await writeFile(temp, data, { mode: item.executable ? 0o555 : 0o444 });
+        await rename(temp, path);
+        found.add(key);
+      }),
+    );
+    for (const [key, item] of large) {
+      const path = join(this.dir, key);
+      if (await cas.readToFile(item.digest, path)) {
+        await chmod(path, item.executable ? 0o555 : 0o444);
+        found.add(key);
+      }
+    }
+    return found;
+  }
+}
+
+export function describeMissing(digests: readonly Digest[]): string[] {
+  return digests.map((d) => `blobs/${formatDigest(d)}`);
+}

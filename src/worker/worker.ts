@@ -1,0 +1,114 @@
+import { setTimeout as sleep } from "node:timers/promises";
+import { type ClientDuplexStream, credentials } from "@grpc/grpc-js";
+import { type HubMessage, WorkerHubClient, type WorkerMessage } from "../gen/berth/worker/v1/worker.js";
+import type { Logger } from "../log/log.js";
+import type { Property } from "../scheduler/platform.js";
+import { Code } from "../status/status.js";
+import { type ActionRunnerOptions, runAction } from "./action-runner.js";
+import { CHANNEL_OPTIONS } from "./remote-cas.js";
+
+export interface WorkerOptions extends ActionRunnerOptions {
+  /** The farm's gRPC address (scheduler and CAS alike). */
+  hubAddress: string;
+  properties: Property[];
+  slots: number;
+  log: Logger;
+}
+
+/**
+ * A worker: holds one Connect stream to the scheduler, runs what it is
+ * assigned, reports each outcome, and reconnects when the stream breaks.
+ */
+export class Worker {
+  private readonly client: WorkerHubClient;
+  private stream: ClientDuplexStream<WorkerMessage, HubMessage> | undefined;
+  private readonly running = new Map<string, AbortController>();
+  private heartbeat: NodeJS.Timeout | undefined;
+  private stopped = false;
+
+  constructor(private readonly options: WorkerOptions) {
+    this.client = new WorkerHubClient(options.hubAddress, credentials.createInsecure(), CHANNEL_OPTIONS);
+  }
+
+  /** Connects, and keeps reconnecting with backoff until stop(). */
+  start(): void {
+    void this.loop();
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    for (const controller of this.running.values()) controller.abort();
+    clearInterval(this.heartbeat);
+    this.stream?.end();
+    this.client.close();
+  }
+
+  private async loop(): Promise<void> {
+    let backoffMs = 100;
+    while (!this.stopped) {
+      const started = Date.now();
+      await this.session().catch((err: unknown) => {
+        this.options.log.warn(
+          { err },
+          `worker ${this.options.workerName}: connection to ${this.options.hubAddress} lost`,
+        );
+      });
+      if (this.stopped) break;
+      backoffMs = Date.now() - started > 10_000 ? 100 : Math.min(backoffMs * 2, 5_000);
+      await sleep(backoffMs);
+    }
+  }
+
+  /** One stream's lifetime; resolves when it ends. */
+  private session(): Promise<void> {
+    const { workerName, properties, slots } = this.options;
+    return new Promise((resolve, reject) => {
+      const stream = this.client.connect();
+      this.stream = stream;
+      stream.on("data", (message: HubMessage) => this.onMessage(stream, message));
+      stream.on("error", (err) => {
+        this.abandonAll();
+        reject(err);
+      });
+      stream.on("end", () => {
+        this.abandonAll();
+        resolve();
+      });
+      stream.write({ hello: { workerName, properties, slots } });
+    });
+  }
+
+  private onMessage(stream: ClientDuplexStream<WorkerMessage, HubMessage>, message: HubMessage): void {
+    if (message.welcome) {
+      const interval = message.welcome.heartbeatInterval;
+      const ms = interval ? interval.seconds * 1000 + interval.nanos / 1e6 : 5000;
+      clearInterval(this.heartbeat);
+      this.heartbeat = setInterval(() => stream.write({ heartbeat: { leaseIds: [...this.running.keys()] } }), ms);
+      this.heartbeat.unref();
+      this.options.log.info(`worker ${this.options.workerName} connected to ${this.options.hubAddress}`);
+    }
+    if (message.cancellation) this.running.get(message.cancellation.leaseId)?.abort();
+    const assignment = message.assignment;
+    if (assignment) {
+      const controller = new AbortController();
+      this.running.set(assignment.leaseId, controller);
+      runAction(assignment, this.options, controller.signal)
+        .catch((err: unknown) => ({
+          leaseId: assignment.leaseId,
+          status: { code: Code.INTERNAL, message: `the worker failed: ${(err as Error).message}`, details: [] },
+          result: undefined,
+        }))
+        .then((completion) => {
+          this.running.delete(assignment.leaseId);
+          if (!controller.signal.aborted && stream === this.stream) stream.write({ completion });
+        });
+    }
+  }
+
+  /** The stream is gone, so are the leases: the scheduler queues their actions again. */
+  private abandonAll(): void {
+    clearInterval(this.heartbeat);
+    for (const controller of this.running.values()) controller.abort();
+    this.running.clear();
+  }
+}
