@@ -41,9 +41,24 @@ export function serveCommand(): Command {
           throw err;
         }
         const log = createLogger(config.logLevel);
+        // Signals are handled from the start, so one that arrives while the farm starts still stops it cleanly.
+        const stoppers: (() => Promise<void>)[] = [];
+        let stopping = false;
+        const stop = async (signal: string) => {
+          stopping = true;
+          log.info({ signal }, `received ${signal}; stopping`);
+          for (const stopper of stoppers.reverse()) await stopper();
+          log.info("stopped");
+          process.exit(0);
+        };
+        process.once("SIGINT", () => void stop("SIGINT"));
+        process.once("SIGTERM", () => void stop("SIGTERM"));
+
         const farm = await openFarm(config, log);
+        stoppers.push(() => farm.close());
         const server = await startServer(farm, config, log);
-        log.info({ address: server.address, dataDir: config.dataDir }, `berth listening on ${server.address}`);
+        stoppers.push(() => server.close());
+        if (stopping) return;
         const workers = await startWorkers({
           address: server.address,
           count: options.workers ?? defaultWorkerCount(),
@@ -52,16 +67,8 @@ export function serveCommand(): Command {
           name: "local",
           log,
         });
-        const stop = async (signal: string) => {
-          log.info({ signal }, `received ${signal}; stopping`);
-          await workers.stop();
-          await server.close();
-          await farm.close();
-          log.info("stopped");
-          process.exit(0);
-        };
-        process.once("SIGINT", () => void stop("SIGINT"));
-        process.once("SIGTERM", () => void stop("SIGTERM"));
+        stoppers.push(() => workers.stop());
+        log.info({ address: server.address, dataDir: config.dataDir }, `berth listening on ${server.address}`);
       },
     );
 }
