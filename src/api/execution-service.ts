@@ -59,7 +59,7 @@ export function executionService(
       const request = call.request;
       (async () => {
         instances.check(request.instanceName);
-        const operation = await executor.execute(request);
+        const operation = executor.execute(request);
         const fn = operation.actionDigest.fn;
         follow(call, operation, async (response) =>
           response.result

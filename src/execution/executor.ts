@@ -35,31 +35,40 @@ export class Executor {
     private readonly options: ExecutorOptions,
   ) {}
 
-  async execute(request: ExecuteRequest): Promise<Operation> {
+  /**
+   * Validates the request and returns its operation at once, in the
+   * CACHE_CHECK stage; the cache lookup and the checks of the action follow
+   * in the background and move the operation on.
+   */
+  execute(request: ExecuteRequest): Operation {
     const fn = resolveDigestFunction(request.digestFunction, request.actionDigest?.hash);
     const actionDigest = parseDigest(fn, request.actionDigest, "action_digest");
+    const operation = this.scheduler.open(request.instanceName, actionDigest);
+    this.start(operation, fn, request).catch((err: unknown) => {
+      const error = err instanceof StatusError ? err : new StatusError(Code.INTERNAL, (err as Error).message);
+      operation.complete(failure(error.code, error.message, toRpcStatus(error).details));
+    });
+    return operation;
+  }
+
+  private async start(operation: Operation, fn: DigestFunction, request: ExecuteRequest): Promise<void> {
     const { instanceName } = request;
+    const actionDigest = operation.actionDigest;
     if (!request.skipCacheLookup) {
       const cached = await this.ac.get(instanceName, actionDigest);
       if (cached) {
-        return this.scheduler.completed(instanceName, actionDigest, {
+        operation.complete({
           result: cached,
           cachedResult: true,
           status: { code: Code.OK, message: "", details: [] },
           serverLogs: {},
           message: "",
         });
+        return;
       }
     }
-    let job: ExecutionJob;
-    try {
-      job = await this.prepare(fn, instanceName, actionDigest, request.executionPolicy?.priority ?? 0);
-    } catch (err) {
-      if (!(err instanceof StatusError)) throw err;
-      const status = toRpcStatus(err);
-      return this.scheduler.completed(instanceName, actionDigest, failure(err.code, err.message, status.details));
-    }
-    return this.scheduler.submit(job);
+    const job = await this.prepare(fn, instanceName, actionDigest, request.executionPolicy?.priority ?? 0);
+    this.scheduler.submit(job, operation);
   }
 
   /** Turns a worker's outcome into the response, caching successful results. */

@@ -105,27 +105,27 @@ export class Scheduler {
     return best;
   }
 
-  /** An operation already complete, for answers that need no execution (cache hits, refusals). */
-  completed(instanceName: string, actionDigest: Digest, response: ExecuteResponse): Operation {
+  /** A new operation in the CACHE_CHECK stage, visible to GetOperation and WaitExecution at once. */
+  open(instanceName: string, actionDigest: Digest): Operation {
     const operation = new Operation(instanceName, actionDigest);
     this.remember(operation, undefined);
-    operation.complete(response);
     return operation;
   }
 
-  submit(job: ExecutionJob): Operation {
-    const operation = new Operation(job.instanceName, job.actionDigest);
+  /** Queues `job` for `operation` (one from open(), or a new one), joining an identical job in flight. */
+  submit(job: ExecutionJob, operation = this.open(job.instanceName, job.actionDigest)): Operation {
+    if (operation.done) return operation; // cancelled while its cache lookup ran
     const key = `${job.instanceName}\0${digestKey(job.actionDigest)}`;
     const existing = job.doNotCache ? undefined : this.inFlight.get(key);
     if (existing && !existing.job.doNotCache) {
       existing.operations.add(operation);
-      this.remember(operation, existing);
+      this.track(operation, existing);
       operation.advance(existing.lease ? ExecutionStage_Value.EXECUTING : ExecutionStage_Value.QUEUED);
       return operation;
     }
     const task: Task = { key, job, seq: this.seq++, operations: new Set([operation]), attempts: 0, lease: undefined };
     if (!job.doNotCache) this.inFlight.set(key, task);
-    this.remember(operation, task);
+    this.track(operation, task);
     operation.advance(ExecutionStage_Value.QUEUED);
     this.enqueue(task);
     this.dispatch();
@@ -267,6 +267,11 @@ export class Scheduler {
     for (const [name, worker] of this.workers) {
       if (worker.lastSeen < deadline) this.disconnect(name, `no heartbeat for ${this.options.leaseTimeoutMs} ms`);
     }
+  }
+
+  private track(operation: Operation, task: Task): void {
+    const entry = this.operations.get(operation.name);
+    if (entry) entry.task = task;
   }
 
   private remember(operation: Operation, task: Task | undefined): void {

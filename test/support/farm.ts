@@ -12,12 +12,17 @@ import {
   ActionCacheClient,
   CapabilitiesClient,
   ContentAddressableStorageClient,
+  ExecutionClient,
 } from "../../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { ByteStreamClient } from "../../src/gen/google/bytestream/bytestream.js";
+import { OperationsClient } from "../../src/gen/google/longrunning/operations.js";
 import { silentLogger } from "../../src/log/log.js";
+import { startWorkers } from "../../src/worker/local-workers.js";
 
 /** Real gRPC clients of every service, connected to one address. */
 export interface Clients {
+  execution: ExecutionClient;
+  operations: OperationsClient;
   cas: ContentAddressableStorageClient;
   byteStream: ByteStreamClient;
   ac: ActionCacheClient;
@@ -38,13 +43,17 @@ export function connect(address: string): Clients {
   const byteStream = new ByteStreamClient(address, creds, CHANNEL_OPTIONS);
   const ac = new ActionCacheClient(address, creds, CHANNEL_OPTIONS);
   const capabilities = new CapabilitiesClient(address, creds, CHANNEL_OPTIONS);
+  const execution = new ExecutionClient(address, creds, CHANNEL_OPTIONS);
+  const operations = new OperationsClient(address, creds, CHANNEL_OPTIONS);
   return {
+    execution,
+    operations,
     cas,
     byteStream,
     ac,
     capabilities,
     close: () => {
-      for (const client of [cas, byteStream, ac, capabilities]) client.close();
+      for (const client of [cas, byteStream, ac, capabilities, execution, operations]) client.close();
     },
   };
 }
@@ -60,15 +69,38 @@ export interface TestFarm {
   close(): Promise<void>;
 }
 
-export async function startTestFarm(settings: Record<string, unknown> = {}, dataDir?: string): Promise<TestFarm> {
+export interface TestFarmOptions {
+  /** Local workers to start (each one slot), connected over gRPC as in `berth serve`. */
+  workers?: number;
+  /** Platform properties those workers offer. */
+  properties?: { name: string; value: string }[];
+}
+
+export async function startTestFarm(
+  settings: Record<string, unknown> = {},
+  dataDir?: string,
+  options: TestFarmOptions = {},
+): Promise<TestFarm> {
   const dir = dataDir ?? (await mkdtemp(join(tmpdir(), "berth-test-")));
   const config = parseConfig({ listen: "127.0.0.1:0", dataDir: dir, logLevel: "silent", ...settings });
   const log = silentLogger();
   const farm = await openFarm(config, log);
   const server: RunningServer = await startServer(farm, config, log);
   const clients = connect(server.address);
+  const workers =
+    (options.workers ?? 0) > 0
+      ? await startWorkers({
+          address: server.address,
+          count: options.workers ?? 0,
+          workDir: join(dir, "worker"),
+          properties: options.properties ?? [],
+          name: "test",
+          log,
+        })
+      : undefined;
   const stop = async () => {
     clients.close();
+    await workers?.stop();
     await server.close();
     await farm.close();
   };
@@ -79,7 +111,7 @@ export async function startTestFarm(settings: Record<string, unknown> = {}, data
     farm,
     restart: async () => {
       await stop();
-      return startTestFarm(settings, dir);
+      return startTestFarm(settings, dir, options);
     },
     close: async () => {
       await stop();
