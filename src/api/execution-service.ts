@@ -38,11 +38,14 @@ export function executionService(
   ): void {
     let sending = Promise.resolve();
     const send = (op: Operation) => {
+      // Every stage is reported, even one that passes before the previous update is written.
+      const stage = op.stage;
+      const final = op.response;
       sending = sending.then(async () => {
         if (call.cancelled || call.writableEnded) return;
-        const response = op.response ? await shape(op.response) : undefined;
-        call.write(toWireOperation(op, response));
-        if (op.done) call.end();
+        const response = final ? await shape(final) : undefined;
+        call.write(toWireOperation(op, stage, response));
+        if (final) call.end();
       });
       sending.catch((err: unknown) => {
         logFailure(log, "Execute", err);

@@ -1,7 +1,7 @@
 import { spawn } from "node:child_process";
 import { type FileHandle, open, readFile, readlink, stat } from "node:fs/promises";
 import { constants } from "node:os";
-import { isAbsolute, relative, resolve, sep } from "node:path";
+import { dirname, isAbsolute, join, relative, resolve, sep } from "node:path";
 import type { Readable } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { Sandbox, SandboxRequest, SandboxResult } from "./sandbox.js";
@@ -17,6 +17,8 @@ export interface BubblewrapSandboxOptions {
 const NOBODY = 65534;
 const EXEC_FAILED = 127;
 const STATUS_FD = 3;
+/** Where the action sees its input root. */
+export const INPUT_ROOT_MOUNT = "/run/berth/execroot";
 /** Longest delay setTimeout accepts. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 /** A process stuck in uninterruptible sleep can outlive SIGKILL; don't block the worker forever on it. */
@@ -33,6 +35,7 @@ export class BubblewrapSandbox implements Sandbox {
   readonly #bwrapPath: string;
   readonly #uid: number;
   readonly #gid: number;
+  readonly #reachableParents = new Map<string, boolean>();
 
   constructor(options: BubblewrapSandboxOptions = {}) {
     this.#bwrapPath = options.bwrapPath ?? "bwrap";
@@ -49,25 +52,60 @@ export class BubblewrapSandbox implements Sandbox {
       // Two descriptors on one file would overwrite each other's output.
       const stderr = request.stderrPath === request.stdoutPath ? stdout : await open(request.stderrPath, "w");
       handles.push(stderr);
-      return await this.#execute(request, bwrapArgs(request, root, workDir), stdout, stderr);
+      const direct = await this.#reachable(root);
+      // The action's user must reach the input root to bind it. When a directory above it is closed to that
+      // user (a data directory under /root, say), root binds it first in a private mount namespace, at a
+      // path the user can reach, and only then becomes that user. Neither mount is visible on the host.
+      const source = direct ? root : INPUT_ROOT_MOUNT;
+      const sandbox = bwrapArgs(request, source, root, workDir);
+      const command = direct
+        ? { file: this.#bwrapPath, args: sandbox, asUser: true }
+        : { file: "unshare", args: [...this.#privateMountPrefix(root), this.#bwrapPath, ...sandbox], asUser: false };
+      return await this.#execute(request, command, stdout, stderr);
     } finally {
       await Promise.all([...new Set(handles)].map((handle) => handle.close()));
     }
   }
 
+  /** Whether the action's user can reach `root` through the directories above it. */
+  async #reachable(root: string): Promise<boolean> {
+    const parent = dirname(root);
+    const known = this.#reachableParents.get(parent);
+    if (known !== undefined) return known;
+    let ok = true;
+    for (let dir = parent; ; dir = dirname(dir)) {
+      const info = await stat(dir);
+      const searchable =
+        (info.uid === this.#uid && (info.mode & 0o100) !== 0) ||
+        (info.gid === this.#gid && (info.mode & 0o010) !== 0) ||
+        (info.mode & 0o001) !== 0;
+      if (!searchable) ok = false;
+      if (dir === dirname(dir)) break;
+    }
+    this.#reachableParents.set(parent, ok);
+    return ok;
+  }
+
+  /** `unshare … sh -c …`: a private mount namespace with `root` bound at INPUT_ROOT_MOUNT, then the user switch. */
+  #privateMountPrefix(root: string): string[] {
+    const script =
+      'mount -t tmpfs -o mode=0755 berth /run && mkdir -p "$2" && mount --bind "$1" "$2" && shift 2 && ' +
+      `exec setpriv --reuid=${this.#uid} --regid=${this.#gid} --clear-groups -- "$@"`;
+    return ["--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", root, INPUT_ROOT_MOUNT];
+  }
+
   async #execute(
     request: SandboxRequest,
-    args: string[],
+    command: { file: string; args: string[]; asUser: boolean },
     stdout: FileHandle,
     stderr: FileHandle,
   ): Promise<SandboxResult> {
     const startedAt = new Date();
     // detached: bwrap leads its own process group (and session, so the action has no controlling terminal),
     // which lets one kill(-pgid) reach every sandbox process that has not called setsid itself.
-    const child = spawn(this.#bwrapPath, args, {
+    const child = spawn(command.file, command.args, {
       stdio: ["ignore", stdout.fd, stderr.fd, "pipe"],
-      uid: this.#uid,
-      gid: this.#gid,
+      ...(command.asUser ? { uid: this.#uid, gid: this.#gid } : {}),
       detached: true,
       cwd: "/",
       env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
@@ -148,7 +186,7 @@ async function checkRequest(request: SandboxRequest): Promise<{ root: string; wo
   return { root, workDir };
 }
 
-function bwrapArgs(request: SandboxRequest, root: string, workDir: string): string[] {
+function bwrapArgs(request: SandboxRequest, source: string, root: string, workDir: string): string[] {
   const args = [
     "--unshare-user",
     "--unshare-pid",
@@ -172,11 +210,15 @@ function bwrapArgs(request: SandboxRequest, root: string, workDir: string): stri
     "1777",
     "--tmpfs",
     "/tmp",
+    // The host's /run (sockets of system services, among them Docker's) is hidden; the input root is
+    // bound there, at the same path whichever way it was reached.
+    "--tmpfs",
+    "/run",
     "--bind",
-    root,
-    root,
+    source,
+    INPUT_ROOT_MOUNT,
     "--chdir",
-    workDir,
+    join(INPUT_ROOT_MOUNT, relative(root, workDir)),
     "--clearenv",
   ];
   for (const { name, value } of request.env) args.push("--setenv", name, value);
@@ -194,8 +236,12 @@ interface StatusReport {
 function parseStatus(text: string): StatusReport {
   const report: StatusReport = {};
   for (const line of text.split("\n")) {
-    if (line.trim() === "") continue;
-    const fields = JSON.parse(line) as Record<string, unknown>;
+    let fields: Record<string, unknown>;
+    try {
+      fields = JSON.parse(line) as Record<string, unknown>;
+    } catch {
+      continue; // Blank, or cut short by a kill.
+    }
     if (typeof fields["child-pid"] === "number") report.childPid = fields["child-pid"];
     if (typeof fields["pid-namespace"] === "number") report.pidNamespace = fields["pid-namespace"];
     if (typeof fields["exit-code"] === "number") report.exitCode = fields["exit-code"];

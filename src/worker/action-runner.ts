@@ -1,5 +1,5 @@
 import { chown, lstat, mkdir, rm } from "node:fs/promises";
-import { dirname, join } from "node:path";
+import { dirname, isAbsolute, join, normalize } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
 import { digestFunctionByWire } from "../digest/functions.js";
@@ -60,8 +60,12 @@ export async function runAction(
     if (!action || !command) throw invalidArgument("assignment", "lacks the action or the command");
     const workingDirectory = command.workingDirectory;
     if (workingDirectory !== "") checkRelativePath(workingDirectory, "command.working_directory");
+    // Outputs are relative to the working directory and may climb out of it, but not out of the input root.
     for (const path of [...command.outputFiles, ...command.outputDirectories, ...command.outputPaths]) {
-      checkRelativePath(path, "command output path");
+      const inRoot = normalize(join(workingDirectory, path));
+      if (isAbsolute(path) || inRoot === ".." || inRoot.startsWith("../")) {
+        throw invalidArgument("command output path", `"${path}" is not a relative path inside the input root`);
+      }
     }
 
     metadata.inputFetchStartTimestamp = now();
