@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 import { Command } from "commander";
+import { runCommand } from "./run.js";
 import { serveCommand } from "./serve.js";
 import { workerCommand } from "./worker.js";
 
@@ -11,5 +12,6 @@ const program = new Command()
 
 program.addCommand(serveCommand());
 program.addCommand(workerCommand());
+program.addCommand(runCommand());
 
 await program.parseAsync(process.argv);
