@@ -93,6 +93,19 @@ describe("Execute", () => {
     assert.deepEqual(stages.filter((s, i) => s !== stages[i - 1]).slice(1), [QUEUED, EXECUTING, COMPLETED]);
   });
 
+  test("an action cannot change the worker's cached copy of an input file", async () => {
+    const files = { "shared.txt": "pristine\n" };
+    const vandal = await uploadAction(farm.clients, {
+      args: ["sh", "-c", "echo spoiled > shared.txt; chmod 666 shared.txt; echo spoiled >> shared.txt; cat shared.txt"],
+      files,
+    });
+    const reader = await uploadAction(farm.clients, { args: ["cat", "shared.txt"], files, salt: "reader" });
+    await execute(farm.clients, vandal);
+    await execute(farm.clients, vandal, { skipCacheLookup: true });
+    const read = await execute(farm.clients, reader);
+    assert.equal(await readBlob(farm.clients, read.response.result?.stdoutDigest), "pristine\n");
+  });
+
   test("output_paths (REAPI 2.1) and output parents created before the command runs", async () => {
     const action = await uploadAction(farm.clients, {
       args: ["sh", "-c", "echo a > deep/er/file; mkdir -p tree/x && echo t > tree/x/y"],
