@@ -3,7 +3,7 @@ import { readdir, readFile } from "node:fs/promises";
 import { after, before, describe, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { ServiceError } from "@grpc/grpc-js";
-import { decodeOperation, execute, readBlob, uploadAction } from "../../test/support/actions.js";
+import { decodeOperation, execute, executeRequest, readBlob, uploadAction } from "../../test/support/actions.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { unaryCall, unpackDetails } from "../../test/support/rpc.js";
 import { ExecutionStage_Value, Tree } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
@@ -56,7 +56,7 @@ describe("Execute", () => {
     assert.equal(await readBlob(farm.clients, files.get("where.txt")?.digest), `${INPUT_ROOT_MOUNT}/work\n`);
     assert.equal(
       await readBlob(farm.clients, files.get("../env.txt")?.digest),
-      "GREETING=hello\nPATH=/usr/bin:/bin\nPWD=" + (await readBlob(farm.clients, files.get("where.txt")?.digest)),
+      `GREETING=hello\nPATH=/usr/bin:/bin\nPWD=${await readBlob(farm.clients, files.get("where.txt")?.digest)}`,
     );
     assert.deepEqual(
       result.outputFileSymlinks.map((s) => [s.path, s.target]),
@@ -231,17 +231,7 @@ describe("Execute", () => {
 describe("WaitExecution and Operations", () => {
   test("WaitExecution re-attaches after the client's Execute stream broke", async () => {
     const action = await uploadAction(farm.clients, { args: ["sh", "-c", "sleep 0.5; echo finished"] });
-    const call = farm.clients.execution.execute({
-      instanceName: "",
-      skipCacheLookup: false,
-      actionDigest: action,
-      executionPolicy: undefined,
-      resultsCachePolicy: undefined,
-      digestFunction: 0,
-      inlineStdout: false,
-      inlineStderr: false,
-      inlineOutputFiles: [],
-    });
+    const call = farm.clients.execution.execute(executeRequest(action));
     call.on("error", () => {});
     const first = await new Promise<ReturnType<typeof decodeOperation>>((resolve) =>
       call.once("data", (op) => resolve(decodeOperation(op))),
@@ -268,17 +258,7 @@ describe("WaitExecution and Operations", () => {
   test("CancelOperation stops the action and kills its processes", async () => {
     const action = await uploadAction(farm.clients, { args: ["sh", "-c", "sleep 4141"], salt: "cancel" });
     const updates: ReturnType<typeof decodeOperation>[] = [];
-    const stream = farm.clients.execution.execute({
-      instanceName: "",
-      skipCacheLookup: false,
-      actionDigest: action,
-      executionPolicy: undefined,
-      resultsCachePolicy: undefined,
-      digestFunction: 0,
-      inlineStdout: false,
-      inlineStderr: false,
-      inlineOutputFiles: [],
-    });
+    const stream = farm.clients.execution.execute(executeRequest(action));
     const ended = new Promise<void>((resolve) => stream.on("end", resolve));
     stream.on("data", (op) => updates.push(decodeOperation(op)));
     while (!(await processAlive("sleep 4141"))) await sleep(50);

@@ -2,7 +2,6 @@ import { mkdir } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import { credentials } from "@grpc/grpc-js";
 import { Command } from "commander";
-import { localTree } from "../client/local-tree.js";
 import { type Digest, digestOf, parseDigest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
 import {
@@ -15,6 +14,7 @@ import {
   Command as RemoteCommand,
   Tree,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { readLocalTree } from "../merkle/local-tree.js";
 import type { Property } from "../scheduler/platform.js";
 import { CHANNEL_OPTIONS, RemoteCas } from "../worker/remote-cas.js";
 import { collectProperty } from "./properties.js";
@@ -68,8 +68,8 @@ async function run(argv: string[], options: RunOptions): Promise<number> {
   try {
     // Without --input the input root is the empty Directory, whose encoding is the empty blob.
     const tree = options.input
-      ? await localTree(fn, resolve(options.input))
-      : { root: await digestOf(fn, Buffer.alloc(0)), blobs: [] };
+      ? await readLocalTree(fn, resolve(options.input))
+      : { rootDigest: await digestOf(fn, Buffer.alloc(0)), blobs: [] };
     const env = options.env.length > 0 ? options.env : [{ name: "PATH", value: "/usr/local/bin:/usr/bin:/bin" }];
     const command = RemoteCommand.fromPartial({
       arguments: argv,
@@ -82,7 +82,7 @@ async function run(argv: string[], options: RunOptions): Promise<number> {
     const timeout = options.timeout === undefined ? undefined : { seconds: Number(options.timeout), nanos: 0 };
     const action = Action.fromPartial({
       commandDigest: wire(commandDigest),
-      inputRootDigest: wire(tree.root),
+      inputRootDigest: wire(tree.rootDigest),
       timeout,
       platform: { properties: sortedProperties(options.platform) },
     });

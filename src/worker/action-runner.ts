@@ -6,12 +6,13 @@ import { digestFunctionByWire } from "../digest/functions.js";
 import type { Assignment, Completion } from "../gen/berth/worker/v1/worker.js";
 import type { ActionResult, ExecutedActionMetadata } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { Timestamp } from "../gen/google/protobuf/timestamp.js";
+import { hashFile } from "../merkle/local-tree.js";
 import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
 import type { FileCache } from "./file-cache.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
-import { collectOutputs, hashFile } from "./outputs.js";
+import { collectOutputs } from "./outputs.js";
 import type { RemoteCas } from "./remote-cas.js";
 
 export interface ActionRunnerOptions {

@@ -1,16 +1,15 @@
-import { createReadStream } from "node:fs";
-import { lstat, readdir, readlink } from "node:fs/promises";
+import { lstat, readlink } from "node:fs/promises";
 import { join } from "node:path";
 import { type Digest, digestOf } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import {
   type Command,
-  Directory,
   type OutputDirectory,
   type OutputFile,
   type OutputSymlink,
   Tree,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { hashFile, readLocalTree } from "../merkle/local-tree.js";
 import type { UploadSource } from "./remote-cas.js";
 
 /** The outputs of one action, and what must be uploaded for them. */
@@ -22,12 +21,6 @@ export interface CollectedOutputs {
   outputFileSymlinks: OutputSymlink[];
   outputDirectorySymlinks: OutputSymlink[];
   uploads: UploadSource[];
-}
-
-export async function hashFile(fn: DigestFunction, path: string, size: number): Promise<Digest> {
-  const hasher = await fn.createHasher();
-  for await (const chunk of createReadStream(path, { highWaterMark: 1024 * 1024 })) hasher.update(chunk as Buffer);
-  return { fn, hash: hasher.digestHex(), sizeBytes: size };
 }
 
 const wire = (d: Digest) => ({ hash: d.hash, sizeBytes: d.sizeBytes });
@@ -78,8 +71,10 @@ export async function collectOutputs(
         nodeProperties: undefined,
       });
     } else if (info.isDirectory() && kind !== "file") {
-      const { tree, rootDigest } = await buildTree(fn, full, out.uploads);
-      const treeBytes = Buffer.from(Tree.encode(tree).finish());
+      const local = await readLocalTree(fn, full);
+      out.uploads.push(...local.blobs);
+      const rootDigest = local.rootDigest;
+      const treeBytes = Buffer.from(Tree.encode({ root: local.root, children: local.children }).finish());
       const treeDigest = await digestOf(fn, treeBytes);
       out.uploads.push({ digest: treeDigest, data: treeBytes });
       out.outputDirectories.push({
@@ -91,46 +86,4 @@ export async function collectOutputs(
     }
   }
   return out;
-}
-
-/** A Tree of the directory at `dir`, queueing every file and the root Directory for upload. */
-async function buildTree(
-  fn: DigestFunction,
-  dir: string,
-  uploads: UploadSource[],
-): Promise<{ tree: Tree; rootDigest: Digest }> {
-  const children = new Map<string, Directory>();
-  const visit = async (path: string): Promise<{ directory: Directory; digest: Digest }> => {
-    const directory = Directory.fromPartial({});
-    const entries = (await readdir(path, { withFileTypes: true })).sort((a, b) =>
-      Buffer.compare(Buffer.from(a.name), Buffer.from(b.name)),
-    );
-    for (const entry of entries) {
-      const full = join(path, entry.name);
-      if (entry.isSymbolicLink()) {
-        directory.symlinks.push({ name: entry.name, target: await readlink(full), nodeProperties: undefined });
-      } else if (entry.isFile()) {
-        const info = await lstat(full);
-        const digest = await hashFile(fn, full, info.size);
-        uploads.push({ digest, path: full });
-        directory.files.push({
-          name: entry.name,
-          digest: wire(digest),
-          isExecutable: (info.mode & 0o111) !== 0,
-          nodeProperties: undefined,
-        });
-      } else if (entry.isDirectory()) {
-        const child = await visit(full);
-        children.set(child.digest.hash, child.directory);
-        directory.directories.push({ name: entry.name, digest: wire(child.digest) });
-      }
-    }
-    const bytes = Buffer.from(Directory.encode(directory).finish());
-    const digest = await digestOf(fn, bytes);
-    return { directory, digest };
-  };
-  const root = await visit(dir);
-  const rootBytes = Buffer.from(Directory.encode(root.directory).finish());
-  uploads.push({ digest: root.digest, data: rootBytes });
-  return { tree: { root: root.directory, children: [...children.values()] }, rootDigest: root.digest };
 }

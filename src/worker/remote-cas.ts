@@ -10,6 +10,7 @@ import {
   ContentAddressableStorageClient,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { ByteStreamClient } from "../gen/google/bytestream/bytestream.js";
+import type { LocalBlob } from "../merkle/local-tree.js";
 import { Code, StatusError } from "../status/status.js";
 
 /** Blobs up to this size travel in batches; larger ones through ByteStream. */
@@ -24,7 +25,7 @@ export const CHANNEL_OPTIONS = {
 };
 
 /** A file to upload, or bytes already in memory. */
-export type UploadSource = { digest: Digest; path: string } | { digest: Digest; data: Buffer };
+export type UploadSource = LocalBlob;
 
 /**
  * The worker's view of the farm's CAS, over REAPI like any client: workers

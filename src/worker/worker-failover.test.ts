@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
-import { decodeOperation, readBlob, uploadAction } from "../../test/support/actions.js";
+import { decodeOperation, executeRequest, readBlob, uploadAction } from "../../test/support/actions.js";
 import { BERTH_BIN, type Clients, connect, type ServerProcess, spawnBerth } from "../../test/support/farm.js";
 import { ExecutionStage_Value } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 
@@ -54,17 +54,7 @@ test("an action whose worker is killed mid-action is queued again and completes 
   const first = startWorker("first");
   const action = await uploadAction(clients, { args: ["sh", "-c", "sleep 1.5; echo survived"] });
   const updates: ReturnType<typeof decodeOperation>[] = [];
-  const stream = clients.execution.execute({
-    instanceName: "",
-    skipCacheLookup: false,
-    actionDigest: action,
-    executionPolicy: undefined,
-    resultsCachePolicy: undefined,
-    digestFunction: 0,
-    inlineStdout: false,
-    inlineStderr: false,
-    inlineOutputFiles: [],
-  });
+  const stream = clients.execution.execute(executeRequest(action));
   const ended = new Promise<void>((resolve, reject) => {
     stream.on("end", resolve);
     stream.on("error", reject);
@@ -97,17 +87,7 @@ test("the queue runs lower priority values first", async () => {
   const blocker = await uploadAction(clients, { args: ["sleep", "0.5"], salt: "blocker" });
   const run = (digest: { hash: string; sizeBytes: number }, priority: number) =>
     new Promise<ReturnType<typeof decodeOperation>>((resolve, reject) => {
-      const s = clients.execution.execute({
-        instanceName: "",
-        skipCacheLookup: true,
-        actionDigest: digest,
-        executionPolicy: { priority },
-        resultsCachePolicy: undefined,
-        digestFunction: 0,
-        inlineStdout: false,
-        inlineStderr: false,
-        inlineOutputFiles: [],
-      });
+      const s = clients.execution.execute(executeRequest(digest, { skipCacheLookup: true, priority }));
       let last: ReturnType<typeof decodeOperation> | undefined;
       s.on("data", (op) => {
         last = decodeOperation(op);

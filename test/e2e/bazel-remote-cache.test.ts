@@ -1,5 +1,4 @@
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
@@ -7,27 +6,13 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { type ServerProcess, spawnBerth } from "../support/farm.js";
+import { assertNoRemoteWarnings, BAZEL, describeRun, processSummary, runBazel, startupOptions } from "./bazel.js";
 
 /**
  * Bazel 4.2.3 (Debian's bazel-bootstrap) against a spawned `berth serve` as its --remote_cache: a cold build
  * uploads every action, and after `bazel clean` every action comes back as a remote cache hit, also after
  * Berth restarts on the same data directory.
  */
-
-const BAZEL = "/usr/bin/bazel";
-const BAZEL_COMMAND_TIMEOUT_MS = 120_000;
-
-// Debian's /etc/bazel/bazelrc sets --install_base, which this Bazel cannot start without, so only the user's
-// and the workspace's rc files are ignored, not the system one.
-function startupOptions(root: string): string[] {
-  return [
-    "--nohome_rc",
-    "--noworkspace_rc",
-    `--output_user_root=${join(root, "bazel-root")}`,
-    // A server left behind by a crashed test run dies on its own.
-    "--max_idle_secs=60",
-  ];
-}
 
 function buildOptions(berthAddress: string, grpcLog: string): string[] {
   return [
@@ -94,75 +79,6 @@ async function writeWorkspace(dir: string): Promise<void> {
   await writeFile(join(dir, "BUILD"), BUILD_FILE);
   await writeFile(join(dir, "a.txt"), "hello\n");
   await writeFile(join(dir, "b.txt"), "world\n");
-}
-
-interface CommandResult {
-  code: number | null;
-  stdout: string;
-  stderr: string;
-}
-
-/** Runs bazel to completion; a hung client is killed so that the test fails instead of stalling. */
-function runBazel(cwd: string, args: string[], timeoutMs = BAZEL_COMMAND_TIMEOUT_MS): Promise<CommandResult> {
-  return new Promise((resolve, reject) => {
-    const child = spawn(BAZEL, args, { cwd, stdio: ["ignore", "pipe", "pipe"] });
-    const stdout: Buffer[] = [];
-    const stderr: Buffer[] = [];
-    child.stdout.on("data", (chunk: Buffer) => stdout.push(chunk));
-    child.stderr.on("data", (chunk: Buffer) => stderr.push(chunk));
-    let timedOut = false;
-    const timer = setTimeout(() => {
-      timedOut = true;
-      child.kill("SIGKILL");
-    }, timeoutMs);
-    child.once("error", (error) => {
-      clearTimeout(timer);
-      reject(error);
-    });
-    child.once("close", (code) => {
-      clearTimeout(timer);
-      const result = {
-        code,
-        stdout: Buffer.concat(stdout).toString("utf8"),
-        stderr: Buffer.concat(stderr).toString("utf8"),
-      };
-      if (timedOut) {
-        reject(new Error(`bazel ${args.join(" ")} did not finish within ${timeoutMs} ms\n${result.stderr}`));
-      } else {
-        resolve(result);
-      }
-    });
-  });
-}
-
-function describeRun(args: string[], result: CommandResult): string {
-  return `bazel ${args.join(" ")} exited with ${result.code}\n--- stderr ---\n${result.stderr}`;
-}
-
-/**
- * Bazel 4's "INFO: 5 processes: 4 remote cache hit, 1 internal." as counts per kind; the order of the kinds
- * varies between runs.
- */
-function processSummary(stderr: string): { line: string; counts: Map<string, number> } {
-  const lines = stderr.split("\n").filter((line) => /^INFO: \d+ process(es)?: /.test(line));
-  const line = lines.at(-1);
-  assert.ok(line !== undefined, `no process summary in Bazel's output:\n${stderr}`);
-  const counts = new Map<string, number>();
-  const parts = line.replace(/^INFO: \d+ process(es)?: /, "").replace(/\.$/, "");
-  for (const part of parts.split(", ")) {
-    const match = /^(\d+) (.+)$/.exec(part.trim());
-    assert.ok(match?.[1] && match[2], `unexpected part "${part}" in "${line}"`);
-    counts.set(match[2], (counts.get(match[2]) ?? 0) + Number(match[1]));
-  }
-  return { line, counts };
-}
-
-/** Bazel falls back to local execution on cache errors, so a build can succeed while the cache is broken. */
-function assertNoRemoteWarnings(stderr: string): void {
-  const complaints = stderr
-    .split("\n")
-    .filter((line) => /^(WARNING|ERROR)\b/.test(line) && /remote|cache|grpc/i.test(line));
-  assert.deepEqual(complaints, [], "Bazel complained about the remote cache");
 }
 
 async function readOutputs(workspace: string): Promise<Record<string, string>> {

@@ -147,23 +147,26 @@ export interface ExecuteOptions {
   inlineStdout?: boolean;
 }
 
+/** An ExecuteRequest for `actionDigest` on the default instance, with REAPI's defaults. */
+export function executeRequest(actionDigest: WireDigest, options: ExecuteOptions = {}) {
+  return {
+    instanceName: "",
+    skipCacheLookup: options.skipCacheLookup ?? false,
+    actionDigest,
+    executionPolicy: { priority: options.priority ?? 0 },
+    resultsCachePolicy: undefined,
+    digestFunction: 0,
+    inlineStdout: options.inlineStdout ?? false,
+    inlineStderr: false,
+    inlineOutputFiles: [],
+  };
+}
+
 /** Execute, following the stream to its end: every update, and the final response. */
 export async function execute(clients: Clients, actionDigest: WireDigest, options: ExecuteOptions = {}) {
-  const updates = (
-    await collect(
-      clients.execution.execute({
-        instanceName: "",
-        skipCacheLookup: options.skipCacheLookup ?? false,
-        actionDigest,
-        executionPolicy: { priority: options.priority ?? 0 },
-        resultsCachePolicy: undefined,
-        digestFunction: 0,
-        inlineStdout: options.inlineStdout ?? false,
-        inlineStderr: false,
-        inlineOutputFiles: [],
-      }),
-    )
-  ).map(decodeOperation);
+  const updates = (await collect(clients.execution.execute(executeRequest(actionDigest, options)))).map(
+    decodeOperation,
+  );
   const last = updates.at(-1);
   if (!last?.done || !last.response) throw new Error("the Execute stream ended without a completed operation");
   return { updates, response: last.response };

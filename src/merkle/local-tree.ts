@@ -1,0 +1,69 @@
+import { createReadStream } from "node:fs";
+import { lstat, readdir, readlink } from "node:fs/promises";
+import { join } from "node:path";
+import { type Digest, digestOf } from "../digest/digest.js";
+import type { DigestFunction } from "../digest/functions.js";
+import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+
+export async function hashFile(fn: DigestFunction, path: string, size: number): Promise<Digest> {
+  const hasher = await fn.createHasher();
+  for await (const chunk of createReadStream(path, { highWaterMark: 1024 * 1024 })) hasher.update(chunk as Buffer);
+  return { fn, hash: hasher.digestHex(), sizeBytes: size };
+}
+
+/** A local file to upload, or bytes (an encoded Directory) already in memory. */
+export type LocalBlob = { digest: Digest; path: string } | { digest: Digest; data: Buffer };
+
+/** The REAPI Merkle tree of a local directory. */
+export interface LocalTree {
+  rootDigest: Digest;
+  root: Directory;
+  /** Every directory below the root, once each (as a REAPI Tree lists them). */
+  children: Directory[];
+  /** Every file, and the encoding of every Directory including the root. */
+  blobs: LocalBlob[];
+}
+
+/**
+ * Walks `dir` into Directory messages, entries sorted by name as REAPI
+ * requires; symlinks stay symlinks, other special files are left out.
+ */
+export async function readLocalTree(fn: DigestFunction, dir: string): Promise<LocalTree> {
+  const blobs: LocalBlob[] = [];
+  const children = new Map<string, Directory>();
+  const visit = async (path: string): Promise<{ directory: Directory; digest: Digest }> => {
+    const directory = Directory.fromPartial({});
+    const entries = (await readdir(path, { withFileTypes: true })).sort((a, b) =>
+      Buffer.compare(Buffer.from(a.name), Buffer.from(b.name)),
+    );
+    for (const entry of entries) {
+      const full = join(path, entry.name);
+      if (entry.isSymbolicLink()) {
+        directory.symlinks.push({ name: entry.name, target: await readlink(full), nodeProperties: undefined });
+      } else if (entry.isFile()) {
+        const info = await lstat(full);
+        const digest = await hashFile(fn, full, info.size);
+        blobs.push({ digest, path: full });
+        directory.files.push({
+          name: entry.name,
+          digest: { hash: digest.hash, sizeBytes: digest.sizeBytes },
+          isExecutable: (info.mode & 0o111) !== 0,
+          nodeProperties: undefined,
+        });
+      } else if (entry.isDirectory()) {
+        const child = await visit(full);
+        children.set(child.digest.hash, child.directory);
+        directory.directories.push({
+          name: entry.name,
+          digest: { hash: child.digest.hash, sizeBytes: child.digest.sizeBytes },
+        });
+      }
+    }
+    const data = Buffer.from(Directory.encode(directory).finish());
+    const digest = await digestOf(fn, data);
+    blobs.push({ digest, data });
+    return { directory, digest };
+  };
+  const root = await visit(dir);
+  return { rootDigest: root.digest, root: root.directory, children: [...children.values()], blobs };
+}
