@@ -39,6 +39,8 @@ export interface ReportInput {
   sections: Section[];
   durationSeconds: number;
   command: string;
+  /** What --only accepts. */
+  benchmarkNames: readonly string[];
 }
 
 export function renderMarkdown(input: ReportInput): string {
@@ -114,10 +116,15 @@ export function renderMarkdown(input: ReportInput): string {
     `The run takes about ${Math.round(input.durationSeconds / 10) * 10} s after the build and rewrites this file. ` +
       "It needs about " +
       "7 GiB free in the temporary directory (`$TMPDIR`, else `/tmp`), which holds both the server's data " +
-      "directory and the reference copies, so both sides use the same disk. The server and every temporary " +
+      "directory and the reference copies, so both sides use the same disk. The execution benchmarks need " +
+      "bubblewrap and root, as Berth's workers do to run actions as uid 65534, and the Bazel one Debian's " +
+      "bazel-bootstrap (`bash scripts/install.sh --test` installs both). The server and every temporary " +
       "directory are removed at the end, also when the run fails or is interrupted. Options: " +
-      "`npm run bench -- --rounds N` (default 5), `--no-doc` (print only), " +
-      "`--server-cpu-prof DIR` (the server writes a V8 CPU profile into DIR when it stops).",
+      "`npm run bench -- --rounds N` (default 5; the execution throughput and Bazel benchmarks run at most 3), " +
+      "`--no-doc` (print only), " +
+      `\`--only NAME[,NAME…]\` (run only those of ${input.benchmarkNames.map((n) => `\`${n}\``).join(", ")}; ` +
+      "prints only, as a partial run would replace this whole file), " +
+      "`--server-cpu-prof DIR` (every Berth server writes a V8 CPU profile into DIR when it stops).",
   );
   lines.push("");
   return lines.join("\n");

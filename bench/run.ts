@@ -1,19 +1,23 @@
 /**
  * Berth's benchmarks: `npm run build && npm run bench`.
  *
- * Starts `berth serve` as a separate process on a temporary data directory, measures ByteStream
- * throughput, BatchUpdateBlobs, FindMissingBlobs and GetActionResult against references measured
- * in the same run, prints a summary and rewrites docs/benchmarks.md.
+ * Starts `berth serve --workers 2` as a separate process on a temporary data directory, measures ByteStream
+ * throughput, BatchUpdateBlobs, FindMissingBlobs, GetActionResult, the Execute round trip, execution
+ * throughput and a Bazel build against references measured in the same run, prints a summary and rewrites
+ * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
 import { execFile } from "node:child_process";
-import { mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
+import { chmod, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs, promisify } from "node:util";
-import { benchBatchUpdate } from "./batch.js";
+import type { Digest } from "../src/digest/digest.js";
+import { benchBatchUpdate, getCapabilities, randomBlobs, sendBatches, toBatches } from "./batch.js";
+import { benchBazelBuild } from "./bazel-build.js";
 import { benchByteStream } from "./bytestream.js";
 import type { BenchContext } from "./context.js";
+import { assertReachableByNobody, benchExecuteLatency, benchExecuteThroughput } from "./execution.js";
 import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
 import { renderMarkdown, type Section } from "./report.js";
@@ -22,6 +26,40 @@ import { type BenchServer, startBenchServer } from "./server.js";
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const DOC = join(REPO_ROOT, "docs", "benchmarks.md");
 const COMMAND = "npm run build && npm run bench";
+/** The local workers of the server the benchmarks talk to (one slot each). */
+const EXECUTION_WORKERS = 2;
+
+/** Every benchmark, in the order they run, by the name --only takes. */
+const BENCHMARKS = {
+  bytestream: "ByteStream Write/Read of 256 MiB vs cp",
+  batch: "BatchUpdateBlobs of 10,000 × 4 KiB vs cp -r",
+  findmissing: "FindMissingBlobs of 10,000 digests",
+  getactionresult: "GetActionResult",
+  "execute-latency": "Execute round trip of /bin/true vs BubblewrapSandbox.run",
+  "execute-throughput": "1,000 distinct actions on two workers vs BubblewrapSandbox × 2",
+  bazel: "Bazel build of 500 genrules, remote on Berth vs local sandboxed",
+} as const;
+type BenchName = keyof typeof BENCHMARKS;
+
+/** `--only a,b`: those benchmarks, in the usual order; without it, all of them. */
+function parseOnly(value: string | undefined): BenchName[] {
+  const all = Object.keys(BENCHMARKS) as BenchName[];
+  if (value === undefined) return all;
+  const wanted = value.split(",").map((name) => name.trim());
+  const unknown = wanted.filter((name) => !(name in BENCHMARKS));
+  if (unknown.length > 0 || wanted.length === 0) {
+    throw new Error(`--only takes names among ${all.join(", ")}; not ${unknown.join(", ") || "nothing"}`);
+  }
+  return all.filter((name) => wanted.includes(name));
+}
+
+/** The blobs the FindMissingBlobs benchmark expects to find, when the BatchUpdateBlobs benchmark did not run. */
+async function storeBlobs(ctx: BenchContext): Promise<Digest[]> {
+  const caps = await getCapabilities(ctx.clients);
+  const blobs = randomBlobs(10_000, 4096);
+  await sendBatches(ctx.clients, toBatches(blobs, caps.cacheCapabilities?.maxBatchTotalSizeBytes ?? 0), 4);
+  return blobs.map((b) => b.digest);
+}
 
 /**
  * Lets the previous benchmark's writes reach the disk before the next one starts, so that
@@ -39,8 +77,12 @@ async function main(): Promise<void> {
       rounds: { type: "string", default: "5" },
       "no-doc": { type: "boolean", default: false },
       "server-cpu-prof": { type: "string" },
+      only: { type: "string" },
     },
   });
+  const only = parseOnly(values.only);
+  // A partial run would replace the whole document with a part of it.
+  const writeDoc = !values["no-doc"] && values.only === undefined;
   const rounds = Number(values.rounds);
   if (!Number.isInteger(rounds) || rounds < 1)
     throw new Error(`--rounds must be a positive integer, not ${values.rounds}`);
@@ -48,6 +90,9 @@ async function main(): Promise<void> {
 
   const started = process.hrtime.bigint();
   const workDir = await mkdtemp(join(tmpdir(), "berth-bench-"));
+  // mkdtemp makes it private to root, and Berth's sandbox (uid 65534) would then reach the input roots in the
+  // server's data directory only through its slower unshare … setpriv path: let it through, as a user would.
+  await chmod(workDir, 0o755);
   let server: BenchServer | undefined;
   const deferred: (() => Promise<void>)[] = [];
   let cleaning: Promise<void> | undefined;
@@ -71,12 +116,19 @@ async function main(): Promise<void> {
   try {
     const machine = describeMachine(workDir, REPO_ROOT);
     console.log(`Berth benchmarks: ${machine.cpuModel}, ${machine.cores} cores, Node ${machine.node}, ${machine.date}`);
-    console.log(`work directory ${workDir} (${machine.filesystem}), ${rounds} rounds`);
+    console.log(`work directory ${workDir} (${machine.filesystem}), ${rounds} rounds, running ${only.join(", ")}`);
     if (profileDir !== undefined) await mkdir(profileDir, { recursive: true });
     const scratchDir = join(workDir, "scratch");
     await mkdir(scratchDir);
-    server = await startBenchServer({ workDir, casMaxSizeBytes: "4GiB", cpuProfileDir: profileDir });
+    server = await startBenchServer({
+      workDir,
+      casMaxSizeBytes: "4GiB",
+      cpuProfileDir: profileDir,
+      workers: EXECUTION_WORKERS,
+    });
     console.log(`berth serve (pid ${server.pid}) listening on ${server.address}`);
+    // The workers' input roots are below the data directory: the sandbox must reach them directly.
+    await assertReachableByNobody(server.dataDir);
     const ctx: BenchContext = {
       clients: server.clients,
       serverPid: server.pid,
@@ -89,18 +141,39 @@ async function main(): Promise<void> {
     };
 
     const sections: Section[] = [];
-    console.log("1. ByteStream Write/Read of 256 MiB vs cp");
-    sections.push(await benchByteStream(ctx));
-    await settle();
-    console.log("2. BatchUpdateBlobs of 10,000 × 4 KiB vs cp -r");
-    const batch = await benchBatchUpdate(ctx);
-    sections.push(batch.section);
-    await settle();
-    console.log("3. FindMissingBlobs of 10,000 digests");
-    sections.push(await benchFindMissing(ctx, batch.stored));
-    await settle();
-    console.log("4. GetActionResult");
-    sections.push(await benchGetActionResult(ctx));
+    let stored: Digest[] | undefined;
+    const steps: Record<BenchName, () => Promise<void>> = {
+      bytestream: async () => {
+        sections.push(await benchByteStream(ctx));
+      },
+      batch: async () => {
+        const batch = await benchBatchUpdate(ctx);
+        stored = batch.stored;
+        sections.push(batch.section);
+      },
+      findmissing: async () => {
+        // Without the BatchUpdateBlobs benchmark, the blobs it would have left behind are uploaded here.
+        stored ??= await storeBlobs(ctx);
+        sections.push(await benchFindMissing(ctx, stored));
+      },
+      getactionresult: async () => {
+        sections.push(await benchGetActionResult(ctx));
+      },
+      "execute-latency": async () => {
+        sections.push(await benchExecuteLatency(ctx));
+      },
+      "execute-throughput": async () => {
+        sections.push(await benchExecuteThroughput(ctx));
+      },
+      bazel: async () => {
+        sections.push(await benchBazelBuild(ctx, { dir: join(workDir, "bazel"), cpuProfileDir: profileDir }));
+      },
+    };
+    for (const [i, name] of only.entries()) {
+      if (i > 0) await settle();
+      console.log(`${i + 1}. ${BENCHMARKS[name]}`);
+      await steps[name]();
+    }
 
     await server.stop();
     const durationSeconds = Number(process.hrtime.bigint() - started) / 1e9;
@@ -114,9 +187,15 @@ async function main(): Promise<void> {
       }
       for (const note of section.notes) console.log(`  · ${note}`);
     }
-    const markdown = renderMarkdown({ machine, sections, durationSeconds, command: COMMAND });
-    if (values["no-doc"]) {
-      console.log("\n(--no-doc: docs/benchmarks.md left as it was)");
+    const markdown = renderMarkdown({
+      machine,
+      sections,
+      durationSeconds,
+      command: COMMAND,
+      benchmarkNames: Object.keys(BENCHMARKS),
+    });
+    if (!writeDoc) {
+      console.log(`\n(${values["no-doc"] ? "--no-doc" : "--only"}: docs/benchmarks.md left as it was)`);
     } else {
       await writeFile(DOC, markdown);
       console.log(`\nwrote ${DOC} (${durationSeconds.toFixed(0)} s)`);

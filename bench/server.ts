@@ -6,6 +6,8 @@ import { ownCpuSeconds, processCpuSeconds } from "./machine.js";
 /** `berth serve` in its own process, with a client connected to it. */
 export interface BenchServer {
   readonly address: string;
+  /** The server's data directory. */
+  readonly dataDir: string;
   readonly pid: number | undefined;
   readonly clients: Clients;
   /** Closes the client, then stops the server (SIGTERM); safe to call twice. */
@@ -18,6 +20,8 @@ export interface BenchServerOptions {
   casMaxSizeBytes: string;
   /** When set, the server writes a V8 CPU profile into this directory as it exits. */
   cpuProfileDir?: string;
+  /** Local workers (`--workers N`, one slot each); when unset, berth serve's default of one per core. */
+  workers?: number;
 }
 
 export async function startBenchServer(options: BenchServerOptions): Promise<BenchServer> {
@@ -25,6 +29,7 @@ export async function startBenchServer(options: BenchServerOptions): Promise<Ben
   const dataDir = join(options.workDir, "data");
   await writeFile(configFile, `cas:\n  maxSizeBytes: ${options.casMaxSizeBytes}\n`);
   const args = ["--config", configFile, "--data-dir", dataDir];
+  if (options.workers !== undefined) args.push("--workers", String(options.workers));
   // Node refuses --cpu-prof in NODE_OPTIONS, so a profiled server is started with the flag itself.
   const nodeFlags =
     options.cpuProfileDir === undefined ? [] : ["--cpu-prof", `--cpu-prof-dir=${options.cpuProfileDir}`];
@@ -33,6 +38,7 @@ export async function startBenchServer(options: BenchServerOptions): Promise<Ben
   let stopping: Promise<void> | undefined;
   return {
     address: berth.address,
+    dataDir,
     pid: berth.child.pid,
     clients,
     stop: () => {
