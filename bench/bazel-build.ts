@@ -76,22 +76,23 @@ async function writeWorkspace(workspace: string): Promise<void> {
 }
 
 const BAZEL_WHERE =
-  "Where the time goes: with Bazel's default --jobs of 2 the remote build is bound by each action's round trip " +
-  '(Bazel\'s "execute remotely" span above, against about 15 ms for an Execute alone in the latency ' +
-  "benchmark), and with --jobs=16 by CPU: the machine has two cores, Bazel's own server needs about half a core, " +
-  "and Berth spends several times the CPU per action that local sandboxing does (the CPU line above). A Bazel " +
-  "action costs Berth more than the benchmark's small actions: Bazel uploads every missing blob with its own " +
-  "ByteStream.Write (about eight per action: the Action, the Command and one Directory per level of " +
-  "bazel-out/k8-fastbuild/bin/chains/cNN), each of which the server stores through an upload session and a " +
-  "temporary file: open, write, close and rename, one after the other on the thread pool (src/api/bytestream-service.ts, " +
-  "src/cas/upload-sessions.ts, src/cas/disk-blob-store.ts); the worker then reads those six tree levels back " +
-  "with six sequential BatchReadBlobs calls to its own server and creates and chowns six directories one after " +
-  "the other (src/worker/input-root.ts), and removes them again with `rm -r`. A server CPU profile of one " +
-  "remote build (`--only bazel --rounds 1 --server-cpu-prof DIR`) shows its one Node.js thread about 63 % busy, " +
-  "some 28 ms per action: grpc-js and HTTP/2 about 5 ms, the CAS and action-cache file stores about 4 ms, the " +
-  "bwrap spawn (a synchronous fork of the server) about 3 ms, garbage collection about 3 ms, laying out and " +
-  "removing the action directory about 3 ms; the file system calls themselves run on libuv's thread pool on top " +
-  "of that.";
+  "Where the time goes: Berth spends several times the CPU per action that local sandboxing does (the CPU line " +
+  "above), and most of it on the one Node.js thread that runs the server and both local workers. Server CPU " +
+  "profiles of one round (`--only bazel --rounds 1 --server-cpu-prof DIR`) show that thread about 60 % busy " +
+  "during the remote build with --jobs=2, whose actions then wait on each other's round trips (Bazel's " +
+  '"execute remotely" span above, against about 15 ms for an Execute alone in the latency benchmark), and ' +
+  "about 80 % busy with --jobs=16, where it is the bottleneck: some 25 ms of it per action either way. Per " +
+  "action: grpc-js and HTTP/2 about 4.5 ms besides the handlers, the CAS and action-cache file stores about 4 ms, " +
+  "the bwrap spawn about 3 ms (child_process.spawn forks the server synchronously), garbage collection about " +
+  "2.5 ms, laying out and removing the action directory about 3 ms, the file system calls themselves running on " +
+  "libuv's thread pool on top of that. A Bazel action costs Berth more than the benchmark's small actions: Bazel " +
+  "uploads every missing blob with its own ByteStream.Write (about eight per action, see the gRPC counts above: " +
+  "the Action, the Command and Directory messages, one per level of bazel-out/k8-fastbuild/bin/chains/cNN), and the server " +
+  "stores each through an upload session and a temporary file, open, write, close and rename one after the other " +
+  "on the thread pool (src/api/bytestream-service.ts, src/cas/upload-sessions.ts, src/cas/disk-blob-store.ts); " +
+  "the worker then reads those six tree levels back with six sequential BatchReadBlobs calls to its own server, " +
+  "creates and chowns six directories one after the other (src/worker/input-root.ts) and removes them again " +
+  "with `rm -r` (src/worker/action-runner.ts).";
 
 /** Calls by method in Bazel's --experimental_remote_grpc_log: length-delimited LogEntry messages. */
 function countRpcs(log: Buffer): Map<string, number> {

@@ -1,27 +1,22 @@
-import { spawn } from "node:child_process";
+import { type ChildProcess, fork } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { chmod, chown, mkdir, open, stat, writeFile } from "node:fs/promises";
+import { chmod, chown, mkdir, stat, writeFile } from "node:fs/promises";
 import { cpus } from "node:os";
 import { dirname, join } from "node:path";
-import type { Readable } from "node:stream";
+import { fileURLToPath } from "node:url";
 import type {
   ExecutedActionMetadata,
   ExecuteResponse,
 } from "../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { Timestamp } from "../src/gen/google/protobuf/timestamp.js";
-import { BubblewrapSandbox, INPUT_ROOT_MOUNT } from "../src/sandbox/bubblewrap.js";
-import type { SandboxRequest } from "../src/sandbox/sandbox.js";
 import { type ActionSpec, execute, uploadAction } from "../test/support/actions.js";
 import type { WireDigest } from "../test/support/blobs.js";
 import type { BenchContext } from "./context.js";
-import { machineCpuSeconds } from "./machine.js";
+import { machineCpuSeconds, processCpuSeconds, rssMiB } from "./machine.js";
 import { ratio, type Section, verdictAtLeast, verdictAtMost } from "./report.js";
+import { type HelperReply, type HelperRequest, NOBODY, type SandboxSlot } from "./sandbox-helper.js";
 import { measureCpu } from "./server.js";
 import { elapsedMs, fmt, fmtList, median, percentile } from "./stats.js";
-
-/** The user Berth's workers run actions as when they run as root, and the sandbox's default. */
-export const NOBODY = 65534;
-const PATH = { name: "PATH", value: "/usr/bin:/bin" };
 
 const LATENCY_RUNS = 200;
 const LATENCY_WARMUP = 20;
@@ -87,94 +82,59 @@ async function prepareInputRoot(root: string): Promise<void> {
   }
 }
 
-/**
- * bwrap's command line as src/sandbox/bubblewrap.ts builds it (bwrapArgs, not exported) for an action whose
- * input root is reachable directly, without network and with the input root as working directory. Keep the
- * two in step.
- */
-function bwrapArgs(root: string, argv: string[]): string[] {
-  return [
-    "--unshare-user",
-    "--unshare-pid",
-    "--unshare-ipc",
-    "--unshare-uts",
-    "--unshare-cgroup-try",
-    "--unshare-net",
-    "--die-with-parent",
-    "--json-status-fd",
-    "3",
-    "--ro-bind",
-    "/",
-    "/",
-    "--proc",
-    "/proc",
-    "--dev",
-    "/dev",
-    "--perms",
-    "1777",
-    "--tmpfs",
-    "/tmp",
-    "--tmpfs",
-    "/run",
-    "--bind",
-    root,
-    INPUT_ROOT_MOUNT,
-    "--chdir",
-    INPUT_ROOT_MOUNT,
-    "--clearenv",
-    "--setenv",
-    PATH.name,
-    PATH.value,
-    "--",
-    ...argv,
-  ];
-}
-
-/** A directory with a prepared input root, where the references run their sandboxes. */
-interface SandboxSlot {
-  root: string;
-  stdoutPath: string;
-  stderrPath: string;
-}
-
 async function prepareSlot(dir: string): Promise<SandboxSlot> {
+  await mkdir(dir, { recursive: true });
+  await chmod(dir, 0o755);
   const root = join(dir, "root");
   await prepareInputRoot(root);
   return { root, stdoutPath: join(dir, "stdout"), stderrPath: join(dir, "stderr") };
 }
 
-function sandboxRequest(slot: SandboxSlot, argv: string[]): SandboxRequest {
-  return {
-    inputRoot: slot.root,
-    workingDirectory: "",
-    argv,
-    env: [PATH],
-    timeoutMs: 60_000,
-    stdoutPath: slot.stdoutPath,
-    stderrPath: slot.stderrPath,
-  };
+const HELPER = join(dirname(fileURLToPath(import.meta.url)), "sandbox-helper.js");
+
+/** bench/sandbox-helper.ts in a process of its own, answering one request at a time. */
+class SandboxHelper {
+  readonly #child: ChildProcess;
+  readonly #waiting = new Map<number, (reply: HelperReply) => void>();
+  #next = 0;
+
+  private constructor(child: ChildProcess) {
+    this.#child = child;
+    child.on("message", (reply: HelperReply) => {
+      this.#waiting.get(reply.id)?.(reply);
+      this.#waiting.delete(reply.id);
+    });
+  }
+
+  static start(ctx: BenchContext): SandboxHelper {
+    const helper = new SandboxHelper(fork(HELPER, [], { stdio: ["ignore", "inherit", "inherit", "ipc"] }));
+    ctx.defer(() => helper.stop());
+    return helper;
+  }
+
+  get pid(): number | undefined {
+    return this.#child.pid;
+  }
+
+  async request(request: DistributiveOmit<HelperRequest, "id">): Promise<HelperReply> {
+    const id = this.#next++;
+    const reply = await new Promise<HelperReply>((resolve, reject) => {
+      this.#waiting.set(id, resolve);
+      this.#child.send({ ...request, id }, (err) => err && reject(err));
+    });
+    if (reply.error !== undefined) throw new Error(`the sandbox helper failed: ${reply.error}`);
+    return reply;
+  }
+
+  async stop(): Promise<void> {
+    if (this.#child.exitCode !== null || this.#child.signalCode !== null) return;
+    const exited = new Promise((resolve) => this.#child.once("exit", resolve));
+    this.#child.kill("SIGTERM");
+    await exited;
+  }
 }
 
-/**
- * The raw floor: bwrap spawned from Node as uid 65534 with the same command line and stdio as the sandbox
- * uses, awaited until it closes; none of BubblewrapSandbox's checks, file opening or waiting for the sandbox's
- * pid 1 to die. `out` is a file descriptor open for writing, used for stdout and stderr.
- */
-async function rawBwrap(root: string, argv: string[], out: number): Promise<number> {
-  const child = spawn("bwrap", bwrapArgs(root, argv), {
-    stdio: ["ignore", out, out, "pipe"],
-    uid: NOBODY,
-    gid: NOBODY,
-    detached: true,
-    cwd: "/",
-    env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
-  });
-  (child.stdio[3] as Readable | null)?.resume();
-  return new Promise((resolve, reject) => {
-    child.once("error", reject);
-    child.once("close", (code) => resolve(code ?? -1));
-  });
-}
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
 async function timed<T>(work: () => Promise<T>): Promise<[T, number]> {
   const start = process.hrtime.bigint();
@@ -232,7 +192,7 @@ const THROUGHPUT_WHERE =
   "upload); the file system calls of laying out and removing the action directory (mkdir, chown, link, then " +
   "`rm -r`, which Node runs as JavaScript) and of the stores (temporary file, rename) about 2 ms; " +
   "BubblewrapSandbox's #reachable walk (see the latency benchmark) 0.2 ms. The sandbox itself is not the " +
-  "limit: inside Berth it takes as long as in the reference, which does 2–3× the throughput on the same cores.";
+  "limit: the reference runs the same commands several times faster on the same two cores.";
 
 /** Where one execution's time went, in ms, from the client's clock and the worker's ExecutedActionMetadata. */
 interface Phases {
@@ -281,13 +241,10 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
   const { clients } = ctx;
   const spec: ActionSpec = { args: ["/bin/true"], files: INPUT_FILES, salt: randomBytes(8).toString("hex") };
   const digest = await uploadAction(clients, spec);
-  const refDir = join(ctx.scratchDir, "execute-latency");
-  await mkdir(refDir);
-  await assertReachableByNobody(refDir);
-  const slot = await prepareSlot(refDir);
-  const sandbox = new BubblewrapSandbox();
-  const rawOut = await open(join(refDir, "raw-out"), "w");
-  ctx.defer(() => rawOut.close());
+  const slot = await prepareSlot(join(ctx.scratchDir, "execute-latency"));
+  await assertReachableByNobody(slot.root);
+  const helper = SandboxHelper.start(ctx);
+  const rss = { server: rssMiB(ctx.serverPid), helper: rssMiB(helper.pid) };
 
   const berthRun = async () => {
     const sent = Date.now();
@@ -295,16 +252,8 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
     checkCompleted(response, "the /bin/true action");
     return { took, phases: phasesOf(sent, Date.now(), response.result?.executionMetadata) };
   };
-  const sandboxRun = async () => {
-    const [result, took] = await timed(() => sandbox.run(sandboxRequest(slot, ["/bin/true"])));
-    if (result.exitCode !== 0) throw new Error(`/bin/true in BubblewrapSandbox exited with ${result.exitCode}`);
-    return took;
-  };
-  const rawRun = async () => {
-    const [code, took] = await timed(() => rawBwrap(slot.root, ["/bin/true"], rawOut.fd));
-    if (code !== 0) throw new Error(`/bin/true in bwrap exited with ${code}`);
-    return took;
-  };
+  const sandboxRun = async () => (await helper.request({ op: "sandbox", slot, argv: ["/bin/true"] })).ms;
+  const rawRun = async () => (await helper.request({ op: "raw", slot, argv: ["/bin/true"] })).ms;
 
   for (let i = 0; i < LATENCY_WARMUP; i++) {
     await berthRun();
@@ -317,6 +266,7 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
   const raw: number[] = [];
   const perBlock = Math.ceil(LATENCY_RUNS / ctx.rounds);
   const blockP50s: { berth: number[]; floor: number[] } = { berth: [], floor: [] };
+  const helperCpu0 = processCpuSeconds(helper.pid);
   const [, cpu] = await measureCpu(ctx.serverPid, async () => {
     for (let i = 0; i < LATENCY_RUNS; i++) {
       const run = await berthRun();
@@ -331,6 +281,8 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
       }
     }
   });
+  const helperCpu = processCpuSeconds(helper.pid) - helperCpu0;
+  await helper.stop();
   const [p50, p99] = [median(berth), percentile(berth, 99)];
   const [floorP50, floorP99] = [median(floor), percentile(floor, 99)];
   const [rawP50, rawP99] = [median(raw), percentile(raw, 99)];
@@ -347,15 +299,18 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
         "time; its inputs are in the worker's file cache after the first run, so each run lays out the input " +
         "root (directories, hard links), runs the sandbox, uploads nothing but checks stdout/stderr, and writes " +
         "the action cache.",
-      `berth serve with --workers ${THROUGHPUT_WORKERS}, as a separate process. ${LATENCY_RUNS} sequential ` +
-        `Executes after ${LATENCY_WARMUP} warm-up runs, timed at the client from the call until the stream's ` +
-        "COMPLETED operation has arrived; each response is checked (status OK, exit code 0, not from the cache).",
-      "Reference (the floor): `new BubblewrapSandbox().run(…)` of src/sandbox/bubblewrap.ts, called in the " +
-        "benchmark's process on an input root with the same files laid out as a worker lays them out " +
-        "(directories owned by 65534, files root's and read-only): exactly the code the worker runs, from " +
-        "checking the request to the sandbox's pid 1 having died. Also, for information, a raw " +
-        "`spawn('bwrap', …)` as uid 65534 with the same command line, awaited until it exits. Berth, the sandbox " +
-        "and raw bwrap alternate run by run.",
+      `A \`berth serve --workers ${THROUGHPUT_WORKERS}\` of its own, started for the execution benchmarks (not ` +
+        `the server the CAS benchmarks used). ${LATENCY_RUNS} sequential Executes after ${LATENCY_WARMUP} ` +
+        "warm-up runs, timed at the client from the call until the stream's COMPLETED operation has arrived; " +
+        "each response is checked (status OK, exit code 0, not from the cache).",
+      "Reference (the floor): `new BubblewrapSandbox().run(…)` of src/sandbox/bubblewrap.ts running `/bin/true` " +
+        "on an input root with the same files, laid out as a worker lays them out (directories owned by 65534, " +
+        "files root's and read-only): exactly the code the worker runs, from checking the request to the " +
+        "sandbox's pid 1 having died. Also, for information, a raw `spawn('bwrap', …)` as uid 65534 with the " +
+        "same command line, awaited until it exits. Both run in a small Node.js process of their own " +
+        "(bench/sandbox-helper.ts, timed there), as a fresh worker would: spawning forks the calling process, " +
+        "and the benchmark's own process, swollen by the CAS benchmarks, made each fork several times slower. " +
+        "Berth, the sandbox and raw bwrap alternate run by run.",
       "The temporary directory holding Berth's data directory is made traversable (chmod 0755), so the " +
         "sandbox binds the input root directly and the `unshare … setpriv` path for input roots behind closed " +
         "directories is not what is measured; the benchmark checks this before it starts.",
@@ -365,7 +320,7 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
         metric: "Latency p50",
         berth: `${fmt(p50)} ms`,
         reference: `${fmt(floorP50)} ms (BubblewrapSandbox.run)`,
-        ratio: `${ratio(p50, floorP50)} (+${fmt(overhead)} ms)`,
+        ratio: `${ratio(p50, floorP50)} (${overhead >= 0 ? "+" : "−"}${fmt(Math.abs(overhead))} ms)`,
         target: `≤ floor + ${LATENCY_TARGET_MS} ms`,
         verdict: verdictAtMost(overhead, LATENCY_TARGET_MS),
       },
@@ -391,9 +346,12 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
         `BubblewrapSandbox.run ${fmtList(blockP50s.floor, 1)}.`,
       `Where Berth's time goes (p50 of each phase, ms, from the client's clock and the worker's ` +
         `ExecutedActionMetadata, whose timestamps have 1 ms resolution): ${describePhases(phases)}.`,
-      `CPU per run (one Execute, one BubblewrapSandbox.run and one bwrap): server process (gRPC services and ` +
-        `both workers) ${fmt((cpu.server * 1000) / LATENCY_RUNS)} ms, benchmark process ` +
-        `${fmt((cpu.client * 1000) / LATENCY_RUNS)} ms; the sandboxes' own processes are not counted.`,
+      `CPU per run: Berth's server process (gRPC services and both workers) ` +
+        `${fmt((cpu.server * 1000) / LATENCY_RUNS)} ms per Execute, the benchmark process ` +
+        `${fmt((cpu.client * 1000) / LATENCY_RUNS)} ms per Execute, the helper ` +
+        `${fmt((helperCpu * 1000) / LATENCY_RUNS)} ms per BubblewrapSandbox.run and bwrap; the sandboxes' own ` +
+        `processes are not counted. Resident memory at the start: server ${fmt(rss.server, 0)} MiB, helper ` +
+        `${fmt(rss.helper, 0)} MiB.`,
       LATENCY_WHERE,
     ],
   };
@@ -430,25 +388,25 @@ async function measureCpuSplit<T>(serverPid: number | undefined, work: () => Pro
   return [result, { ...use, machine: machineCpuSeconds().busy - machine0 }];
 }
 
-/** A CPU split as cores' worth (seconds of CPU per second of wall time). */
-function describeCpu(cpu: CpuSplit, wallMs: number): string {
+/** A CPU split as cores' worth (seconds of CPU per second of wall time); `server` names the measured process. */
+function describeCpu(cpu: CpuSplit, wallMs: number, server: string): string {
   const cores = (seconds: number) => fmt(seconds / (wallMs / 1000), 2);
   const rest = cpu.machine - cpu.server - cpu.client;
-  return `machine ${cores(cpu.machine)} of ${cpus().length} cores (server ${cores(cpu.server)}, benchmark process ${cores(cpu.client)}, everything else ${cores(rest)})`;
+  return (
+    `machine ${cores(cpu.machine)} of ${cpus().length} cores (${server} ${cores(cpu.server)}, benchmark process ` +
+    `${cores(cpu.client)}, everything else ${cores(rest)})`
+  );
 }
 
 export async function benchExecuteThroughput(ctx: BenchContext): Promise<Section> {
   const { clients } = ctx;
   const rounds = Math.min(ctx.rounds, THROUGHPUT_MAX_ROUNDS);
-  const refDir = join(ctx.scratchDir, "execute-throughput");
-  await mkdir(refDir);
-  await chmod(refDir, 0o755);
   const slots = await Promise.all(
     Array.from({ length: THROUGHPUT_WORKERS }, (_, i) =>
-      mkdir(join(refDir, `slot-${i}`)).then(() => prepareSlot(join(refDir, `slot-${i}`))),
+      prepareSlot(join(ctx.scratchDir, "execute-throughput", `${i}`)),
     ),
   );
-  const sandbox = new BubblewrapSandbox();
+  const helper = SandboxHelper.start(ctx);
   const expected = Array.from({ length: THROUGHPUT_ACTIONS }, (_, i) => stdoutDigest(i));
 
   /** Worker-side times of every action of the last Berth round, ms. */
@@ -465,22 +423,10 @@ export async function benchExecuteThroughput(ctx: BenchContext): Promise<Section
   };
   /** Durations of every BubblewrapSandbox.run of the last reference round, ms. */
   let sandboxRuns: number[] = [];
-  const sandboxRound = async () => {
-    sandboxRuns = [];
-    const start = process.hrtime.bigint();
-    const free = [...slots];
-    await pool(THROUGHPUT_ACTIONS, THROUGHPUT_WORKERS, async (i) => {
-      const slot = free.pop() as SandboxSlot;
-      try {
-        const [result, took] = await timed(() => sandbox.run(sandboxRequest(slot, ["sh", "-c", `echo ${i}`])));
-        if (result.exitCode !== 0)
-          throw new Error(`sh -c 'echo ${i}' in BubblewrapSandbox exited with ${result.exitCode}`);
-        sandboxRuns.push(took);
-      } finally {
-        free.push(slot);
-      }
-    });
-    return elapsedMs(start);
+  const sandboxRound = async (count = THROUGHPUT_ACTIONS) => {
+    const reply = await helper.request({ op: "batch", slots, count });
+    sandboxRuns = reply.runs ?? [];
+    return reply.ms;
   };
 
   // Warm-up: a tenth of the work on each side, with actions of its own.
@@ -488,9 +434,7 @@ export async function benchExecuteThroughput(ctx: BenchContext): Promise<Section
   await pool(THROUGHPUT_ACTIONS / 10, THROUGHPUT_IN_FLIGHT, async (i) => {
     checkCompleted((await execute(clients, warmup[i] as WireDigest)).response, `warm-up action ${i}`, expected[i]);
   });
-  await pool(THROUGHPUT_ACTIONS / 10, THROUGHPUT_WORKERS, async (i) => {
-    await sandbox.run(sandboxRequest(slots[i % THROUGHPUT_WORKERS] as SandboxSlot, ["sh", "-c", `echo ${i}`]));
-  });
+  await sandboxRound(THROUGHPUT_ACTIONS / 10);
 
   const berth: number[] = [];
   const reference: number[] = [];
@@ -503,13 +447,13 @@ export async function benchExecuteThroughput(ctx: BenchContext): Promise<Section
     const measureBerth = async () => {
       const [took, cpu] = await measureCpuSplit(ctx.serverPid, () => berthRound(digests));
       berth.push(took);
-      berthCpu.push(describeCpu(cpu, took));
+      berthCpu.push(describeCpu(cpu, took, "Berth's server"));
       workerPhases.push(describeWorkerTime(metadata, took));
     };
     const measureReference = async () => {
-      const [took, cpu] = await measureCpuSplit(undefined, sandboxRound);
+      const [took, cpu] = await measureCpuSplit(helper.pid, () => sandboxRound());
       reference.push(took);
-      referenceCpu.push(describeCpu({ ...cpu, server: 0 }, took));
+      referenceCpu.push(describeCpu(cpu, took, "the helper"));
       sandboxP50s.push(median(sandboxRuns));
     };
     if (round % 2 === 0) {
@@ -534,12 +478,12 @@ export async function benchExecuteThroughput(ctx: BenchContext): Promise<Section
       `${THROUGHPUT_ACTIONS.toLocaleString("en-US")} distinct actions \`sh -c 'echo N'\` (N = 0…999), each with ` +
         "the same ten input files as the latency benchmark (in the worker's file cache after the first " +
         "action), new ones every round (a new salt), all uploaded before the clock starts.",
-      `berth serve with --workers ${THROUGHPUT_WORKERS} (one slot each). The client keeps ${THROUGHPUT_IN_FLIGHT} ` +
+      `The execution benchmarks' \`berth serve --workers ${THROUGHPUT_WORKERS}\` (one slot each). The client keeps ${THROUGHPUT_IN_FLIGHT} ` +
         "Execute calls in flight (normal calls: the action cache is looked up and misses) and the clock runs " +
         "from the first Execute to the last COMPLETED; every response is checked (status OK, exit code 0, " +
         "stdout digest of `N\\n`).",
       `Reference (the ceiling of this sandbox on this machine): the same ${THROUGHPUT_ACTIONS.toLocaleString("en-US")} ` +
-        `commands run by \`BubblewrapSandbox.run\` in the benchmark's process, ${THROUGHPUT_WORKERS} at a time, ` +
+        `commands run by \`BubblewrapSandbox.run\` in a helper process like the latency benchmark's (bench/sandbox-helper.ts, timed there), ${THROUGHPUT_WORKERS} at a time, ` +
         "each in its own prepared input root; nothing is laid out, uploaded or cached.",
       `${rounds} rounds after a warm-up of ${THROUGHPUT_ACTIONS / 10} actions on each side; Berth and the reference ` +
         "alternate in going first.",

@@ -109,3 +109,14 @@ export function machineCpuSeconds(): MachineCpu {
     return { busy: Number.NaN, total: Number.NaN };
   }
 }
+
+/** Resident memory of a process, MiB (Linux only; NaN elsewhere). */
+export function rssMiB(pid: number | undefined): number {
+  if (pid === undefined) return Number.NaN;
+  try {
+    const match = /^VmRSS:\s+(\d+) kB$/m.exec(readFileSync(`/proc/${pid}/status`, "utf8"));
+    return match ? Number(match[1]) / 1024 : Number.NaN;
+  } catch {
+    return Number.NaN;
+  }
+}

@@ -120,15 +120,8 @@ async function main(): Promise<void> {
     if (profileDir !== undefined) await mkdir(profileDir, { recursive: true });
     const scratchDir = join(workDir, "scratch");
     await mkdir(scratchDir);
-    server = await startBenchServer({
-      workDir,
-      casMaxSizeBytes: "4GiB",
-      cpuProfileDir: profileDir,
-      workers: EXECUTION_WORKERS,
-    });
+    server = await startBenchServer({ workDir, casMaxSizeBytes: "4GiB", cpuProfileDir: profileDir });
     console.log(`berth serve (pid ${server.pid}) listening on ${server.address}`);
-    // The workers' input roots are below the data directory: the sandbox must reach them directly.
-    await assertReachableByNobody(server.dataDir);
     const ctx: BenchContext = {
       clients: server.clients,
       serverPid: server.pid,
@@ -138,6 +131,32 @@ async function main(): Promise<void> {
       defer: (work) => {
         deferred.push(work);
       },
+    };
+
+    // The execution benchmarks get a server of their own, started when the first of them runs, so that they
+    // do not depend on what the CAS benchmarks left in the first one (its heap makes every fork slower).
+    let execution: { ctx: BenchContext; server: BenchServer } | undefined;
+    const executionContext = async (): Promise<BenchContext> => {
+      if (execution) return execution.ctx;
+      const dir = join(workDir, "execution");
+      await mkdir(dir);
+      const executionServer = await startBenchServer({
+        workDir: dir,
+        casMaxSizeBytes: "4GiB",
+        cpuProfileDir: profileDir,
+        workers: EXECUTION_WORKERS,
+      });
+      deferred.push(() => executionServer.stop());
+      console.log(
+        `berth serve --workers ${EXECUTION_WORKERS} (pid ${executionServer.pid}) for the execution benchmarks`,
+      );
+      // The workers' input roots are below the data directory: the sandbox must reach them directly.
+      await assertReachableByNobody(executionServer.dataDir);
+      execution = {
+        ctx: { ...ctx, clients: executionServer.clients, serverPid: executionServer.pid },
+        server: executionServer,
+      };
+      return execution.ctx;
     };
 
     const sections: Section[] = [];
@@ -160,12 +179,14 @@ async function main(): Promise<void> {
         sections.push(await benchGetActionResult(ctx));
       },
       "execute-latency": async () => {
-        sections.push(await benchExecuteLatency(ctx));
+        sections.push(await benchExecuteLatency(await executionContext()));
       },
       "execute-throughput": async () => {
-        sections.push(await benchExecuteThroughput(ctx));
+        sections.push(await benchExecuteThroughput(await executionContext()));
       },
       bazel: async () => {
+        // It starts servers of its own; the execution benchmarks' one would only sit beside them.
+        await execution?.server.stop();
         sections.push(await benchBazelBuild(ctx, { dir: join(workDir, "bazel"), cpuProfileDir: profileDir }));
       },
     };
