@@ -234,6 +234,8 @@ export async function benchBazelBuild(ctx: BenchContext, options: BazelBenchOpti
       workers: WORKERS,
       cpuProfileDir: options.cpuProfileDir,
     });
+    // Stopped below; this is for an interrupt in between (stopping twice is harmless).
+    ctx.defer(() => server.stop());
     try {
       return await work(server.address, server.pid);
     } finally {

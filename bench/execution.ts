@@ -174,7 +174,8 @@ const LATENCY_WHERE =
   "creates and chowns each directory one after the other and hard-links the ten files; BubblewrapSandbox.run " +
   "then opens stdout and stderr and, because its #reachable cache is keyed by the input root's parent, which is " +
   "a new actions/LEASE directory for every action, stats the seven directories up to / again every time (its " +
-  "Map also grows by one entry per action). After the sandbox, the worker hashes stdout and stderr, the " +
+  "Map also grows by one entry per action). After the sandbox, the worker looks at stdout and stderr (empty " +
+  "here, so nothing is hashed or uploaded), the " +
   "completion travels back on the worker stream and Executor.finish writes the action cache entry (open, write, " +
   "close, rename in src/store/lru-directory.ts) before the operation completes and the client gets its reply.";
 
@@ -233,7 +234,7 @@ function phasesOf(sent: number, received: number, metadata: ExecutedActionMetada
 
 function describePhases(all: Phases[]): string {
   return (Object.keys(PHASE_NAMES) as (keyof Phases)[])
-    .map((key) => `${PHASE_NAMES[key]} ${fmt(median(all.map((p) => p[key])))}`)
+    .map((key) => `${PHASE_NAMES[key]} ${fmt(median(all.map((p) => p[key])), 1)}`)
     .join("; ");
 }
 
@@ -244,7 +245,6 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
   const slot = await prepareSlot(join(ctx.scratchDir, "execute-latency"));
   await assertReachableByNobody(slot.root);
   const helper = SandboxHelper.start(ctx);
-  const rss = { server: rssMiB(ctx.serverPid), helper: rssMiB(helper.pid) };
 
   const berthRun = async () => {
     const sent = Date.now();
@@ -266,6 +266,7 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
   const raw: number[] = [];
   const perBlock = Math.ceil(LATENCY_RUNS / ctx.rounds);
   const blockP50s: { berth: number[]; floor: number[] } = { berth: [], floor: [] };
+  const rss = { server: rssMiB(ctx.serverPid), helper: rssMiB(helper.pid) };
   const helperCpu0 = processCpuSeconds(helper.pid);
   const [, cpu] = await measureCpu(ctx.serverPid, async () => {
     for (let i = 0; i < LATENCY_RUNS; i++) {
@@ -350,7 +351,7 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
         `${fmt((cpu.server * 1000) / LATENCY_RUNS)} ms per Execute, the benchmark process ` +
         `${fmt((cpu.client * 1000) / LATENCY_RUNS)} ms per Execute, the helper ` +
         `${fmt((helperCpu * 1000) / LATENCY_RUNS)} ms per BubblewrapSandbox.run and bwrap; the sandboxes' own ` +
-        `processes are not counted. Resident memory at the start: server ${fmt(rss.server, 0)} MiB, helper ` +
+        `processes are not counted. Resident memory after the warm-up: server ${fmt(rss.server, 0)} MiB, helper ` +
         `${fmt(rss.helper, 0)} MiB.`,
       LATENCY_WHERE,
     ],
