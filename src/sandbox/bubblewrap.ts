@@ -70,20 +70,28 @@ export class BubblewrapSandbox implements Sandbox {
   /** Whether the action's user can reach `root` through the directories above it. */
   async #reachable(root: string): Promise<boolean> {
     const parent = dirname(root);
-    const known = this.#reachableParents.get(parent);
-    if (known !== undefined) return known;
-    let ok = true;
-    for (let dir = parent; ; dir = dirname(dir)) {
-      const info = await stat(dir);
-      const searchable =
-        (info.uid === this.#uid && (info.mode & 0o100) !== 0) ||
-        (info.gid === this.#gid && (info.mode & 0o010) !== 0) ||
-        (info.mode & 0o001) !== 0;
-      if (!searchable) ok = false;
-      if (dir === dirname(dir)) break;
+    if (!(await this.#searchable(parent))) return false;
+    // Each action's own directory is new, so only the directories above it are remembered.
+    const above = dirname(parent);
+    let known = this.#reachableParents.get(above);
+    if (known === undefined) {
+      known = true;
+      for (let dir = above; ; dir = dirname(dir)) {
+        if (!(await this.#searchable(dir))) known = false;
+        if (dir === dirname(dir)) break;
+      }
+      this.#reachableParents.set(above, known);
     }
-    this.#reachableParents.set(parent, ok);
-    return ok;
+    return known;
+  }
+
+  async #searchable(dir: string): Promise<boolean> {
+    const info = await stat(dir);
+    return (
+      (info.uid === this.#uid && (info.mode & 0o100) !== 0) ||
+      (info.gid === this.#gid && (info.mode & 0o010) !== 0) ||
+      (info.mode & 0o001) !== 0
+    );
   }
 
   /** `unshare … sh -c …`: a private mount namespace with `root` bound at INPUT_ROOT_MOUNT, then the user switch. */
