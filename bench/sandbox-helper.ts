@@ -9,7 +9,7 @@
 import { spawn } from "node:child_process";
 import { type FileHandle, open } from "node:fs/promises";
 import type { Readable } from "node:stream";
-import { BubblewrapSandbox, INPUT_ROOT_MOUNT } from "../src/sandbox/bubblewrap.js";
+import { BubblewrapSandbox, bwrapArgs } from "../src/sandbox/bubblewrap.js";
 import type { SandboxRequest } from "../src/sandbox/sandbox.js";
 
 export const NOBODY = 65534;
@@ -36,47 +36,18 @@ export interface HelperReply {
   error?: string;
 }
 
-/**
- * bwrap's command line as src/sandbox/bubblewrap.ts builds it (bwrapArgs, not exported) for an action whose
- * input root is reachable directly, without network and with the input root as working directory. Keep the
- * two in step.
- */
-export function bwrapArgs(root: string, argv: string[]): string[] {
-  return [
-    "--unshare-user",
-    "--unshare-pid",
-    "--unshare-ipc",
-    "--unshare-uts",
-    "--unshare-cgroup-try",
-    "--unshare-net",
-    "--die-with-parent",
-    "--json-status-fd",
-    "3",
-    "--ro-bind",
-    "/",
-    "/",
-    "--proc",
-    "/proc",
-    "--dev",
-    "/dev",
-    "--perms",
-    "1777",
-    "--tmpfs",
-    "/tmp",
-    "--tmpfs",
-    "/run",
-    "--bind",
-    root,
-    INPUT_ROOT_MOUNT,
-    "--chdir",
-    INPUT_ROOT_MOUNT,
-    "--clearenv",
-    "--setenv",
-    PATH.name,
-    PATH.value,
-    "--",
-    ...argv,
-  ];
+/** bwrap's command line exactly as the sandbox builds it, for a command run in the input root without network. */
+function rawArgs(root: string, argv: string[]): string[] {
+  const request: SandboxRequest = {
+    inputRoot: root,
+    workingDirectory: "",
+    argv,
+    env: [PATH],
+    timeoutMs: 0,
+    stdoutPath: "/dev/null",
+    stderrPath: "/dev/null",
+  };
+  return bwrapArgs(request, root, root, root);
 }
 
 export function sandboxRequest(slot: SandboxSlot, argv: string[]): SandboxRequest {
@@ -97,7 +68,7 @@ export function sandboxRequest(slot: SandboxSlot, argv: string[]): SandboxReques
  * `out` is a file descriptor open for writing, used for stdout and stderr.
  */
 async function rawBwrap(root: string, argv: string[], out: number): Promise<number> {
-  const child = spawn("bwrap", bwrapArgs(root, argv), {
+  const child = spawn("bwrap", rawArgs(root, argv), {
     stdio: ["ignore", out, out, "pipe"],
     uid: NOBODY,
     gid: NOBODY,

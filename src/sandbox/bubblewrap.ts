@@ -194,7 +194,8 @@ async function checkRequest(request: SandboxRequest): Promise<{ root: string; wo
   return { root, workDir };
 }
 
-function bwrapArgs(request: SandboxRequest, source: string, root: string, workDir: string): string[] {
+/** bwrap's command line for `request`, with `source` (the host path of `root`) bound at INPUT_ROOT_MOUNT. */
+export function bwrapArgs(request: SandboxRequest, source: string, root: string, workDir: string): string[] {
   const args = [
     "--unshare-user",
     "--unshare-pid",
