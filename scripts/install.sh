@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 packages=(protobuf-compiler zstd bubblewrap)
 if [[ "${1:-}" == "--test" ]]; then
-  packages+=(bazel-bootstrap gcc)
+  packages+=(bazel-bootstrap gcc docker-registry apache2-utils umoci skopeo busybox-static)
 fi
 
 missing=()

@@ -96,7 +96,12 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
   server.addService(OperationsService, operationsService(farm.scheduler, log));
   server.addService(
     WorkerHubService,
-    workerHubService(farm.scheduler, { heartbeatIntervalMs: config.execution.heartbeatIntervalSeconds * 1000 }, log),
+    workerHubService(
+      farm.scheduler,
+      farm.cas,
+      { heartbeatIntervalMs: config.execution.heartbeatIntervalSeconds * 1000 },
+      log,
+    ),
   );
 
   const port = await new Promise<number>((resolve, reject) => {

@@ -1,8 +1,12 @@
 import type { ServerDuplexStream } from "@grpc/grpc-js";
-import type { HubMessage, WorkerHubServer, WorkerMessage } from "../gen/berth/worker/v1/worker.js";
+import type { BlobStore } from "../cas/blob-store.js";
+import { parseDigest, verifyBlob } from "../digest/digest.js";
+import { digestFunctionByWire } from "../digest/functions.js";
+import type { Completion, HubMessage, WorkerHubServer, WorkerMessage } from "../gen/berth/worker/v1/worker.js";
 import type { Logger } from "../log/log.js";
 import type { Scheduler, WorkerConnection } from "../scheduler/scheduler.js";
-import { Code, StatusError } from "../status/status.js";
+import { toRpcStatus } from "../status/rpc-status.js";
+import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
 import { toServiceError } from "./grpc-status.js";
 
 export interface WorkerHubOptions {
@@ -10,7 +14,12 @@ export interface WorkerHubOptions {
 }
 
 /** Where workers connect: each Connect stream is one worker, registered with the scheduler. */
-export function workerHubService(scheduler: Scheduler, options: WorkerHubOptions, log: Logger): WorkerHubServer {
+export function workerHubService(
+  scheduler: Scheduler,
+  cas: BlobStore,
+  options: WorkerHubOptions,
+  log: Logger,
+): WorkerHubServer {
   const connected = new Set<string>();
   return {
     connect: (call: ServerDuplexStream<WorkerMessage, HubMessage>) => {
@@ -59,10 +68,12 @@ export function workerHubService(scheduler: Scheduler, options: WorkerHubOptions
         scheduler.heartbeat(name);
         const completion = message.completion;
         if (completion) {
-          void scheduler.complete(name, completion.leaseId, {
-            status: completion.status ?? { code: Code.INTERNAL, message: "the worker sent no status", details: [] },
-            result: completion.result,
-          });
+          const noStatus = { code: Code.INTERNAL, message: "the worker sent no status", details: [] };
+          const outcome = storeInlineBlobs(cas, completion).then(
+            () => ({ status: completion.status ?? noStatus, result: completion.result }),
+            (err: unknown) => ({ status: toRpcStatus(toStatusError(err)), result: undefined }),
+          );
+          void scheduler.complete(name, completion.leaseId, outcome);
         }
       });
       call.on("end", () => {
@@ -73,4 +84,19 @@ export function workerHubService(scheduler: Scheduler, options: WorkerHubOptions
       call.on("cancelled", () => leave("stream cancelled"));
     },
   };
+}
+
+/** Verifies and stores the blobs a worker sent with its completion. */
+async function storeInlineBlobs(cas: BlobStore, completion: Completion): Promise<void> {
+  if (completion.inlineBlobs.length === 0) return;
+  const fn = digestFunctionByWire(completion.digestFunction);
+  if (!fn) throw invalidArgument("completion.digest_function", `${completion.digestFunction} is not supported`);
+  await Promise.all(
+    completion.inlineBlobs.map(async (blob, i) => {
+      const field = `completion.inline_blobs[${i}]`;
+      const digest = parseDigest(fn, blob.digest, `${field}.digest`);
+      await verifyBlob(digest, blob.data, field);
+      await cas.put(digest, blob.data);
+    }),
+  );
 }

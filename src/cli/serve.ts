@@ -5,7 +5,8 @@ import { ConfigError, loadConfig } from "../config/config.js";
 import { openFarm } from "../farm/farm.js";
 import { createLogger } from "../log/log.js";
 import type { Property } from "../scheduler/platform.js";
-import { defaultWorkerCount, startWorkers } from "../worker/local-workers.js";
+import { defaultWorkerCount } from "../worker/local-workers.js";
+import { startWorkerProcess } from "../worker/worker-process.js";
 import { collectProperty } from "./properties.js";
 import { parseCount } from "./worker.js";
 
@@ -59,15 +60,19 @@ export function serveCommand(): Command {
         const server = await startServer(farm, config, log);
         stoppers.push(() => server.close());
         if (stopping) return;
-        const workers = await startWorkers({
-          address: server.address,
-          count: options.workers ?? defaultWorkerCount(),
-          workDir: join(config.dataDir, "worker"),
-          properties: options.property,
-          name: "local",
-          log,
-        });
-        stoppers.push(() => workers.stop());
+        const slots = options.workers ?? defaultWorkerCount();
+        if (slots > 0) {
+          const workers = startWorkerProcess({
+            address: server.address,
+            slots,
+            workDir: join(config.dataDir, "worker"),
+            properties: options.property,
+            name: "local",
+            logLevel: config.logLevel,
+            log,
+          });
+          stoppers.push(() => workers.stop());
+        }
         log.info({ address: server.address, dataDir: config.dataDir }, `berth listening on ${server.address}`);
       },
     );

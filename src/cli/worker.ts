@@ -46,6 +46,8 @@ export function workerCommand(): Command {
         };
         process.once("SIGINT", () => void stop("SIGINT"));
         process.once("SIGTERM", () => void stop("SIGTERM"));
+        // Started by `berth serve`: the IPC channel closes when the server exits, however it exits.
+        if (process.send) process.once("disconnect", () => void stop("disconnect"));
       },
     );
 }

@@ -184,8 +184,12 @@ export class Scheduler {
     this.dispatch();
   }
 
-  /** A worker's report on a lease; stale or unknown leases are ignored. */
-  async complete(workerName: string, leaseId: string, outcome: WorkerOutcome): Promise<void> {
+  /**
+   * A worker's report on a lease; stale or unknown leases are ignored. The
+   * worker's slot is free at once, even when the outcome still has to be
+   * made ready (its inline blobs stored), so the next action is not delayed.
+   */
+  async complete(workerName: string, leaseId: string, outcome: WorkerOutcome | Promise<WorkerOutcome>): Promise<void> {
     const worker = this.workers.get(workerName);
     const task = worker?.running.get(leaseId);
     if (!worker || !task) return;
@@ -195,7 +199,7 @@ export class Scheduler {
     if (task.operations.size === 0) return;
     let response: ExecuteResponse;
     try {
-      response = await this.options.finish(task.job, outcome);
+      response = await this.options.finish(task.job, await outcome);
     } catch (err) {
       response = failure(Code.INTERNAL, `storing the result failed: ${(err as Error).message}`);
     }

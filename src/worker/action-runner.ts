@@ -1,19 +1,29 @@
-import { chown, lstat, mkdir, rm } from "node:fs/promises";
+import { chown, lstat, mkdir, readFile, rm } from "node:fs/promises";
 import { dirname, isAbsolute, join, normalize } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
 import { digestFunctionByWire } from "../digest/functions.js";
 import type { Assignment, Completion } from "../gen/berth/worker/v1/worker.js";
-import type { ActionResult, ExecutedActionMetadata } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import {
+  type ActionResult,
+  Compressor_Value,
+  type ExecutedActionMetadata,
+} from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { Timestamp } from "../gen/google/protobuf/timestamp.js";
-import { hashFile } from "../merkle/local-tree.js";
+import { hashFile, type LocalBlob } from "../merkle/local-tree.js";
 import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
+import type { DirectoryCache } from "./directory-cache.js";
 import type { FileCache } from "./file-cache.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
 import { collectOutputs } from "./outputs.js";
 import type { RemoteCas } from "./remote-cas.js";
+import type { Trash } from "./trash.js";
+
+/** Outputs up to this size, and up to this much in all, are sent with the completion. */
+const INLINE_BLOB_LIMIT = 64 * 1024;
+const INLINE_TOTAL_LIMIT = 1024 * 1024;
 
 export interface ActionRunnerOptions {
   workerName: string;
@@ -21,6 +31,10 @@ export interface ActionRunnerOptions {
   workDir: string;
   cas: RemoteCas;
   cache: FileCache;
+  /** Where the action's directory goes when it is done. */
+  trash: Trash;
+  /** Directory messages already fetched, shared by the worker's actions. */
+  directories: DirectoryCache;
   sandbox: Sandbox;
   /** The action's unprivileged user, which must be able to write in its input root. */
   owner: TreeOwner | undefined;
@@ -72,7 +86,7 @@ export async function runAction(
     metadata.inputFetchStartTimestamp = now();
     await mkdir(base, { recursive: true });
     const rootDigest = parseDigest(fn, action.inputRootDigest, "action.input_root_digest");
-    await materializeInputRoot(fn, rootDigest, inputRoot, cas, options.cache, options.owner);
+    await materializeInputRoot(fn, rootDigest, inputRoot, cas, options.cache, options.directories, options.owner);
     const workingDir = join(inputRoot, workingDirectory);
     await makeOutputParents(
       workingDir,
@@ -107,7 +121,8 @@ export async function runAction(
     const uploads = [...outputs.uploads];
     if (stdout) uploads.push({ digest: stdout, path: stdoutPath });
     if (stderr) uploads.push({ digest: stderr, path: stderrPath });
-    await cas.upload(uploads);
+    const { inline, rest } = await splitInline(uploads);
+    await cas.upload(rest);
     metadata.outputUploadCompletedTimestamp = now();
     metadata.workerCompletedTimestamp = now();
 
@@ -131,14 +146,52 @@ export async function runAction(
           details: [],
         },
         result,
+        inlineBlobs: inline,
+        digestFunction: fn.wireValue,
       };
     }
-    return { leaseId, status: { code: Code.OK, message: "", details: [] }, result };
+    return {
+      leaseId,
+      status: { code: Code.OK, message: "", details: [] },
+      result,
+      inlineBlobs: inline,
+      digestFunction: fn.wireValue,
+    };
   } catch (err) {
-    return { leaseId, status: toRpcStatus(toStatusError(err)), result: undefined };
+    return failedCompletion(leaseId, toStatusError(err));
   } finally {
-    await rm(base, { recursive: true, force: true }).catch(() => {});
+    // The client waits for the completion, not for the directory to go.
+    await options.trash.discard(base).catch(() => rm(base, { recursive: true, force: true }).catch(() => {}));
   }
+}
+
+/** A completion for an assignment that could not run. */
+export function failedCompletion(leaseId: string, error: StatusError): Completion {
+  return { leaseId, status: toRpcStatus(error), result: undefined, inlineBlobs: [], digestFunction: 0 };
+}
+
+/** Small outputs travel with the completion instead of in an upload call of their own. */
+async function splitInline(
+  uploads: readonly LocalBlob[],
+): Promise<{ inline: Completion["inlineBlobs"]; rest: LocalBlob[] }> {
+  const inline: Completion["inlineBlobs"] = [];
+  const rest: LocalBlob[] = [];
+  let total = 0;
+  for (const blob of uploads) {
+    const size = blob.digest.sizeBytes;
+    if (size > INLINE_BLOB_LIMIT || total + size > INLINE_TOTAL_LIMIT) {
+      rest.push(blob);
+      continue;
+    }
+    total += size;
+    const data = "data" in blob ? blob.data : await readFile(blob.path);
+    inline.push({
+      digest: { hash: blob.digest.hash, sizeBytes: size },
+      data,
+      compressor: Compressor_Value.IDENTITY,
+    });
+  }
+  return { inline, rest };
 }
 
 /** REAPI: the worker creates the parent directory of every output before the command runs. */

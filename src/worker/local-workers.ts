@@ -3,9 +3,11 @@ import { join } from "node:path";
 import type { Logger } from "../log/log.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import type { Property } from "../scheduler/platform.js";
+import { DirectoryCache } from "./directory-cache.js";
 import { FileCache } from "./file-cache.js";
 import type { TreeOwner } from "./input-root.js";
 import { RemoteCas } from "./remote-cas.js";
+import { Trash } from "./trash.js";
 import { Worker } from "./worker.js";
 
 export interface WorkerPoolOptions {
@@ -36,6 +38,8 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   const cache = await FileCache.open(join(options.workDir, "cache"));
   const cas = RemoteCas.connect(options.address);
   const owner = actionUser();
+  const directories = new DirectoryCache();
+  const trash = await Trash.open(join(options.workDir, "trash"));
   const sandbox = new BubblewrapSandbox({ uid: owner.uid, gid: owner.gid });
   const prefix = options.name ?? `${hostname()}-${process.pid}`;
   const workers = Array.from({ length: options.count }, (_, i) => {
@@ -48,6 +52,8 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       workDir: join(options.workDir, "actions"),
       cas,
       cache,
+      directories,
+      trash,
       sandbox,
       owner: process.getuid?.() === 0 ? owner : undefined,
       log: options.log,
@@ -58,6 +64,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     stop: async () => {
       await Promise.all(workers.map((w) => w.stop()));
       cas.close();
+      await trash.drain();
     },
   };
 }

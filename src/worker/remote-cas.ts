@@ -8,6 +8,8 @@ import { formatReadResourceName, formatWriteResourceName } from "../digest/resou
 import {
   Compressor_Value,
   ContentAddressableStorageClient,
+  type Directory,
+  type GetTreeResponse,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { ByteStreamClient } from "../gen/google/bytestream/bytestream.js";
 import type { LocalBlob } from "../merkle/local-tree.js";
@@ -17,6 +19,8 @@ import { Code, StatusError } from "../status/status.js";
 const BATCH_BLOB_LIMIT = 1024 * 1024;
 const BATCH_TOTAL_LIMIT = 3 * 1024 * 1024;
 const CHUNK_BYTES = 1024 * 1024;
+/** Outputs up to this size are uploaded without asking FindMissingBlobs first. */
+const SEND_WITHOUT_ASKING_LIMIT = 16 * 1024;
 
 export const CHANNEL_OPTIONS = {
   "grpc.max_receive_message_length": 64 * 1024 * 1024,
@@ -97,6 +101,25 @@ export class RemoteCas {
     return found;
   }
 
+  /** Every Directory below `root` in one GetTree stream; empty when the root is not stored. */
+  async getTree(root: Digest): Promise<Directory[]> {
+    const directories: Directory[] = [];
+    const stream = this.cas.getTree({
+      instanceName: this.instanceName,
+      rootDigest: wire(root),
+      pageSize: 0,
+      pageToken: "",
+      digestFunction: root.fn.wireValue,
+    });
+    try {
+      for await (const page of stream) directories.push(...(page as GetTreeResponse).directories);
+    } catch (err) {
+      if ((err as ServiceError).code === Code.NOT_FOUND) return [];
+      throw err;
+    }
+    return directories;
+  }
+
   /** Streams a blob into `path` (written beside it, renamed when complete); false when it is not stored. */
   async readToFile(digest: Digest, path: string): Promise<boolean> {
     const temp = `${path}.${randomUUID()}.part`;
@@ -132,9 +155,12 @@ export class RemoteCas {
 
   /** Uploads what the CAS lacks: small blobs in batches, large ones through ByteStream. */
   async upload(sources: readonly UploadSource[]): Promise<void> {
-    const unique = new Map(sources.map((s) => [`${s.digest.hash}/${s.digest.sizeBytes}`, s]));
-    const missing = new Set(await this.findMissing([...unique.values()].map((s) => s.digest)));
-    const wanted = [...unique.values()].filter((s) => missing.has(s.digest));
+    const unique = [...new Map(sources.map((s) => [`${s.digest.hash}/${s.digest.sizeBytes}`, s])).values()];
+    // Asking whether a tiny blob is stored costs a round trip as dear as sending it.
+    const tiny = unique.filter((s) => s.digest.sizeBytes <= SEND_WITHOUT_ASKING_LIMIT);
+    const rest = unique.filter((s) => s.digest.sizeBytes > SEND_WITHOUT_ASKING_LIMIT);
+    const missing = new Set(await this.findMissing(rest.map((s) => s.digest)));
+    const wanted = [...tiny, ...rest.filter((s) => missing.has(s.digest))];
     const small = wanted.filter((s) => s.digest.sizeBytes <= BATCH_BLOB_LIMIT);
     const large = wanted.filter((s) => s.digest.sizeBytes > BATCH_BLOB_LIMIT);
     for (const batch of batches(small, (s) => s.digest.sizeBytes)) {

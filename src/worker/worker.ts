@@ -3,8 +3,8 @@ import { type ClientDuplexStream, credentials } from "@grpc/grpc-js";
 import { type HubMessage, WorkerHubClient, type WorkerMessage } from "../gen/berth/worker/v1/worker.js";
 import type { Logger } from "../log/log.js";
 import type { Property } from "../scheduler/platform.js";
-import { Code } from "../status/status.js";
-import { type ActionRunnerOptions, runAction } from "./action-runner.js";
+import { Code, StatusError } from "../status/status.js";
+import { type ActionRunnerOptions, failedCompletion, runAction } from "./action-runner.js";
 import { CHANNEL_OPTIONS } from "./remote-cas.js";
 
 export interface WorkerOptions extends ActionRunnerOptions {
@@ -93,11 +93,12 @@ export class Worker {
       const controller = new AbortController();
       this.running.set(assignment.leaseId, controller);
       runAction(assignment, this.options, controller.signal)
-        .catch((err: unknown) => ({
-          leaseId: assignment.leaseId,
-          status: { code: Code.INTERNAL, message: `the worker failed: ${(err as Error).message}`, details: [] },
-          result: undefined,
-        }))
+        .catch((err: unknown) =>
+          failedCompletion(
+            assignment.leaseId,
+            new StatusError(Code.INTERNAL, `the worker failed: ${(err as Error).message}`),
+          ),
+        )
         .then((completion) => {
           this.running.delete(assignment.leaseId);
           if (!controller.signal.aborted && stream === this.stream) stream.write({ completion });
