@@ -71,6 +71,18 @@ export function byteStreamService(
     if (await isStored(resource)) {
       return { committedSize: resource.compression === "identity" ? resource.digest.sizeBytes : -1 };
     }
+    // Most blobs of a build are small and arrive whole in one request: stored from memory, no upload session.
+    const whole = first.value;
+    if (
+      resource.compression === "identity" &&
+      whole.finishWrite &&
+      whole.writeOffset === 0 &&
+      whole.data.byteLength === resource.digest.sizeBytes &&
+      uploads.committedBytes(uploadKey(resource)) === undefined
+    ) {
+      await cas.put(resource.digest, whole.data);
+      return { committedSize: resource.digest.sizeBytes };
+    }
     return resource.compression === "identity"
       ? writeResumable(resource, first.value, requests)
       : writeCompressed(resource, first.value, requests);

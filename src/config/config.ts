@@ -80,6 +80,35 @@ export const ConfigSchema = z
       })
       .strict()
       .prefault({}),
+    images: z
+      .object({
+        /**
+         * Registries and repositories actions may name: "127.0.0.1:5000" (a registry), "docker.io/library/debian"
+         * (a repository) or "ghcr.io/team/*" (every repository below a path). Empty: any image may be used.
+         */
+        allowed: z.array(z.string().min(1)).default([]),
+        /** allow: tags are used as they are; resolve: a tag is pinned to its digest when the action is queued; reject: only digest references. */
+        tagPolicy: z.enum(["allow", "resolve", "reject"]).default("allow"),
+        /** Registries reached over plain HTTP (loopback ones always may be). */
+        insecureRegistries: z.array(z.string()).default([]),
+        /** Credentials per registry host, e.g. { "registry.example:5000": { username, password } }. */
+        credentials: z
+          .record(z.string(), z.object({ username: z.string(), password: z.string() }).strict())
+          .default({}),
+        /** A Docker config.json whose `auths` are used for registries not configured above. */
+        dockerConfig: z.string().optional(),
+        /** A pull taking longer fails the actions waiting for it. */
+        pullTimeoutSeconds: z.number().positive().default(600),
+        /** Unpacked layers past this total are evicted (least recently used, none in use). */
+        storeMaxSizeBytes: bytes.default(20 * 1024 ** 3),
+        /** Where the input root appears inside an image; a path images do not use. */
+        inputRootPath: z
+          .string()
+          .regex(/^\/[^\0]*[^/]$/, "must be an absolute path such as /run/berth/execroot")
+          .default("/run/berth/execroot"),
+      })
+      .strict()
+      .prefault({}),
   })
   .strict();
 

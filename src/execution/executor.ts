@@ -8,11 +8,14 @@ import {
   type ExecuteRequest,
   type ExecuteResponse,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import type { ImageReference } from "../image/reference.js";
 import type { Operation } from "../scheduler/operation.js";
-import { formatProperty } from "../scheduler/platform.js";
+import { formatProperty, type Property } from "../scheduler/platform.js";
 import { type ExecutionJob, failure, type Scheduler, type WorkerOutcome } from "../scheduler/scheduler.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, missingBlobs, StatusError } from "../status/status.js";
+import { IMAGE_CAPABILITY, platformOf, readActionPlatform } from "./action-platform.js";
+import type { ImagePolicy } from "./image-policy.js";
 
 export interface ExecutorOptions {
   /** Timeout of actions that set none. */
@@ -32,6 +35,7 @@ export class Executor {
     private readonly cas: BlobStore,
     private readonly ac: ActionCache,
     private readonly scheduler: Scheduler,
+    private readonly images: ImagePolicy,
     private readonly options: ExecutorOptions,
   ) {}
 
@@ -106,30 +110,17 @@ export class Executor {
     const command = decode(Command, commandBytes as Buffer, "command");
     if (command.arguments.length === 0) throw invalidArgument("command.arguments", "is empty");
     const timeoutMs = this.timeoutOf(action);
-    // REAPI 2.2 moved the platform to the Action; older clients (Bazel 4) set it on the Command.
-    const platform = (action.platform?.properties.length ? action.platform : command.platform)?.properties ?? [];
-    const unmet = this.scheduler.unsatisfiable(platform);
-    if (unmet) {
-      throw new StatusError(
-        Code.FAILED_PRECONDITION,
-        `no worker of this farm offers the platform property ${formatProperty(unmet)}`,
-        {
-          preconditionFailures: [
-            {
-              type: "UNSATISFIABLE_PLATFORM",
-              subject: formatProperty(unmet),
-              description: "no worker offers this property",
-            },
-          ],
-        },
-      );
-    }
+    const platform = readActionPlatform(platformOf(action, command));
+    const image = platform.image && (await this.images.admit(platform.image, platform.credentials));
+    const unmet = this.scheduler.unsatisfiable(platform.required);
+    if (unmet) throw unsatisfiable(unmet, image);
     return {
       instanceName,
       actionDigest,
       action,
       command,
-      platform: platform.map((p) => ({ name: p.name, value: p.value })),
+      platform: platform.required,
+      containerImage: image ? String(image) : "",
       priority,
       timeoutMs,
       doNotCache: action.doNotCache,
@@ -156,4 +147,20 @@ function decode<T>(type: { decode(bytes: Uint8Array): T }, bytes: Buffer, what: 
   } catch (err) {
     throw invalidArgument(what, `is not a valid ${what} message: ${(err as Error).message}`);
   }
+}
+
+function unsatisfiable(unmet: Property, image: ImageReference | undefined): StatusError {
+  const capability = unmet.name === IMAGE_CAPABILITY.name;
+  const message = capability
+    ? `no worker of this farm runs container images, and the action asks for ${image}`
+    : `no worker of this farm offers the platform property ${formatProperty(unmet)}`;
+  return new StatusError(Code.FAILED_PRECONDITION, message, {
+    preconditionFailures: [
+      {
+        type: "UNSATISFIABLE_PLATFORM",
+        subject: capability ? `container-image=${image}` : formatProperty(unmet),
+        description: capability ? "no worker runs container images" : "no worker offers this property",
+      },
+    ],
+  });
 }

@@ -9,6 +9,8 @@ import { UploadSessions } from "../cas/upload-sessions.js";
 import type { Config } from "../config/config.js";
 import { formatDigest } from "../digest/digest.js";
 import { Executor } from "../execution/executor.js";
+import { registryFromConfig, tagResolver } from "../execution/farm-registry.js";
+import { ImagePolicy } from "../execution/image-policy.js";
 import type { Logger } from "../log/log.js";
 import { Scheduler } from "../scheduler/scheduler.js";
 import { LruDirectory } from "../store/lru-directory.js";
@@ -52,7 +54,8 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     retainCompletedMs: execution.retainCompletedSeconds * 1000,
     finish: (job, outcome) => (executor as Executor).finish(job, outcome),
   });
-  executor = new Executor(cas, ac, scheduler, {
+  const images = new ImagePolicy(config.images, tagResolver(await registryFromConfig(config.images)));
+  executor = new Executor(cas, ac, scheduler, images, {
     defaultTimeoutMs: execution.defaultTimeoutSeconds * 1000,
     maxTimeoutMs: execution.maxTimeoutSeconds * 1000,
   });

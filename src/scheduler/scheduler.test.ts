@@ -33,6 +33,7 @@ function job(overrides: Partial<ExecutionJob> = {}): ExecutionJob {
   const n = jobCount++;
   return {
     instanceName: "",
+    containerImage: "",
     actionDigest: { fn: SHA256, hash: n.toString(16).padStart(64, "0"), sizeBytes: 10 },
     action: {
       commandDigest: undefined,

@@ -19,7 +19,10 @@ export interface ExecutionJob {
   actionDigest: Digest;
   action: Action;
   command: Command;
+  /** What a worker must offer. */
   platform: Property[];
+  /** The image to run in, canonical and pinned if the farm's policy pins tags; "" for none. */
+  containerImage: string;
   /** Lower runs sooner, as REAPI's ExecutionPolicy.priority. */
   priority: number;
   timeoutMs: number;
@@ -258,6 +261,7 @@ export class Scheduler {
       actionDigest: { hash: job.actionDigest.hash, sizeBytes: job.actionDigest.sizeBytes },
       action: job.action,
       command: job.command,
+      containerImage: job.containerImage,
       timeout: { seconds: Math.floor(job.timeoutMs / 1000), nanos: (job.timeoutMs % 1000) * 1e6 },
       queuedTimestamp: {
         seconds: Math.floor(job.queuedAt.getTime() / 1000),

@@ -1,0 +1,110 @@
+import { type ImageReference, ImageReferenceError, isNoImage, parseImageReference } from "../image/reference.js";
+import type { Property } from "../scheduler/platform.js";
+import { invalidArgument } from "../status/status.js";
+
+/** The property naming the image an action runs in (Bazel's, Buildbarn's and BuildBuddy's name). */
+export const CONTAINER_IMAGE = "container-image";
+const REGISTRY_USERNAME = "container-registry-username";
+const REGISTRY_PASSWORD = "container-registry-password";
+const DOCKER_NETWORK = "dockerNetwork";
+const NETWORK = "network";
+const DOCKER_RUN_AS_ROOT = "dockerRunAsRoot";
+
+/**
+ * What workers that run images offer. An image is not a worker property that
+ * must match: any such worker pulls any image, so the image only asks for
+ * this capability.
+ */
+export const IMAGE_CAPABILITY: Property = { name: "berth:container-images", value: "true" };
+
+export interface RegistryCredentials {
+  username: string;
+  password: string;
+}
+
+/** An action's platform, read: what Berth itself interprets, and what a worker must offer. */
+export interface ActionPlatform {
+  /** Properties a worker must offer exactly (the image capability included when an image is asked for). */
+  required: Property[];
+  image: ImageReference | undefined;
+  /** From the action's own properties; never logged or stored by Berth. */
+  credentials: RegistryCredentials | undefined;
+  network: boolean;
+  runAsRoot: boolean;
+}
+
+const INTERPRETED = new Set([
+  CONTAINER_IMAGE,
+  REGISTRY_USERNAME,
+  REGISTRY_PASSWORD,
+  DOCKER_NETWORK,
+  NETWORK,
+  DOCKER_RUN_AS_ROOT,
+]);
+
+/**
+ * Reads the properties Berth interprets and leaves the rest for matching.
+ * Bad values are INVALID_ARGUMENT naming the property.
+ */
+export function readActionPlatform(properties: readonly Property[]): ActionPlatform {
+  const byName = new Map<string, string[]>();
+  for (const p of properties) byName.set(p.name, [...(byName.get(p.name) ?? []), p.value]);
+  const single = (name: string): string | undefined => {
+    const values = byName.get(name);
+    if (values && values.length > 1) {
+      throw invalidArgument(`platform property ${name}`, `is given ${values.length} times; give it once`);
+    }
+    return values?.[0];
+  };
+
+  const imageValue = single(CONTAINER_IMAGE);
+  let image: ImageReference | undefined;
+  if (imageValue !== undefined && !isNoImage(imageValue)) {
+    try {
+      image = parseImageReference(imageValue.trim());
+    } catch (err) {
+      if (err instanceof ImageReferenceError)
+        throw invalidArgument(`platform property ${CONTAINER_IMAGE}`, err.message);
+      throw err;
+    }
+  }
+
+  const username = single(REGISTRY_USERNAME);
+  const password = single(REGISTRY_PASSWORD);
+  if ((username === undefined) !== (password === undefined)) {
+    throw invalidArgument(
+      `platform property ${username === undefined ? REGISTRY_USERNAME : REGISTRY_PASSWORD}`,
+      `is missing: ${REGISTRY_USERNAME} and ${REGISTRY_PASSWORD} go together`,
+    );
+  }
+
+  const dockerNetwork = oneOf(DOCKER_NETWORK, single(DOCKER_NETWORK), ["off", "none", "standard"]);
+  const network = oneOf(NETWORK, single(NETWORK), ["off", "none", "external"]);
+  const runAsRoot = oneOf(DOCKER_RUN_AS_ROOT, single(DOCKER_RUN_AS_ROOT), ["true", "false"]);
+
+  const required = properties.filter((p) => !INTERPRETED.has(p.name)).map((p) => ({ name: p.name, value: p.value }));
+  if (image) required.push(IMAGE_CAPABILITY);
+  return {
+    required,
+    image,
+    credentials: username !== undefined && password !== undefined ? { username, password } : undefined,
+    network: dockerNetwork === "standard" || network === "external",
+    runAsRoot: runAsRoot === "true",
+  };
+}
+
+function oneOf(name: string, value: string | undefined, allowed: string[]): string | undefined {
+  if (value === undefined || allowed.includes(value)) return value;
+  throw invalidArgument(
+    `platform property ${name}`,
+    `"${value}" is not one of ${allowed.map((a) => `"${a}"`).join(", ")}`,
+  );
+}
+
+/** The platform a client sent: REAPI 2.2 moved it to the Action; older clients (Bazel 4) set it on the Command. */
+export function platformOf(
+  action: { platform?: { properties: Property[] } | undefined },
+  command: { platform?: { properties: Property[] } | undefined },
+): Property[] {
+  return (action.platform?.properties.length ? action.platform : command.platform)?.properties ?? [];
+}
