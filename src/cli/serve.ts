@@ -69,6 +69,7 @@ export function serveCommand(): Command {
             properties: options.property,
             name: "local",
             logLevel: config.logLevel,
+            configFile: options.config,
             log,
           });
           stoppers.push(() => workers.stop());

@@ -1,6 +1,7 @@
 import { homedir } from "node:os";
 import { join } from "node:path";
 import { Command, InvalidArgumentError } from "commander";
+import { type Config, ConfigError, loadConfig } from "../config/config.js";
 import { createLogger } from "../log/log.js";
 import type { Property } from "../scheduler/platform.js";
 import { defaultWorkerCount, startWorkers } from "../worker/local-workers.js";
@@ -19,6 +20,7 @@ export function workerCommand(): Command {
       collectProperty,
       [] as Property[],
     )
+    .option("--config <file>", "YAML or JSON configuration file; its `images` section applies (see README)")
     .option("--log-level <level>", "trace, debug, info, warn, error or silent", "info")
     .action(
       async (options: {
@@ -27,15 +29,25 @@ export function workerCommand(): Command {
         slots?: number;
         workDir?: string;
         property: Property[];
+        config?: string;
         logLevel: string;
       }) => {
         const log = createLogger(options.logLevel);
+        let images: Config["images"];
+        try {
+          images = (await loadConfig(options.config)).images;
+        } catch (err) {
+          if (!(err instanceof ConfigError)) throw err;
+          process.stderr.write(`berth: ${err.message}\n`);
+          process.exit(2);
+        }
         const pool = await startWorkers({
           address: options.scheduler,
           count: options.slots ?? defaultWorkerCount(),
           workDir: options.workDir ?? join(homedir(), ".cache", "berth", "worker"),
           properties: options.property,
           name: options.name,
+          images,
           log,
         });
         log.info(`berth worker joined ${options.scheduler}`);

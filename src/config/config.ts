@@ -97,6 +97,8 @@ export const ConfigSchema = z
           .default({}),
         /** A Docker config.json whose `auths` are used for registries not configured above. */
         dockerConfig: z.string().optional(),
+        /** How long a worker trusts what a tag resolved to before asking the registry again. */
+        tagRefreshSeconds: z.number().nonnegative().default(300),
         /** A pull taking longer fails the actions waiting for it. */
         pullTimeoutSeconds: z.number().positive().default(600),
         /** Unpacked layers past this total are evicted (least recently used, none in use). */

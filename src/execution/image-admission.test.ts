@@ -11,7 +11,7 @@ before(async () => {
   farm = await startTestFarm(
     { images: { allowed: ["127.0.0.1:5999", "docker.io/team/*", "ghcr.io/org/tool"], tagPolicy: "allow" } },
     undefined,
-    { workers: 1 },
+    { workers: 1, runImages: false },
   );
 });
 after(() => farm.close());
@@ -66,7 +66,10 @@ test("images outside images.allowed are PERMISSION_DENIED; allowed ones need a w
 });
 
 test("images.tagPolicy reject refuses tags and accepts digests", async () => {
-  const strict = await startTestFarm({ images: { tagPolicy: "reject" } }, undefined, { workers: 1 });
+  const strict = await startTestFarm({ images: { tagPolicy: "reject" } }, undefined, {
+    workers: 1,
+    runImages: false,
+  });
   try {
     const action = await uploadAction(strict.clients, {
       args: ["true"],

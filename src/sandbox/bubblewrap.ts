@@ -4,6 +4,7 @@ import { constants } from "node:os";
 import { dirname, isAbsolute, join, relative, resolve, sep } from "node:path";
 import type { Readable } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
+import { imageBwrapArgs, imageLaunchArgs, prepareImageMountPoints } from "./image-root.js";
 import type { Sandbox, SandboxRequest, SandboxResult } from "./sandbox.js";
 
 export interface BubblewrapSandboxOptions {
@@ -52,6 +53,17 @@ export class BubblewrapSandbox implements Sandbox {
       // Two descriptors on one file would overwrite each other's output.
       const stderr = request.stderrPath === request.stdoutPath ? stdout : await open(request.stderrPath, "w");
       handles.push(stderr);
+      if (request.image) {
+        await prepareImageMountPoints(request.image);
+        const sandbox = imageBwrapArgs(request, request.image, relative(root, workDir), STATUS_FD);
+        const launch = imageLaunchArgs(request.image, root, this.#uid, this.#gid);
+        return await this.#execute(
+          request,
+          { file: "unshare", args: [...launch, this.#bwrapPath, ...sandbox], asUser: false },
+          stdout,
+          stderr,
+        );
+      }
       const direct = await this.#reachable(root);
       // The action's user must reach the input root to bind it. When a directory above it is closed to that
       // user (a data directory under /root, say), root binds it first in a private mount namespace, at a

@@ -3,6 +3,7 @@ import { dirname, isAbsolute, join, normalize } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
 import { digestFunctionByWire } from "../digest/functions.js";
+import { platformOf, readActionPlatform } from "../execution/action-platform.js";
 import type { Assignment, Completion } from "../gen/berth/worker/v1/worker.js";
 import {
   type ActionResult,
@@ -16,10 +17,12 @@ import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import type { FileCache } from "./file-cache.js";
+import { type ActionImage, mergeEnvironment, prepareActionImage } from "./image-root.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
 import { collectOutputs } from "./outputs.js";
 import type { RemoteCas } from "./remote-cas.js";
 import type { Trash } from "./trash.js";
+import type { WorkerImages } from "./worker-images.js";
 
 /** Outputs up to this size, and up to this much in all, are sent with the completion. */
 const INLINE_BLOB_LIMIT = 64 * 1024;
@@ -31,6 +34,10 @@ export interface ActionRunnerOptions {
   workDir: string;
   cas: RemoteCas;
   cache: FileCache;
+  /** The worker's images, when it runs actions in container images. */
+  images: WorkerImages | undefined;
+  /** Where the input root appears inside an image. */
+  inputRootPath: string;
   /** Where the action's directory goes when it is done. */
   trash: Trash;
   /** Directory messages already fetched, shared by the worker's actions. */
@@ -67,12 +74,14 @@ export async function runAction(
     outputUploadCompletedTimestamp: undefined,
     auxiliaryMetadata: [],
   };
+  let image: ActionImage | undefined;
   try {
     const fn = digestFunctionByWire(assignment.digestFunction);
     if (!fn) throw invalidArgument("digest_function", `${assignment.digestFunction} is not supported by this worker`);
     const cas = options.cas.withInstance(assignment.instanceName);
     const { action, command } = assignment;
     if (!action || !command) throw invalidArgument("assignment", "lacks the action or the command");
+    const platform = readActionPlatform(platformOf(action, command));
     const workingDirectory = command.workingDirectory;
     if (workingDirectory !== "") checkRelativePath(workingDirectory, "command.working_directory");
     // Outputs are relative to the working directory and may climb out of it, but not out of the input root.
@@ -86,7 +95,20 @@ export async function runAction(
     metadata.inputFetchStartTimestamp = now();
     await mkdir(base, { recursive: true });
     const rootDigest = parseDigest(fn, action.inputRootDigest, "action.input_root_digest");
-    await materializeInputRoot(fn, rootDigest, inputRoot, cas, options.cache, options.directories, options.owner);
+    // The image is pulled (if it must be) while the input root is laid out.
+    const pulling = assignment.containerImage
+      ? prepareActionImage(assignment.containerImage, platform, options.images, options.inputRootPath, base)
+      : undefined;
+    const [laidOut, pulled] = await Promise.allSettled([
+      materializeInputRoot(fn, rootDigest, inputRoot, cas, options.cache, options.directories, options.owner),
+      pulling,
+    ]);
+    if (pulled.status === "fulfilled" && pulled.value) {
+      image = pulled.value;
+      metadata.auxiliaryMetadata.push(image.used);
+    }
+    if (laidOut.status === "rejected") throw laidOut.reason;
+    if (pulled.status === "rejected") throw pulled.reason;
     const workingDir = join(inputRoot, workingDirectory);
     await makeOutputParents(
       workingDir,
@@ -104,11 +126,13 @@ export async function runAction(
       inputRoot,
       workingDirectory,
       argv: command.arguments,
-      env: command.environmentVariables,
+      env: image ? mergeEnvironment(image.env, command.environmentVariables) : command.environmentVariables,
       timeoutMs,
       stdoutPath,
       stderrPath,
       signal,
+      network: platform.network,
+      image: image?.root,
     });
     metadata.executionStartTimestamp = toTimestamp(run.startedAt);
     metadata.executionCompletedTimestamp = toTimestamp(run.completedAt);
@@ -160,6 +184,7 @@ export async function runAction(
   } catch (err) {
     return failedCompletion(leaseId, toStatusError(err));
   } finally {
+    await image?.release();
     // The client waits for the completion, not for the directory to go.
     await options.trash.discard(base).catch(() => rm(base, { recursive: true, force: true }).catch(() => {}));
   }

@@ -1,5 +1,8 @@
 import { availableParallelism, hostname } from "node:os";
 import { join } from "node:path";
+import type { Config } from "../config/config.js";
+import { IMAGE_CAPABILITY } from "../execution/action-platform.js";
+import { registryFromConfig } from "../execution/farm-registry.js";
 import type { Logger } from "../log/log.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import type { Property } from "../scheduler/platform.js";
@@ -9,6 +12,7 @@ import type { TreeOwner } from "./input-root.js";
 import { RemoteCas } from "./remote-cas.js";
 import { Trash } from "./trash.js";
 import { Worker } from "./worker.js";
+import { WorkerImages } from "./worker-images.js";
 
 export interface WorkerPoolOptions {
   /** The farm to join (scheduler and CAS). */
@@ -18,6 +22,10 @@ export interface WorkerPoolOptions {
   /** Below it: the shared file cache and each action's directory. */
   workDir: string;
   properties: Property[];
+  /** How to pull and where to mount images; workers not started as root run none. */
+  images: Config["images"];
+  /** false: run no images even as root. */
+  runImages?: boolean;
   /** Prefix of the workers' names. */
   name?: string;
   log: Logger;
@@ -38,6 +46,17 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   const cache = await FileCache.open(join(options.workDir, "cache"));
   const cas = RemoteCas.connect(options.address);
   const owner = actionUser();
+  // Mounting an image's overlay needs root; other workers run actions on the host's root only.
+  const images =
+    process.getuid?.() === 0 && options.runImages !== false
+      ? await WorkerImages.open({
+          dir: join(options.workDir, "images"),
+          maxBytes: options.images.storeMaxSizeBytes,
+          registry: await registryFromConfig(options.images),
+          tagRefreshMs: options.images.tagRefreshSeconds * 1000,
+        })
+      : undefined;
+  const properties = images ? [...options.properties, IMAGE_CAPABILITY] : options.properties;
   const directories = new DirectoryCache();
   const trash = await Trash.open(join(options.workDir, "trash"));
   const sandbox = new BubblewrapSandbox({ uid: owner.uid, gid: owner.gid });
@@ -47,13 +66,15 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     return new Worker({
       hubAddress: options.address,
       workerName,
-      properties: options.properties,
+      properties,
       slots: 1,
       workDir: join(options.workDir, "actions"),
       cas,
       cache,
       directories,
       trash,
+      images,
+      inputRootPath: options.images.inputRootPath,
       sandbox,
       owner: process.getuid?.() === 0 ? owner : undefined,
       log: options.log,

@@ -13,6 +13,8 @@ export interface WorkerProcessOptions {
   properties: Property[];
   name: string;
   logLevel: string;
+  /** The farm's configuration file, for its `images` section. */
+  configFile: string | undefined;
   log: Logger;
 }
 
@@ -44,6 +46,7 @@ export function startWorkerProcess(options: WorkerProcessOptions): { stop(): Pro
     options.name,
     "--log-level",
     options.logLevel,
+    ...(options.configFile === undefined ? [] : ["--config", options.configFile]),
     ...options.properties.flatMap((p) => ["--property", `${p.name}=${p.value}`]),
   ];
 

@@ -74,6 +74,8 @@ export interface TestFarmOptions {
   workers?: number;
   /** Platform properties those workers offer. */
   properties?: { name: string; value: string }[];
+  /** false: the workers run no container images (by default they do, when the tests run as root). */
+  runImages?: boolean;
 }
 
 export async function startTestFarm(
@@ -91,6 +93,8 @@ export async function startTestFarm(
     (options.workers ?? 0) > 0
       ? await startWorkers({
           address: server.address,
+          images: config.images,
+          runImages: options.runImages,
           count: options.workers ?? 0,
           workDir: join(dir, "worker"),
           properties: options.properties ?? [],

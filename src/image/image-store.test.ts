@@ -1,0 +1,127 @@
+import assert from "node:assert/strict";
+import { copyFile, mkdir, mkdtemp, readFile, rm, utimes } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, test } from "node:test";
+import { type LayerFile, writeLayer } from "../../test/support/layers.js";
+import { type Image, ImageStore } from "./image-store.js";
+import type { FetchLayer } from "./layer-store.js";
+
+let root: string;
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), "berth-image-store-"));
+});
+after(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+/** Layers of `size` bytes each, a registry serving them, and how often it did. */
+async function fixture(name: string, sizes: number[]) {
+  const dir = join(root, name);
+  await mkdir(dir);
+  const layers: LayerFile[] = [];
+  for (const [i, size] of sizes.entries()) {
+    layers.push(await writeLayer(dir, [{ name: `layer-${i}`, content: String(i % 10).repeat(size) }], "gzip"));
+  }
+  const fetches: string[] = [];
+  const fetchLayer: FetchLayer = async (layer, intoDir) => {
+    fetches.push(layer.digest);
+    const found = layers.find((l) => l.descriptor.digest === layer.digest);
+    if (!found) throw new Error(`no blob ${layer.digest}`);
+    await new Promise((resolve) => setTimeout(resolve, 5)); // let concurrent callers overlap
+    await copyFile(found.path, join(intoDir, "blob"));
+    return join(intoDir, "blob");
+  };
+  const image = (digit: string, ...indexes: number[]): Image => ({
+    digest: `sha256:${digit.repeat(64)}`,
+    layers: indexes.map((i) => layers[i]?.descriptor ?? assert.fail()),
+    config: { env: ["PATH=/bin"], workingDir: "/src" },
+  });
+  return { dir, layers, fetches, fetchLayer, image, digestOf: (i: number) => layers[i]?.descriptor.digest };
+}
+
+test("concurrent acquires of one image unpack each layer once, bottom to top", async () => {
+  const f = await fixture("concurrent", [10, 20, 30]);
+  const store = await ImageStore.open(join(f.dir, "store"), { fetchLayer: f.fetchLayer, maxBytes: 1000 });
+  const image = f.image("a", 0, 1, 2);
+  const acquired = await Promise.all([1, 2, 3, 4, 5].map(() => store.acquire(image)));
+  assert.equal(f.fetches.length, 3);
+  const first = acquired[0] ?? assert.fail();
+  assert.deepEqual(await Promise.all(first.layerDirs.map((dir, i) => readFile(join(dir, `layer-${i}`), "utf8"))), [
+    "0".repeat(10),
+    "1".repeat(20),
+    "2".repeat(30),
+  ]);
+  assert.deepEqual(first.config, image.config);
+  for (const a of acquired) assert.deepEqual(a.layerDirs, first.layerDirs);
+  await Promise.all(acquired.map((a) => a.release()));
+  assert.equal(store.isPresent(image), true);
+  await (await store.acquire(image)).release();
+  assert.equal(f.fetches.length, 3, "an image already present costs no fetch");
+});
+
+test("evicts least recently used layers no acquired image uses, sparing shared ones", async () => {
+  const f = await fixture("evict", [100, 100, 100, 100]);
+  const evicted: string[] = [];
+  const store = await ImageStore.open(join(f.dir, "store"), {
+    fetchLayer: f.fetchLayer,
+    maxBytes: 300,
+    onEvict: (digest) => evicted.push(digest),
+  });
+  const a = await store.acquire(f.image("a", 0, 1)); // pinned throughout
+  const b = await store.acquire(f.image("b", 1, 2)); // shares layer 1 with a
+  await b.release();
+  assert.equal(store.usedBytes, 300);
+  const c = await store.acquire(f.image("c", 3));
+  // 400 bytes: layer 2 (b's own, unused) goes; layer 1 stays while a uses it.
+  assert.deepEqual(evicted, [f.digestOf(2)]);
+  assert.equal(store.usedBytes, 300);
+  await a.release();
+  await c.release();
+  const b2 = await store.acquire(f.image("b", 1, 2));
+  // Layer 2 is back; the least recently used unpinned layer (0) makes room.
+  assert.deepEqual(evicted, [f.digestOf(2), f.digestOf(0)]);
+  assert.equal(await readFile(join(b2.layerDirs[0] ?? "", "layer-1"), "utf8"), "1".repeat(100));
+  await b2.release();
+  await b2.release(); // idempotent
+  assert.equal(store.usedBytes, 300);
+});
+
+test("never evicts a layer in use, even past the cap, and catches up on release", async () => {
+  const f = await fixture("pinned", [100, 100, 100]);
+  const store = await ImageStore.open(join(f.dir, "store"), { fetchLayer: f.fetchLayer, maxBytes: 200 });
+  const a = await store.acquire(f.image("a", 0, 1));
+  const b = await store.acquire(f.image("b", 2));
+  assert.equal(store.usedBytes, 300, "both images run; the cap waits");
+  for (const [i, dir] of [...a.layerDirs, ...b.layerDirs].entries()) {
+    assert.equal(await readFile(join(dir, `layer-${i}`), "utf8"), String(i).repeat(100));
+  }
+  await a.release();
+  assert.equal(store.usedBytes, 200, "released layers go, down to the cap");
+  assert.equal(store.isPresent(f.image("a", 0)), false);
+  assert.equal(store.isPresent(f.image("b", 1, 2)), true);
+  await assert.rejects(
+    store.acquire(f.image("c", 0, 1, 2)),
+    /unpacks to 300 bytes, more than the image store's cap of 200/,
+  );
+  await b.release();
+});
+
+test("reuses unpacked layers after a restart, in their last-use order", async () => {
+  const f = await fixture("restart", [100, 100]);
+  const first = await ImageStore.open(join(f.dir, "store"), { fetchLayer: f.fetchLayer, maxBytes: 1000 });
+  await (await first.acquire(f.image("a", 0, 1))).release();
+  const second = await ImageStore.open(join(f.dir, "store"), { fetchLayer: f.fetchLayer, maxBytes: 1000 });
+  const again = await second.acquire(f.image("a", 0, 1));
+  assert.equal(f.fetches.length, 2);
+  assert.equal(await readFile(join(again.layerDirs[1] ?? "", "layer-1"), "utf8"), "1".repeat(100));
+  await again.release();
+  // The last use is kept in layer.json's mtime (to the minute): make layer 1 the older one.
+  const old = new Date(Date.now() - 3_600_000);
+  await utimes(join(again.layerDirs[1] ?? "", "..", "layer.json"), old, old);
+  // Reopened under a smaller cap, the store evicts at once, least recently used first.
+  const third = await ImageStore.open(join(f.dir, "store"), { fetchLayer: f.fetchLayer, maxBytes: 150 });
+  assert.equal(third.usedBytes, 100);
+  assert.equal(third.isPresent(f.image("a", 0)), true);
+  assert.equal(third.isPresent(f.image("a", 1)), false);
+});

@@ -1,0 +1,125 @@
+import { Code, StatusError } from "../status/status.js";
+import { type LayerDescriptor, LayerStore, type LayerStoreOptions } from "./layer-store.js";
+
+/** What an action inherits from its image's config (OCI image config `config` object). */
+export interface ImageConfig {
+  env: string[];
+  workingDir?: string;
+  user?: string;
+}
+
+/** An image by its manifest digest: its layers bottom to top and its config. */
+export interface Image {
+  digest: string;
+  layers: readonly LayerDescriptor[];
+  config: ImageConfig;
+}
+
+/** An image ready to mount; its layers stay on disk until `release`. */
+export interface AcquiredImage {
+  digest: string;
+  /** Unpacked layer trees, bottom to top, as the manifest lists them. */
+  layerDirs: string[];
+  config: ImageConfig;
+  /** Idempotent; resolves once the store is back under its cap (it never rejects: see `onError`). */
+  release(): Promise<void>;
+}
+
+export interface ImageStoreOptions extends LayerStoreOptions {
+  /** Evict least recently used layers no acquired image uses once the total passes this many bytes. */
+  maxBytes: number;
+  onEvict?: (digest: string, size: number) => void;
+  /** Failures of evictions done in the background (after a release). */
+  onError?: (err: unknown) => void;
+}
+
+/**
+ * The worker's images, kept as unpacked layers shared between images. A
+ * layer is pinned while any acquired image uses it and is never evicted
+ * then; the others go least recently used first once the cap is passed.
+ */
+export class ImageStore {
+  private readonly pins = new Map<string, number>();
+
+  private constructor(
+    private readonly layers: LayerStore,
+    private readonly options: ImageStoreOptions,
+  ) {}
+
+  static async open(root: string, options: ImageStoreOptions): Promise<ImageStore> {
+    const store = new ImageStore(await LayerStore.open(root, options), options);
+    await store.evict();
+    return store;
+  }
+
+  get usedBytes(): number {
+    return this.layers.usedBytes;
+  }
+
+  get maxBytes(): number {
+    return this.options.maxBytes;
+  }
+
+  /** Whether every layer of `image` is unpacked (acquiring it then fetches nothing). */
+  isPresent(image: Image): boolean {
+    return image.layers.every((layer) => this.layers.has(layer.digest));
+  }
+
+  /** Unpacks what `image` lacks, its layers in parallel, and pins them until released. */
+  async acquire(image: Image): Promise<AcquiredImage> {
+    const digests = [...new Set(image.layers.map((layer) => layer.digest))];
+    // Pinned before anything is awaited, so that concurrent evictions spare what this image is unpacking.
+    for (const digest of digests) this.pins.set(digest, (this.pins.get(digest) ?? 0) + 1);
+    let released = false;
+    const release = async (): Promise<void> => {
+      if (released) return;
+      released = true;
+      for (const digest of digests) {
+        const count = (this.pins.get(digest) ?? 1) - 1;
+        if (count === 0) this.pins.delete(digest);
+        else this.pins.set(digest, count);
+        this.layers.touch(digest);
+      }
+      await this.evict().catch((err: unknown) => this.options.onError?.(err));
+    };
+    try {
+      const settled = await Promise.allSettled(image.layers.map((layer) => this.layers.ensure(layer)));
+      const layerDirs: string[] = [];
+      for (const result of settled) {
+        if (result.status === "rejected") throw result.reason;
+        layerDirs.push(result.value);
+      }
+      const size = digests.reduce((sum, digest) => sum + (this.layers.sizeOf(digest) ?? 0), 0);
+      if (size > this.options.maxBytes) {
+        throw new StatusError(
+          Code.RESOURCE_EXHAUSTED,
+          `image ${image.digest} unpacks to ${size} bytes, more than the image store's cap of ${this.options.maxBytes}`,
+        );
+      }
+      await this.evict();
+      return { digest: image.digest, layerDirs, config: image.config, release };
+    } catch (err) {
+      await release();
+      throw err;
+    }
+  }
+
+  /**
+   * Brings the store back under its cap if it can. Layers in use may keep it
+   * above for a while (several large images running at once); the cap is
+   * met again as they are released.
+   */
+  private async evict(): Promise<void> {
+    let used = this.layers.usedBytes;
+    if (used <= this.options.maxBytes) return;
+    const victims: string[] = [];
+    for (const [digest, size] of this.layers.entries()) {
+      if (used <= this.options.maxBytes) break;
+      if (this.pins.has(digest)) continue;
+      victims.push(digest);
+      used -= size;
+      this.options.onEvict?.(digest, size);
+    }
+    await Promise.all(victims.map((digest) => this.layers.remove(digest)));
+  }
+}

@@ -1,0 +1,96 @@
+import { createReadStream } from "node:fs";
+import { open } from "node:fs/promises";
+import { pipeline, type Readable, Transform, type TransformCallback } from "node:stream";
+import { createGunzip } from "node:zlib";
+import { DecompressStream } from "zstd-napi";
+import { Code, StatusError } from "../status/status.js";
+
+export type LayerCompression = "none" | "gzip" | "zstd";
+
+const GZIP_MAGIC = Buffer.from([0x1f, 0x8b]);
+const ZSTD_MAGIC = Buffer.from([0x28, 0xb5, 0x2f, 0xfd]);
+const CHUNK = 256 * 1024;
+
+/**
+ * The compression a layer media type announces (OCI and Docker types,
+ * distributable or not), or an error for types that are not tar layers.
+ */
+export function layerCompression(mediaType: string): LayerCompression {
+  const type = mediaType.split(";")[0]?.trim() ?? "";
+  if (/^application\/vnd\.oci\.image\.layer\.(nondistributable\.)?v1\.tar$/.test(type)) return "none";
+  if (/^application\/vnd\.oci\.image\.layer\.(nondistributable\.)?v1\.tar\+gzip$/.test(type)) return "gzip";
+  if (/^application\/vnd\.oci\.image\.layer\.(nondistributable\.)?v1\.tar\+zstd$/.test(type)) return "zstd";
+  if (/^application\/vnd\.docker\.image\.rootfs\.(foreign\.)?diff\.tar\.gzip$/.test(type)) return "gzip";
+  if (type === "application/vnd.docker.image.rootfs.diff.tar") return "none";
+  throw new StatusError(Code.INVALID_ARGUMENT, `unsupported layer media type ${JSON.stringify(mediaType)}`);
+}
+
+/**
+ * The compression the blob's first bytes show. Some tools label plain tar
+ * layers as gzip (and the reverse happens), so the bytes win over the label,
+ * as in Docker: a tar starts with a file name, never with these bytes.
+ */
+export async function sniffCompression(path: string): Promise<LayerCompression> {
+  const handle = await open(path, "r");
+  try {
+    const head = Buffer.alloc(4);
+    const { bytesRead } = await handle.read(head, 0, 4, 0);
+    if (bytesRead >= 2 && head.subarray(0, 2).equals(GZIP_MAGIC)) return "gzip";
+    if (bytesRead >= 4 && head.equals(ZSTD_MAGIC)) return "zstd";
+    return "none";
+  } finally {
+    await handle.close();
+  }
+}
+
+/**
+ * The decompressed tar stream of a layer blob, which fails past `maxBytes`
+ * so that a compression bomb stops early whatever its tar headers claim.
+ * `onError` receives failures of reading or decompressing, already
+ * translated into StatusErrors when the data is at fault.
+ */
+export function openTarStream(
+  path: string,
+  compression: LayerCompression,
+  maxBytes: number,
+  onError: (err: Error) => void,
+): Readable {
+  const file = createReadStream(path, { highWaterMark: CHUNK });
+  const limit = new ByteLimit(maxBytes);
+  const fail = (err: Error | null) => {
+    if (err) onError(describe(err, compression));
+  };
+  if (compression === "gzip") return pipeline(file, createGunzip({ chunkSize: CHUNK }), limit, fail);
+  if (compression === "zstd") return pipeline(file, new DecompressStream(), limit, fail);
+  return pipeline(file, limit, fail);
+}
+
+class ByteLimit extends Transform {
+  private seen = 0;
+
+  constructor(private readonly maxBytes: number) {
+    super();
+  }
+
+  override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
+    this.seen += chunk.byteLength;
+    if (this.seen > this.maxBytes) {
+      callback(
+        new StatusError(
+          Code.RESOURCE_EXHAUSTED,
+          `layer decompresses to more than ${this.maxBytes} bytes of tar, past the unpack limit`,
+        ),
+      );
+      return;
+    }
+    callback(null, chunk);
+  }
+}
+
+function describe(err: Error, compression: LayerCompression): Error {
+  if (err instanceof StatusError) return err;
+  const e = err as NodeJS.ErrnoException;
+  // Errors from the file itself (EIO, ENOENT…) carry a syscall; decompressors' do not.
+  if (e.syscall !== undefined || e.code === "ERR_STREAM_PREMATURE_CLOSE") return err;
+  return new StatusError(Code.INVALID_ARGUMENT, `layer blob is not valid ${compression} data: ${err.message}`);
+}
