@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { BERTH_BIN, type ServerProcess, spawnBerth } from "../../test/support/farm.js";
+import { busyboxImage, MARKER_PATH, startRegistry } from "../../test/support/registry.js";
 
 let dir: string;
 let berth: ServerProcess;
@@ -60,4 +61,21 @@ test("berth run reports a refused action and fails", async () => {
   const run = await berthRun(["--platform", "pool=none-such", "--", "true"], dir);
   assert.notEqual(run.code, 0);
   assert.match(run.stderr, /pool=none-such/);
+});
+
+test("berth run --platform container-image=… runs the command inside that image, pulled from a registry", async () => {
+  const registry = await startRegistry();
+  try {
+    const image = await registry.push(await busyboxImage("seen from berth run"), "team/busybox", "1");
+    const here = join(dir, "image-run");
+    await mkdir(here);
+    const run = await berthRun(
+      ["--platform", `container-image=docker://${image}`, "--", "cat", `/${MARKER_PATH}`],
+      here,
+    );
+    assert.equal(run.code, 0, run.stderr);
+    assert.equal(run.stdout, "seen from berth run\n");
+  } finally {
+    await registry.stop();
+  }
 });
