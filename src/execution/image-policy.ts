@@ -103,7 +103,10 @@ export function registryStatus(err: unknown, image: ImageReference): StatusError
     case "not-found":
     case "invalid":
       return new StatusError(Code.FAILED_PRECONDITION, err.message, {
-        preconditionFailures: [{ type: "IMAGE", subject: String(image), description: err.message }],
+        // The subject names the image already; the description is the cause alone.
+        preconditionFailures: [
+          { type: "IMAGE", subject: String(image), description: err.message.replace(`image ${err.reference}: `, "") },
+        ],
       });
   }
 }

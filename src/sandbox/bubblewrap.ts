@@ -1,9 +1,10 @@
 import { spawn } from "node:child_process";
 import { type FileHandle, open, readFile, readlink, stat } from "node:fs/promises";
 import { constants } from "node:os";
-import { dirname, isAbsolute, join, relative, resolve, sep } from "node:path";
+import { dirname, isAbsolute, relative, resolve, sep } from "node:path";
 import type { Readable } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
+import { sandboxArgs } from "./bwrap-args.js";
 import { imageBwrapArgs, imageLaunchArgs, prepareImageMountPoints } from "./image-root.js";
 import type { Sandbox, SandboxRequest, SandboxResult } from "./sandbox.js";
 
@@ -208,43 +209,17 @@ async function checkRequest(request: SandboxRequest): Promise<{ root: string; wo
 
 /** bwrap's command line for `request`, with `source` (the host path of `root`) bound at INPUT_ROOT_MOUNT. */
 export function bwrapArgs(request: SandboxRequest, source: string, root: string, workDir: string): string[] {
-  const args = [
-    "--unshare-user",
-    "--unshare-pid",
-    "--unshare-ipc",
-    "--unshare-uts",
-    "--unshare-cgroup-try",
-    ...(request.network ? [] : ["--unshare-net"]),
-    "--die-with-parent",
-    "--json-status-fd",
-    String(STATUS_FD),
-    // Later mounts cover earlier ones. The input root comes last so that nothing can hide it, notably the
-    // private /tmp when the input root lives under the host's /tmp (bwrap creates its mount point in the tmpfs).
-    "--ro-bind",
-    "/",
-    "/",
-    "--proc",
-    "/proc",
-    "--dev",
-    "/dev",
-    "--perms",
-    "1777",
-    "--tmpfs",
-    "/tmp",
+  return sandboxArgs(request, {
+    root: ["--ro-bind", "/", "/"],
     // The host's /run (sockets of system services, among them Docker's) is hidden; the input root is
     // bound there, at the same path whichever way it was reached.
-    "--tmpfs",
-    "/run",
-    "--bind",
-    source,
-    INPUT_ROOT_MOUNT,
-    "--chdir",
-    join(INPUT_ROOT_MOUNT, relative(root, workDir)),
-    "--clearenv",
-  ];
-  for (const { name, value } of request.env) args.push("--setenv", name, value);
-  args.push("--", ...request.argv);
-  return args;
+    hide: ["/run"],
+    inputSource: source,
+    inputMount: INPUT_ROOT_MOUNT,
+    workDirInRoot: relative(root, workDir),
+    runAsRoot: false,
+    statusFd: STATUS_FD,
+  });
 }
 
 interface StatusReport {

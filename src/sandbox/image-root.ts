@@ -1,5 +1,6 @@
 import { mkdir } from "node:fs/promises";
 import { join, relative } from "node:path";
+import { sandboxArgs } from "./bwrap-args.js";
 import type { ImageRoot, SandboxRequest } from "./sandbox.js";
 
 /** Where, in the private mount namespace, the overlay and the input root are mounted before bwrap starts. */
@@ -55,36 +56,13 @@ export function imageBwrapArgs(
   workDirInRoot: string,
   statusFd: number,
 ): string[] {
-  const args = [
-    "--unshare-user",
-    ...(image.runAsRoot ? ["--uid", "0", "--gid", "0"] : []),
-    "--unshare-pid",
-    "--unshare-ipc",
-    "--unshare-uts",
-    "--unshare-cgroup-try",
-    ...(request.network ? [] : ["--unshare-net"]),
-    "--die-with-parent",
-    "--json-status-fd",
-    String(statusFd),
-    "--bind",
-    STAGED_ROOTFS,
-    "/",
-    "--proc",
-    "/proc",
-    "--dev",
-    "/dev",
-    "--perms",
-    "1777",
-    "--tmpfs",
-    "/tmp",
-    "--bind",
-    STAGED_INPUT,
-    image.inputRootPath,
-    "--chdir",
-    join(image.inputRootPath, workDirInRoot),
-    "--clearenv",
-  ];
-  for (const { name, value } of request.env) args.push("--setenv", name, value);
-  args.push("--", ...request.argv);
-  return args;
+  return sandboxArgs(request, {
+    root: ["--bind", STAGED_ROOTFS, "/"],
+    hide: [],
+    inputSource: STAGED_INPUT,
+    inputMount: image.inputRootPath,
+    workDirInRoot,
+    runAsRoot: image.runAsRoot,
+    statusFd,
+  });
 }
