@@ -1,4 +1,3 @@
-import { type ChildProcess, fork } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { chmod, chown, mkdir, stat, writeFile } from "node:fs/promises";
 import { cpus } from "node:os";
@@ -12,6 +11,7 @@ import type { Timestamp } from "../src/gen/google/protobuf/timestamp.js";
 import { type ActionSpec, execute, uploadAction } from "../test/support/actions.js";
 import type { WireDigest } from "../test/support/blobs.js";
 import type { BenchContext } from "./context.js";
+import { HelperProcess } from "./helper-process.js";
 import { machineCpuSeconds, processCpuSeconds, rssMiB } from "./machine.js";
 import { ratio, type Section, verdictAtLeast, verdictAtMost } from "./report.js";
 import { type HelperReply, type HelperRequest, NOBODY, type SandboxSlot } from "./sandbox-helper.js";
@@ -92,49 +92,10 @@ async function prepareSlot(dir: string): Promise<SandboxSlot> {
 
 const HELPER = join(dirname(fileURLToPath(import.meta.url)), "sandbox-helper.js");
 
-/** bench/sandbox-helper.ts in a process of its own, answering one request at a time. */
-class SandboxHelper {
-  readonly #child: ChildProcess;
-  readonly #waiting = new Map<number, (reply: HelperReply) => void>();
-  #next = 0;
-
-  private constructor(child: ChildProcess) {
-    this.#child = child;
-    child.on("message", (reply: HelperReply) => {
-      this.#waiting.get(reply.id)?.(reply);
-      this.#waiting.delete(reply.id);
-    });
-  }
-
-  static start(ctx: BenchContext): SandboxHelper {
-    const helper = new SandboxHelper(fork(HELPER, [], { stdio: ["ignore", "inherit", "inherit", "ipc"] }));
-    ctx.defer(() => helper.stop());
-    return helper;
-  }
-
-  get pid(): number | undefined {
-    return this.#child.pid;
-  }
-
-  async request(request: DistributiveOmit<HelperRequest, "id">): Promise<HelperReply> {
-    const id = this.#next++;
-    const reply = await new Promise<HelperReply>((resolve, reject) => {
-      this.#waiting.set(id, resolve);
-      this.#child.send({ ...request, id }, (err) => err && reject(err));
-    });
-    if (reply.error !== undefined) throw new Error(`the sandbox helper failed: ${reply.error}`);
-    return reply;
-  }
-
-  async stop(): Promise<void> {
-    if (this.#child.exitCode !== null || this.#child.signalCode !== null) return;
-    const exited = new Promise((resolve) => this.#child.once("exit", resolve));
-    this.#child.kill("SIGTERM");
-    await exited;
-  }
+/** bench/sandbox-helper.ts in a process of its own. */
+function startSandboxHelper(ctx: BenchContext): HelperProcess<HelperRequest, HelperReply> {
+  return HelperProcess.start<HelperRequest, HelperReply>(ctx, HELPER, "sandbox helper");
 }
-
-type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
 async function timed<T>(work: () => Promise<T>): Promise<[T, number]> {
   const start = process.hrtime.bigint();
@@ -244,7 +205,7 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
   const digest = await uploadAction(clients, spec);
   const slot = await prepareSlot(join(ctx.scratchDir, "execute-latency"));
   await assertReachableByNobody(slot.root);
-  const helper = SandboxHelper.start(ctx);
+  const helper = startSandboxHelper(ctx);
 
   const berthRun = async () => {
     const sent = Date.now();
@@ -407,7 +368,7 @@ export async function benchExecuteThroughput(ctx: BenchContext): Promise<Section
       prepareSlot(join(ctx.scratchDir, "execute-throughput", `${i}`)),
     ),
   );
-  const helper = SandboxHelper.start(ctx);
+  const helper = startSandboxHelper(ctx);
   const expected = Array.from({ length: THROUGHPUT_ACTIONS }, (_, i) => stdoutDigest(i));
 
   /** Worker-side times of every action of the last Berth round, ms. */

@@ -118,10 +118,13 @@ export function renderMarkdown(input: ReportInput): string {
       "7 GiB free in the temporary directory (`$TMPDIR`, else `/tmp`), which holds both the server's data " +
       "directory and the reference copies, so both sides use the same disk. The execution benchmarks need " +
       "bubblewrap and root, as Berth's workers do to run actions as uid 65534, and the Bazel one Debian's " +
-      "bazel-bootstrap (`bash scripts/install.sh --test` installs both). Berth's servers, the sandbox helper and " +
-      "Bazel's server are stopped and every temporary directory is removed at the end, also when the run fails " +
-      "or is interrupted. Options: " +
-      "`npm run bench -- --rounds N` (default 5; the execution throughput and Bazel benchmarks run at most 3), " +
+      "bazel-bootstrap; the image benchmarks docker-registry, umoci, skopeo, debootstrap (its Debian root is " +
+      "built once from the apt mirror and kept in /var/cache/berth-bench) and docker.io (the benchmark starts " +
+      "its own dockerd); `bash scripts/install.sh --test` installs them all. Berth's servers, the helpers, the " +
+      "registry, dockerd and Bazel's server are stopped and every temporary directory is removed at the end, " +
+      "also when the run fails or is interrupted. Options: " +
+      "`npm run bench -- --rounds N` (default 5; the execution throughput, Bazel and image pull benchmarks run " +
+      "at most 3), " +
       "`--no-doc` (print only), " +
       `\`--only NAME[,NAME…]\` (run only those of ${input.benchmarkNames.map((n) => `\`${n}\``).join(", ")}; ` +
       "prints only, as a partial run would replace this whole file), " +

@@ -3,7 +3,8 @@
  *
  * Starts `berth serve --workers 2` as a separate process on a temporary data directory, measures ByteStream
  * throughput, BatchUpdateBlobs, FindMissingBlobs, GetActionResult, the Execute round trip, execution
- * throughput and a Bazel build against references measured in the same run, prints a summary and rewrites
+ * throughput, a Bazel build, a cold image pull and the per-action cost of running in an image against
+ * references measured in the same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
 import { execFile } from "node:child_process";
@@ -18,6 +19,7 @@ import { benchBazelBuild } from "./bazel-build.js";
 import { benchByteStream } from "./bytestream.js";
 import type { BenchContext } from "./context.js";
 import { assertReachableByNobody, benchExecuteLatency, benchExecuteThroughput } from "./execution.js";
+import { benchImageAction, benchImagePull } from "./images.js";
 import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
 import { renderMarkdown, type Section } from "./report.js";
@@ -38,6 +40,8 @@ const BENCHMARKS = {
   "execute-latency": "Execute round trip of /bin/true vs BubblewrapSandbox.run",
   "execute-throughput": "1,000 distinct actions on two workers vs BubblewrapSandbox × 2",
   bazel: "Bazel build of 500 genrules, remote on Berth vs local sandboxed",
+  "images-pull": "Cold pull and unpack of a Debian image vs skopeo copy + umoci unpack",
+  "images-action": "/bin/true in a cached image vs bubblewrap on the unpacked root and docker run",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -188,6 +192,15 @@ async function main(): Promise<void> {
         // It starts servers of its own; the execution benchmarks' one would only sit beside them.
         await execution?.server.stop();
         sections.push(await benchBazelBuild(ctx, { dir: join(workDir, "bazel"), cpuProfileDir: profileDir }));
+      },
+      // Both start servers of their own (one worker each) and share one Debian image and loopback registry.
+      "images-pull": async () => {
+        await execution?.server.stop();
+        sections.push(await benchImagePull(ctx));
+      },
+      "images-action": async () => {
+        await execution?.server.stop();
+        sections.push(await benchImageAction(ctx));
       },
     };
     for (const [i, name] of only.entries()) {

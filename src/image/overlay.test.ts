@@ -63,7 +63,7 @@ test("whiteouts and opaque directories hide lower content; writes land in the up
   const before = [await snapshot(bottom), await snapshot(top)];
   const dirs = await actionDirs("two");
   const args = overlayMountArgs([bottom, top], dirs.upper, dirs.work, dirs.links);
-  assert.equal(args.options, `lowerdir=${top}:${bottom},upperdir=${dirs.upper},workdir=${dirs.work}`);
+  assert.equal(args.options, `lowerdir=${top}:${bottom},upperdir=${dirs.upper},workdir=${dirs.work},volatile`);
   const script = [
     "cd $0",
     "find . -mindepth 1 | sort",
@@ -113,7 +113,7 @@ test("mounts images of many layers with long paths through short links", async (
 
 test("lists lower layers top first and each only once", () => {
   const args = overlayMountArgs(["/l/a", "/l/b", "/l/a", "/l/c"], "/u", "/w", "/links");
-  assert.equal(args.options, "lowerdir=/l/c:/l/a:/l/b,upperdir=/u,workdir=/w");
+  assert.equal(args.options, "lowerdir=/l/c:/l/a:/l/b,upperdir=/u,workdir=/w,volatile");
   assert.deepEqual(args.links, []);
   assert.throws(() => overlayMountArgs(["/l/a,b"], "/u", "/w", "/links"), /without , : or/);
   assert.throws(() => overlayMountArgs([], "/u", "/w", "/links"), /at least one lower layer/);
