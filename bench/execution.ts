@@ -129,31 +129,26 @@ function ms(timestamp: Timestamp | undefined): number {
 const LATENCY_WHERE =
   "What Berth adds to the sandbox, from the phases above and the code: before queueing, the Execute handler " +
   "reads the Action and the Command from the CAS on disk and checks that the input root is stored " +
-  "(src/execution/executor.ts prepare). Before the sandbox starts, the worker fetches the input tree's Directory " +
-  "messages from its own server over loopback gRPC, one BatchReadBlobs per tree level (two here; " +
-  "src/worker/input-root.ts fetchDirectories, again for every action although a Directory never changes), " +
-  "creates and chowns each directory one after the other and hard-links the ten files; BubblewrapSandbox.run " +
-  "then opens stdout and stderr and, because its #reachable cache is keyed by the input root's parent, which is " +
-  "a new actions/LEASE directory for every action, stats the seven directories up to / again every time (its " +
-  "Map also grows by one entry per action). After the sandbox, the worker looks at stdout and stderr (empty " +
-  "here, so nothing is hashed or uploaded), the " +
-  "completion travels back on the worker stream and Executor.finish writes the action cache entry (open, write, " +
-  "close, rename in src/store/lru-directory.ts) before the operation completes and the client gets its reply.";
+  "(src/execution/executor.ts prepare). The local workers run in a child process of `berth serve` " +
+  "(src/worker/worker-process.ts), reached over loopback gRPC like any worker. Before the sandbox starts, the " +
+  "worker takes the input tree's Directory messages from its cache (fetched once, with one GetTree, " +
+  "src/worker/input-root.ts), creates and chowns the directories one depth at a time and hard-links the ten " +
+  "files; BubblewrapSandbox.run then opens stdout and stderr and spawns bwrap as uid 65534. After " +
+  "the sandbox, the worker looks at stdout and stderr (empty here, so nothing is hashed or sent), the " +
+  "completion travels back on the worker stream, the action's directory is renamed into the trash (removed " +
+  "later by a batched `rm -rf`), and Executor.finish writes the action cache entry (open, write, close, rename " +
+  "in src/store/lru-directory.ts) before the operation completes and the client gets its reply.";
 
 const THROUGHPUT_WHERE =
-  "Where the time goes (a server CPU profile of this benchmark, `--only execute-throughput --server-cpu-prof " +
-  "DIR`, over the timed part, at about 60 actions/s): `berth serve` runs the gRPC services, the scheduler and " +
-  "both local workers with their gRPC clients on one Node.js thread, and that thread was about 78 % busy, " +
-  "some 13 ms per action, so the workers wait for it (they were busy only 75–82 % of the time with 32 actions " +
-  "queued, and their input-root and output phases take twice as long as in the sequential benchmark). " +
-  "Per action: garbage collection about 2.2 ms; child_process.spawn of bwrap (src/sandbox/bubblewrap.ts " +
-  "#execute) about 1.7 ms, because spawn forks the whole server process synchronously on that thread; grpc-js " +
-  "and HTTP/2 about 1.7 ms besides the handlers, for the loopback calls each action makes to its own server " +
-  "(the Execute stream, the assignment and completion on the worker stream, two BatchReadBlobs for the input " +
-  "tree, then FindMissingBlobs and BatchUpdateBlobs to store a 2-byte stdout in src/worker/remote-cas.ts " +
-  "upload); the file system calls of laying out and removing the action directory (mkdir, chown, link, then " +
-  "`rm -r`, which Node runs as JavaScript) and of the stores (temporary file, rename) about 2 ms; " +
-  "BubblewrapSandbox's #reachable walk (see the latency benchmark) 0.2 ms. The sandbox itself is not the " +
+  "Where the time goes: the server process (the CPU line's \"Berth's server\") now uses a fifth of a core; " +
+  'the local workers run in a child process of their own (counted under "everything else", with the ' +
+  "sandboxes), whose one Node.js thread serves both slots, so each slot waits for the other's JavaScript. In a " +
+  "CPU profile of that process taken while it was being changed (`--server-cpu-prof DIR` profiles it too), " +
+  "its biggest costs per action were child_process.spawn of bwrap (about 2.5 ms: spawn forks the calling " +
+  "process synchronously), garbage collection (about 2 ms) and laying out the input root; removing action " +
+  "directories with Node's `rm -r` (about 1.8 ms) has since moved to a batched `rm -rf` in the background, " +
+  "Directory messages are cached, and small outputs travel inline in the completion instead of in an upload " +
+  "call, which together took the benchmark from about 65 to about 90 actions/s. The sandbox itself is not the " +
   "limit: the reference runs the same commands several times faster on the same two cores.";
 
 /** Where one execution's time went, in ms, from the client's clock and the worker's ExecutedActionMetadata. */

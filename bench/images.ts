@@ -161,24 +161,19 @@ async function withMachineCpu<T>(work: () => Promise<T>): Promise<[T, number]> {
 
 /** Measured by hand on this machine (November 2026): see the notes of the report. */
 const OVERLAY_SYNC =
-  "overlayfs syncs its upper file system when it is unmounted, and the action's overlay is unmounted when its " +
-  "private mount namespace goes, inside the sandbox's time: with the upper directory in the data directory, " +
-  "that is a sync of the whole file system holding it (ext4 here). By hand here, mounting an overlay in `unshare -m` " +
-  "and letting the namespace go took 3–5 ms on a clean disk, 267 ms with 200 MB dirty on it, and 3 ms with " +
-  "the overlay option `volatile` (Linux 5.10 and later), which skips that sync and suits an upper layer that " +
-  "is thrown away anyway.";
+  "Berth mounts its overlays with the option `volatile` (Linux 5.10 and later): without it, overlayfs syncs " +
+  "the file system holding the upper directory when it is unmounted, which happens when the action's private " +
+  "mount namespace goes, inside the sandbox's time. By hand here, mounting an overlay in `unshare -m` and " +
+  "letting the namespace go took 3–5 ms on a clean disk, 267 ms with 200 MB dirty on it, and 3 ms with " +
+  "`volatile`, which suits an upper layer that is thrown away anyway.";
 
 const PULL_WHERE =
-  "The sandbox phase of the cold Execute is long (compare the warm one of the per-action benchmark) because " +
-  `${OVERLAY_SYNC} On the cold run that sync writes back the layers the ` +
-  "worker has just unpacked, which skopeo and umoci leave to the kernel's writeback; the pull and unpack row " +
-  "leaves it out.";
+  "The cold Execute is almost all pull and unpack (the input fetch phase): layers are downloaded and unpacked " +
+  `in parallel, and the sandbox then takes about as long as a warm one. ${OVERLAY_SYNC}`;
 
 const ACTION_WHERE =
-  "`unshare`, `sh`, the overlay and bind mounts and `setpriv` run " +
-  `before bwrap (src/sandbox/image-root.ts). Besides, ${OVERLAY_SYNC} Berth's ` +
-  "sandbox phase pays the same, so anything another process leaves dirty on that disk is written back inside " +
-  "the timed runs of both.";
+  "`unshare`, `sh`, the overlay and bind mounts and `setpriv` run before bwrap (src/sandbox/image-root.ts). " +
+  OVERLAY_SYNC;
 
 export async function benchImagePull(ctx: BenchContext): Promise<Section> {
   const image = await debianImage(ctx);
