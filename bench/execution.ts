@@ -3,16 +3,13 @@ import { chmod, chown, mkdir, stat, writeFile } from "node:fs/promises";
 import { cpus } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import type {
-  ExecutedActionMetadata,
-  ExecuteResponse,
-} from "../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
-import type { Timestamp } from "../src/gen/google/protobuf/timestamp.js";
+import type { ExecutedActionMetadata } from "../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { type ActionSpec, execute, uploadAction } from "../test/support/actions.js";
 import type { WireDigest } from "../test/support/blobs.js";
 import type { BenchContext } from "./context.js";
 import { HelperProcess } from "./helper-process.js";
 import { machineCpuSeconds, processCpuSeconds, rssMiB } from "./machine.js";
+import { checkCompleted, describePhases, ms, type Phases, phasesOf } from "./phases.js";
 import { ratio, type Section, verdictAtLeast, verdictAtMost } from "./report.js";
 import { type HelperReply, type HelperRequest, NOBODY, type SandboxSlot } from "./sandbox-helper.js";
 import { measureCpu } from "./server.js";
@@ -112,20 +109,6 @@ async function pool(count: number, limit: number, work: (i: number) => Promise<v
   await Promise.all(lanes);
 }
 
-function checkCompleted(response: ExecuteResponse, what: string, stdout?: WireDigest): void {
-  const code = response.status?.code ?? 0;
-  if (code !== 0) throw new Error(`${what} failed: ${code} ${response.status?.message}`);
-  if (response.result?.exitCode !== 0) throw new Error(`${what} exited with ${response.result?.exitCode}`);
-  if (response.cachedResult) throw new Error(`${what} came from the action cache`);
-  if (stdout !== undefined && response.result.stdoutDigest?.hash !== stdout.hash) {
-    throw new Error(`${what} printed something else than expected`);
-  }
-}
-
-function ms(timestamp: Timestamp | undefined): number {
-  return timestamp === undefined ? Number.NaN : timestamp.seconds * 1000 + timestamp.nanos / 1e6;
-}
-
 const LATENCY_WHERE =
   "What Berth adds to the sandbox, from the phases above and the code: before queueing, the Execute handler " +
   "reads the Action and the Command from the CAS on disk and checks that the input root is stored " +
@@ -150,49 +133,6 @@ const THROUGHPUT_WHERE =
   "Directory messages are cached, and small outputs travel inline in the completion instead of in an upload " +
   "call, which together took the benchmark from about 65 to about 90 actions/s. The sandbox itself is not the " +
   "limit: the reference runs the same commands several times faster on the same two cores.";
-
-/** Where one execution's time went, in ms, from the client's clock and the worker's ExecutedActionMetadata. */
-interface Phases {
-  /** Execute sent → queued: the server reads the action and command and checks the input root. */
-  accept: number;
-  /** Queued → the worker starts: scheduling and the assignment's trip to the worker. */
-  dispatch: number;
-  /** Worker start → sandbox start: the input root laid out (input fetch) and the sandbox's own preparation. */
-  inputs: number;
-  /** BubblewrapSandbox.run as the worker saw it. */
-  sandbox: number;
-  /** Sandbox end → worker done: outputs collected, stdout and stderr hashed and uploaded. */
-  outputs: number;
-  /** Worker done → the client has COMPLETED: completion message, action cache write, the operation's last update. */
-  reply: number;
-}
-
-const PHASE_NAMES: Record<keyof Phases, string> = {
-  accept: "Execute received → queued",
-  dispatch: "queued → worker starts",
-  inputs: "worker starts → sandbox starts (input root laid out)",
-  sandbox: "sandbox (as the worker timed it)",
-  outputs: "sandbox ends → worker done (outputs, stdout/stderr uploaded)",
-  reply: "worker done → COMPLETED at the client (AC write, reply)",
-};
-
-function phasesOf(sent: number, received: number, metadata: ExecutedActionMetadata | undefined): Phases {
-  const m = metadata;
-  return {
-    accept: ms(m?.queuedTimestamp) - sent,
-    dispatch: ms(m?.workerStartTimestamp) - ms(m?.queuedTimestamp),
-    inputs: ms(m?.executionStartTimestamp) - ms(m?.workerStartTimestamp),
-    sandbox: ms(m?.executionCompletedTimestamp) - ms(m?.executionStartTimestamp),
-    outputs: ms(m?.workerCompletedTimestamp) - ms(m?.executionCompletedTimestamp),
-    reply: received - ms(m?.workerCompletedTimestamp),
-  };
-}
-
-function describePhases(all: Phases[]): string {
-  return (Object.keys(PHASE_NAMES) as (keyof Phases)[])
-    .map((key) => `${PHASE_NAMES[key]} ${fmt(median(all.map((p) => p[key])), 1)}`)
-    .join("; ");
-}
 
 export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
   const { clients } = ctx;
@@ -302,7 +242,7 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
       `p50 of each block of ${perBlock} consecutive runs, ms: Berth ${fmtList(blockP50s.berth, 1)}; ` +
         `BubblewrapSandbox.run ${fmtList(blockP50s.floor, 1)}.`,
       `Where Berth's time goes (p50 of each phase, ms, from the client's clock and the worker's ` +
-        `ExecutedActionMetadata, whose timestamps have 1 ms resolution): ${describePhases(phases)}.`,
+        `ExecutedActionMetadata, whose timestamps have 1 ms resolution): ${describePhases(phases, 1)}.`,
       `CPU per run: Berth's server process (gRPC services and both workers) ` +
         `${fmt((cpu.server * 1000) / LATENCY_RUNS)} ms per Execute, the benchmark process ` +
         `${fmt((cpu.client * 1000) / LATENCY_RUNS)} ms per Execute, the helper ` +

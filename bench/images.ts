@@ -9,11 +9,7 @@ import { chmod, mkdir } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import type {
-  ExecutedActionMetadata,
-  ExecuteResponse,
-} from "../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
-import type { Timestamp } from "../src/gen/google/protobuf/timestamp.js";
+import type { ExecuteResponse } from "../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { execute, uploadAction } from "../test/support/actions.js";
 import type { WireDigest } from "../test/support/blobs.js";
 import type { Clients } from "../test/support/farm.js";
@@ -23,6 +19,7 @@ import { DOCKER, startDockerd } from "./dockerd.js";
 import { HelperProcess } from "./helper-process.js";
 import type { ImageHelperReply, ImageHelperRequest } from "./image-helper.js";
 import { machineCpuSeconds } from "./machine.js";
+import { checkCompleted, describePhases, type Phases, phasesOf } from "./phases.js";
 import { ratio, type Section, verdictAtLeast, verdictAtMost } from "./report.js";
 import { type BenchServer, startBenchServer } from "./server.js";
 import { elapsedMs, fmt, fmtList, MB, median, percentile } from "./stats.js";
@@ -66,71 +63,10 @@ function uploadImageAction(clients: Clients, reference: string): Promise<WireDig
   });
 }
 
-function checkCompleted(response: ExecuteResponse, what: string): void {
-  const code = response.status?.code ?? 0;
-  if (code !== 0) throw new Error(`${what} failed: ${code} ${response.status?.message}`);
-  if (response.result?.exitCode !== 0) throw new Error(`${what} exited with ${response.result?.exitCode}`);
-  if (response.cachedResult) throw new Error(`${what} came from the action cache`);
-}
-
 function checkRanInImage(response: ExecuteResponse, what: string): void {
   checkCompleted(response, what);
   const used = response.result?.executionMetadata?.auxiliaryMetadata.some((a) => a.typeUrl.endsWith("ImageUsed"));
   if (!used) throw new Error(`${what} reports no ImageUsed: it did not run in the image`);
-}
-
-function ms(timestamp: Timestamp | undefined): number {
-  return timestamp === undefined ? Number.NaN : timestamp.seconds * 1000 + timestamp.nanos / 1e6;
-}
-
-/** Where one execution's time went, in ms, from the client's clock and the worker's ExecutedActionMetadata. */
-interface Phases {
-  /** Execute sent → queued. */
-  accept: number;
-  /** Queued → the worker starts. */
-  dispatch: number;
-  /** Worker start → input fetch start: the assignment checked. */
-  check: number;
-  /** The input fetch phase: the image pulled and unpacked if missing, pinned, its overlay directories made; the input root laid out alongside. */
-  fetch: number;
-  /** Input fetch done → the sandbox reports its start: stdout and stderr opened, mount points made. */
-  launch: number;
-  /** The sandbox as the worker timed it. */
-  sandbox: number;
-  /** Sandbox end → worker done: outputs, stdout and stderr. */
-  outputs: number;
-  /** Worker done → COMPLETED at the client: completion message, action cache write, reply. */
-  reply: number;
-}
-
-const PHASE_NAMES: Record<keyof Phases, string> = {
-  accept: "Execute sent → queued",
-  dispatch: "queued → worker starts",
-  check: "worker starts → input fetch starts",
-  fetch: "input fetch (image, overlay directories, input root)",
-  launch: "input fetch done → sandbox starts",
-  sandbox: "sandbox",
-  outputs: "sandbox ends → worker done",
-  reply: "worker done → COMPLETED at the client",
-};
-
-function phasesOf(sent: number, received: number, m: ExecutedActionMetadata | undefined): Phases {
-  return {
-    accept: ms(m?.queuedTimestamp) - sent,
-    dispatch: ms(m?.workerStartTimestamp) - ms(m?.queuedTimestamp),
-    check: ms(m?.inputFetchStartTimestamp) - ms(m?.workerStartTimestamp),
-    fetch: ms(m?.inputFetchCompletedTimestamp) - ms(m?.inputFetchStartTimestamp),
-    launch: ms(m?.executionStartTimestamp) - ms(m?.inputFetchCompletedTimestamp),
-    sandbox: ms(m?.executionCompletedTimestamp) - ms(m?.executionStartTimestamp),
-    outputs: ms(m?.workerCompletedTimestamp) - ms(m?.executionCompletedTimestamp),
-    reply: received - ms(m?.workerCompletedTimestamp),
-  };
-}
-
-function describePhases(all: Phases[], digits: number, scale = 1): string {
-  return (Object.keys(PHASE_NAMES) as (keyof Phases)[])
-    .map((key) => `${PHASE_NAMES[key]} ${fmt(median(all.map((p) => p[key])) / scale, digits)}`)
-    .join("; ");
 }
 
 /** One timed Execute (skip_cache_lookup), with its phases. */
