@@ -248,7 +248,7 @@ test("a command that cannot be executed is a result; a broken sandbox is an erro
   const noBwrap = new BubblewrapSandbox({ bwrapPath: "/nonexistent/bwrap" });
   await assert.rejects(
     noBwrap.run({ ...baseRequest(ws), argv: ["true"] }),
-    /cannot start bubblewrap \(\/nonexistent\/bwrap\).*ENOENT/,
+    /cannot start bubblewrap \(\/nonexistent\/bwrap\): cannot run \/nonexistent\/bwrap: No such file or directory/,
   );
   await assert.rejects(sandbox.run({ ...baseRequest(ws), workingDirectory: "nope" }), /does not exist/);
   await assert.rejects(sandbox.run({ ...baseRequest(ws), workingDirectory: "../.." }), /not inside the input root/);

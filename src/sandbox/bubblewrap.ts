@@ -1,12 +1,12 @@
-import { spawn } from "node:child_process";
-import { type FileHandle, open, readFile, readlink, stat } from "node:fs/promises";
+import { open, readFile, readlink, rm, stat } from "node:fs/promises";
 import { constants } from "node:os";
 import { dirname, isAbsolute, relative, resolve, sep } from "node:path";
-import type { Readable } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
+import { LAUNCH_FAILED, type LaunchStep, sharedLauncher } from "../process/launcher.js";
 import { sandboxArgs } from "./bwrap-args.js";
-import { imageBwrapArgs, imageLaunchArgs, prepareImageMountPoints } from "./image-root.js";
+import { imageBwrapArgs, imageLaunchSteps, prepareImageMountPoints } from "./image-root.js";
 import type { Sandbox, SandboxRequest, SandboxResult } from "./sandbox.js";
+import { bindSteps, stagingSteps } from "./staging.js";
 
 export interface BubblewrapSandboxOptions {
   /** Default "bwrap", looked up in the worker's PATH. */
@@ -31,13 +31,15 @@ type KillReason = "timeout" | "cancel";
 /**
  * Runs the command with bubblewrap, started as an unprivileged host user: bubblewrap then creates the user
  * namespace itself, so the action holds no privilege over root's files (as it would in a user namespace created
- * by root). See `SandboxRequest` for what the caller must prepare.
+ * by root). bwrap is started through the launcher (launcher.ts), which also makes the mounts bwrap's user could
+ * not. See `SandboxRequest` for what the caller must prepare.
  */
 export class BubblewrapSandbox implements Sandbox {
   readonly #bwrapPath: string;
   readonly #uid: number;
   readonly #gid: number;
   readonly #reachableParents = new Map<string, boolean>();
+  readonly #launcher = sharedLauncher();
 
   constructor(options: BubblewrapSandboxOptions = {}) {
     this.#bwrapPath = options.bwrapPath ?? "bwrap";
@@ -47,37 +49,18 @@ export class BubblewrapSandbox implements Sandbox {
 
   async run(request: SandboxRequest): Promise<SandboxResult> {
     const { root, workDir } = await checkRequest(request);
-    const handles: FileHandle[] = [];
-    try {
-      const stdout = await open(request.stdoutPath, "w");
-      handles.push(stdout);
-      // Two descriptors on one file would overwrite each other's output.
-      const stderr = request.stderrPath === request.stdoutPath ? stdout : await open(request.stderrPath, "w");
-      handles.push(stderr);
-      if (request.image) {
-        await prepareImageMountPoints(request.image);
-        const sandbox = imageBwrapArgs(request, request.image, relative(root, workDir), STATUS_FD);
-        const launch = imageLaunchArgs(request.image, root, this.#uid, this.#gid);
-        return await this.#execute(
-          request,
-          { file: "unshare", args: [...launch, this.#bwrapPath, ...sandbox], asUser: false },
-          stdout,
-          stderr,
-        );
-      }
-      const direct = await this.#reachable(root);
-      // The action's user must reach the input root to bind it. When a directory above it is closed to that
-      // user (a data directory under /root, say), root binds it first in a private mount namespace, at a
-      // path the user can reach, and only then becomes that user. Neither mount is visible on the host.
-      const source = direct ? root : INPUT_ROOT_MOUNT;
-      const sandbox = bwrapArgs(request, source, root, workDir);
-      const command = direct
-        ? { file: this.#bwrapPath, args: sandbox, asUser: true }
-        : { file: "unshare", args: [...this.#privateMountPrefix(root), this.#bwrapPath, ...sandbox], asUser: false };
-      return await this.#execute(request, command, stdout, stderr);
-    } finally {
-      await Promise.all([...new Set(handles)].map((handle) => handle.close()));
+    if (request.image) {
+      await prepareImageMountPoints(request.image);
+      const sandbox = imageBwrapArgs(request, request.image, relative(root, workDir), STATUS_FD);
+      return this.#execute(request, [this.#bwrapPath, ...sandbox], imageLaunchSteps(request.image, root));
     }
+    // The action's user must reach the input root to bind it. When a directory above it is closed to that
+    // user (a data directory under /root, say), root binds it first in a private mount namespace, at a
+    // path the user can reach, and only then becomes that user. Neither mount is visible on the host.
+    const direct = await this.#reachable(root);
+    const source = direct ? root : INPUT_ROOT_MOUNT;
+    const steps = direct ? [] : [...stagingSteps(), ...bindSteps(root, INPUT_ROOT_MOUNT)];
+    return this.#execute(request, [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir)], steps);
   }
 
   /** Whether the action's user can reach `root` through the directories above it. */
@@ -107,46 +90,37 @@ export class BubblewrapSandbox implements Sandbox {
     );
   }
 
-  /** `unshare … sh -c …`: a private mount namespace with `root` bound at INPUT_ROOT_MOUNT, then the user switch. */
-  #privateMountPrefix(root: string): string[] {
-    const script =
-      'mount -t tmpfs -o mode=0755 berth /run && mkdir -p "$2" && mount --bind "$1" "$2" && shift 2 && ' +
-      `exec setpriv --reuid=${this.#uid} --regid=${this.#gid} --clear-groups -- "$@"`;
-    return ["--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", root, INPUT_ROOT_MOUNT];
-  }
-
-  async #execute(
-    request: SandboxRequest,
-    command: { file: string; args: string[]; asUser: boolean },
-    stdout: FileHandle,
-    stderr: FileHandle,
-  ): Promise<SandboxResult> {
+  async #execute(request: SandboxRequest, argv: string[], steps: LaunchStep[]): Promise<SandboxResult> {
+    // bwrap reports the sandbox's pid and the command's exit code on STATUS_FD, here a file beside stdout.
+    const statusPath = `${request.stdoutPath}.bwrap-status`;
     const startedAt = new Date();
-    // detached: bwrap leads its own process group (and session, so the action has no controlling terminal),
-    // which lets one kill(-pgid) reach every sandbox process that has not called setsid itself.
-    const child = spawn(command.file, command.args, {
-      stdio: ["ignore", stdout.fd, stderr.fd, "pipe"],
-      ...(command.asUser ? { uid: this.#uid, gid: this.#gid } : {}),
-      detached: true,
-      cwd: "/",
-      env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
-    });
-
-    let status = "";
-    const statusStream = child.stdio[STATUS_FD] as Readable | null;
-    statusStream?.setEncoding("utf8");
-    statusStream?.on("data", (chunk: string) => {
-      status += chunk;
-    });
+    const launched = await this.#launcher
+      .launch({
+        argv,
+        env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
+        user: { uid: this.#uid, gid: this.#gid },
+        stdoutPath: request.stdoutPath,
+        stderrPath: request.stderrPath,
+        fd3Path: statusPath,
+        steps,
+      })
+      .catch((error: Error) => {
+        throw new Error(`cannot start bubblewrap (${this.#bwrapPath}): ${error.message}`, { cause: error });
+      });
 
     let killedFor: KillReason | undefined;
     const kill = (reason: KillReason) => {
-      if (killedFor !== undefined || child.pid === undefined) return;
+      if (killedFor !== undefined) return;
       killedFor = reason;
-      try {
-        process.kill(-child.pid, "SIGKILL");
-      } catch {
-        // Already gone.
+      // The launcher makes bwrap lead its own process group, which reaches every sandbox process that has
+      // not called setsid itself; just after the start, the group may not exist yet.
+      for (const target of [-launched.pid, launched.pid]) {
+        try {
+          process.kill(target, "SIGKILL");
+          return;
+        } catch {
+          // Not yet a group leader, or already gone.
+        }
       }
     };
     const timeoutMs = request.timeoutMs > 0 ? Math.min(request.timeoutMs, MAX_TIMER_MS) : undefined;
@@ -156,23 +130,23 @@ export class BubblewrapSandbox implements Sandbox {
     if (request.signal?.aborted) onAbort();
 
     try {
-      const exit = await new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((done, fail) => {
-        child.once("error", fail);
-        child.once("close", (code, signal) => done({ code, signal }));
-      }).catch((error: Error) => {
-        throw new Error(`cannot start bubblewrap (${this.#bwrapPath}): ${error.message}`, { cause: error });
-      });
-      const report = parseStatus(status);
+      const exit = await launched.exited;
+      const report = parseStatus(await readFile(statusPath, "utf8").catch(() => ""));
       if (report.childPid !== undefined && report.pidNamespace !== undefined) {
         await waitForSandboxEnd(report.childPid, report.pidNamespace);
       }
       const completedAt = new Date();
 
       // A command killed by a signal already shows up as 128 + n in bwrap's own exit code.
-      let exitCode = exit.code ?? 128 + constants.signals[exit.signal ?? "SIGKILL"];
+      let exitCode = exit.code ?? 128 + (exit.signal ?? constants.signals.SIGKILL);
       if (report.exitCode === undefined && killedFor === undefined) {
         // bwrap reports an exit code only for a command it managed to exec.
         const message = await readStart(request.stderrPath);
+        if (message.startsWith(LAUNCH_FAILED)) {
+          throw new Error(
+            `cannot start bubblewrap (${this.#bwrapPath}): ${message.slice(LAUNCH_FAILED.length).trim()}`,
+          );
+        }
         if (!message.includes("bwrap: execvp ")) {
           throw new Error(`bubblewrap could not set up the sandbox: ${message.trim() || `exit code ${exitCode}`}`);
         }
@@ -182,6 +156,7 @@ export class BubblewrapSandbox implements Sandbox {
     } finally {
       clearTimeout(timer);
       request.signal?.removeEventListener("abort", onAbort);
+      await rm(statusPath, { force: true });
     }
   }
 }

@@ -1,7 +1,9 @@
 import { mkdir } from "node:fs/promises";
 import { join, relative } from "node:path";
+import type { LaunchStep } from "../process/launcher.js";
 import { sandboxArgs } from "./bwrap-args.js";
 import type { ImageRoot, SandboxRequest } from "./sandbox.js";
+import { bindSteps, stagingSteps } from "./staging.js";
 
 /** Where, in the private mount namespace, the overlay and the input root are mounted before bwrap starts. */
 const STAGED_ROOTFS = "/run/berth/rootfs";
@@ -18,34 +20,20 @@ export async function prepareImageMountPoints(image: ImageRoot): Promise<void> {
 }
 
 /**
- * `unshare … sh -c …`: in a private mount namespace (so nothing shows on
- * the host and everything goes when the sandbox does), mount the image's
- * overlay and bind the input root at paths the unprivileged user reaches,
- * then become that user and run bwrap. Paths and options travel as
- * arguments, never inside the script.
+ * What the launcher does before bwrap: in a private mount namespace (so
+ * nothing shows on the host and everything goes when the sandbox does),
+ * mount the image's overlay and bind the input root at paths the
+ * unprivileged user reaches.
  */
-export function imageLaunchArgs(image: ImageRoot, inputRoot: string, uid: number, gid: number): string[] {
-  const script = [
-    "set -e",
-    "mount -t tmpfs -o mode=0755 berth /run",
-    `mkdir -p ${STAGED_ROOTFS} ${STAGED_INPUT}`,
-    `(cd "$1" && mount -t overlay overlay -o "$2" ${STAGED_ROOTFS})`,
-    `mount --bind "$3" ${STAGED_INPUT}`,
-    "shift 3",
-    `exec setpriv --reuid=${uid} --regid=${gid} --clear-groups -- "$@"`,
-  ].join("\n");
+export function imageLaunchSteps(image: ImageRoot, inputRoot: string): LaunchStep[] {
   return [
-    "--mount",
-    "--propagation",
-    "private",
-    "--",
-    "sh",
-    "-c",
-    script,
-    "sh",
-    image.overlayCwd,
-    image.overlayOptions,
-    inputRoot,
+    ...stagingSteps(),
+    { kind: "mkdir", path: STAGED_ROOTFS },
+    // The overlay's options name its layers relative to overlayCwd, to stay within one page.
+    { kind: "chdir", path: image.overlayCwd },
+    { kind: "mount", source: "overlay", target: STAGED_ROOTFS, type: "overlay", flags: 0, data: image.overlayOptions },
+    { kind: "chdir", path: "/" },
+    ...bindSteps(inputRoot, STAGED_INPUT),
   ];
 }
 

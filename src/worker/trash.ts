@@ -1,14 +1,15 @@
-import { spawn } from "node:child_process";
 import { randomUUID } from "node:crypto";
 import { mkdir, readdir, rename } from "node:fs/promises";
 import { join } from "node:path";
+import { sharedLauncher } from "../process/launcher.js";
 
 /**
  * Where finished actions' directories go to be deleted. Removing a tree
  * from Node.js costs a thread-pool round trip and some JavaScript per entry,
  * on the thread that also runs the next action; instead each directory is
  * renamed in here (one call) and batches are removed by one `rm -rf` at a
- * time in the background.
+ * time in the background, started through the launcher so that this
+ * process is not forked for it.
  */
 export class Trash {
   private pending: string[] = [];
@@ -51,11 +52,18 @@ export class Trash {
     while (this.pending.length > 0) {
       const batch = this.pending;
       this.pending = [];
-      await new Promise<void>((resolve) => {
-        const child = spawn("rm", ["-rf", "--", ...batch], { stdio: "ignore" });
-        child.on("error", () => resolve());
-        child.on("exit", () => resolve());
-      });
+      await sharedLauncher()
+        .launch({
+          argv: ["rm", "-rf", "--", ...batch],
+          env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
+          stdoutPath: "/dev/null",
+          stderrPath: "/dev/null",
+          fd3Path: "/dev/null",
+          steps: [],
+        })
+        .then((removal) => removal.exited)
+        // What could not be removed now is removed with the leftovers when the worker next starts.
+        .catch(() => {});
     }
     this.running = undefined;
   }
