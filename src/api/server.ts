@@ -1,7 +1,9 @@
 import type { Http2Server, ServerHttp2Session } from "node:http2";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
 import type { Config } from "../config/config.js";
+import { ImagePulls } from "../execution/image-pulls.js";
 import type { Farm } from "../farm/farm.js";
+import { ImagesService } from "../gen/berth/image/v1/image.js";
 import { WorkerHubService } from "../gen/berth/worker/v1/worker.js";
 import {
   ActionCacheService,
@@ -17,6 +19,7 @@ import { byteStreamService } from "./bytestream-service.js";
 import { capabilitiesService } from "./capabilities-service.js";
 import { casService } from "./cas-service.js";
 import { executionService } from "./execution-service.js";
+import { imagesService } from "./images-service.js";
 import { InstanceNames } from "./instance-names.js";
 import { operationsService } from "./operations-service.js";
 import { workerHubService } from "./worker-hub-service.js";
@@ -94,11 +97,14 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
     ),
   );
   server.addService(OperationsService, operationsService(farm.scheduler, log));
+  const pulls = new ImagePulls(farm.images, farm.scheduler);
+  server.addService(ImagesService, imagesService(pulls, instances, log));
   server.addService(
     WorkerHubService,
     workerHubService(
       farm.scheduler,
       farm.cas,
+      pulls,
       { heartbeatIntervalMs: config.execution.heartbeatIntervalSeconds * 1000 },
       log,
     ),

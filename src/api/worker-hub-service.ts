@@ -2,6 +2,7 @@ import type { ServerDuplexStream } from "@grpc/grpc-js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { parseDigest } from "../digest/digest.js";
 import { digestFunctionByWire } from "../digest/functions.js";
+import type { ImagePulls } from "../execution/image-pulls.js";
 import type { Completion, HubMessage, WorkerHubServer, WorkerMessage } from "../gen/berth/worker/v1/worker.js";
 import type { Logger } from "../log/log.js";
 import type { Scheduler, WorkerConnection } from "../scheduler/scheduler.js";
@@ -17,6 +18,7 @@ export interface WorkerHubOptions {
 export function workerHubService(
   scheduler: Scheduler,
   cas: BlobStore,
+  pulls: ImagePulls,
   options: WorkerHubOptions,
   log: Logger,
 ): WorkerHubServer {
@@ -28,6 +30,7 @@ export function workerHubService(
         if (name === undefined) return;
         log.info({ worker: name, reason }, `worker ${name} left: ${reason}`);
         scheduler.disconnect(name, reason);
+        pulls.workerLeft(name, reason);
         connected.delete(name);
         name = undefined;
       };
@@ -54,6 +57,7 @@ export function workerHubService(
             slots: hello.slots,
             assign: (assignment) => call.write({ assignment }),
             cancel: (leaseId) => call.write({ cancellation: { leaseId } }),
+            pullImage: (imagePull) => call.write({ imagePull }),
           };
           const interval = options.heartbeatIntervalMs;
           call.write({
@@ -66,6 +70,7 @@ export function workerHubService(
         if (name === undefined)
           return refuse(new StatusError(Code.FAILED_PRECONDITION, "the first message must be hello"));
         scheduler.heartbeat(name);
+        if (message.imagePullProgress) pulls.report(name, message.imagePullProgress);
         const completion = message.completion;
         if (completion) {
           const noStatus = { code: Code.INTERNAL, message: "the worker sent no status", details: [] };

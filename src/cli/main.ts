@@ -1,5 +1,6 @@
 #!/usr/bin/env node
 import { Command } from "commander";
+import { imageCommand } from "./image.js";
 import { runCommand } from "./run.js";
 import { serveCommand } from "./serve.js";
 import { workerCommand } from "./worker.js";
@@ -13,5 +14,6 @@ const program = new Command()
 program.addCommand(serveCommand());
 program.addCommand(workerCommand());
 program.addCommand(runCommand());
+program.addCommand(imageCommand());
 
 await program.parseAsync(process.argv);

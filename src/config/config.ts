@@ -50,6 +50,8 @@ export const ConfigSchema = z
         uploadIdleTimeoutSeconds: z.number().positive().default(600),
         /** Whether action results may hold symlinks with absolute targets. */
         allowAbsoluteSymlinks: z.boolean().default(true),
+        /** Small blobs (Actions, Commands, Directories, small outputs) recently used, kept in memory too; 0: none. */
+        memoryCacheSizeBytes: bytes.default(64 * 1024 ** 2),
       })
       .strict()
       .prefault({}),

@@ -5,6 +5,7 @@ import { CompletenessCheckingActionCache } from "../ac/completeness-checking-act
 import { DiskActionCache } from "../ac/disk-action-cache.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { DiskBlobStore } from "../cas/disk-blob-store.js";
+import { MemoryCachedBlobStore } from "../cas/memory-cached-blob-store.js";
 import { UploadSessions } from "../cas/upload-sessions.js";
 import type { Config } from "../config/config.js";
 import { formatDigest } from "../digest/digest.js";
@@ -15,6 +16,9 @@ import type { Logger } from "../log/log.js";
 import { Scheduler } from "../scheduler/scheduler.js";
 import { LruDirectory } from "../store/lru-directory.js";
 
+/** Blobs up to this size may be held in memory: the Directory, Action and Command messages of builds. */
+const MEMORY_CACHED_BLOB_BYTES = 64 * 1024;
+
 /** The storage and scheduling of one farm, as the services use them. */
 export interface Farm {
   readonly cas: BlobStore;
@@ -22,6 +26,8 @@ export interface Farm {
   readonly uploads: UploadSessions;
   readonly scheduler: Scheduler;
   readonly executor: Executor;
+  /** What images the farm accepts, for Execute and for pulls alike. */
+  readonly images: ImagePolicy;
   close(): Promise<void>;
 }
 
@@ -40,7 +46,14 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     { casBlobs: casFiles.count, casBytes: casFiles.usedBytes, acEntries: acFiles.count },
     `opened storage in ${config.dataDir}`,
   );
-  const cas = new DiskBlobStore(casFiles);
+  const disk = new DiskBlobStore(casFiles);
+  const cas =
+    config.cas.memoryCacheSizeBytes > 0
+      ? new MemoryCachedBlobStore(disk, {
+          maxBlobBytes: MEMORY_CACHED_BLOB_BYTES,
+          maxTotalBytes: config.cas.memoryCacheSizeBytes,
+        })
+      : disk;
   const ac = new CompletenessCheckingActionCache(new DiskActionCache(acFiles), cas, (digest, missing) =>
     log.debug({ action: formatDigest(digest), missing }, "action result has evicted blobs; answering a miss"),
   );
@@ -65,6 +78,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     uploads,
     scheduler,
     executor,
+    images,
     close: async () => {
       scheduler.close();
       await uploads.close();

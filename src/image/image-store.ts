@@ -25,6 +25,14 @@ export interface AcquiredImage {
   release(): Promise<void>;
 }
 
+/** Follows the layers of one `acquire`. */
+export interface LayerWatcher {
+  /** Bytes of the layer's blob downloaded so far (from 0 again when a download is retried). */
+  received(digest: string, bytes: number): void;
+  /** The layer is unpacked in the store; at once for a layer that was there already. */
+  ready(digest: string): void;
+}
+
 export interface ImageStoreOptions extends LayerStoreOptions {
   /** Evict least recently used layers no acquired image uses once the total passes this many bytes. */
   maxBytes: number;
@@ -65,8 +73,13 @@ export class ImageStore {
     return image.layers.every((layer) => this.layers.has(layer.digest));
   }
 
+  /** Whether one layer is unpacked. */
+  hasLayer(digest: string): boolean {
+    return this.layers.has(digest);
+  }
+
   /** Unpacks what `image` lacks, its layers in parallel, and pins them until released. */
-  async acquire(image: Image): Promise<AcquiredImage> {
+  async acquire(image: Image, watcher?: LayerWatcher): Promise<AcquiredImage> {
     const digests = [...new Set(image.layers.map((layer) => layer.digest))];
     // Pinned before anything is awaited, so that concurrent evictions spare what this image is unpacking.
     for (const digest of digests) this.pins.set(digest, (this.pins.get(digest) ?? 0) + 1);
@@ -83,7 +96,7 @@ export class ImageStore {
       await this.evict().catch((err: unknown) => this.options.onError?.(err));
     };
     try {
-      const settled = await Promise.allSettled(image.layers.map((layer) => this.layers.ensure(layer)));
+      const settled = await Promise.allSettled(image.layers.map((layer) => this.ensure(layer, watcher)));
       const layerDirs: string[] = [];
       for (const result of settled) {
         if (result.status === "rejected") throw result.reason;
@@ -102,6 +115,13 @@ export class ImageStore {
       await release();
       throw err;
     }
+  }
+
+  private async ensure(layer: LayerDescriptor, watcher: LayerWatcher | undefined): Promise<string> {
+    if (!watcher) return this.layers.ensure(layer);
+    const dir = await this.layers.ensure(layer, (bytes) => watcher.received(layer.digest, bytes));
+    watcher.ready(layer.digest);
+    return dir;
   }
 
   /**

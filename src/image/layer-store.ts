@@ -12,12 +12,15 @@ export interface LayerDescriptor {
   size: number;
 }
 
+/** Told the bytes of a layer's blob downloaded so far (from 0 again when a download is retried). */
+export type BytesReceived = (bytes: number) => void;
+
 /**
  * Downloads a layer blob into `intoDir` (fresh and empty) and returns the
- * file's path; the fetcher verifies the digest. The store deletes the blob
- * once it is unpacked.
+ * file's path; the fetcher verifies the digest and reports the bytes as they
+ * arrive. The store deletes the blob once it is unpacked.
  */
-export type FetchLayer = (layer: LayerDescriptor, intoDir: string) => Promise<string>;
+export type FetchLayer = (layer: LayerDescriptor, intoDir: string, onReceived?: BytesReceived) => Promise<string>;
 
 export interface LayerStoreOptions {
   fetchLayer: FetchLayer;
@@ -34,6 +37,13 @@ interface LayerRecord {
   size: number;
 }
 
+/** A layer being fetched and unpacked, shared by everyone who asked for it meanwhile. */
+interface Unpacking {
+  readonly done: Promise<string>;
+  received: number;
+  readonly watchers: Set<BytesReceived>;
+}
+
 /** How long a use may go unrecorded on disk; the in-memory order is always exact. */
 const MTIME_RESOLUTION_MS = 60_000;
 const DIGEST = /^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/;
@@ -48,7 +58,7 @@ const DIGEST = /^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/;
  */
 export class LayerStore {
   private readonly layers = new Map<string, { size: number; touchedAt: number }>();
-  private readonly unpacking = new Map<string, Promise<string>>();
+  private readonly unpacking = new Map<string, Unpacking>();
   private readonly removing = new Map<string, Promise<void>>();
   private readonly waiting: (() => void)[] = [];
   private readonly whiteouts: WhiteoutMaker;
@@ -92,18 +102,38 @@ export class LayerStore {
     return [...this.layers].map(([digest, { size }]) => [digest, size]);
   }
 
-  /** The unpacked tree of `layer`, fetching and unpacking it first if needed (once, however many ask). */
-  async ensure(layer: LayerDescriptor): Promise<string> {
+  /**
+   * The unpacked tree of `layer`, fetching and unpacking it first if needed
+   * (once, however many ask). `onReceived` follows the download, also when
+   * it was started by someone else.
+   */
+  async ensure(layer: LayerDescriptor, onReceived?: BytesReceived): Promise<string> {
     if (!DIGEST.test(layer.digest)) {
       throw new StatusError(Code.INVALID_ARGUMENT, `layer digest ${JSON.stringify(layer.digest)} is not supported`);
     }
     if (this.touch(layer.digest)) return this.treeOf(layer.digest);
     let pending = this.unpacking.get(layer.digest);
     if (!pending) {
-      pending = this.unpack(layer).finally(() => this.unpacking.delete(layer.digest));
+      const watchers = new Set<BytesReceived>();
+      const started: Unpacking = {
+        received: 0,
+        watchers,
+        done: this.unpack(layer, (bytes) => {
+          started.received = bytes;
+          for (const watch of watchers) watch(bytes);
+        }).finally(() => this.unpacking.delete(layer.digest)),
+      };
+      pending = started;
       this.unpacking.set(layer.digest, pending);
     }
-    return pending;
+    if (!onReceived) return pending.done;
+    if (pending.received > 0) onReceived(pending.received);
+    pending.watchers.add(onReceived);
+    try {
+      return await pending.done;
+    } finally {
+      pending.watchers.delete(onReceived);
+    }
   }
 
   /** Marks a layer as just used; returns whether it is present. */
@@ -136,14 +166,14 @@ export class LayerStore {
     await done;
   }
 
-  private async unpack(layer: LayerDescriptor): Promise<string> {
+  private async unpack(layer: LayerDescriptor, onReceived: BytesReceived): Promise<string> {
     await this.removing.get(layer.digest)?.catch(() => {});
     await this.slot();
     const work = this.tempPath();
     try {
       await mkdir(join(work, "blob"), { recursive: true });
       await mkdir(join(work, "layer"));
-      const blob = await this.options.fetchLayer(layer, join(work, "blob"));
+      const blob = await this.options.fetchLayer(layer, join(work, "blob"), onReceived);
       const started = performance.now();
       const stats = await unpackLayer(blob, layer.mediaType, join(work, "layer", "tree"), {
         whiteouts: this.whiteouts,

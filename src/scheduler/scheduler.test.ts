@@ -77,6 +77,9 @@ class FakeWorker implements WorkerConnection {
   cancel(leaseId: string) {
     this.cancelled.push(leaseId);
   }
+  pullImage() {
+    throw new Error("the scheduler never asks for pulls");
+  }
 }
 
 const ok = (exitCode = 0) => ({

@@ -1,6 +1,6 @@
 import { randomUUID } from "node:crypto";
 import { type Digest, digestKey } from "../digest/digest.js";
-import type { Assignment } from "../gen/berth/worker/v1/worker.js";
+import type { Assignment, ImagePull } from "../gen/berth/worker/v1/worker.js";
 import {
   type Action,
   type ActionResult,
@@ -44,6 +44,8 @@ export interface WorkerConnection {
   readonly slots: number;
   assign(assignment: Assignment): void;
   cancel(leaseId: string): void;
+  /** Asks the worker to pull an image into its store (only workers that run images are asked). */
+  pullImage(pull: ImagePull): void;
 }
 
 export interface SchedulerOptions {
@@ -150,6 +152,11 @@ export class Scheduler {
       if (task.operations.size === 0) this.abandon(task);
     }
     return true;
+  }
+
+  /** The workers connected now. */
+  connectedWorkers(): WorkerConnection[] {
+    return [...this.workers.values()].map((worker) => worker.connection);
   }
 
   connect(connection: WorkerConnection): void {

@@ -1,8 +1,8 @@
 import { join } from "node:path";
 import type { RegistryCredentials } from "../execution/action-platform.js";
 import { registryStatus } from "../execution/image-policy.js";
-import { ImageStore } from "../image/image-store.js";
-import type { LayerDescriptor } from "../image/layer-store.js";
+import { ImageStore, type LayerWatcher } from "../image/image-store.js";
+import type { BytesReceived, LayerDescriptor } from "../image/layer-store.js";
 import { type ImageReference, parseImageReference } from "../image/reference.js";
 import type { RegistryClient, ResolvedImage } from "../registry/client.js";
 import { Credentials } from "../registry/credentials.js";
@@ -29,6 +29,16 @@ export interface PreparedImage {
   release(): Promise<void>;
 }
 
+/** How far an image's pull is, summed over the manifest's layers. */
+export interface PullProgress {
+  /** Layer blob bytes downloaded; a layer already unpacked counts whole. */
+  bytesDone: number;
+  bytesTotal: number;
+  /** Layers unpacked in the store. */
+  layersDone: number;
+  layersTotal: number;
+}
+
 /**
  * A worker's images: resolves references through the registry (a tag is
  * asked again only after `tagRefreshMs`), and pulls and unpacks each layer
@@ -47,13 +57,21 @@ export class WorkerImages {
     const images = new WorkerImages(options);
     images.store = await ImageStore.open(join(options.dir, "store"), {
       maxBytes: options.maxBytes,
-      fetchLayer: (layer, intoDir) => images.fetchLayer(layer, intoDir),
+      fetchLayer: (layer, intoDir, onReceived) => images.fetchLayer(layer, intoDir, onReceived),
     });
     return images;
   }
 
-  /** Resolves, pulls what is missing and pins the image; failures are statuses naming the image. */
-  async prepare(reference: string, credentials: RegistryCredentials | undefined): Promise<PreparedImage> {
+  /**
+   * Resolves, pulls what is missing and pins the image; failures are
+   * statuses naming the image. `onProgress` hears of every change once the
+   * image is resolved, including downloads that other callers started.
+   */
+  async prepare(
+    reference: string,
+    credentials: RegistryCredentials | undefined,
+    onProgress?: (progress: PullProgress) => void,
+  ): Promise<PreparedImage> {
     const ref = parseImageReference(reference);
     const creds = credentials && new Credentials(credentials.username, credentials.password);
     try {
@@ -67,11 +85,10 @@ export class WorkerImages {
         if (!this.sources.has(layer.digest)) this.sources.set(layer.digest, { reference: ref, credentials: creds });
       }
       const store = this.store as ImageStore;
-      const acquired = await store.acquire({
-        digest: image.manifestDigest,
-        layers,
-        config: { env: [...image.config.env] },
-      });
+      const acquired = await store.acquire(
+        { digest: image.manifestDigest, layers, config: { env: [...image.config.env] } },
+        onProgress && progressWatcher(layers, store, onProgress),
+      );
       return {
         reference: image.reference,
         manifestDigest: image.manifestDigest,
@@ -97,7 +114,7 @@ export class WorkerImages {
     });
   }
 
-  private async fetchLayer(layer: LayerDescriptor, intoDir: string): Promise<string> {
+  private async fetchLayer(layer: LayerDescriptor, intoDir: string, onReceived?: BytesReceived): Promise<string> {
     const source = this.sources.get(layer.digest);
     if (!source) throw new Error(`no image names layer ${layer.digest}`);
     try {
@@ -105,10 +122,45 @@ export class WorkerImages {
         source.reference,
         { digest: layer.digest, size: layer.size },
         intoDir,
-        { credentials: source.credentials },
+        { credentials: source.credentials, onProgress: onReceived },
       );
     } finally {
       this.sources.delete(layer.digest);
     }
   }
+}
+
+/** Sums the states of an image's layers into one PullProgress, reported at once and on every change. */
+function progressWatcher(
+  layers: readonly LayerDescriptor[],
+  store: ImageStore,
+  report: (progress: PullProgress) => void,
+): LayerWatcher {
+  const received = new Map<string, number>();
+  const ready = new Set(layers.map((l) => l.digest).filter((digest) => store.hasLayer(digest)));
+  const bytesTotal = layers.reduce((sum, layer) => sum + layer.size, 0);
+  const emit = () => {
+    let bytesDone = 0;
+    let layersDone = 0;
+    for (const layer of layers) {
+      if (ready.has(layer.digest)) {
+        bytesDone += layer.size;
+        layersDone++;
+      } else {
+        bytesDone += Math.min(received.get(layer.digest) ?? 0, layer.size);
+      }
+    }
+    report({ bytesDone, bytesTotal, layersDone, layersTotal: layers.length });
+  };
+  emit();
+  return {
+    received: (digest, bytes) => {
+      received.set(digest, bytes);
+      emit();
+    },
+    ready: (digest) => {
+      ready.add(digest);
+      emit();
+    },
+  };
 }

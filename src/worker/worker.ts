@@ -1,11 +1,22 @@
 import { setTimeout as sleep } from "node:timers/promises";
 import { type ClientDuplexStream, credentials } from "@grpc/grpc-js";
-import { type HubMessage, WorkerHubClient, type WorkerMessage } from "../gen/berth/worker/v1/worker.js";
+import {
+  type HubMessage,
+  type ImagePull,
+  type ImagePullProgress,
+  WorkerHubClient,
+  type WorkerMessage,
+} from "../gen/berth/worker/v1/worker.js";
 import type { Logger } from "../log/log.js";
 import type { Property } from "../scheduler/platform.js";
-import { Code, StatusError } from "../status/status.js";
+import { OK_STATUS, toRpcStatus } from "../status/rpc-status.js";
+import { Code, StatusError, toStatusError } from "../status/status.js";
 import { type ActionRunnerOptions, failedCompletion, runAction } from "./action-runner.js";
 import { CHANNEL_OPTIONS } from "./remote-cas.js";
+import type { PullProgress } from "./worker-images.js";
+
+/** Progress of an image pull is reported at most this often (plus the final report). */
+const PULL_PROGRESS_INTERVAL_MS = 200;
 
 export interface WorkerOptions extends ActionRunnerOptions {
   /** The farm's gRPC address (scheduler and CAS alike). */
@@ -88,6 +99,7 @@ export class Worker {
       this.options.log.info(`worker ${this.options.workerName} connected to ${this.options.hubAddress}`);
     }
     if (message.cancellation) this.running.get(message.cancellation.leaseId)?.abort();
+    if (message.imagePull) void this.pullImage(stream, message.imagePull);
     const assignment = message.assignment;
     if (assignment) {
       const controller = new AbortController();
@@ -106,10 +118,74 @@ export class Worker {
     }
   }
 
+  /**
+   * Pulls an image into the store for the hub, running nothing in it, and
+   * reports how it goes on the stream the request came on. Released at once,
+   * the image stays in the store (least recently used) for later actions.
+   */
+  private async pullImage(stream: ClientDuplexStream<WorkerMessage, HubMessage>, pull: ImagePull): Promise<void> {
+    const { workerName, images, log } = this.options;
+    const send = (progress: Omit<ImagePullProgress, "pullId">) => {
+      // The pull outlives a broken stream (its layers serve later actions); its reports do not.
+      if (stream === this.stream && stream.writable) {
+        stream.write({ imagePullProgress: { pullId: pull.pullId, ...progress } });
+      }
+    };
+    let latest: PullProgress = { bytesDone: 0, bytesTotal: 0, layersDone: 0, layersTotal: 0 };
+    const reports = throttle(PULL_PROGRESS_INTERVAL_MS, (progress: PullProgress) =>
+      send({ ...progress, finished: false, status: undefined, manifestDigest: "", reference: "" }),
+    );
+    try {
+      if (!images) throw new StatusError(Code.FAILED_PRECONDITION, `worker ${workerName} runs no container images`);
+      // No credentials of its own: the worker's configured ones apply, as for an action that names none.
+      const prepared = await images.prepare(pull.reference, undefined, (progress) => {
+        latest = progress;
+        reports.push(progress);
+      });
+      await prepared.release();
+      reports.stop();
+      const reference = String(prepared.reference);
+      log.info({ worker: workerName, image: reference }, `worker ${workerName} pulled ${reference}`);
+      send({ ...latest, finished: true, status: OK_STATUS, manifestDigest: prepared.manifestDigest, reference });
+    } catch (err) {
+      reports.stop();
+      const status = toRpcStatus(toStatusError(err));
+      log.warn({ worker: workerName, image: pull.reference, code: status.code }, status.message);
+      send({ ...latest, finished: true, status, manifestDigest: "", reference: "" });
+    }
+  }
+
   /** The stream is gone, so are the leases: the scheduler queues their actions again. */
   private abandonAll(): void {
     clearInterval(this.heartbeat);
     for (const controller of this.running.values()) controller.abort();
     this.running.clear();
   }
+}
+
+/** Hands on the first value at once, then at most one (the latest) per `intervalMs`. */
+function throttle<T>(intervalMs: number, emit: (value: T) => void): { push(value: T): void; stop(): void } {
+  let lastAt = Number.NEGATIVE_INFINITY;
+  let latest: { value: T } | undefined;
+  let timer: NodeJS.Timeout | undefined;
+  const flush = () => {
+    timer = undefined;
+    lastAt = Date.now();
+    const pending = latest;
+    latest = undefined;
+    if (pending) emit(pending.value);
+  };
+  return {
+    push(value) {
+      latest = { value };
+      if (timer) return;
+      const wait = lastAt + intervalMs - Date.now();
+      if (wait <= 0) flush();
+      else timer = setTimeout(flush, wait);
+    },
+    stop() {
+      clearTimeout(timer);
+      timer = undefined;
+    },
+  };
 }

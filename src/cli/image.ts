@@ -1,0 +1,101 @@
+import { credentials, type ServiceError } from "@grpc/grpc-js";
+import { Command } from "commander";
+import { ImagesClient, type PullImageProgress } from "../gen/berth/image/v1/image.js";
+import { Code } from "../status/status.js";
+import { type PullFigures, renderPullProgress, StatusLine } from "./progress-bar.js";
+
+interface PullOptions {
+  server: string;
+  instance: string;
+}
+
+export function imageCommand(): Command {
+  return new Command("image").description("the container images of a farm's workers").addCommand(
+    new Command("pull")
+      .description(
+        "have every worker of a farm that runs images pull REF into its image store now, " +
+          "so that the first action naming it starts without pulling",
+      )
+      .option("--server <host:port>", "the farm's gRPC address", "127.0.0.1:8980")
+      .option("--instance <name>", "REAPI instance name", "")
+      .argument("<ref>", "the image, as in the container-image property (docker:// optional)")
+      .action(async (reference: string, options: PullOptions) => {
+        process.exitCode = await pull(reference, options);
+      }),
+  );
+}
+
+/**
+ * Follows the farm's pull, with a bar on a terminal (a line per finished
+ * worker otherwise), then prints one line per worker on standard output.
+ * The exit code is 0 only when every worker has the image.
+ */
+async function pull(reference: string, options: PullOptions): Promise<number> {
+  const client = new ImagesClient(options.server, credentials.createInsecure());
+  const workers = new Map<string, PullImageProgress>();
+  const line = process.stderr.isTTY ? new StatusLine(process.stderr) : undefined;
+  try {
+    for await (const message of client.pullImage({ instanceName: options.instance, reference })) {
+      const progress = message as PullImageProgress;
+      const finishedNow = progress.finished && !workers.get(progress.workerName)?.finished;
+      workers.set(progress.workerName, progress);
+      if (line) line.draw(renderPullProgress(figuresOf(workers.values()), process.stderr.columns || 80));
+      else if (finishedNow) process.stderr.write(`berth image pull: ${progress.workerName} ${outcomeOf(progress)}\n`);
+    }
+  } catch (err) {
+    line?.clear();
+    process.stderr.write(`berth image pull: ${messageOf(err)}\n`);
+    return 1;
+  } finally {
+    client.close();
+  }
+  line?.clear();
+  if (workers.size === 0) {
+    process.stderr.write("berth image pull: the farm named no worker\n");
+    return 1;
+  }
+  const names = [...workers.keys()].sort();
+  const width = Math.max(...names.map((name) => name.length));
+  let succeeded = true;
+  for (const name of names) {
+    const progress = workers.get(name) as PullImageProgress;
+    succeeded &&= progress.finished && progress.status?.code === Code.OK;
+    process.stdout.write(`${name.padEnd(width)}  ${outcomeOf(progress)}\n`);
+  }
+  return succeeded ? 0 : 1;
+}
+
+function figuresOf(states: Iterable<PullImageProgress>): PullFigures {
+  const figures: PullFigures = {
+    bytesDone: 0,
+    bytesTotal: 0,
+    layersDone: 0,
+    layersTotal: 0,
+    workersFinished: 0,
+    workersTotal: 0,
+  };
+  for (const state of states) {
+    figures.bytesDone += state.bytesDone;
+    figures.bytesTotal += state.bytesTotal;
+    figures.layersDone += state.layersDone;
+    figures.layersTotal += state.layersTotal;
+    figures.workersFinished += state.finished ? 1 : 0;
+    figures.workersTotal++;
+  }
+  return figures;
+}
+
+/** `REFERENCE@DIGEST`, or `failed: WHY`. */
+function outcomeOf(progress: PullImageProgress): string {
+  if (!progress.finished) return "failed: the farm ended the pull before this worker finished";
+  if (progress.status?.code !== Code.OK) {
+    return `failed: ${progress.status?.message || `status ${progress.status?.code ?? "missing"}`}`;
+  }
+  const { reference, manifestDigest } = progress;
+  return reference.includes("@") ? reference : `${reference}@${manifestDigest}`;
+}
+
+function messageOf(err: unknown): string {
+  const details = (err as Partial<ServiceError>).details;
+  return typeof details === "string" && details !== "" ? details : (err as Error).message;
+}
