@@ -3,6 +3,7 @@ import { join } from "node:path";
 import type { ActionCache } from "../ac/action-cache.js";
 import { CompletenessCheckingActionCache } from "../ac/completeness-checking-action-cache.js";
 import { DiskActionCache } from "../ac/disk-action-cache.js";
+import { WriteBehindActionCache } from "../ac/write-behind-action-cache.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { DiskBlobStore } from "../cas/disk-blob-store.js";
 import { MemoryCachedBlobStore } from "../cas/memory-cached-blob-store.js";
@@ -54,7 +55,10 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
           maxTotalBytes: config.cas.memoryCacheSizeBytes,
         })
       : disk;
-  const ac = new CompletenessCheckingActionCache(new DiskActionCache(acFiles), cas, (digest, missing) =>
+  const written = new WriteBehindActionCache(new DiskActionCache(acFiles), (digest, error) =>
+    log.warn({ action: formatDigest(digest), err: error }, "an action result could not be stored"),
+  );
+  const ac = new CompletenessCheckingActionCache(written, cas, (digest, missing) =>
     log.debug({ action: formatDigest(digest), missing }, "action result has evicted blobs; answering a miss"),
   );
   const uploads = new UploadSessions(cas, config.cas.uploadIdleTimeoutSeconds * 1000);
@@ -82,6 +86,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     close: async () => {
       scheduler.close();
       await uploads.close();
+      await written.flush();
     },
   };
 }

@@ -184,10 +184,15 @@ export async function runAction(
   } catch (err) {
     return failedCompletion(leaseId, toStatusError(err));
   } finally {
-    await image?.release();
-    // The client waits for the completion, not for the directory to go.
-    await options.trash.discard(base).catch(() => rm(base, { recursive: true, force: true }).catch(() => {}));
+    // Not awaited: the client waits for the completion, which need not wait for the image's release or for
+    // the directory to go (each action has a directory of its own).
+    void cleanUp(base, image, options.trash);
   }
+}
+
+async function cleanUp(base: string, image: ActionImage | undefined, trash: Trash): Promise<void> {
+  await image?.release().catch(() => {});
+  await trash.discard(base).catch(() => rm(base, { recursive: true, force: true }).catch(() => {}));
 }
 
 /** A completion for an assignment that could not run. */
