@@ -1,13 +1,23 @@
 import { createReadStream } from "node:fs";
-import { lstat, readdir, readlink } from "node:fs/promises";
+import { lstat, readdir, readFile, readlink } from "node:fs/promises";
 import { join } from "node:path";
 import { type Digest, digestOf } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 
+/** Files up to this size are hashed from one read; larger ones are streamed in chunks of this size. */
+const WHOLE_READ_BYTES = 1024 * 1024;
+
 export async function hashFile(fn: DigestFunction, path: string, size: number): Promise<Digest> {
   const hasher = await fn.createHasher();
-  for await (const chunk of createReadStream(path, { highWaterMark: 1024 * 1024 })) hasher.update(chunk as Buffer);
+  // A read stream allocates a whole chunk for each read whatever the file's size: for the many small files of
+  // a build (stdout, outputs) that was megabytes of short-lived memory per action, and frequent full GCs.
+  if (size <= WHOLE_READ_BYTES) {
+    hasher.update(await readFile(path));
+  } else {
+    for await (const chunk of createReadStream(path, { highWaterMark: WHOLE_READ_BYTES }))
+      hasher.update(chunk as Buffer);
+  }
   return { fn, hash: hasher.digestHex(), sizeBytes: size };
 }
 

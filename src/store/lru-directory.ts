@@ -165,7 +165,9 @@ export class LruDirectory {
       await handle.close();
       return Readable.from([]);
     }
-    return createReadStream("", { fd: handle, start, end: end - 1, highWaterMark, autoClose: true });
+    // Each read allocates a whole chunk: a small blob gets a chunk of its own size, not a megabyte.
+    const chunk = Math.max(1, Math.min(highWaterMark, end - start));
+    return createReadStream("", { fd: handle, start, end: end - 1, highWaterMark: chunk, autoClose: true });
   }
 
   async remove(key: string): Promise<void> {
