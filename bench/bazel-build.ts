@@ -78,15 +78,14 @@ async function writeWorkspace(workspace: string): Promise<void> {
 const BAZEL_WHERE =
   "Where the time goes: Berth spends several times the CPU per action that local sandboxing does (the CPU line " +
   'above; there "Berth" is the server process, and its local workers\' child process counts under ' +
-  '"everything else" with the sandboxes). With --jobs=2 Bazel waits on each action\'s round trips: its ' +
-  '"execute remotely" span above against about 11 ms for an Execute alone in the latency benchmark, because ' +
-  "each Bazel action first makes about eight ByteStream.Write calls (the gRPC counts above: the Action, the " +
-  "Command and one Directory per level of bazel-out/k8-fastbuild/bin/chains/cNN), each a gRPC round trip " +
-  "through grpc-js, now stored from memory when the blob comes whole in one request. With --jobs=16 the two " +
-  "cores are the limit, shared by Bazel's server, Berth's server, the worker process and the sandboxes. Since " +
-  "the last measurement, local workers run in their own process, fetch each new input tree with one GetTree " +
-  "instead of one BatchReadBlobs per level, and send small outputs with the completion; the remote build went " +
-  "from 16.0 s to 14.5 s, still 2.6 times the local one.";
+  '"everything else" with the sandboxes), and Bazel\'s own server spends more CPU building remotely than ' +
+  "locally. With --jobs=2 Bazel waits on each action's round trips: its \"execute remotely\" span above " +
+  "against about 11 ms for an Execute alone in the latency benchmark, because each Bazel action first makes " +
+  "about eight ByteStream.Write calls (the gRPC counts above: the Action, the Command and one Directory per " +
+  "level of bazel-out/k8-fastbuild/bin/chains/cNN), each a gRPC call of its own through grpc-js; in a CPU " +
+  "profile of Berth's server most of its time per action goes to HTTP/2 and gRPC call handling and to storing " +
+  "each small blob as a file (open, write, close, rename). With --jobs=16 the two cores are the limit, shared " +
+  "by Bazel's server, Berth's server, the worker process and the sandboxes.";
 
 /** Calls by method in Bazel's --experimental_remote_grpc_log: length-delimited LogEntry messages. */
 function countRpcs(log: Buffer): Map<string, number> {

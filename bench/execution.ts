@@ -49,7 +49,7 @@ export const INPUT_FILES: Record<string, string> = Object.fromEntries(
 
 /**
  * Every directory above `dir` must let uid 65534 through, or Berth's sandbox switches to its slower
- * `unshare … setpriv` path (see BubblewrapSandbox); the same test as the sandbox's own, so that the benchmark
+ * private-mount-namespace path (see BubblewrapSandbox); the same test as the sandbox's own, so that the benchmark
  * fails rather than measure the other path.
  */
 export async function assertReachableByNobody(dir: string): Promise<void> {
@@ -60,7 +60,7 @@ export async function assertReachableByNobody(dir: string): Promise<void> {
       (info.gid === NOBODY && (info.mode & 0o010) !== 0) ||
       (info.mode & 0o001) !== 0;
     if (!searchable) {
-      throw new Error(`${d} is closed to uid ${NOBODY}: the sandbox would take its unshare … setpriv path`);
+      throw new Error(`${d} is closed to uid ${NOBODY}: the sandbox would take its private-mount-namespace path`);
     }
     if (d === dirname(d)) return;
   }
@@ -111,28 +111,31 @@ async function pool(count: number, limit: number, work: (i: number) => Promise<v
 
 const LATENCY_WHERE =
   "What Berth adds to the sandbox, from the phases above and the code: before queueing, the Execute handler " +
-  "reads the Action and the Command from the CAS on disk and checks that the input root is stored " +
+  "reads the Action and the Command from the CAS (from memory: blobs up to 64 KiB recently stored or read are " +
+  "kept there, src/cas/memory-cached-blob-store.ts) and checks that the input root is stored " +
   "(src/execution/executor.ts prepare). The local workers run in a child process of `berth serve` " +
   "(src/worker/worker-process.ts), reached over loopback gRPC like any worker. Before the sandbox starts, the " +
   "worker takes the input tree's Directory messages from its cache (fetched once, with one GetTree, " +
   "src/worker/input-root.ts), creates and chowns the directories one depth at a time and hard-links the ten " +
-  "files; BubblewrapSandbox.run then opens stdout and stderr and spawns bwrap as uid 65534. After " +
-  "the sandbox, the worker looks at stdout and stderr (empty here, so nothing is hashed or sent), the " +
-  "completion travels back on the worker stream, the action's directory is renamed into the trash (removed " +
-  "later by a batched `rm -rf`), and Executor.finish writes the action cache entry (open, write, close, rename " +
-  "in src/store/lru-directory.ts) before the operation completes and the client gets its reply.";
+  "files; BubblewrapSandbox.run then asks the launcher (src/process/launcher.pl, a small perl process started " +
+  "once) to fork, open stdout and stderr, become uid 65534 and exec bwrap. After the sandbox, the worker looks " +
+  "at stdout and stderr (empty here, so nothing is hashed or sent) and sends the completion on the worker " +
+  "stream; Executor.finish hands the action cache entry to a write-behind cache (answered from memory until " +
+  "its file is written, src/ac/write-behind-action-cache.ts) and the operation completes; the worker renames " +
+  "the action's directory into the trash meanwhile (removed later by a batched `rm -rf`).";
 
 const THROUGHPUT_WHERE =
-  "Where the time goes: the server process (the CPU line's \"Berth's server\") now uses a fifth of a core; " +
+  "Where the time goes: the server process (the CPU line's \"Berth's server\") uses about a fifth of a core; " +
   'the local workers run in a child process of their own (counted under "everything else", with the ' +
-  "sandboxes), whose one Node.js thread serves both slots, so each slot waits for the other's JavaScript. In a " +
-  "CPU profile of that process taken while it was being changed (`--server-cpu-prof DIR` profiles it too), " +
-  "its biggest costs per action were child_process.spawn of bwrap (about 2.5 ms: spawn forks the calling " +
-  "process synchronously), garbage collection (about 2 ms) and laying out the input root; removing action " +
-  "directories with Node's `rm -r` (about 1.8 ms) has since moved to a batched `rm -rf` in the background, " +
-  "Directory messages are cached, and small outputs travel inline in the completion instead of in an upload " +
-  "call, which together took the benchmark from about 65 to about 90 actions/s. The sandbox itself is not the " +
-  "limit: the reference runs the same commands several times faster on the same two cores.";
+  "sandboxes), whose one Node.js thread serves both slots. Three changes since the last measurement took the " +
+  "benchmark from about 87 to the figure above. The worker no longer forks itself for every sandbox: " +
+  "child_process.spawn copied its address space synchronously (about 2.5 ms a spawn in a CPU profile); a " +
+  "perl launcher started once forks its small self instead (src/process/launcher.pl). Files up to 1 MiB are " +
+  "hashed from one read, and small blobs are streamed in chunks of their own size: a read stream allocates its " +
+  "whole 1 MiB chunk for each read, so hashing each action's stdout made the worker run a full garbage " +
+  "collection about ten times a second (`--trace-gc` showed Mark-Compact after Mark-Compact, started by " +
+  "external memory pressure). The sandbox itself is not the limit: the reference runs the same commands about " +
+  "twice as fast on the same two cores, with none of the laying out, uploading or scheduling.";
 
 export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
   const { clients } = ctx;
@@ -209,7 +212,7 @@ export async function benchExecuteLatency(ctx: BenchContext): Promise<Section> {
         "and the benchmark's own process, swollen by the CAS benchmarks, made each fork several times slower. " +
         "Berth, the sandbox and raw bwrap alternate run by run.",
       "The temporary directory holding Berth's data directory is made traversable (chmod 0755), so the " +
-        "sandbox binds the input root directly and the `unshare … setpriv` path for input roots behind closed " +
+        "sandbox binds the input root directly and the private-mount-namespace path for input roots behind closed " +
         "directories is not what is measured; the benchmark checks this before it starts.",
     ],
     rows: [
