@@ -1,9 +1,15 @@
 import assert from "node:assert/strict";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { layeredImage, startRegistry, type TestRegistry } from "../../test/support/registry.js";
+import {
+  busyboxImage,
+  layeredImage,
+  MARKER_PATH,
+  startRegistry,
+  type TestRegistry,
+} from "../../test/support/registry.js";
 import { createRegistryClient } from "../registry/client.js";
 import { Code, StatusError } from "../status/status.js";
 import { type PullProgress, WorkerImages } from "./worker-images.js";
@@ -62,4 +68,32 @@ test("progress counts layer bytes against the manifest's sizes; layers in the st
   const other = await images.prepare(`${registry.host}/team/layered:2`, undefined).catch((err: unknown) => err);
   assert.ok(other instanceof StatusError);
   assert.equal(other.code, Code.UNAVAILABLE, "a tag never resolved needs the registry");
+});
+
+test("a tag is asked again only once tagRefreshMs has passed, and then runs what it names now", async () => {
+  const tags = await startRegistry();
+  try {
+    const images = await WorkerImages.open({
+      dir: join(dir, "refresh"),
+      maxBytes: 1024 * 1024 * 1024,
+      registry: createRegistryClient(),
+      tagRefreshMs: 1500,
+    });
+    const reference = await tags.push(await busyboxImage("before"), "team/moving", "stable");
+    const marker = async () => {
+      const prepared = await images.prepare(reference, undefined);
+      try {
+        return (await readFile(join(prepared.layerDirs.at(-1) as string, MARKER_PATH), "utf8")).trim();
+      } finally {
+        await prepared.release();
+      }
+    };
+    assert.equal(await marker(), "before");
+    await tags.push(await busyboxImage("after"), "team/moving", "stable");
+    assert.equal(await marker(), "before", "within tagRefreshMs the tag's earlier resolution is trusted");
+    await new Promise((resolve) => setTimeout(resolve, 1600));
+    assert.equal(await marker(), "after", "past tagRefreshMs the tag is resolved again");
+  } finally {
+    await tags.stop();
+  }
 });
