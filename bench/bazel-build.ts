@@ -79,7 +79,7 @@ const BAZEL_WHERE =
   "Where the time goes: Berth spends several times the CPU per action that local sandboxing does (the CPU line " +
   'above; there "Berth" is the server process, and its local workers\' child process counts under ' +
   '"everything else" with the sandboxes), and Bazel\'s own server spends more CPU building remotely than ' +
-  "locally. With --jobs=2 Bazel waits on each action's round trips: its \"execute remotely\" span above " +
+  'locally. With --jobs=2 Bazel waits on each action\'s round trips: its "execute remotely" span above ' +
   "against about 11 ms for an Execute alone in the latency benchmark, because each Bazel action first makes " +
   "about eight ByteStream.Write calls (the gRPC counts above: the Action, the Command and one Directory per " +
   "level of bazel-out/k8-fastbuild/bin/chains/cNN), each a gRPC call of its own through grpc-js; in a CPU " +
