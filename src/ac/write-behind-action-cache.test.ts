@@ -32,6 +32,9 @@ class HeldWrites implements ActionCache {
     await new Promise<void>((resolve) => this.waiting.push(resolve));
     await this.inner.put(instanceName, digest, value);
   }
+  releaseAll() {
+    for (const release of this.waiting.splice(0)) release();
+  }
 }
 
 test("a result is answered at once, before and after it reaches the disk, per instance name", async (t) => {
@@ -44,9 +47,7 @@ test("a result is answered at once, before and after it reaches the disk, per in
   assert.equal((await cache.get("main", digest))?.exitCode, 0);
   assert.equal(await cache.get("other", digest), undefined);
   assert.equal(await disk.get("main", digest), undefined, "not on disk yet");
-  held.waiting.splice(0).forEach((release) => {
-    release();
-  });
+  held.releaseAll();
   await cache.flush();
   assert.equal((await disk.get("main", digest))?.exitCode, 0);
   assert.equal((await cache.get("main", digest))?.exitCode, 0);
@@ -61,9 +62,7 @@ test("two puts of one action land in order: the later result is the one kept", a
   await cache.put("", digest, result(2));
   assert.equal((await cache.get("", digest))?.exitCode, 2);
   while (held.waiting.length > 0 || (await disk.get("", digest))?.exitCode !== 2) {
-    held.waiting.splice(0).forEach((release) => {
-      release();
-    });
+    held.releaseAll();
     await new Promise((resolve) => setImmediate(resolve));
   }
   await cache.flush();

@@ -1,5 +1,5 @@
 import type { ServerWritableStream } from "@grpc/grpc-js";
-import type { ImagePulls, StartedPull, WorkerPullState } from "../execution/image-pulls.js";
+import type { ImagePulls, StartedPull } from "../execution/image-pulls.js";
 import type { ImagesServer, PullImageProgress, PullImageRequest } from "../gen/berth/image/v1/image.js";
 import type { Logger } from "../log/log.js";
 import { toServiceError } from "./grpc-status.js";
@@ -20,7 +20,7 @@ export function imagesService(pulls: ImagePulls, instances: InstanceNames, log: 
       (async () => {
         instances.check(call.request.instanceName);
         pull = await pulls.start(call.request.reference, (state) => {
-          if (!gone && !call.writableEnded) call.write(toWire(state));
+          if (!gone && !call.writableEnded) call.write(state);
         });
         if (gone) pull.stop();
         await pull.finished;
@@ -30,19 +30,5 @@ export function imagesService(pulls: ImagePulls, instances: InstanceNames, log: 
         if (!gone) call.emit("error", toServiceError(err));
       });
     },
-  };
-}
-
-function toWire(state: WorkerPullState): PullImageProgress {
-  return {
-    workerName: state.workerName,
-    bytesDone: state.bytesDone,
-    bytesTotal: state.bytesTotal,
-    layersDone: state.layersDone,
-    layersTotal: state.layersTotal,
-    finished: state.finished,
-    status: state.status,
-    manifestDigest: state.manifestDigest,
-    reference: state.reference,
   };
 }

@@ -1,6 +1,6 @@
 import { credentials, type ServiceError } from "@grpc/grpc-js";
 import { Command } from "commander";
-import { ImagesClient, type PullImageProgress } from "../gen/berth/image/v1/image.js";
+import { ImagePullState, ImagesClient, type PullImageProgress } from "../gen/berth/image/v1/image.js";
 import { Code } from "../status/status.js";
 import { type PullFigures, renderPullProgress, StatusLine } from "./progress-bar.js";
 
@@ -32,15 +32,15 @@ export function imageCommand(): Command {
  */
 async function pull(reference: string, options: PullOptions): Promise<number> {
   const client = new ImagesClient(options.server, credentials.createInsecure());
-  const workers = new Map<string, PullImageProgress>();
+  const workers = new Map<string, ImagePullState>();
   const line = process.stderr.isTTY ? new StatusLine(process.stderr) : undefined;
   try {
     for await (const message of client.pullImage({ instanceName: options.instance, reference })) {
-      const progress = message as PullImageProgress;
-      const finishedNow = progress.finished && !workers.get(progress.workerName)?.finished;
-      workers.set(progress.workerName, progress);
+      const { workerName, state: progress = ImagePullState.fromPartial({}) } = message as PullImageProgress;
+      const finishedNow = progress.finished && !workers.get(workerName)?.finished;
+      workers.set(workerName, progress);
       if (line) line.draw(renderPullProgress(figuresOf(workers.values()), process.stderr.columns || 80));
-      else if (finishedNow) process.stderr.write(`berth image pull: ${progress.workerName} ${outcomeOf(progress)}\n`);
+      else if (finishedNow) process.stderr.write(`berth image pull: ${workerName} ${outcomeOf(progress)}\n`);
     }
   } catch (err) {
     line?.clear();
@@ -58,14 +58,14 @@ async function pull(reference: string, options: PullOptions): Promise<number> {
   const width = Math.max(...names.map((name) => name.length));
   let succeeded = true;
   for (const name of names) {
-    const progress = workers.get(name) as PullImageProgress;
+    const progress = workers.get(name) as ImagePullState;
     succeeded &&= progress.finished && progress.status?.code === Code.OK;
     process.stdout.write(`${name.padEnd(width)}  ${outcomeOf(progress)}\n`);
   }
   return succeeded ? 0 : 1;
 }
 
-function figuresOf(states: Iterable<PullImageProgress>): PullFigures {
+function figuresOf(states: Iterable<ImagePullState>): PullFigures {
   const figures: PullFigures = {
     bytesDone: 0,
     bytesTotal: 0,
@@ -86,7 +86,7 @@ function figuresOf(states: Iterable<PullImageProgress>): PullFigures {
 }
 
 /** `REFERENCE@DIGEST`, or `failed: WHY`. */
-function outcomeOf(progress: PullImageProgress): string {
+function outcomeOf(progress: ImagePullState): string {
   if (!progress.finished) return "failed: the farm ended the pull before this worker finished";
   if (progress.status?.code !== Code.OK) {
     return `failed: ${progress.status?.message || `status ${progress.status?.code ?? "missing"}`}`;

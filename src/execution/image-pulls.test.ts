@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { afterEach, test } from "node:test";
 import { parseConfig } from "../config/config.js";
+import { ImagePullState } from "../gen/berth/image/v1/image.js";
 import type { Assignment, ImagePull, ImagePullProgress } from "../gen/berth/worker/v1/worker.js";
 import { failure, Scheduler, type WorkerConnection } from "../scheduler/scheduler.js";
 import { Code, type StatusError } from "../status/status.js";
@@ -42,19 +43,8 @@ function farm(images: Record<string, unknown> = {}, workers: WorkerConnection[] 
   return new ImagePulls(new ImagePolicy(config.images, resolveTag), scheduler);
 }
 
-function progress(pullId: string, fields: Partial<ImagePullProgress> = {}): ImagePullProgress {
-  return {
-    pullId,
-    bytesDone: 0,
-    bytesTotal: 0,
-    layersDone: 0,
-    layersTotal: 0,
-    finished: false,
-    status: undefined,
-    manifestDigest: "",
-    reference: "",
-    ...fields,
-  };
+function progress(pullId: string, fields: Partial<ImagePullState> = {}): ImagePullProgress {
+  return { pullId, state: ImagePullState.fromPartial(fields) };
 }
 
 const ok = { code: Code.OK, message: "", details: [] };
@@ -67,7 +57,7 @@ test("a pull goes to every worker that runs images, relays their progress, and e
   assert.equal(pull.reference, "127.0.0.1:5000/team/tool:1");
   assert.deepEqual(pull.workerNames, ["a", "b"]);
   assert.deepEqual(
-    updates.map((u) => [u.workerName, u.finished]),
+    updates.map((u) => [u.workerName, u.state.finished]),
     [
       ["a", false],
       ["b", false],
@@ -85,7 +75,7 @@ test("a pull goes to every worker that runs images, relays their progress, and e
   pulls.report("plain", progress(pullId, { finished: true, status: ok }));
   pulls.report("a", progress("another pull", { finished: true, status: ok }));
   assert.deepEqual(
-    updates.slice(2).map((u) => [u.workerName, u.bytesDone, u.bytesTotal]),
+    updates.slice(2).map((u) => [u.workerName, u.state.bytesDone, u.state.bytesTotal]),
     [["a", 10, 40]],
   );
   const pinned = `127.0.0.1:5000/team/tool:1@sha256:${"d".repeat(64)}`;
@@ -99,8 +89,8 @@ test("a pull goes to every worker that runs images, relays their progress, and e
   );
   await pull.finished;
   const last = updates.slice(-2);
-  assert.equal(last[0]?.reference, pinned);
-  assert.equal(last[1]?.status?.code, Code.FAILED_PRECONDITION);
+  assert.equal(last[0]?.state.reference, pinned);
+  assert.equal(last[1]?.state.status?.code, Code.FAILED_PRECONDITION);
   // Reports after the end are nobody's business.
   const count = updates.length;
   pulls.report("b", progress(pullId, { bytesDone: 1 }));
@@ -118,9 +108,9 @@ test("a worker leaving mid-pull has finished with UNAVAILABLE; one that had fini
   pulls.workerLeft("b", "stream closed");
   await pull.finished;
   const final = new Map(updates.map((u) => [u.workerName, u]));
-  assert.equal(final.get("a")?.status?.code, Code.OK);
-  assert.equal(final.get("b")?.status?.code, Code.UNAVAILABLE);
-  assert.match(final.get("b")?.status?.message ?? "", /worker b left the farm before it finished the pull/);
+  assert.equal(final.get("a")?.state.status?.code, Code.OK);
+  assert.equal(final.get("b")?.state.status?.code, Code.UNAVAILABLE);
+  assert.match(final.get("b")?.state.status?.message ?? "", /worker b left the farm before it finished the pull/);
 });
 
 test("stop ends the relaying at once without telling the workers anything more", async () => {

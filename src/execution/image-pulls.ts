@@ -1,6 +1,6 @@
 import { randomUUID } from "node:crypto";
+import { ImagePullState } from "../gen/berth/image/v1/image.js";
 import type { ImagePullProgress } from "../gen/berth/worker/v1/worker.js";
-import type { Status } from "../gen/google/rpc/status.js";
 import { type ImageReference, ImageReferenceError, parseImageReference } from "../image/reference.js";
 import { unmetProperty } from "../scheduler/platform.js";
 import type { WorkerConnection } from "../scheduler/scheduler.js";
@@ -8,19 +8,10 @@ import { Code, invalidArgument, StatusError } from "../status/status.js";
 import { CONTAINER_IMAGE, IMAGE_CAPABILITY } from "./action-platform.js";
 import type { ImagePolicy } from "./image-policy.js";
 
-/** One worker's part of a pull, as the caller is told it. */
+/** One worker's part of a pull, as the caller is told it (a copy, taken at each change). */
 export interface WorkerPullState {
   readonly workerName: string;
-  bytesDone: number;
-  bytesTotal: number;
-  layersDone: number;
-  layersTotal: number;
-  finished: boolean;
-  /** Set once finished. */
-  status: Status | undefined;
-  manifestDigest: string;
-  /** Pinned to `manifestDigest` once finished with OK. */
-  reference: string;
+  readonly state: ImagePullState;
 }
 
 /** A pull handed to the workers. */
@@ -40,7 +31,8 @@ export interface ConnectedWorkers {
 }
 
 interface RunningPull {
-  readonly workers: Map<string, WorkerPullState>;
+  /** Each worker's state by name. */
+  readonly workers: Map<string, ImagePullState>;
   readonly onUpdate: (state: WorkerPullState) => void;
   readonly end: () => void;
 }
@@ -79,7 +71,7 @@ export class ImagePulls {
       resolveFinished = resolve;
     });
     const pull: RunningPull = {
-      workers: new Map(targets.map((w) => [w.name, initialState(w.name)])),
+      workers: new Map(targets.map((w) => [w.name, ImagePullState.fromPartial({})])),
       onUpdate,
       end: () => {
         this.running.delete(pullId);
@@ -87,7 +79,7 @@ export class ImagePulls {
       },
     };
     this.running.set(pullId, pull);
-    for (const state of pull.workers.values()) onUpdate({ ...state });
+    for (const [workerName, state] of pull.workers) onUpdate({ workerName, state: { ...state } });
     for (const worker of targets) worker.pullImage({ pullId, reference: String(image) });
     return { reference: String(image), workerNames: [...pull.workers.keys()], finished, stop: pull.end };
   }
@@ -96,18 +88,12 @@ export class ImagePulls {
   report(workerName: string, progress: ImagePullProgress): void {
     const pull = this.running.get(progress.pullId);
     const state = pull?.workers.get(workerName);
-    if (!pull || !state || state.finished) return;
-    state.bytesDone = progress.bytesDone;
-    state.bytesTotal = progress.bytesTotal;
-    state.layersDone = progress.layersDone;
-    state.layersTotal = progress.layersTotal;
-    if (progress.finished) {
-      state.finished = true;
-      state.status = progress.status ?? { code: Code.INTERNAL, message: "the worker sent no status", details: [] };
-      state.manifestDigest = progress.manifestDigest;
-      state.reference = progress.reference;
+    if (!pull || !state || state.finished || !progress.state) return;
+    Object.assign(state, progress.state);
+    if (state.finished && !state.status) {
+      state.status = { code: Code.INTERNAL, message: "the worker sent no status", details: [] };
     }
-    this.publish(pull, state);
+    this.publish(pull, workerName, state);
   }
 
   /** The worker's stream is gone: its part of every pull is over. */
@@ -121,28 +107,14 @@ export class ImagePulls {
         message: `worker ${workerName} left the farm before it finished the pull (${reason})`,
         details: [],
       };
-      this.publish(pull, state);
+      this.publish(pull, workerName, state);
     }
   }
 
-  private publish(pull: RunningPull, state: WorkerPullState): void {
-    pull.onUpdate({ ...state });
+  private publish(pull: RunningPull, workerName: string, state: ImagePullState): void {
+    pull.onUpdate({ workerName, state: { ...state } });
     if ([...pull.workers.values()].every((s) => s.finished)) pull.end();
   }
-}
-
-function initialState(workerName: string): WorkerPullState {
-  return {
-    workerName,
-    bytesDone: 0,
-    bytesTotal: 0,
-    layersDone: 0,
-    layersTotal: 0,
-    finished: false,
-    status: undefined,
-    manifestDigest: "",
-    reference: "",
-  };
 }
 
 function parseReference(reference: string): ImageReference {

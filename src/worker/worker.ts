@@ -1,12 +1,7 @@
 import { setTimeout as sleep } from "node:timers/promises";
 import { type ClientDuplexStream, credentials } from "@grpc/grpc-js";
-import {
-  type HubMessage,
-  type ImagePull,
-  type ImagePullProgress,
-  WorkerHubClient,
-  type WorkerMessage,
-} from "../gen/berth/worker/v1/worker.js";
+import type { ImagePullState } from "../gen/berth/image/v1/image.js";
+import { type HubMessage, type ImagePull, WorkerHubClient, type WorkerMessage } from "../gen/berth/worker/v1/worker.js";
 import type { Logger } from "../log/log.js";
 import type { Property } from "../scheduler/platform.js";
 import { OK_STATUS, toRpcStatus } from "../status/rpc-status.js";
@@ -125,10 +120,10 @@ export class Worker {
    */
   private async pullImage(stream: ClientDuplexStream<WorkerMessage, HubMessage>, pull: ImagePull): Promise<void> {
     const { workerName, images, log } = this.options;
-    const send = (progress: Omit<ImagePullProgress, "pullId">) => {
+    const send = (state: ImagePullState) => {
       // The pull outlives a broken stream (its layers serve later actions); its reports do not.
       if (stream === this.stream && stream.writable) {
-        stream.write({ imagePullProgress: { pullId: pull.pullId, ...progress } });
+        stream.write({ imagePullProgress: { pullId: pull.pullId, state } });
       }
     };
     let latest: PullProgress = { bytesDone: 0, bytesTotal: 0, layersDone: 0, layersTotal: 0 };
