@@ -33,9 +33,9 @@ export function workerCommand(): Command {
         logLevel: string;
       }) => {
         const log = createLogger(options.logLevel);
-        let images: Config["images"];
+        let config: Config;
         try {
-          images = (await loadConfig(options.config)).images;
+          config = await loadConfig(options.config);
         } catch (err) {
           if (!(err instanceof ConfigError)) throw err;
           process.stderr.write(`berth: ${err.message}\n`);
@@ -47,7 +47,8 @@ export function workerCommand(): Command {
           workDir: options.workDir ?? join(homedir(), ".cache", "berth", "worker"),
           properties: options.property,
           name: options.name,
-          images,
+          images: config.images,
+          worker: config.worker,
           log,
         });
         log.info(`berth worker joined ${options.scheduler}`);

@@ -82,6 +82,13 @@ export const ConfigSchema = z
       })
       .strict()
       .prefault({}),
+    worker: z
+      .object({
+        /** A worker's copies of input files past this total are deleted, least recently used first. */
+        fileCacheMaxSizeBytes: bytes.default(10 * 1024 ** 3),
+      })
+      .strict()
+      .prefault({}),
     images: z
       .object({
         /**

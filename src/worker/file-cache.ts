@@ -1,4 +1,4 @@
-import { chmod, mkdir, rename, rm, writeFile } from "node:fs/promises";
+import { chmod, mkdir, rename, rm, unlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { type Digest, formatDigest } from "../digest/digest.js";
 import type { RemoteCas } from "./remote-cas.js";
@@ -9,31 +9,83 @@ import type { RemoteCas } from "./remote-cas.js";
  * copies are read-only and owned by the worker's user, so the actions
  * (running as another, unprivileged user) cannot change them. Executable
  * and plain copies are separate files: a hard link shares its mode.
+ *
+ * Past `maxBytes` the least recently used copies are deleted. A copy an
+ * action is about to link is pinned until `release`; one already linked
+ * lives on in the action's directory (a hard link keeps the file), so
+ * eviction never takes a file from under a running action.
  */
 export class FileCache {
-  private readonly present = new Set<string>();
+  /** Copies on disk and their sizes, least recently used first. */
+  private readonly present = new Map<string, number>();
   private readonly fetching = new Map<string, Promise<boolean>>();
+  private readonly pins = new Map<string, number>();
+  private totalBytes = 0;
 
-  private constructor(private readonly dir: string) {}
+  private constructor(
+    private readonly dir: string,
+    private readonly maxBytes: number,
+  ) {}
 
-  static async open(dir: string): Promise<FileCache> {
+  static async open(dir: string, maxBytes: number): Promise<FileCache> {
     // Entries from an earlier run are not indexed; starting empty is always correct.
     await rm(dir, { recursive: true, force: true });
     await mkdir(dir, { recursive: true });
-    return new FileCache(dir);
+    return new FileCache(dir, maxBytes);
+  }
+
+  /** Bytes of the copies on disk. */
+  get usedBytes(): number {
+    return this.totalBytes;
   }
 
   /**
-   * The cached copies of `wanted` (fetching what is absent), or the digests
-   * the CAS does not have. Small files come in batches, large ones streamed.
+   * The cached copies of `wanted` (fetching what is absent), pinned until
+   * `release`, and the digests the CAS does not have. Small files come in
+   * batches, large ones streamed.
    */
-  async ensure(cas: RemoteCas, wanted: readonly { digest: Digest; executable: boolean }[]): Promise<Digest[]> {
+  async ensure(
+    cas: RemoteCas,
+    wanted: readonly { digest: Digest; executable: boolean }[],
+  ): Promise<{ missing: Digest[]; release(): void }> {
+    const keys = [...new Set(wanted.map((item) => this.key(item.digest, item.executable)))];
+    for (const key of keys) this.pins.set(key, (this.pins.get(key) ?? 0) + 1);
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      for (const key of keys) {
+        const count = (this.pins.get(key) ?? 1) - 1;
+        if (count > 0) this.pins.set(key, count);
+        else this.pins.delete(key);
+      }
+      this.evict();
+    };
+    try {
+      return { missing: await this.fetchAbsent(cas, wanted), release };
+    } catch (err) {
+      release();
+      throw err;
+    }
+  }
+
+  private async fetchAbsent(
+    cas: RemoteCas,
+    wanted: readonly { digest: Digest; executable: boolean }[],
+  ): Promise<Digest[]> {
     const missing: Digest[] = [];
     const toFetch = new Map<string, { digest: Digest; executable: boolean }>();
     const waits: Promise<void>[] = [];
     for (const item of wanted) {
       const key = this.key(item.digest, item.executable);
-      if (this.present.has(key) || toFetch.has(key)) continue;
+      const size = this.present.get(key);
+      if (size !== undefined) {
+        // Most recently used now.
+        this.present.delete(key);
+        this.present.set(key, size);
+        continue;
+      }
+      if (toFetch.has(key)) continue;
       const pending = this.fetching.get(key);
       if (pending) {
         waits.push(
@@ -53,7 +105,7 @@ export class FileCache {
         waits.push(
           done.then((ok) => {
             this.fetching.delete(key);
-            if (ok) this.present.add(key);
+            if (ok) this.add(key, item.digest.sizeBytes);
             else missing.push(item.digest);
           }),
         );
@@ -61,6 +113,23 @@ export class FileCache {
     }
     await Promise.all(waits);
     return missing;
+  }
+
+  private add(key: string, size: number): void {
+    this.present.set(key, size);
+    this.totalBytes += size;
+    this.evict();
+  }
+
+  /** Deletes the least recently used copies no action has pinned until the cache fits. */
+  private evict(): void {
+    for (const [key, size] of this.present) {
+      if (this.totalBytes <= this.maxBytes) return;
+      if (this.pins.has(key)) continue;
+      this.present.delete(key);
+      this.totalBytes -= size;
+      unlink(join(this.dir, key)).catch(() => {});
+    }
   }
 
   pathOf(digest: Digest, executable: boolean): string {

@@ -48,8 +48,23 @@ export async function materializeInputRoot(
     }
   };
   walk(root, target);
-  const missing = await cache.ensure(cas, files);
-  if (missing.length > 0) throw missingBlobs(describeMissing(missing));
+  const { missing, release } = await cache.ensure(cas, files);
+  try {
+    if (missing.length > 0) throw missingBlobs(describeMissing(missing));
+    await layOut(dirs, files, symlinks, cache, owner);
+  } finally {
+    release();
+  }
+}
+
+/** Makes the directories (each depth at once), links the cached files and makes the symlinks. */
+async function layOut(
+  dirs: string[],
+  files: { path: string; digest: Digest; executable: boolean }[],
+  symlinks: { path: string; target: string }[],
+  cache: FileCache,
+  owner: TreeOwner | undefined,
+): Promise<void> {
   // Parents come before their children in `dirs`, so each depth can be made at once.
   const byDepth = new Map<number, string[]>();
   for (const dir of dirs) {

@@ -24,6 +24,8 @@ export interface WorkerPoolOptions {
   properties: Property[];
   /** How to pull and where to mount images; workers not started as root run none. */
   images: Config["images"];
+  /** The file cache's cap and other settings of the workers themselves. */
+  worker: Config["worker"];
   /** false: run no images even as root. */
   runImages?: boolean;
   /** Prefix of the workers' names. */
@@ -43,7 +45,7 @@ export function defaultWorkerCount(): number {
 
 /** Workers sharing one file cache and one connection to the CAS; `stop` ends them all. */
 export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop(): Promise<void> }> {
-  const cache = await FileCache.open(join(options.workDir, "cache"));
+  const cache = await FileCache.open(join(options.workDir, "cache"), options.worker.fileCacheMaxSizeBytes);
   const cas = RemoteCas.connect(options.address);
   const owner = actionUser();
   // Mounting an image's overlay needs root; other workers run actions on the host's root only.

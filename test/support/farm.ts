@@ -94,6 +94,7 @@ export async function startTestFarm(
       ? await startWorkers({
           address: server.address,
           images: config.images,
+          worker: config.worker,
           runImages: options.runImages,
           count: options.workers ?? 0,
           workDir: join(dir, "worker"),
