@@ -21,8 +21,19 @@ export async function hashFile(fn: DigestFunction, path: string, size: number): 
   return { fn, hash: hasher.digestHex(), sizeBytes: size };
 }
 
-/** A local file to upload, or bytes (an encoded Directory) already in memory. */
+/** A local file to upload, or bytes (an encoded Directory, a small file already read) in memory. */
 export type LocalBlob = { digest: Digest; path: string } | { digest: Digest; data: Buffer };
+
+/**
+ * A file of `size` bytes as a blob to upload. One no larger than
+ * `keepBytes` is read once, for its digest and its upload alike, and its
+ * bytes kept; a larger one is hashed and named by its path.
+ */
+export async function fileBlob(fn: DigestFunction, path: string, size: number, keepBytes: number): Promise<LocalBlob> {
+  if (size > keepBytes) return { digest: await hashFile(fn, path, size), path };
+  const data = await readFile(path);
+  return { digest: await digestOf(fn, data), data };
+}
 
 /** The REAPI Merkle tree of a local directory. */
 export interface LocalTree {

@@ -1,8 +1,8 @@
 import { chown, lstat, mkdir, readFile, rm } from "node:fs/promises";
 import { dirname, isAbsolute, join, normalize } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
-import { type Digest, parseDigest } from "../digest/digest.js";
-import { digestFunctionByWire } from "../digest/functions.js";
+import { parseDigest } from "../digest/digest.js";
+import { type DigestFunction, digestFunctionByWire } from "../digest/functions.js";
 import { platformOf, readActionPlatform } from "../execution/action-platform.js";
 import type { Assignment, Completion } from "../gen/berth/worker/v1/worker.js";
 import {
@@ -11,7 +11,7 @@ import {
   type ExecutedActionMetadata,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { Timestamp } from "../gen/google/protobuf/timestamp.js";
-import { hashFile, type LocalBlob } from "../merkle/local-tree.js";
+import { fileBlob, type LocalBlob } from "../merkle/local-tree.js";
 import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
@@ -139,12 +139,16 @@ export async function runAction(
     if (run.cancelled) throw new StatusError(Code.CANCELLED, "the action was cancelled");
 
     metadata.outputUploadStartTimestamp = now();
-    const outputs = await collectOutputs(fn, command, workingDir);
-    const stdout = await logDigest(fn, stdoutPath);
-    const stderr = await logDigest(fn, stderrPath);
+    const outputs = await collectOutputs(fn, command, workingDir, {
+      blobBytes: INLINE_BLOB_LIMIT,
+      totalBytes: INLINE_TOTAL_LIMIT,
+    });
+    const stdoutBlob = await logBlob(fn, stdoutPath);
+    const stderrBlob = await logBlob(fn, stderrPath);
     const uploads = [...outputs.uploads];
-    if (stdout) uploads.push({ digest: stdout, path: stdoutPath });
-    if (stderr) uploads.push({ digest: stderr, path: stderrPath });
+    if (stdoutBlob) uploads.push(stdoutBlob);
+    if (stderrBlob) uploads.push(stderrBlob);
+    const [stdout, stderr] = [stdoutBlob?.digest, stderrBlob?.digest];
     const { inline, rest } = await splitInline(uploads);
     await cas.upload(rest);
     metadata.outputUploadCompletedTimestamp = now();
@@ -252,10 +256,11 @@ async function chownDown(first: string, last: string, owner: TreeOwner): Promise
   }
 }
 
-async function logDigest(fn: Parameters<typeof hashFile>[0], path: string): Promise<Digest | undefined> {
+/** stdout or stderr as a blob (read once when small enough to go inline), or undefined when empty. */
+async function logBlob(fn: DigestFunction, path: string): Promise<LocalBlob | undefined> {
   const info = await lstat(path).catch(() => undefined);
   if (!info || info.size === 0) return undefined;
-  return hashFile(fn, path, info.size);
+  return fileBlob(fn, path, info.size, INLINE_BLOB_LIMIT);
 }
 
 function now(): Timestamp {

@@ -9,7 +9,7 @@ import {
   type OutputSymlink,
   Tree,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
-import { hashFile, readLocalTree } from "../merkle/local-tree.js";
+import { fileBlob, readLocalTree } from "../merkle/local-tree.js";
 import type { UploadSource } from "./remote-cas.js";
 
 /** The outputs of one action, and what must be uploaded for them. */
@@ -21,6 +21,14 @@ export interface CollectedOutputs {
   outputFileSymlinks: OutputSymlink[];
   outputDirectorySymlinks: OutputSymlink[];
   uploads: UploadSource[];
+}
+
+/** Which output files' bytes to keep from the read that hashes them, for sending inline. */
+export interface KeepInMemory {
+  /** Files up to this size... */
+  blobBytes: number;
+  /** ...while those kept total at most this. */
+  totalBytes: number;
 }
 
 const wire = (d: Digest) => ({ hash: d.hash, sizeBytes: d.sizeBytes });
@@ -35,7 +43,9 @@ export async function collectOutputs(
   fn: DigestFunction,
   command: Command,
   workingDir: string,
+  keep: KeepInMemory,
 ): Promise<CollectedOutputs> {
+  let kept = 0;
   const out: CollectedOutputs = {
     outputFiles: [],
     outputDirectories: [],
@@ -61,8 +71,11 @@ export async function collectOutputs(
       if (kind === "directory") out.outputDirectorySymlinks.push(symlink);
       else out.outputFileSymlinks.push(symlink);
     } else if (info.isFile() && kind !== "directory") {
-      const digest = await hashFile(fn, full, info.size);
-      out.uploads.push({ digest, path: full });
+      const keepIt = info.size <= keep.blobBytes && kept + info.size <= keep.totalBytes;
+      const blob = await fileBlob(fn, full, info.size, keepIt ? info.size : 0);
+      if ("data" in blob) kept += info.size;
+      const { digest } = blob;
+      out.uploads.push(blob);
       out.outputFiles.push({
         path,
         digest: wire(digest),
