@@ -3,11 +3,11 @@ import { join, relative } from "node:path";
 import type { LaunchStep } from "../process/launcher.js";
 import { sandboxArgs } from "./bwrap-args.js";
 import type { ImageRoot, SandboxRequest } from "./sandbox.js";
-import { bindSteps, stagingSteps } from "./staging.js";
+import { bindSteps, STAGING_DIR, stagingSteps } from "./staging.js";
 
 /** Where, in the private mount namespace, the overlay and the input root are mounted before bwrap starts. */
-const STAGED_ROOTFS = "/run/berth/rootfs";
-const STAGED_INPUT = "/run/berth/execroot";
+const STAGED_ROOTFS = join(STAGING_DIR, "rootfs");
+const STAGED_INPUT = join(STAGING_DIR, "execroot");
 
 /**
  * Mount points the sandbox needs, made in the action's upper layer: bwrap,
