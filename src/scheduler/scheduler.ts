@@ -1,6 +1,6 @@
 import { randomUUID } from "node:crypto";
 import { type Digest, digestKey } from "../digest/digest.js";
-import type { Assignment, ImagePull } from "../gen/berth/worker/v1/worker.js";
+import type { Assignment, ExpandedImage, ImagePull } from "../gen/berth/worker/v1/worker.js";
 import {
   type Action,
   type ActionResult,
@@ -23,6 +23,8 @@ export interface ExecutionJob {
   platform: Property[];
   /** The image to run in, canonical and pinned if the farm's policy pins tags; "" for none. */
   containerImage: string;
+  /** In expand mode: the image's tree the (rewritten) action's input root is built on, instead of containerImage. */
+  expandedImage?: ExpandedImage;
   /** Lower runs sooner, as REAPI's ExecutionPolicy.priority. */
   priority: number;
   timeoutMs: number;
@@ -269,6 +271,7 @@ export class Scheduler {
       action: job.action,
       command: job.command,
       containerImage: job.containerImage,
+      expandedImage: job.expandedImage,
       timeout: { seconds: Math.floor(job.timeoutMs / 1000), nanos: (job.timeoutMs % 1000) * 1e6 },
       queuedTimestamp: {
         seconds: Math.floor(job.queuedAt.getTime() / 1000),
