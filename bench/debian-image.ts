@@ -30,6 +30,8 @@ export interface DebianImage {
   reference: string;
   /** Compressed layer sizes, bytes, bottom first. */
   layerSizes: number[];
+  /** The layers' digests, bottom first (their blobs are in the registry's storage: registry.blobPath). */
+  layerDigests: string[];
   rootfsBytes: number;
   rootfsInodes: number;
   /** How the root was made: reused from the cache, or debootstrapped in this run (and how long that took). */
@@ -61,6 +63,7 @@ async function makeDebianImage(ctx: BenchContext): Promise<DebianImage> {
     registry,
     reference,
     layerSizes: built.layerSizes,
+    layerDigests: built.layerDigests,
     rootfsBytes: Number(du.stdout.split(/\s/)[0]),
     rootfsInodes: Number(inodes.stdout.split(/\s/)[0]),
     origin,
@@ -135,7 +138,9 @@ async function aptMirror(): Promise<string> {
  * bundle; `umoci insert` 0.4.7 writes layers without the last file's padding and the end-of-archive blocks,
  * which GNU tar and Berth refuse); the configuration as Docker's Debian images have it (PATH, /bin/bash).
  */
-async function buildLayout(layout: string): Promise<{ image: BuiltImage; layerSizes: number[] }> {
+async function buildLayout(
+  layout: string,
+): Promise<{ image: BuiltImage; layerSizes: number[]; layerDigests: string[] }> {
   const image = `${layout}:${TAG}`;
   const bundle = `${layout}-bundle`;
   await run("umoci", ["init", "--layout", layout]);
@@ -169,11 +174,12 @@ async function buildLayout(layout: string): Promise<{ image: BuiltImage; layerSi
   const entry = index.manifests.find((m) => m.annotations?.["org.opencontainers.image.ref.name"] === TAG);
   if (!entry) throw new Error(`no tag ${TAG} in ${layout}`);
   const manifest = JSON.parse(await readFile(join(layout, "blobs", ...entry.digest.split(":")), "utf8")) as {
-    layers: { size: number }[];
+    layers: { size: number; digest: string }[];
   };
   return {
     image: { layout, tag: TAG, digest: entry.digest, multiArch: false, marker: "berth benchmark image" },
     layerSizes: manifest.layers.map((l) => l.size),
+    layerDigests: manifest.layers.map((l) => l.digest),
   };
 }
 

@@ -19,6 +19,7 @@ import { benchBazelBuild } from "./bazel-build.js";
 import { benchByteStream } from "./bytestream.js";
 import type { BenchContext } from "./context.js";
 import { assertReachableByNobody, benchExecuteLatency, benchExecuteThroughput } from "./execution.js";
+import { benchExpand } from "./expand.js";
 import { benchImageAction, benchImagePull } from "./images.js";
 import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
@@ -42,6 +43,7 @@ const BENCHMARKS = {
   bazel: "Bazel build of 500 genrules, remote on Berth vs local sandboxed",
   "images-pull": "Cold pull and unpack of a Debian image vs skopeo copy + umoci unpack",
   "images-action": "/bin/true in a cached image vs bubblewrap on the unpacked root and docker run",
+  expand: "Expand mode: expansion vs tar -x, the second expansion, /bin/true vs mount mode",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -201,6 +203,10 @@ async function main(): Promise<void> {
       "images-action": async () => {
         await execution?.server.stop();
         sections.push(await benchImageAction(ctx));
+      },
+      expand: async () => {
+        await execution?.server.stop();
+        sections.push(await benchExpand(ctx));
       },
     };
     for (const [i, name] of only.entries()) {

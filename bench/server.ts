@@ -22,12 +22,15 @@ export interface BenchServerOptions {
   cpuProfileDir?: string;
   /** Local workers (`--workers N`, one slot each); when unset, berth serve's default of one per core. */
   workers?: number;
+  /** images.mode; berth serve's default (mount) when unset. */
+  imageMode?: "mount" | "expand";
 }
 
 export async function startBenchServer(options: BenchServerOptions): Promise<BenchServer> {
   const configFile = join(options.workDir, "berth.yaml");
   const dataDir = join(options.workDir, "data");
-  await writeFile(configFile, `cas:\n  maxSizeBytes: ${options.casMaxSizeBytes}\n`);
+  const images = options.imageMode === undefined ? "" : `images:\n  mode: ${options.imageMode}\n`;
+  await writeFile(configFile, `cas:\n  maxSizeBytes: ${options.casMaxSizeBytes}\n${images}`);
   const args = ["--config", configFile, "--data-dir", dataDir];
   if (options.workers !== undefined) args.push("--workers", String(options.workers));
   // Node refuses --cpu-prof in NODE_OPTIONS, so a profiled server is started with the flag itself.

@@ -1,17 +1,62 @@
 import type { ServerWritableStream } from "@grpc/grpc-js";
-import type { ImagePulls, StartedPull } from "../execution/image-pulls.js";
-import type { ImagesServer, PullImageProgress, PullImageRequest } from "../gen/berth/image/v1/image.js";
+import { SHA256 } from "../digest/functions.js";
+import type { ImagePolicy } from "../execution/image-policy.js";
+import { admitRequestedImage, type ImagePulls, type StartedPull } from "../execution/image-pulls.js";
+import type { ImageExpander } from "../expand/image-expander.js";
+import {
+  ExpandImageProgress,
+  type ExpandImageRequest,
+  type ImagesServer,
+  type PullImageProgress,
+  type PullImageRequest,
+} from "../gen/berth/image/v1/image.js";
 import type { Logger } from "../log/log.js";
-import { Code, StatusError } from "../status/status.js";
 import { toServiceError } from "./grpc-status.js";
 import { logFailure } from "./handlers.js";
 import type { InstanceNames } from "./instance-names.js";
 
-/** berth.image.v1.Images: streams each worker's progress of a pull until all have finished. */
-export function imagesService(pulls: ImagePulls, instances: InstanceNames, log: Logger): ImagesServer {
+const PROGRESS_INTERVAL_MS = 200;
+
+/** berth.image.v1.Images: image pulls by the workers (mount mode) and expansions into the CAS (expand mode). */
+export function imagesService(
+  pulls: ImagePulls,
+  policy: ImagePolicy,
+  expander: ImageExpander,
+  instances: InstanceNames,
+  log: Logger,
+): ImagesServer {
   return {
-    expandImage: (call) => {
-      call.emit("error", toServiceError(new StatusError(Code.UNIMPLEMENTED, "ExpandImage is not implemented yet")));
+    expandImage: (call: ServerWritableStream<ExpandImageRequest, ExpandImageProgress>) => {
+      let gone = false;
+      // The client leaving stops the relaying only: the expansion goes on and is remembered.
+      call.on("cancelled", () => {
+        gone = true;
+      });
+      const send = (message: ExpandImageProgress) => {
+        if (!gone && !call.writableEnded) call.write(message);
+      };
+      let sentAt = 0;
+      (async () => {
+        instances.check(call.request.instanceName);
+        const image = await admitRequestedImage(policy, call.request.reference);
+        const tree = await expander.expand(call.request.instanceName, SHA256, image, undefined, (progress) => {
+          // Progress comes per chunk of every layer; a few messages a second are enough for a bar.
+          if (Date.now() - sentAt < PROGRESS_INTERVAL_MS) return;
+          sentAt = Date.now();
+          send(ExpandImageProgress.fromPartial(progress));
+        });
+        send(
+          ExpandImageProgress.fromPartial({
+            rootDirectoryDigest: { hash: tree.root.hash, sizeBytes: tree.root.sizeBytes },
+            manifestDigest: tree.manifestDigest,
+            reference: String(tree.reference),
+          }),
+        );
+        if (!gone && !call.writableEnded) call.end();
+      })().catch((err: unknown) => {
+        logFailure(log, "ExpandImage", err);
+        if (!gone) call.emit("error", toServiceError(err));
+      });
     },
     pullImage: (call: ServerWritableStream<PullImageRequest, PullImageProgress>) => {
       let pull: StartedPull | undefined;

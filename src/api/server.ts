@@ -98,7 +98,7 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
   );
   server.addService(OperationsService, operationsService(farm.scheduler, log));
   const pulls = new ImagePulls(farm.images, farm.scheduler);
-  server.addService(ImagesService, imagesService(pulls, instances, log));
+  server.addService(ImagesService, imagesService(pulls, farm.images, farm.expander, instances, log));
   server.addService(
     WorkerHubService,
     workerHubService(

@@ -1,6 +1,11 @@
 import { credentials, type ServiceError } from "@grpc/grpc-js";
 import { Command } from "commander";
-import { ImagePullState, ImagesClient, type PullImageProgress } from "../gen/berth/image/v1/image.js";
+import {
+  type ExpandImageProgress,
+  ImagePullState,
+  ImagesClient,
+  type PullImageProgress,
+} from "../gen/berth/image/v1/image.js";
 import { Code } from "../status/status.js";
 import { type PullFigures, renderPullProgress, StatusLine } from "./progress-bar.js";
 
@@ -10,19 +15,64 @@ interface PullOptions {
 }
 
 export function imageCommand(): Command {
-  return new Command("image").description("the container images of a farm's workers").addCommand(
-    new Command("pull")
-      .description(
-        "have every worker of a farm that runs images pull REF into its image store now, " +
-          "so that the first action naming it starts without pulling",
-      )
-      .option("--server <host:port>", "the farm's gRPC address", "127.0.0.1:8980")
-      .option("--instance <name>", "REAPI instance name", "")
-      .argument("<ref>", "the image, as in the container-image property (docker:// optional)")
-      .action(async (reference: string, options: PullOptions) => {
-        process.exitCode = await pull(reference, options);
-      }),
+  return new Command("image")
+    .description("the container images of a farm")
+    .addCommand(
+      new Command("pull")
+        .description(
+          "have every worker of a farm that runs images pull REF into its image store now, " +
+            "so that the first action naming it starts without pulling",
+        )
+        .option("--server <host:port>", "the farm's gRPC address", "127.0.0.1:8980")
+        .option("--instance <name>", "REAPI instance name", "")
+        .argument("<ref>", "the image, as in the container-image property (docker:// optional)")
+        .action(async (reference: string, options: PullOptions) => {
+          process.exitCode = await pull(reference, options);
+        }),
+    )
+    .addCommand(
+      new Command("expand")
+        .description(
+          "expand REF into the farm's CAS as expand mode does (warming it ahead of a build) " +
+            "and print the digest of the image's root directory",
+        )
+        .option("--server <host:port>", "the farm's gRPC address", "127.0.0.1:8980")
+        .option("--instance <name>", "REAPI instance name", "")
+        .argument("<ref>", "the image, as in the container-image property (docker:// optional)")
+        .action(async (reference: string, options: PullOptions) => {
+          process.exitCode = await expand(reference, options);
+        }),
+    );
+}
+
+/** Follows the expansion with a bar on a terminal, then prints `HASH/SIZE` of the root directory. */
+async function expand(reference: string, options: PullOptions): Promise<number> {
+  const client = new ImagesClient(options.server, credentials.createInsecure());
+  const line = process.stderr.isTTY ? new StatusLine(process.stderr) : undefined;
+  let last: ExpandImageProgress | undefined;
+  try {
+    for await (const message of client.expandImage({ instanceName: options.instance, reference })) {
+      last = message as ExpandImageProgress;
+      if (line) line.draw(renderPullProgress(last, process.stderr.columns || 80));
+    }
+  } catch (err) {
+    line?.clear();
+    process.stderr.write(`berth image expand: ${messageOf(err)}\n`);
+    return 1;
+  } finally {
+    client.close();
+  }
+  line?.clear();
+  const root = last?.rootDirectoryDigest;
+  if (!last || !root) {
+    process.stderr.write("berth image expand: the farm ended the expansion without a root directory\n");
+    return 1;
+  }
+  process.stderr.write(
+    `berth image expand: ${last.reference.includes("@") ? last.reference : `${last.reference}@${last.manifestDigest}`}\n`,
   );
+  process.stdout.write(`${root.hash}/${root.sizeBytes}\n`);
+  return 0;
 }
 
 /**
@@ -66,14 +116,7 @@ async function pull(reference: string, options: PullOptions): Promise<number> {
 }
 
 function figuresOf(states: Iterable<ImagePullState>): PullFigures {
-  const figures: PullFigures = {
-    bytesDone: 0,
-    bytesTotal: 0,
-    layersDone: 0,
-    layersTotal: 0,
-    workersFinished: 0,
-    workersTotal: 0,
-  };
+  const figures = { bytesDone: 0, bytesTotal: 0, layersDone: 0, layersTotal: 0, workersFinished: 0, workersTotal: 0 };
   for (const state of states) {
     figures.bytesDone += state.bytesDone;
     figures.bytesTotal += state.bytesTotal;

@@ -1,11 +1,11 @@
-/** What the bar of a pull shows: sums over the workers pulling. */
+/** What the bar of a pull shows: sums over the workers pulling (no workers for an expansion, which the server does). */
 export interface PullFigures {
   bytesDone: number;
   bytesTotal: number;
   layersDone: number;
   layersTotal: number;
-  workersFinished: number;
-  workersTotal: number;
+  workersFinished?: number;
+  workersTotal?: number;
 }
 
 const BAR_MAX = 40;
@@ -21,8 +21,8 @@ export function renderPullProgress(figures: PullFigures, columns: number): strin
   const text =
     `${`${Math.floor(fraction * 100)}%`.padStart(4)}  ` +
     `${megabytes(figures.bytesDone)}/${megabytes(figures.bytesTotal)} MB  ` +
-    `layers ${figures.layersDone}/${figures.layersTotal}  ` +
-    `workers ${figures.workersFinished}/${figures.workersTotal}`;
+    `layers ${figures.layersDone}/${figures.layersTotal}` +
+    (figures.workersTotal === undefined ? "" : `  workers ${figures.workersFinished ?? 0}/${figures.workersTotal}`);
   const room = columns - 1;
   const barWidth = Math.min(BAR_MAX, room - text.length - 3);
   if (barWidth < BAR_MIN) return text.slice(0, Math.max(0, room));
@@ -33,6 +33,8 @@ export function renderPullProgress(figures: PullFigures, columns: number): strin
 function doneFraction(figures: PullFigures): number {
   if (figures.bytesTotal > 0) return Math.min(1, figures.bytesDone / figures.bytesTotal);
   // Nothing to download (or nothing known yet): done only when every worker is.
+  if (figures.workersTotal === undefined)
+    return figures.layersTotal > 0 && figures.layersDone === figures.layersTotal ? 1 : 0;
   return figures.workersTotal > 0 && figures.workersFinished === figures.workersTotal ? 1 : 0;
 }
 

@@ -20,7 +20,7 @@ export function workerCommand(): Command {
       collectProperty,
       [] as Property[],
     )
-    .option("--config <file>", "YAML or JSON configuration file; its `images` section applies (see README)")
+    .option("--config <file>", "YAML or JSON configuration file; its `images` and `worker` sections apply (see README)")
     .option("--log-level <level>", "trace, debug, info, warn, error or silent", "info")
     .action(
       async (options: {

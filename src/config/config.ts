@@ -86,6 +86,8 @@ export const ConfigSchema = z
       .object({
         /** A worker's copies of input files past this total are deleted, least recently used first. */
         fileCacheMaxSizeBytes: bytes.default(10 * 1024 ** 3),
+        /** A worker's materialized roots of expanded images past this total are deleted, least recently used first. */
+        expandedRootsMaxSizeBytes: bytes.default(20 * 1024 ** 3),
       })
       .strict()
       .prefault({}),
@@ -112,6 +114,12 @@ export const ConfigSchema = z
         pullTimeoutSeconds: z.number().positive().default(600),
         /** Unpacked layers past this total are evicted (least recently used, none in use). */
         storeMaxSizeBytes: bytes.default(20 * 1024 ** 3),
+        /**
+         * How actions run in their image: mount (workers pull it and run on an overlay of its layers) or expand
+         * (the server turns it into a CAS tree, merges the input root in, and workers need no registry). An
+         * action may choose with the platform property berth-image-mode.
+         */
+        mode: z.enum(["mount", "expand"]).default("mount"),
         /** Where the input root appears inside an image; a path images do not use. */
         inputRootPath: z
           .string()

@@ -4,11 +4,15 @@ import { invalidArgument } from "../status/status.js";
 
 /** The property naming the image an action runs in (Bazel's, Buildbarn's and BuildBuddy's name). */
 export const CONTAINER_IMAGE = "container-image";
-const REGISTRY_USERNAME = "container-registry-username";
-const REGISTRY_PASSWORD = "container-registry-password";
+export const REGISTRY_USERNAME = "container-registry-username";
+export const REGISTRY_PASSWORD = "container-registry-password";
 const DOCKER_NETWORK = "dockerNetwork";
 const NETWORK = "network";
 const DOCKER_RUN_AS_ROOT = "dockerRunAsRoot";
+/** Berth's own: how this action's image is honoured, overriding the farm's images.mode. */
+export const IMAGE_MODE = "berth-image-mode";
+
+export type ImageMode = "mount" | "expand";
 
 /**
  * What workers that run images offer. An image is not a worker property that
@@ -16,6 +20,12 @@ const DOCKER_RUN_AS_ROOT = "dockerRunAsRoot";
  * this capability.
  */
 export const IMAGE_CAPABILITY: Property = { name: "berth:container-images", value: "true" };
+
+/**
+ * What workers that run images the farm expanded into the CAS offer: they
+ * need no registry, only to mount the image's tree as an overlay.
+ */
+export const EXPANDED_IMAGE_CAPABILITY: Property = { name: "berth:expanded-images", value: "true" };
 
 export interface RegistryCredentials {
   username: string;
@@ -31,6 +41,8 @@ export interface ActionPlatform {
   credentials: RegistryCredentials | undefined;
   network: boolean;
   runAsRoot: boolean;
+  /** The action's own choice of image mode, when it makes one. */
+  imageMode: ImageMode | undefined;
 }
 
 const INTERPRETED = new Set([
@@ -40,6 +52,7 @@ const INTERPRETED = new Set([
   DOCKER_NETWORK,
   NETWORK,
   DOCKER_RUN_AS_ROOT,
+  IMAGE_MODE,
 ]);
 
 /**
@@ -81,6 +94,7 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
   const dockerNetwork = oneOf(DOCKER_NETWORK, single(DOCKER_NETWORK), ["off", "none", "standard"]);
   const network = oneOf(NETWORK, single(NETWORK), ["off", "none", "external"]);
   const runAsRoot = oneOf(DOCKER_RUN_AS_ROOT, single(DOCKER_RUN_AS_ROOT), ["true", "false"]);
+  const imageMode = oneOf(IMAGE_MODE, single(IMAGE_MODE), ["mount", "expand"]) as ImageMode | undefined;
 
   const required = properties.filter((p) => !INTERPRETED.has(p.name)).map((p) => ({ name: p.name, value: p.value }));
   if (image) required.push(IMAGE_CAPABILITY);
@@ -90,6 +104,7 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     credentials: username !== undefined && password !== undefined ? { username, password } : undefined,
     network: dockerNetwork === "standard" || network === "external",
     runAsRoot: runAsRoot === "true",
+    imageMode,
   };
 }
 

@@ -2,6 +2,7 @@ import type { ActionCache } from "../ac/action-cache.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { type Digest, formatDigest, parseDigest, resolveDigestFunction } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
+import type { ImageExpander } from "../expand/image-expander.js";
 import {
   Action,
   Command,
@@ -14,7 +15,15 @@ import { formatProperty, type Property } from "../scheduler/platform.js";
 import { type ExecutionJob, failure, type Scheduler, type WorkerOutcome } from "../scheduler/scheduler.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, missingBlobs, StatusError } from "../status/status.js";
-import { IMAGE_CAPABILITY, platformOf, readActionPlatform } from "./action-platform.js";
+import {
+  type ActionPlatform,
+  EXPANDED_IMAGE_CAPABILITY,
+  IMAGE_CAPABILITY,
+  type ImageMode,
+  platformOf,
+  readActionPlatform,
+} from "./action-platform.js";
+import { type ExpandedAction, expandedAction } from "./expanded-action.js";
 import type { ImagePolicy } from "./image-policy.js";
 
 export interface ExecutorOptions {
@@ -22,6 +31,12 @@ export interface ExecutorOptions {
   defaultTimeoutMs: number;
   /** Actions asking for more are refused with INVALID_ARGUMENT. */
   maxTimeoutMs: number;
+  /** How images are honoured unless the action says otherwise (berth-image-mode). */
+  imageMode: ImageMode;
+  /** Where the input root goes inside an image. */
+  inputRootPath: string;
+  /** Expand mode's server side; without it, actions asking for expand mode are refused. */
+  expander: ImageExpander | undefined;
 }
 
 /**
@@ -112,9 +127,7 @@ export class Executor {
     const timeoutMs = this.timeoutOf(action);
     const platform = readActionPlatform(platformOf(action, command));
     const image = platform.image && (await this.images.admit(platform.image, platform.credentials));
-    const unmet = this.scheduler.unsatisfiable(platform.required);
-    if (unmet) throw unsatisfiable(unmet, image);
-    return {
+    const job = {
       instanceName,
       actionDigest,
       action,
@@ -126,6 +139,39 @@ export class Executor {
       doNotCache: action.doNotCache,
       queuedAt: new Date(),
     };
+    if (image && (platform.imageMode ?? this.options.imageMode) === "expand") {
+      // Checked before the expansion, which may download gigabytes for nothing.
+      const required = [
+        ...platform.required.filter((p) => p.name !== IMAGE_CAPABILITY.name),
+        EXPANDED_IMAGE_CAPABILITY,
+      ];
+      const unmet = this.scheduler.unsatisfiable(required);
+      if (unmet) throw unsatisfiable(unmet, image);
+      return {
+        ...job,
+        platform: required,
+        containerImage: "",
+        ...(await this.expand(fn, job, inputRootDigest, image, platform)),
+      };
+    }
+    const unmet = this.scheduler.unsatisfiable(platform.required);
+    if (unmet) throw unsatisfiable(unmet, image);
+    return job;
+  }
+
+  private async expand(
+    fn: DigestFunction,
+    job: ExecutionJob,
+    inputRoot: Digest,
+    image: ImageReference,
+    platform: ActionPlatform,
+  ): Promise<ExpandedAction> {
+    const { expander } = this.options;
+    if (!expander) {
+      throw new StatusError(Code.FAILED_PRECONDITION, `this farm cannot expand images (asked for ${image})`);
+    }
+    const tree = await expander.expand(job.instanceName, fn, image, platform.credentials);
+    return expandedAction(fn, this.cas, job.action, job.command, inputRoot, tree, this.options.inputRootPath);
   }
 
   private timeoutOf(action: Action): number {
@@ -150,16 +196,17 @@ function decode<T>(type: { decode(bytes: Uint8Array): T }, bytes: Buffer, what: 
 }
 
 function unsatisfiable(unmet: Property, image: ImageReference | undefined): StatusError {
-  const capability = unmet.name === IMAGE_CAPABILITY.name;
+  const capability = unmet.name === IMAGE_CAPABILITY.name || unmet.name === EXPANDED_IMAGE_CAPABILITY.name;
+  const kind = unmet.name === IMAGE_CAPABILITY.name ? "container images" : "expanded images";
   const message = capability
-    ? `no worker of this farm runs container images, and the action asks for ${image}`
+    ? `no worker of this farm runs ${kind}, and the action asks for ${image}`
     : `no worker of this farm offers the platform property ${formatProperty(unmet)}`;
   return new StatusError(Code.FAILED_PRECONDITION, message, {
     preconditionFailures: [
       {
         type: "UNSATISFIABLE_PLATFORM",
         subject: capability ? `container-image=${image}` : formatProperty(unmet),
-        description: capability ? "no worker runs container images" : "no worker offers this property",
+        description: capability ? `no worker runs ${kind}` : "no worker offers this property",
       },
     ],
   });

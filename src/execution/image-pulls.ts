@@ -58,9 +58,7 @@ export class ImagePulls {
    * per worker before this resolves.
    */
   async start(reference: string, onUpdate: (state: WorkerPullState) => void): Promise<StartedPull> {
-    const image = await this.policy.admit(parseReference(reference), undefined).catch((err: unknown) => {
-      throw asPullError(err);
-    });
+    const image = await admitRequestedImage(this.policy, reference);
     const all = this.workers.connectedWorkers();
     const targets = all.filter((w) => !unmetProperty(w.properties, [IMAGE_CAPABILITY]));
     if (targets.length === 0) throw noWorkerFor(image, all.length);
@@ -115,6 +113,16 @@ export class ImagePulls {
     pull.onUpdate({ workerName, state: { ...state } });
     if ([...pull.workers.values()].every((s) => s.finished)) pull.end();
   }
+}
+
+/**
+ * The image a request (not an action) names, admitted by the farm's policy:
+ * refusals are the policy's, with the request's `reference` field named.
+ */
+export async function admitRequestedImage(policy: ImagePolicy, reference: string): Promise<ImageReference> {
+  return policy.admit(parseReference(reference), undefined).catch((err: unknown) => {
+    throw asPullError(err);
+  });
 }
 
 function parseReference(reference: string): ImageReference {

@@ -1,4 +1,4 @@
-import { mkdir } from "node:fs/promises";
+import { mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { ActionCache } from "../ac/action-cache.js";
 import { CompletenessCheckingActionCache } from "../ac/completeness-checking-action-cache.js";
@@ -13,7 +13,9 @@ import { formatDigest } from "../digest/digest.js";
 import { Executor } from "../execution/executor.js";
 import { registryFromConfig, tagResolver } from "../execution/farm-registry.js";
 import { ImagePolicy } from "../execution/image-policy.js";
+import { ImageExpander } from "../expand/image-expander.js";
 import type { Logger } from "../log/log.js";
+import { ResolvedImages } from "../registry/resolved-images.js";
 import { Scheduler } from "../scheduler/scheduler.js";
 import { LruDirectory } from "../store/lru-directory.js";
 
@@ -29,15 +31,21 @@ export interface Farm {
   readonly executor: Executor;
   /** What images the farm accepts, for Execute and for pulls alike. */
   readonly images: ImagePolicy;
+  /** Expand mode's server side (also behind `berth image expand`). */
+  readonly expander: ImageExpander;
   close(): Promise<void>;
 }
 
 /** Opens (or creates) the farm's storage below `config.dataDir`. */
 export async function openFarm(config: Config, log: Logger): Promise<Farm> {
   await mkdir(config.dataDir, { recursive: true });
+  let casEvictions = 0;
   const casFiles = await LruDirectory.open(join(config.dataDir, "cas"), {
     maxBytes: config.cas.maxSizeBytes,
-    onEvict: (key, size) => log.debug({ key, size }, "evicted blob"),
+    onEvict: (key, size) => {
+      casEvictions++;
+      log.debug({ key, size }, "evicted blob");
+    },
   });
   const acFiles = await LruDirectory.open(join(config.dataDir, "ac"), {
     maxBytes: config.actionCache.maxSizeBytes,
@@ -71,10 +79,28 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     retainCompletedMs: execution.retainCompletedSeconds * 1000,
     finish: (job, outcome) => (executor as Executor).finish(job, outcome),
   });
-  const images = new ImagePolicy(config.images, tagResolver(await registryFromConfig(config.images)));
+  const registry = await registryFromConfig(config.images);
+  const images = new ImagePolicy(config.images, tagResolver(registry));
+  // Layers being expanded are downloaded here; what an earlier run left is of no use.
+  const expandTemp = join(config.dataDir, "expand", "tmp");
+  await rm(expandTemp, { recursive: true, force: true });
+  // The synthetic entries are checked by the expander itself, which skips checks while nothing is evicted.
+  const expander = new ImageExpander(
+    cas,
+    written,
+    registry,
+    new ResolvedImages(registry, config.images.tagRefreshSeconds * 1000),
+    {
+      tempDir: expandTemp,
+      casEvictions: () => casEvictions,
+    },
+  );
   executor = new Executor(cas, ac, scheduler, images, {
     defaultTimeoutMs: execution.defaultTimeoutSeconds * 1000,
     maxTimeoutMs: execution.maxTimeoutSeconds * 1000,
+    imageMode: config.images.mode,
+    inputRootPath: config.images.inputRootPath,
+    expander,
   });
   return {
     cas,
@@ -83,6 +109,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     scheduler,
     executor,
     images,
+    expander,
     close: async () => {
       scheduler.close();
       await uploads.close();

@@ -1,10 +1,10 @@
 import { chown, lstat, mkdir, readFile, rm } from "node:fs/promises";
-import { dirname, isAbsolute, join, normalize } from "node:path";
+import { dirname, isAbsolute, join, normalize, posix } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
-import { parseDigest } from "../digest/digest.js";
+import { type Digest, parseDigest } from "../digest/digest.js";
 import { type DigestFunction, digestFunctionByWire } from "../digest/functions.js";
 import { platformOf, readActionPlatform } from "../execution/action-platform.js";
-import type { Assignment, Completion } from "../gen/berth/worker/v1/worker.js";
+import type { Assignment, Completion, ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import {
   type ActionResult,
   Compressor_Value,
@@ -16,8 +16,9 @@ import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
 import type { DirectoryCache } from "./directory-cache.js";
+import { type ExpandedRoots, graftedInputRoot } from "./expanded-roots.js";
 import type { FileCache } from "./file-cache.js";
-import { type ActionImage, mergeEnvironment, prepareActionImage } from "./image-root.js";
+import { type ActionImage, mergeEnvironment, prepareActionImage, prepareExpandedImage } from "./image-root.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
 import { collectOutputs } from "./outputs.js";
 import type { RemoteCas } from "./remote-cas.js";
@@ -36,6 +37,8 @@ export interface ActionRunnerOptions {
   cache: FileCache;
   /** The worker's images, when it runs actions in container images. */
   images: WorkerImages | undefined;
+  /** The base roots of expanded images, when it runs actions in images the farm expanded into the CAS. */
+  expandedRoots: ExpandedRoots | undefined;
   /** Where the input root appears inside an image. */
   inputRootPath: string;
   /** Where the action's directory goes when it is done. */
@@ -79,11 +82,25 @@ export async function runAction(
     const fn = digestFunctionByWire(assignment.digestFunction);
     if (!fn) throw invalidArgument("digest_function", `${assignment.digestFunction} is not supported by this worker`);
     const cas = options.cas.withInstance(assignment.instanceName);
-    const { action, command } = assignment;
+    const { action, command, expandedImage: expanded } = assignment;
     if (!action || !command) throw invalidArgument("assignment", "lacks the action or the command");
+    if (expanded && assignment.containerImage) {
+      throw invalidArgument("assignment", "names both a container image and an expanded image");
+    }
+    const { expandedRoots } = options;
+    if (expanded && !expandedRoots) {
+      throw new StatusError(
+        Code.FAILED_PRECONDITION,
+        `worker ${options.workerName} runs no expanded images (${expanded.reference || "expanded_image"})`,
+      );
+    }
     const platform = readActionPlatform(platformOf(action, command));
-    const workingDirectory = command.workingDirectory;
-    if (workingDirectory !== "") checkRelativePath(workingDirectory, "command.working_directory");
+    if (command.workingDirectory !== "") checkRelativePath(command.workingDirectory, "command.working_directory");
+    // From here on the working directory is relative to the input root the worker lays out: in expand mode
+    // that is the client's part of the tree, below the image's input_root_path.
+    const workingDirectory = expanded
+      ? workingDirectoryInGraft(command.workingDirectory, expanded)
+      : command.workingDirectory;
     // Outputs are relative to the working directory and may climb out of it, but not out of the input root.
     for (const path of [...command.outputFiles, ...command.outputDirectories, ...command.outputPaths]) {
       const inRoot = normalize(join(workingDirectory, path));
@@ -95,14 +112,20 @@ export async function runAction(
     metadata.inputFetchStartTimestamp = now();
     await mkdir(base, { recursive: true });
     const rootDigest = parseDigest(fn, action.inputRootDigest, "action.input_root_digest");
-    // The image is pulled (if it must be) while the input root is laid out.
-    const pulling = assignment.containerImage
-      ? prepareActionImage(assignment.containerImage, platform, options.images, options.inputRootPath, base)
-      : undefined;
-    const [laidOut, pulled] = await Promise.allSettled([
-      materializeInputRoot(fn, rootDigest, inputRoot, cas, options.cache, options.directories, options.owner),
-      pulling,
-    ]);
+    // The image is pulled or materialized (if it must be) while the input root is laid out.
+    const pulling =
+      expanded && expandedRoots
+        ? prepareExpandedImage(fn, expanded, platform, expandedRoots, base, cas, options.cache, options.directories)
+        : assignment.containerImage
+          ? prepareActionImage(assignment.containerImage, platform, options.images, options.inputRootPath, base)
+          : undefined;
+    const layingOut = (async () => {
+      const clientRoot = expanded
+        ? await expandedInputRoot(fn, rootDigest, expanded, cas, options.directories)
+        : rootDigest;
+      await materializeInputRoot(fn, clientRoot, inputRoot, cas, options.cache, options.directories, options.owner);
+    })();
+    const [laidOut, pulled] = await Promise.allSettled([layingOut, pulling]);
     if (pulled.status === "fulfilled" && pulled.value) {
       image = pulled.value;
       metadata.auxiliaryMetadata.push(image.used);
@@ -192,6 +215,36 @@ export async function runAction(
     // the directory to go (each action has a directory of its own).
     void cleanUp(base, image, options.trash);
   }
+}
+
+/**
+ * An expanded action's working directory (relative to its whole tree, e.g.
+ * "run/berth/execroot/sub") relative to the client's input root instead,
+ * which must hold it; INVALID_ARGUMENT otherwise.
+ */
+function workingDirectoryInGraft(workingDirectory: string, expanded: ExpandedImage): string {
+  const graft = expanded.inputRootPath;
+  const normalized = posix.isAbsolute(graft) && posix.normalize(graft) === graft && !graft.endsWith("/");
+  if (!normalized || graft.includes("\0")) {
+    throw invalidArgument("expanded_image.input_root_path", `"${graft}" is not a normalized absolute path below /`);
+  }
+  const inGraft = posix.relative(graft, posix.join("/", workingDirectory));
+  if (inGraft === ".." || inGraft.startsWith("../")) {
+    throw invalidArgument("command.working_directory", `"${workingDirectory}" is not below ${graft}, the input root`);
+  }
+  return inGraft;
+}
+
+/** The client's input root in an expanded action's tree, checked against the base the worker will use. */
+async function expandedInputRoot(
+  fn: DigestFunction,
+  merged: Digest,
+  expanded: ExpandedImage,
+  cas: RemoteCas,
+  directories: DirectoryCache,
+): Promise<Digest> {
+  const baseRoot = parseDigest(fn, expanded.baseRootDigest, "expanded_image.base_root_digest");
+  return graftedInputRoot(fn, merged, baseRoot, expanded.inputRootPath, cas, directories);
 }
 
 async function cleanUp(base: string, image: ActionImage | undefined, trash: Trash): Promise<void> {

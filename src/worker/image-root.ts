@@ -1,11 +1,18 @@
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
+import { parseDigest } from "../digest/digest.js";
+import type { DigestFunction } from "../digest/functions.js";
 import type { ActionPlatform } from "../execution/action-platform.js";
 import { ImageUsed } from "../gen/berth/image/v1/image.js";
+import type { ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import type { Any } from "../gen/google/protobuf/any.js";
 import { overlayMountArgs, writeLayerLinks } from "../image/overlay.js";
 import type { ImageRoot } from "../sandbox/sandbox.js";
 import { Code, StatusError } from "../status/status.js";
+import type { DirectoryCache } from "./directory-cache.js";
+import type { ExpandedRoots } from "./expanded-roots.js";
+import type { FileCache } from "./file-cache.js";
+import type { RemoteCas } from "./remote-cas.js";
 import type { WorkerImages } from "./worker-images.js";
 
 /** An action's image, ready for the sandbox. */
@@ -33,31 +40,72 @@ export async function prepareActionImage(
   if (!images) throw new StatusError(Code.FAILED_PRECONDITION, `this worker runs no container images (${reference})`);
   const image = await images.prepare(reference, platform.credentials);
   try {
-    const upperDir = join(base, "upper");
-    const workDir = join(base, "work");
-    await Promise.all([mkdir(upperDir), mkdir(workDir)]);
-    const overlay = overlayMountArgs(image.layerDirs, upperDir, workDir, join(base, "layers"));
-    await writeLayerLinks(overlay);
-    const used = ImageUsed.encode({
-      reference: String(image.reference),
-      manifestDigest: image.manifestDigest,
-    }).finish();
     return {
-      root: {
-        overlayOptions: overlay.options,
-        overlayCwd: overlay.cwd,
-        upperDir,
-        inputRootPath,
-        runAsRoot: platform.runAsRoot,
-      },
+      root: await overlayImageRoot(image.layerDirs, base, inputRootPath, platform.runAsRoot),
       env: image.env,
-      used: { typeUrl: "type.googleapis.com/berth.image.v1.ImageUsed", value: Buffer.from(used) },
+      used: imageUsed(String(image.reference), image.manifestDigest),
       release: image.release,
     };
   } catch (err) {
     await image.release();
     throw err;
   }
+}
+
+/**
+ * Expand mode: the image came as a tree in the CAS (`expanded.base_root_digest`),
+ * which the worker materializes once and shares, read-only, as the single
+ * lower layer of the same overlay mount mode uses. Its Env is already in the
+ * command's environment, so none is added here.
+ */
+export async function prepareExpandedImage(
+  fn: DigestFunction,
+  expanded: ExpandedImage,
+  platform: ActionPlatform,
+  roots: ExpandedRoots,
+  base: string,
+  cas: RemoteCas,
+  files: FileCache,
+  directories: DirectoryCache,
+): Promise<ActionImage> {
+  const baseRoot = parseDigest(fn, expanded.baseRootDigest, "expanded_image.base_root_digest");
+  const acquired = await roots.acquire(fn, baseRoot, cas, files, directories);
+  try {
+    return {
+      root: await overlayImageRoot([acquired.dir], base, expanded.inputRootPath, platform.runAsRoot),
+      env: [],
+      used: imageUsed(expanded.reference, expanded.manifestDigest),
+      release: acquired.release,
+    };
+  } catch (err) {
+    await acquired.release();
+    throw err;
+  }
+}
+
+/**
+ * The overlay of `layerDirs` (bottom to top) with an upper layer and a work
+ * directory of the action's own below `base`, discarded with it: whatever
+ * the action writes, the layers stay as they are.
+ */
+async function overlayImageRoot(
+  layerDirs: readonly string[],
+  base: string,
+  inputRootPath: string,
+  runAsRoot: boolean,
+): Promise<ImageRoot> {
+  const upperDir = join(base, "upper");
+  const workDir = join(base, "work");
+  await Promise.all([mkdir(upperDir), mkdir(workDir)]);
+  const overlay = overlayMountArgs(layerDirs, upperDir, workDir, join(base, "layers"));
+  await writeLayerLinks(overlay);
+  return { overlayOptions: overlay.options, overlayCwd: overlay.cwd, upperDir, inputRootPath, runAsRoot };
+}
+
+/** The auxiliary_metadata entry (berth.image.v1.ImageUsed) saying which image an action ran in. */
+function imageUsed(reference: string, manifestDigest: string): Any {
+  const used = ImageUsed.encode({ reference, manifestDigest }).finish();
+  return { typeUrl: "type.googleapis.com/berth.image.v1.ImageUsed", value: Buffer.from(used) };
 }
 
 /** The image's variables with the command's on top: a name the command sets replaces the image's. */

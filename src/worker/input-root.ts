@@ -1,4 +1,4 @@
-import { chown, link, mkdir, symlink } from "node:fs/promises";
+import { chmod, chown, link, mkdir, symlink } from "node:fs/promises";
 import { join } from "node:path";
 import { checkDirectory } from "../cas/directory-tree.js";
 import { type Digest, digestKey, digestOf, parseDigest } from "../digest/digest.js";
@@ -13,6 +13,31 @@ import type { RemoteCas } from "./remote-cas.js";
 export interface TreeOwner {
   uid: number;
   gid: number;
+}
+
+/** Mode of a directory whose Directory message names none. */
+const DEFAULT_DIRECTORY_MODE = 0o755;
+
+/** What laying out a Directory tree below some target creates, read from its Directory messages. */
+export interface TreePlan {
+  /** Parents before their children, the target itself first. */
+  directories: { path: string; unixMode: number | undefined }[];
+  files: { path: string; digest: Digest; executable: boolean }[];
+  symlinks: { path: string; target: string }[];
+  /** The sizes of the files summed (a file listed twice counts twice). */
+  fileBytes: number;
+}
+
+export interface LayOutOptions {
+  /** Gives every directory to this user; without it they stay the worker's. */
+  owner?: TreeOwner;
+  /**
+   * Gives each directory its Directory's node_properties.unix_mode (0755 when
+   * it has none), as an image's tree needs; without it every directory is 0755.
+   * Files keep the file cache's modes (0444, 0555 when executable): they are
+   * hard links to its copies, and a hard link shares its mode.
+   */
+  directoryModes?: boolean;
 }
 
 /**
@@ -30,75 +55,125 @@ export async function materializeInputRoot(
   directoryCache: DirectoryCache,
   owner: TreeOwner | undefined,
 ): Promise<void> {
-  const directories = await fetchDirectories(fn, root, cas, directoryCache);
-  const files: { path: string; digest: Digest; executable: boolean }[] = [];
-  const symlinks: { path: string; target: string }[] = [];
-  const dirs: string[] = [target];
+  const plan = await planTree(fn, root, target, cas, directoryCache);
+  await layOutTree(plan, cas, cache, { owner });
+}
+
+/**
+ * Reads the tree `root` (see fetchDirectories; `wholeTree` asks for one
+ * GetTree even when the root's own Directory is already known) into what
+ * laying it out below `target` creates.
+ */
+export async function planTree(
+  fn: DigestFunction,
+  root: Digest,
+  target: string,
+  cas: RemoteCas,
+  directoryCache: DirectoryCache,
+  wholeTree = false,
+): Promise<TreePlan> {
+  const directories = await fetchDirectories(fn, root, cas, directoryCache, wholeTree);
+  const plan: TreePlan = { directories: [], files: [], symlinks: [], fileBytes: 0 };
   const walk = (digest: Digest, path: string) => {
     const directory = directories.get(digestKey(digest)) as Directory;
+    plan.directories.push({ path, unixMode: directory.nodeProperties?.unixMode });
     for (const file of directory.files) {
       const fileDigest = parseDigest(fn, file.digest, `${path}/${file.name}`);
-      files.push({ path: join(path, file.name), digest: fileDigest, executable: file.isExecutable });
+      plan.files.push({ path: join(path, file.name), digest: fileDigest, executable: file.isExecutable });
+      plan.fileBytes += fileDigest.sizeBytes;
     }
-    for (const link of directory.symlinks) symlinks.push({ path: join(path, link.name), target: link.target });
+    for (const link of directory.symlinks) plan.symlinks.push({ path: join(path, link.name), target: link.target });
     for (const child of directory.directories) {
       const childPath = join(path, child.name);
-      dirs.push(childPath);
       walk(parseDigest(fn, child.digest, childPath), childPath);
     }
   };
   walk(root, target);
-  const { missing, release } = await cache.ensure(cas, files);
+  return plan;
+}
+
+/**
+ * Creates what `plan` lists, the files linked from `cache` (fetched first
+ * when absent, pinned while they are linked). Missing blobs are
+ * FAILED_PRECONDITION with one MISSING violation each, all reported at once.
+ */
+export async function layOutTree(
+  plan: TreePlan,
+  cas: RemoteCas,
+  cache: FileCache,
+  options: LayOutOptions = {},
+): Promise<void> {
+  const { missing, release } = await cache.ensure(cas, plan.files);
   try {
     if (missing.length > 0) throw missingBlobs(describeMissing(missing));
-    await layOut(dirs, files, symlinks, cache, owner);
+    await layOut(plan, cache, options);
   } finally {
     release();
   }
 }
 
 /** Makes the directories (each depth at once), links the cached files and makes the symlinks. */
-async function layOut(
-  dirs: string[],
-  files: { path: string; digest: Digest; executable: boolean }[],
-  symlinks: { path: string; target: string }[],
-  cache: FileCache,
-  owner: TreeOwner | undefined,
-): Promise<void> {
-  // Parents come before their children in `dirs`, so each depth can be made at once.
-  const byDepth = new Map<number, string[]>();
-  for (const dir of dirs) {
-    const depth = dir.split("/").length;
+async function layOut(plan: TreePlan, cache: FileCache, options: LayOutOptions): Promise<void> {
+  // Parents come before their children in the plan, so each depth can be made at once.
+  const byDepth = new Map<number, TreePlan["directories"]>();
+  for (const dir of plan.directories) {
+    const depth = dir.path.split("/").length;
     const same = byDepth.get(depth);
     if (same) same.push(dir);
     else byDepth.set(depth, [dir]);
   }
-  for (const depth of [...byDepth.keys()].sort((a, b) => a - b)) {
+  const depths = [...byDepth.keys()].sort((a, b) => a - b);
+  for (const depth of depths) {
     await Promise.all(
-      (byDepth.get(depth) as string[]).map(async (dir) => {
-        await mkdir(dir, { recursive: true, mode: 0o755 });
-        if (owner) await chown(dir, owner.uid, owner.gid);
+      (byDepth.get(depth) as TreePlan["directories"]).map(async (dir) => {
+        await mkdir(dir.path, { recursive: true, mode: DEFAULT_DIRECTORY_MODE });
+        if (options.owner) await chown(dir.path, options.owner.uid, options.owner.gid);
       }),
     );
   }
-  await Promise.all(files.map((f) => link(cache.pathOf(f.digest, f.executable), f.path)));
-  await Promise.all(symlinks.map((s) => symlink(s.target, s.path)));
+  await Promise.all(plan.files.map((f) => link(cache.pathOf(f.digest, f.executable), f.path)));
+  await Promise.all(plan.symlinks.map((s) => symlink(s.target, s.path)));
+  if (options.directoryModes) {
+    // Last, and deepest first: a mode without write or search permission must not stop the making of what
+    // is below it. chmod, unlike mkdir, is not narrowed by the umask.
+    for (const depth of depths.reverse()) {
+      await Promise.all(
+        (byDepth.get(depth) as TreePlan["directories"]).map((dir) =>
+          chmod(dir.path, (dir.unixMode ?? DEFAULT_DIRECTORY_MODE) & 0o7777),
+        ),
+      );
+    }
+  }
 }
 
 /**
- * Every Directory of the tree by key. A root the worker has not seen comes
- * in one GetTree call instead of one round trip per level; directories seen
- * before come from `known`. Whatever GetTree could not supply (a client
- * whose encoding differs from the server's re-encoding hashes differently)
- * is read level by level in batches.
+ * One Directory message, from `known` or else read from the CAS (and then
+ * remembered there); an absent one is FAILED_PRECONDITION with a MISSING
+ * violation.
+ */
+export async function readDirectory(digest: Digest, cas: RemoteCas, known: DirectoryCache): Promise<Directory> {
+  const cached = known.get(digestKey(digest));
+  if (cached) return cached;
+  const read = await readDirectories([digest], cas, known);
+  return read.get(digestKey(digest)) as Directory;
+}
+
+/**
+ * Every Directory of the tree by key. A root the worker has not seen (or
+ * any root, with `wholeTree`) comes in one GetTree call instead of one
+ * round trip per level; directories seen before come from `known`.
+ * Whatever GetTree could not supply (a client whose encoding differs from
+ * the server's re-encoding hashes differently) is read level by level in
+ * batches.
  */
 async function fetchDirectories(
   fn: DigestFunction,
   root: Digest,
   cas: RemoteCas,
   known: DirectoryCache,
+  wholeTree: boolean,
 ): Promise<Map<string, Directory>> {
-  if (!known.get(digestKey(root))) {
+  if (wholeTree || !known.get(digestKey(root))) {
     for (const directory of await cas.getTree(root)) {
       const digest = await digestOf(fn, Directory.encode(directory).finish());
       known.set(digestKey(digest), directory);
@@ -113,15 +188,7 @@ async function fetchDirectories(
       if (directory) found.set(digestKey(digest), directory);
       else absent.push(digest);
     }
-    const blobs = await cas.readBlobs(absent);
-    const missing = absent.filter((d) => !blobs.has(d));
-    if (missing.length > 0) throw missingBlobs(describeMissing(missing));
-    for (const [digest, bytes] of blobs) {
-      const directory = Directory.decode(bytes);
-      checkDirectory(directory, digest);
-      known.set(digestKey(digest), directory);
-      found.set(digestKey(digest), directory);
-    }
+    for (const [key, directory] of await readDirectories(absent, cas, known)) found.set(key, directory);
     const next = new Map<string, Digest>();
     for (const digest of level) {
       const directory = found.get(digestKey(digest)) as Directory;
@@ -134,4 +201,24 @@ async function fetchDirectories(
     level = [...next.values()];
   }
   return found;
+}
+
+/** Reads, checks and remembers Directory messages in one batch; any absent one is MISSING. */
+async function readDirectories(
+  digests: readonly Digest[],
+  cas: RemoteCas,
+  known: DirectoryCache,
+): Promise<Map<string, Directory>> {
+  const read = new Map<string, Directory>();
+  if (digests.length === 0) return read;
+  const blobs = await cas.readBlobs(digests);
+  const missing = digests.filter((d) => !blobs.has(d));
+  if (missing.length > 0) throw missingBlobs(describeMissing(missing));
+  for (const [digest, bytes] of blobs) {
+    const directory = Directory.decode(bytes);
+    checkDirectory(directory, digest);
+    known.set(digestKey(digest), directory);
+    read.set(digestKey(digest), directory);
+  }
+  return read;
 }

@@ -1,12 +1,13 @@
 import { availableParallelism, hostname } from "node:os";
 import { join } from "node:path";
 import type { Config } from "../config/config.js";
-import { IMAGE_CAPABILITY } from "../execution/action-platform.js";
+import { EXPANDED_IMAGE_CAPABILITY, IMAGE_CAPABILITY } from "../execution/action-platform.js";
 import { registryFromConfig } from "../execution/farm-registry.js";
 import type { Logger } from "../log/log.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import type { Property } from "../scheduler/platform.js";
 import { DirectoryCache } from "./directory-cache.js";
+import { ExpandedRoots } from "./expanded-roots.js";
 import { FileCache } from "./file-cache.js";
 import type { TreeOwner } from "./input-root.js";
 import { RemoteCas } from "./remote-cas.js";
@@ -49,16 +50,27 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   const cas = RemoteCas.connect(options.address);
   const owner = actionUser();
   // Mounting an image's overlay needs root; other workers run actions on the host's root only.
-  const images =
-    process.getuid?.() === 0 && options.runImages !== false
-      ? await WorkerImages.open({
-          dir: join(options.workDir, "images"),
-          maxBytes: options.images.storeMaxSizeBytes,
-          registry: await registryFromConfig(options.images),
-          tagRefreshMs: options.images.tagRefreshSeconds * 1000,
-        })
-      : undefined;
-  const properties = images ? [...options.properties, IMAGE_CAPABILITY] : options.properties;
+  const mountsOverlays = process.getuid?.() === 0 && options.runImages !== false;
+  const images = mountsOverlays
+    ? await WorkerImages.open({
+        dir: join(options.workDir, "images"),
+        maxBytes: options.images.storeMaxSizeBytes,
+        registry: await registryFromConfig(options.images),
+        tagRefreshMs: options.images.tagRefreshSeconds * 1000,
+      })
+    : undefined;
+  // Images the farm expanded into the CAS need no registry, only the overlay.
+  const expandedRoots = mountsOverlays
+    ? await ExpandedRoots.open(join(options.workDir, "expanded"), {
+        maxBytes: options.worker.expandedRootsMaxSizeBytes,
+        onError: (err) => options.log.warn({ err }, "removing an expanded image's root failed"),
+      })
+    : undefined;
+  const properties = [
+    ...options.properties,
+    ...(images ? [IMAGE_CAPABILITY] : []),
+    ...(expandedRoots ? [EXPANDED_IMAGE_CAPABILITY] : []),
+  ];
   const directories = new DirectoryCache();
   const trash = await Trash.open(join(options.workDir, "trash"));
   const sandbox = new BubblewrapSandbox({ uid: owner.uid, gid: owner.gid });
@@ -76,6 +88,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       directories,
       trash,
       images,
+      expandedRoots,
       inputRootPath: options.images.inputRootPath,
       sandbox,
       owner: process.getuid?.() === 0 ? owner : undefined,

@@ -4,9 +4,9 @@ import { registryStatus } from "../execution/image-policy.js";
 import { ImageStore, type LayerWatcher } from "../image/image-store.js";
 import type { BytesReceived, LayerDescriptor } from "../image/layer-store.js";
 import { type ImageReference, parseImageReference } from "../image/reference.js";
-import type { RegistryClient, ResolvedImage } from "../registry/client.js";
+import type { RegistryClient } from "../registry/client.js";
 import { Credentials } from "../registry/credentials.js";
-import { SingleFlight } from "../registry/single-flight.js";
+import { ResolvedImages } from "../registry/resolved-images.js";
 
 export interface WorkerImagesOptions {
   /** The image store's directory (layers, downloads). */
@@ -45,13 +45,14 @@ export interface PullProgress {
  * once however many actions want it at the same time.
  */
 export class WorkerImages {
-  private readonly resolved = new Map<string, { image: ResolvedImage; at: number }>();
-  private readonly resolving = new SingleFlight<string, ResolvedImage>();
+  private readonly resolved: ResolvedImages;
   /** Who may fetch a layer being pulled: its repository and that action's credentials. */
   private readonly sources = new Map<string, { reference: ImageReference; credentials?: Credentials }>();
   private store: ImageStore | undefined;
 
-  private constructor(private readonly options: WorkerImagesOptions) {}
+  private constructor(private readonly options: WorkerImagesOptions) {
+    this.resolved = new ResolvedImages(options.registry, options.tagRefreshMs);
+  }
 
   static async open(options: WorkerImagesOptions): Promise<WorkerImages> {
     const images = new WorkerImages(options);
@@ -75,7 +76,7 @@ export class WorkerImages {
     const ref = parseImageReference(reference);
     const creds = credentials && new Credentials(credentials.username, credentials.password);
     try {
-      const image = await this.resolve(ref, creds);
+      const image = await this.resolved.resolve(ref, creds);
       const layers: LayerDescriptor[] = image.layers.map((l) => ({
         digest: l.digest,
         mediaType: l.mediaType,
@@ -99,19 +100,6 @@ export class WorkerImages {
     } catch (err) {
       throw registryStatus(err, ref);
     }
-  }
-
-  private async resolve(ref: ImageReference, credentials: Credentials | undefined): Promise<ResolvedImage> {
-    // Per identity: one user's credentials must not vouch for another user's access.
-    const key = `${ref}\0${credentials?.fingerprint() ?? ""}`;
-    const known = this.resolved.get(key);
-    const fresh = known && (ref.digest !== undefined || Date.now() - known.at < this.options.tagRefreshMs);
-    if (known && fresh) return known.image;
-    return this.resolving.run(key, async () => {
-      const image = await this.options.registry.resolve(ref, undefined, { credentials });
-      this.resolved.set(key, { image, at: Date.now() });
-      return image;
-    });
   }
 
   private async fetchLayer(layer: LayerDescriptor, intoDir: string, onReceived?: BytesReceived): Promise<string> {

@@ -10,7 +10,7 @@
 import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { createHash, createPrivateKey, randomBytes, sign, X509Certificate } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
-import { chmod, copyFile, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
+import { chmod, copyFile, cp, mkdir, mkdtemp, readFile, rm, symlink, writeFile } from "node:fs/promises";
 import { createServer as createHttpServer, type Server } from "node:http";
 import { createServer as createNetServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -372,6 +372,28 @@ export function layeredImage(): Promise<BuiltImage> {
     ]);
     await appendLayer(layout, "t", plain, plain, "application/vnd.oci.image.layer.v1.tar");
     return { layout, tag: "t", digest: await tagDigest(layout, "t"), multiArch: false, marker: LAYERED_IMAGE.marker };
+  });
+}
+
+/**
+ * `base` with one more layer holding `files`: a second image whose bottom
+ * layer is byte for byte the base's (a shared base layer).
+ */
+export function extendedImage(base: BuiltImage, files: Record<string, string>): Promise<BuiltImage> {
+  return cached(`extended:${base.layout}:${JSON.stringify(files)}`, async () => {
+    const layout = join(imagesDir(), `extended-${hash(base.layout + JSON.stringify(files))}`);
+    await cp(base.layout, layout, { recursive: true });
+    const dirs = new Set<string>();
+    for (const path of Object.keys(files)) {
+      const parts = path.split("/").slice(0, -1);
+      for (let i = 1; i <= parts.length; i++) dirs.add(`${parts.slice(0, i).join("/")}/`);
+    }
+    const tar = await tarBytes([
+      ...[...dirs].sort().map((name) => ({ name, type: "directory" as const })),
+      ...Object.entries(files).map(([name, content]) => ({ name, content })),
+    ]);
+    await appendLayer(layout, base.tag, gzipSync(tar), tar, "application/vnd.oci.image.layer.v1.tar+gzip");
+    return { layout, tag: base.tag, digest: await tagDigest(layout, base.tag), multiArch: false, marker: base.marker };
   });
 }
 

@@ -1,0 +1,46 @@
+import { join } from "node:path";
+import type { Readable } from "node:stream";
+import type { BlobStore, BlobWriter } from "../cas/blob-store.js";
+import { DiskBlobStore } from "../cas/disk-blob-store.js";
+import type { Digest } from "../digest/digest.js";
+import { LruDirectory } from "../store/lru-directory.js";
+
+/** For tests: the real disk CAS in `dir`, with its LruDirectory to delete blobs behind its back. */
+export async function openTestCas(dir: string): Promise<{ cas: CountingBlobStore; files: LruDirectory }> {
+  const files = await LruDirectory.open(join(dir, "cas"), { maxBytes: 64 * 1024 ** 3 });
+  return { cas: new CountingBlobStore(new DiskBlobStore(files)), files };
+}
+
+/** A BlobStore that counts the writes reaching the store it wraps. */
+export class CountingBlobStore implements BlobStore {
+  puts = 0;
+  writers = 0;
+
+  constructor(private readonly inner: BlobStore) {}
+
+  get writes(): number {
+    return this.puts + this.writers;
+  }
+
+  findMissing(digests: readonly Digest[]): Promise<Digest[]> {
+    return this.inner.findMissing(digests);
+  }
+
+  get(digest: Digest): Promise<Buffer | undefined> {
+    return this.inner.get(digest);
+  }
+
+  openRead(digest: Digest, offset: number, limit: number): Promise<Readable | undefined> {
+    return this.inner.openRead(digest, offset, limit);
+  }
+
+  put(digest: Digest, data: Uint8Array): Promise<void> {
+    this.puts++;
+    return this.inner.put(digest, data);
+  }
+
+  createWriter(digest: Digest): Promise<BlobWriter> {
+    this.writers++;
+    return this.inner.createWriter(digest);
+  }
+}
