@@ -14,9 +14,17 @@ export interface BlobStore {
   /** Bytes [offset, offset+limit) of the blob (limit 0: to the end), or undefined when not stored. */
   openRead(digest: Digest, offset: number, limit: number): Promise<Readable | undefined>;
   /** Stores a blob held in memory; INVALID_ARGUMENT when it does not match its digest. */
-  put(digest: Digest, data: Uint8Array): Promise<void>;
+  put(digest: Digest, data: Uint8Array, options?: PutOptions): Promise<void>;
   /** Starts a streamed upload of one blob. */
   createWriter(digest: Digest): Promise<BlobWriter>;
+}
+
+/** How a blob reaches `put`, for callers inside Berth that know more than a client would. */
+export interface PutOptions {
+  /** The caller computed the digest from these very bytes, in this process: they are not hashed a second time. */
+  hashedByCaller?: boolean;
+  /** One of many blobs imported at once (an image's files): not worth a place in a memory cache. */
+  bulk?: boolean;
 }
 
 /** A blob being uploaded in pieces; it becomes visible only after commit(). */

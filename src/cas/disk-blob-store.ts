@@ -4,7 +4,7 @@ import { type Digest, digestKey, formatDigest, verifyBlob } from "../digest/dige
 import type { Hasher } from "../digest/functions.js";
 import { Code, StatusError } from "../status/status.js";
 import type { LruDirectory } from "../store/lru-directory.js";
-import type { BlobStore, BlobWriter } from "./blob-store.js";
+import type { BlobStore, BlobWriter, PutOptions } from "./blob-store.js";
 import { isEmptyBlob } from "./empty-blob.js";
 
 /** Read chunk size: large enough for throughput, well under gRPC's 4 MiB message limit. */
@@ -45,8 +45,8 @@ export class DiskBlobStore implements BlobStore {
     return this.files.openRead(digestKey(digest), offset, end, READ_CHUNK_BYTES);
   }
 
-  async put(digest: Digest, data: Uint8Array): Promise<void> {
-    await verifyBlob(digest, data, "data");
+  async put(digest: Digest, data: Uint8Array, options?: PutOptions): Promise<void> {
+    if (!options?.hashedByCaller) await verifyBlob(digest, data, "data");
     if (digest.sizeBytes === 0) return;
     const key = digestKey(digest);
     if (this.files.touch(key)) return;

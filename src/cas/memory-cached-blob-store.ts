@@ -1,6 +1,6 @@
 import { Readable } from "node:stream";
 import { type Digest, digestKey } from "../digest/digest.js";
-import type { BlobStore, BlobWriter } from "./blob-store.js";
+import type { BlobStore, BlobWriter, PutOptions } from "./blob-store.js";
 
 export interface MemoryCacheOptions {
   /** Blobs larger than this are never held in memory. */
@@ -46,10 +46,11 @@ export class MemoryCachedBlobStore implements BlobStore {
     return Readable.from([cached.subarray(Math.min(offset, cached.length), end)]);
   }
 
-  async put(digest: Digest, data: Uint8Array): Promise<void> {
-    await this.inner.put(digest, data);
+  async put(digest: Digest, data: Uint8Array, options?: PutOptions): Promise<void> {
+    await this.inner.put(digest, data, options);
     // A copy: `data` may be a view into a larger buffer (a whole gRPC message) that must not be kept alive.
-    if (data.byteLength <= this.options.maxBlobBytes) this.#remember(digestKey(digest), Buffer.from(data));
+    if (data.byteLength <= this.options.maxBlobBytes && !options?.bulk)
+      this.#remember(digestKey(digest), Buffer.from(data));
   }
 
   createWriter(digest: Digest): Promise<BlobWriter> {

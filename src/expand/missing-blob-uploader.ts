@@ -98,7 +98,8 @@ export class MissingBlobUploader {
         const blob = batch[next++] as PendingBlob;
         const needed = missing.has(digestKey(blob.digest));
         if ("data" in blob) {
-          if (needed) await this.cas.put(blob.digest, blob.data);
+          // The converter hashed these bytes to name them; an image's files would only crowd a memory cache.
+          if (needed) await this.cas.put(blob.digest, blob.data, { hashedByCaller: true, bulk: true });
         } else {
           try {
             if (needed) await this.storeFile(blob.digest, blob.path);

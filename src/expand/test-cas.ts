@@ -1,6 +1,6 @@
 import { join } from "node:path";
 import type { Readable } from "node:stream";
-import type { BlobStore, BlobWriter } from "../cas/blob-store.js";
+import type { BlobStore, BlobWriter, PutOptions } from "../cas/blob-store.js";
 import { DiskBlobStore } from "../cas/disk-blob-store.js";
 import type { Digest } from "../digest/digest.js";
 import { LruDirectory } from "../store/lru-directory.js";
@@ -34,9 +34,9 @@ export class CountingBlobStore implements BlobStore {
     return this.inner.openRead(digest, offset, limit);
   }
 
-  put(digest: Digest, data: Uint8Array): Promise<void> {
+  put(digest: Digest, data: Uint8Array, options?: PutOptions): Promise<void> {
     this.puts++;
-    return this.inner.put(digest, data);
+    return this.inner.put(digest, data, options);
   }
 
   createWriter(digest: Digest): Promise<BlobWriter> {

@@ -34,6 +34,9 @@ export class LruDirectory {
   private readonly entries = new Map<string, Entry>();
   private readonly createdDirs = new Set<string>();
   private totalBytes = 0;
+  /** Temporary names are this process's prefix and a counter: unique without asking for randomness each time. */
+  private readonly tempPrefix = randomBytes(6).toString("hex");
+  private tempCounter = 0;
 
   private constructor(
     readonly root: string,
@@ -90,7 +93,7 @@ export class LruDirectory {
 
   /** A fresh path under tmp/ for a file that will be committed or removed. */
   tempPath(): string {
-    return join(this.root, "tmp", randomBytes(12).toString("hex"));
+    return join(this.root, "tmp", `${this.tempPrefix}-${++this.tempCounter}`);
   }
 
   /**
@@ -109,14 +112,7 @@ export class LruDirectory {
     const target = this.filePath(key);
     await this.ensureDir(dirname(target));
     await rename(tempPath, target);
-    const existing = this.entries.get(key);
-    if (existing) {
-      this.touch(key);
-      return;
-    }
-    this.entries.set(key, { size, touchedAt: Date.now() });
-    this.totalBytes += size;
-    await this.evict(key);
+    await this.record(key, size);
   }
 
   /** Writes `data` under `key` atomically. */
@@ -129,6 +125,18 @@ export class LruDirectory {
       await handle.close();
     }
     await this.commit(temp, key, data.byteLength);
+  }
+
+  /** Counts a file just renamed into place (once, however often it was written). */
+  private async record(key: string, size: number): Promise<void> {
+    const existing = this.entries.get(key);
+    if (existing) {
+      this.touch(key);
+      return;
+    }
+    this.entries.set(key, { size, touchedAt: Date.now() });
+    this.totalBytes += size;
+    await this.evict(key);
   }
 
   /** The whole file, or undefined when it is not (or no longer) stored. */
