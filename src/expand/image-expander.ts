@@ -89,7 +89,9 @@ export class ImageExpander {
     try {
       const image = await this.resolved.resolve(ref, creds);
       const key = `${instanceName}\0${fn.name}\0${image.manifestDigest}`;
-      const root = await this.images.run(key, () => this.imageTree(instanceName, fn, image, creds, onProgress));
+      const root = await this.images.run(key, () =>
+        this.imageTree({ instanceName, fn, image, credentials: creds }, onProgress),
+      );
       return { root, reference: image.reference, manifestDigest: image.manifestDigest, env: [...image.config.env] };
     } catch (err) {
       throw registryStatus(err, ref);
@@ -97,12 +99,10 @@ export class ImageExpander {
   }
 
   private async imageTree(
-    instanceName: string,
-    fn: DigestFunction,
-    image: ResolvedImage,
-    credentials: Credentials | undefined,
+    request: ExpansionRequest,
     onProgress: ((progress: ExpandProgress) => void) | undefined,
   ): Promise<Digest> {
+    const { instanceName, fn, image } = request;
     const progress = new ProgressSum(image.layers, onProgress);
     const cached = await this.lookup(instanceName, fn, "image", image.manifestDigest);
     if (cached) {
@@ -111,7 +111,7 @@ export class ImageExpander {
     }
     const evictions = this.options.casEvictions();
     const roots = await Promise.all(
-      image.layers.map((layer, i) => this.layerTree(instanceName, fn, image, layer, credentials, progress.forLayer(i))),
+      image.layers.map((layer, i) => this.layerTree(request, layer, progress.forLayer(i))),
     );
     const root = await mergeLayerTrees(fn, this.cas, roots);
     this.stats.imagesMerged++;
@@ -120,32 +120,24 @@ export class ImageExpander {
     return root;
   }
 
-  private layerTree(
-    instanceName: string,
-    fn: DigestFunction,
-    image: ResolvedImage,
-    layer: LayerDescriptor,
-    credentials: Credentials | undefined,
-    progress: LayerProgress,
-  ): Promise<Digest> {
+  private layerTree(request: ExpansionRequest, layer: LayerDescriptor, progress: LayerProgress): Promise<Digest> {
+    const { instanceName, fn } = request;
     const key = `${instanceName}\0${fn.name}\0${layer.digest}`;
     return this.layers
       .run(key, async () => {
         const cached = await this.lookup(instanceName, fn, "layer", layer.digest);
         if (cached) return cached;
-        return this.limited(() => this.convertLayer(instanceName, fn, image, layer, credentials, progress));
+        return this.limited(() => this.convertLayer(request, layer, progress));
       })
       .finally(() => progress.done());
   }
 
   private async convertLayer(
-    instanceName: string,
-    fn: DigestFunction,
-    image: ResolvedImage,
+    request: ExpansionRequest,
     layer: LayerDescriptor,
-    credentials: Credentials | undefined,
     progress: LayerProgress,
   ): Promise<Digest> {
+    const { instanceName, fn, image, credentials } = request;
     const evictions = this.options.casEvictions();
     await mkdir(this.options.tempDir, { recursive: true });
     const dir = await mkdtemp(join(this.options.tempDir, "layer-"));
@@ -205,6 +197,14 @@ export class ImageExpander {
       this.waiting.shift()?.();
     }
   }
+}
+
+/** One expansion: where its results go, and the image as resolved for the caller's credentials. */
+interface ExpansionRequest {
+  instanceName: string;
+  fn: DigestFunction;
+  image: ResolvedImage;
+  credentials: Credentials | undefined;
 }
 
 interface LayerProgress {

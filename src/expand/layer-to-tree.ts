@@ -5,13 +5,12 @@ import { extract, type Header } from "tar-stream";
 import type { BlobStore } from "../cas/blob-store.js";
 import { type Digest, digestOf } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
-import { layerCompression, sniffCompression } from "../image/layer-source.js";
-import { badEntry, entryPath } from "../image/layer-tree.js";
+import { layerCompression, openTarStream, sniffCompression } from "../image/layer-source.js";
+import { badEntry, entryPath, layerEntry } from "../image/layer-tree.js";
 import { DEFAULT_UNPACK_LIMITS, type UnpackLimits } from "../image/layer-unpack.js";
 import { Code, StatusError } from "../status/status.js";
 import { OPAQUE_MARKER, WHITEOUT_PREFIX } from "./directories.js";
 import { LayerDraft } from "./layer-draft.js";
-import { openCountedTarStream } from "./layer-stream.js";
 import { MissingBlobUploader } from "./missing-blob-uploader.js";
 
 export interface LayerTreeStats {
@@ -72,7 +71,7 @@ export async function layerToTree(
   const converter = new LayerConverter(fn, uploader, limits, options.maxMemoryFileBytes, spool);
   let sourceError: Error | undefined;
   const tar = extract();
-  const source = openCountedTarStream(
+  const source = openTarStream(
     blobPath,
     compression,
     limits.maxBytes + limits.maxEntries * TAR_OVERHEAD_PER_ENTRY,
@@ -135,14 +134,9 @@ class LayerConverter {
   ) {}
 
   async add(header: Header, data: AsyncIterable<unknown>): Promise<void> {
-    if (++this.stats.entries > this.limits.maxEntries) {
-      throw new StatusError(Code.RESOURCE_EXHAUSTED, `layer has more than ${this.limits.maxEntries} entries`);
-    }
+    const { parts, whiteout } = layerEntry(header, ++this.stats.entries, this.limits.maxEntries);
+    if (whiteout) return this.whiteout(header, parts);
     const name = header.name;
-    const parts = entryPath(name, name);
-    const base = parts.at(-1) ?? "";
-    if (base.startsWith(WHITEOUT_PREFIX)) return this.whiteout(header, parts);
-    if (parts.length === 0 && header.type !== "directory") throw badEntry(name, "names the layer root");
     switch (header.type) {
       case "file":
       case "contiguous-file":

@@ -47,15 +47,25 @@ export async function sniffCompression(path: string): Promise<LayerCompression> 
  * The decompressed tar stream of a layer blob, which fails past `maxBytes`
  * so that a compression bomb stops early whatever its tar headers claim.
  * `onError` receives failures of reading or decompressing, already
- * translated into StatusErrors when the data is at fault.
+ * translated into StatusErrors when the data is at fault; `onRead` hears
+ * how much of the blob file has been read.
  */
 export function openTarStream(
   path: string,
   compression: LayerCompression,
   maxBytes: number,
   onError: (err: Error) => void,
+  onRead?: (bytesRead: number) => void,
 ): Readable {
   const file = createReadStream(path, { highWaterMark: CHUNK });
+  if (onRead) {
+    // For progress bars: bytes of the blob file, not of the tar it decompresses to.
+    let read = 0;
+    file.on("data", (chunk: string | Buffer) => {
+      read += chunk.length;
+      onRead(read);
+    });
+  }
   const limit = new ByteLimit(maxBytes);
   const fail = (err: Error | null) => {
     if (err) onError(describe(err, compression));

@@ -7,6 +7,34 @@ export function badEntry(name: string, why: string): StatusError {
   return new StatusError(Code.INVALID_ARGUMENT, `layer entry ${JSON.stringify(name)}: ${why}`);
 }
 
+/** Where a layer entry goes, and whether it is a whiteout (`.wh.NAME`, `.wh..wh..opq`) rather than content. */
+export interface LayerEntry {
+  parts: string[];
+  whiteout: boolean;
+}
+
+/**
+ * The checks every tar entry of a layer passes, whether it is unpacked
+ * (mount mode) or turned into a tree (expand mode): at most `maxEntries`
+ * entries (`entryNumber` counts from 1), a path inside the layer, and only
+ * a directory may name the layer's root.
+ */
+export function layerEntry(
+  header: { name: string; type?: string | null },
+  entryNumber: number,
+  maxEntries: number,
+): LayerEntry {
+  if (entryNumber > maxEntries) {
+    throw new StatusError(Code.RESOURCE_EXHAUSTED, `layer has more than ${maxEntries} entries`);
+  }
+  const parts = entryPath(header.name, header.name);
+  const whiteout = (parts.at(-1) ?? "").startsWith(".wh.");
+  if (!whiteout && parts.length === 0 && header.type !== "directory") {
+    throw badEntry(header.name, "names the layer root");
+  }
+  return { parts, whiteout };
+}
+
 /**
  * The components of a path inside the layer ([] for the root), from the
  * name or hard link target of tar entry `entry`. Normalization is lexical,

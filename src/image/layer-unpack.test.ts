@@ -6,7 +6,15 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { promisify } from "node:util";
 import { gzipSync } from "node:zlib";
-import { type Compression, type LayerEntry, MEDIA_TYPES, makeLayer, writeLayer } from "../../test/support/layers.js";
+import {
+  type Compression,
+  corruptLayerBlobs,
+  type LayerEntry,
+  MALICIOUS_LAYERS,
+  MEDIA_TYPES,
+  makeLayer,
+  writeLayer,
+} from "../../test/support/layers.js";
 import { StatusError } from "../status/status.js";
 import { type UnpackLimits, unpackLayer } from "./layer-unpack.js";
 import { WhiteoutMaker } from "./whiteout.js";
@@ -127,60 +135,7 @@ test("writes whiteouts as 0/0 character devices and opaque directories as an xat
   assert.deepEqual((await readdir(dest)).sort(), ["dir", "gone", "kept", "opaque"]);
 });
 
-const malicious: [string, (sentinel: string) => LayerEntry[], RegExp][] = [
-  ["a parent directory", () => [{ name: "../x", content: "evil" }], /"\.\.\/x": escapes the layer root/],
-  [
-    "a deeper climb",
-    () => [{ name: "a/../../../sentinel/x", content: "evil" }],
-    /"a\/\.\.\/\.\.\/\.\.\/sentinel\/x": escapes/,
-  ],
-  ["an absolute path", (s) => [{ name: `${s}/x`, content: "evil" }], /sentinel\/x": is an absolute path/],
-  [
-    "a write through a symlink",
-    (s) => [
-      { name: "l", type: "symlink", linkname: s },
-      { name: "l/evil", content: "evil" },
-    ],
-    /"l\/evil": its parent "l" is a symlink/,
-  ],
-  [
-    "a directory through a symlink",
-    (s) => [
-      { name: "l", type: "symlink", linkname: s },
-      { name: "l/d/", type: "directory" },
-    ],
-    /"l\/d\/": its parent "l" is a symlink/,
-  ],
-  [
-    "a whiteout through a symlink",
-    (s) => [
-      { name: "l", type: "symlink", linkname: s },
-      { name: "l/.wh.x", content: "" },
-    ],
-    /"l\/\.wh\.x": its parent "l" is a symlink/,
-  ],
-  [
-    "a hard link out by ..",
-    () => [{ name: "h", type: "link", linkname: "../../../../../../etc/passwd" }],
-    /"h": hard link target "(\.\.\/)+etc\/passwd" escapes the layer root/,
-  ],
-  [
-    "a hard link to an absolute path",
-    () => [{ name: "h", type: "link", linkname: "/etc/passwd" }],
-    /"h": hard link target "\/etc\/passwd" is an absolute path/,
-  ],
-  [
-    "a hard link through a symlink",
-    () => [
-      { name: "etc", type: "symlink", linkname: "/etc" },
-      { name: "h", type: "link", linkname: "etc/passwd" },
-    ],
-    /"h": its parent "etc" is a symlink/,
-  ],
-  ["a hard link to nothing", () => [{ name: "h", type: "link", linkname: "absent" }], /"h": hard link target/],
-];
-
-for (const [what, entries, message] of malicious) {
+for (const [what, entries, message] of MALICIOUS_LAYERS) {
   test(`refuses ${what} and leaves nothing behind`, async () => {
     const { dest, sentinel, result } = await unpack(entries);
     const err = await result.then(
@@ -197,16 +152,8 @@ for (const [what, entries, message] of malicious) {
 }
 
 test("refuses corrupted and truncated blobs", async () => {
-  const good = await makeLayer([{ name: "f", content: "x".repeat(5000) }], "gzip");
-  const corrupt = Buffer.from(good);
-  corrupt.fill(0x55, 20, 60);
-  const cases: [Buffer, string, RegExp][] = [
-    [corrupt, MEDIA_TYPES.gzip, /not valid gzip data/],
-    [good.subarray(0, good.length - 20), MEDIA_TYPES.gzip, /not valid gzip data|unexpected end/i],
-    [Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), Buffer.alloc(64, 7)]), MEDIA_TYPES.zstd, /not valid zstd/],
-    [Buffer.alloc(1024, 0x41), MEDIA_TYPES.none, /not a valid tar archive/],
-  ];
-  for (const [data, mediaType, message] of cases) {
+  const cases = await corruptLayerBlobs();
+  for (const { data, mediaType, message } of cases) {
     const base = join(root, `corrupt-${++counter}`);
     await mkdir(base);
     await writeFile(join(base, "blob"), data);

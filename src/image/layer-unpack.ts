@@ -3,7 +3,7 @@ import { type FileHandle, lchown, link, lutimes, mkdir, open, rm, symlink } from
 import { extract, type Header } from "tar-stream";
 import { Code, StatusError } from "../status/status.js";
 import { layerCompression, openTarStream, sniffCompression } from "./layer-source.js";
-import { badEntry, entryPath, LayerTree } from "./layer-tree.js";
+import { badEntry, entryPath, LayerTree, layerEntry } from "./layer-tree.js";
 import { markOpaque, type WhiteoutMaker } from "./whiteout.js";
 
 export interface UnpackLimits {
@@ -118,14 +118,8 @@ class Unpacker {
   }
 
   async add(header: Header, data: AsyncIterable<unknown>): Promise<void> {
-    if (++this.stats.entries > this.limits.maxEntries) {
-      throw new StatusError(Code.RESOURCE_EXHAUSTED, `layer has more than ${this.limits.maxEntries} entries`);
-    }
-    const name = header.name;
-    const parts = entryPath(name, name);
-    const base = parts.at(-1) ?? "";
-    if (base.startsWith(WHITEOUT)) return this.whiteout(name, parts);
-    if (parts.length === 0 && header.type !== "directory") throw badEntry(name, "names the layer root");
+    const { parts, whiteout } = layerEntry(header, ++this.stats.entries, this.limits.maxEntries);
+    if (whiteout) return this.whiteout(header.name, parts);
     switch (header.type) {
       case "file":
       case "contiguous-file":

@@ -75,3 +75,82 @@ export async function writeLayer(
   await writeFile(path, data);
   return { path, descriptor: { digest: `sha256:${hex}`, mediaType: MEDIA_TYPES[compression], size: data.length } };
 }
+
+/**
+ * Layers no honest tool makes, each with what Berth must say when it refuses
+ * them. `outside` is a directory outside the layer that an escape would
+ * reach. Mount mode (unpacking) and expand mode (trees) refuse all alike.
+ */
+export const MALICIOUS_LAYERS: [string, (outside: string) => LayerEntry[], RegExp][] = [
+  ["a parent directory", () => [{ name: "../x", content: "evil" }], /"\.\.\/x": escapes the layer root/],
+  [
+    "a deeper climb",
+    () => [{ name: "a/../../../sentinel/x", content: "evil" }],
+    /"a\/\.\.\/\.\.\/\.\.\/sentinel\/x": escapes/,
+  ],
+  ["an absolute path", (outside) => [{ name: `${outside}/x`, content: "evil" }], /sentinel\/x": is an absolute path/],
+  [
+    "a write through a symlink",
+    (outside) => [
+      { name: "l", type: "symlink", linkname: outside },
+      { name: "l/evil", content: "evil" },
+    ],
+    /"l\/evil": its parent "l" is a symlink/,
+  ],
+  [
+    "a directory through a symlink",
+    (outside) => [
+      { name: "l", type: "symlink", linkname: outside },
+      { name: "l/d/", type: "directory" },
+    ],
+    /"l\/d\/": its parent "l" is a symlink/,
+  ],
+  [
+    "a whiteout through a symlink",
+    (outside) => [
+      { name: "l", type: "symlink", linkname: outside },
+      { name: "l/.wh.x", content: "" },
+    ],
+    /"l\/\.wh\.x": its parent "l" is a symlink/,
+  ],
+  [
+    "a hard link out by ..",
+    () => [{ name: "h", type: "link", linkname: "../../../../../../etc/passwd" }],
+    /"h": hard link target "(\.\.\/)+etc\/passwd" escapes the layer root/,
+  ],
+  [
+    "a hard link to an absolute path",
+    () => [{ name: "h", type: "link", linkname: "/etc/passwd" }],
+    /"h": hard link target "\/etc\/passwd" is an absolute path/,
+  ],
+  [
+    "a hard link through a symlink",
+    () => [
+      { name: "etc", type: "symlink", linkname: "/etc" },
+      { name: "h", type: "link", linkname: "etc/passwd" },
+    ],
+    /"h": its parent "etc" is a symlink/,
+  ],
+  ["a hard link to nothing", () => [{ name: "h", type: "link", linkname: "absent" }], /"h": hard link target/],
+];
+
+/** Blobs that are not what their media type says: damaged, cut short, or not a tar at all. */
+export async function corruptLayerBlobs(): Promise<{ data: Buffer; mediaType: string; message: RegExp }[]> {
+  const good = await makeLayer([{ name: "f", content: "x".repeat(5000) }], "gzip");
+  const corrupt = Buffer.from(good);
+  corrupt.fill(0x55, 20, 60);
+  return [
+    { data: corrupt, mediaType: MEDIA_TYPES.gzip, message: /not valid gzip data/ },
+    {
+      data: good.subarray(0, good.length - 20),
+      mediaType: MEDIA_TYPES.gzip,
+      message: /not valid gzip data|unexpected end/i,
+    },
+    {
+      data: Buffer.concat([Buffer.from([0x28, 0xb5, 0x2f, 0xfd]), Buffer.alloc(64, 7)]),
+      mediaType: MEDIA_TYPES.zstd,
+      message: /not valid zstd/,
+    },
+    { data: Buffer.alloc(1024, 0x41), mediaType: MEDIA_TYPES.none, message: /not a valid tar archive/ },
+  ];
+}
