@@ -56,3 +56,17 @@ test("the status line redraws in place and erases itself", () => {
   line.clear();
   assert.equal(written, "\rfirst, longer\x1b[K\rsecond\x1b[K\r\x1b[K");
 });
+
+test("an expansion's bar (the server's work, no workers) shows bytes and layers only", () => {
+  const expanding = { bytesDone: 3e6, bytesTotal: 12e6, layersDone: 1, layersTotal: 2 };
+  assert.equal(renderPullProgress(expanding, 80), `[${"#".repeat(10)}${"-".repeat(30)}]  25%  3.0/12.0 MB  layers 1/2`);
+  // Nothing to download (every layer expanded before): full once the layers are done.
+  assert.match(
+    renderPullProgress({ bytesDone: 0, bytesTotal: 0, layersDone: 2, layersTotal: 2 }, 80),
+    /^\[#{40}\] 100%/,
+  );
+  assert.match(
+    renderPullProgress({ bytesDone: 0, bytesTotal: 0, layersDone: 1, layersTotal: 2 }, 80),
+    /^\[-{40}\] {3}0%/,
+  );
+});
