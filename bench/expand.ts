@@ -22,7 +22,7 @@ import { elapsedMs, fmt, fmtList, MB, median, percentile } from "./stats.js";
 
 const run = promisify(execFile);
 
-const EXPAND_MAX_ROUNDS = 3;
+const EXPAND_MAX_ROUNDS = 5;
 /** Berth's expansion must reach at least this fraction of tar -x's speed. */
 const EXPAND_SPEED_TARGET = 0.5;
 const LOOKUP_RUNS = 20;
