@@ -1,11 +1,11 @@
 import { closeSync, constants, openSync, writeSync } from "node:fs";
 import { mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { extract, type Header } from "tar-stream";
+import type { Header } from "tar-stream";
 import type { BlobStore } from "../cas/blob-store.js";
 import { type Digest, digestOf } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
-import { layerCompression, openTarStream, sniffCompression } from "../image/layer-source.js";
+import { forEachTarEntry, layerCompression } from "../image/layer-source.js";
 import { badEntry, entryPath, layerEntry } from "../image/layer-tree.js";
 import { DEFAULT_UNPACK_LIMITS, type UnpackLimits } from "../image/layer-unpack.js";
 import { Code, StatusError } from "../status/status.js";
@@ -43,10 +43,6 @@ export interface LayerToTreeOptions {
   maxMemoryFileBytes?: number;
 }
 
-/** Room for tar headers and padding on top of file data when capping the decompressed stream. */
-const TAR_OVERHEAD_PER_ENTRY = 2048;
-/** Tar entries resolve as microtasks; without yielding, a run of small files would hold the event loop. */
-const YIELD_EVERY_MS = 5;
 const DEFAULT_MAX_MEMORY_FILE_BYTES = 4 * 1024 * 1024;
 const NEW_FILE = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
 
@@ -65,40 +61,11 @@ export async function layerToTree(
 ): Promise<{ root: Digest; stats: LayerTreeStats }> {
   layerCompression(mediaType);
   const limits = { ...DEFAULT_UNPACK_LIMITS, ...options.limits };
-  const compression = await sniffCompression(blobPath);
   const spool = options.tempDir === undefined ? undefined : await mkdtemp(join(options.tempDir, "layer-"));
   const uploader = new MissingBlobUploader(cas);
   const converter = new LayerConverter(fn, uploader, limits, options.maxMemoryFileBytes, spool);
-  let sourceError: Error | undefined;
-  const tar = extract();
-  const source = openTarStream(
-    blobPath,
-    compression,
-    limits.maxBytes + limits.maxEntries * TAR_OVERHEAD_PER_ENTRY,
-    (err) => {
-      sourceError = err;
-      tar.destroy(err);
-    },
-    options.onProgress,
-  );
-  source.pipe(tar);
   try {
-    const entries = tar[Symbol.asyncIterator]();
-    let yieldedAt = performance.now();
-    for (;;) {
-      const next = await entries.next().catch((err: Error) => {
-        if (sourceError) throw sourceError;
-        if (err instanceof StatusError) throw err;
-        throw new StatusError(Code.INVALID_ARGUMENT, `layer blob is not a valid tar archive: ${err.message}`);
-      });
-      if (next.done) break;
-      await converter.add(next.value.header, next.value);
-      next.value.resume();
-      if (performance.now() - yieldedAt > YIELD_EVERY_MS) {
-        await new Promise(setImmediate);
-        yieldedAt = performance.now();
-      }
-    }
+    await forEachTarEntry(blobPath, limits, (header, data) => converter.add(header, data), options.onProgress);
     const { root, directories } = await converter.draft.encode(fn, uploader);
     await uploader.finish();
     return { root, stats: { ...converter.stats, directories } };
@@ -106,8 +73,6 @@ export async function layerToTree(
     await uploader.abort();
     throw err;
   } finally {
-    source.destroy();
-    tar.destroy();
     if (spool !== undefined) await rm(spool, { recursive: true, force: true });
   }
 }

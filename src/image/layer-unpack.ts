@@ -1,8 +1,8 @@
 import { closeSync, constants, fchmodSync, fchownSync, futimesSync, openSync, writeSync } from "node:fs";
 import { type FileHandle, lchown, link, lutimes, mkdir, open, rm, symlink } from "node:fs/promises";
-import { extract, type Header } from "tar-stream";
+import type { Header } from "tar-stream";
 import { Code, StatusError } from "../status/status.js";
-import { layerCompression, openTarStream, sniffCompression } from "./layer-source.js";
+import { forEachTarEntry, layerCompression } from "./layer-source.js";
 import { badEntry, entryPath, LayerTree, layerEntry } from "./layer-tree.js";
 import { markOpaque, type WhiteoutMaker } from "./whiteout.js";
 
@@ -37,13 +37,6 @@ const WHITEOUT = ".wh.";
 const OPAQUE = ".wh..wh..opq";
 const NEW_FILE = constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL | constants.O_NOFOLLOW;
 const DIRECTORY = constants.O_RDONLY | constants.O_DIRECTORY | constants.O_NOFOLLOW;
-/** Room for tar headers and padding on top of file data when capping the decompressed stream. */
-const TAR_OVERHEAD_PER_ENTRY = 2048;
-/**
- * Tar entries resolve as microtasks, so a run of small files with synchronous
- * writes would hold the event loop (measured: 40 ms stretches) without this.
- */
-const YIELD_EVERY_MS = 5;
 
 /**
  * Extracts a layer blob (tar, tar+gzip or tar+zstd) into `dest`, which must
@@ -61,41 +54,8 @@ export async function unpackLayer(
   const limits = { ...DEFAULT_UNPACK_LIMITS, ...options.limits };
   await mkdir(dest, { mode: 0o755 });
   try {
-    const compression = await sniffCompression(blobPath);
-    let sourceError: Error | undefined;
-    const tar = extract();
-    const source = openTarStream(
-      blobPath,
-      compression,
-      limits.maxBytes + limits.maxEntries * TAR_OVERHEAD_PER_ENTRY,
-      (err) => {
-        sourceError = err;
-        tar.destroy(err);
-      },
-    );
-    source.pipe(tar);
     const unpacker = new Unpacker(new LayerTree(dest), options, limits);
-    const entries = tar[Symbol.asyncIterator]();
-    let yieldedAt = performance.now();
-    try {
-      for (;;) {
-        const next = await entries.next().catch((err: Error) => {
-          if (sourceError) throw sourceError;
-          if (err instanceof StatusError) throw err;
-          throw new StatusError(Code.INVALID_ARGUMENT, `layer blob is not a valid tar archive: ${err.message}`);
-        });
-        if (next.done) break;
-        await unpacker.add(next.value.header, next.value);
-        next.value.resume();
-        if (performance.now() - yieldedAt > YIELD_EVERY_MS) {
-          await new Promise(setImmediate);
-          yieldedAt = performance.now();
-        }
-      }
-    } finally {
-      source.destroy();
-      tar.destroy();
-    }
+    await forEachTarEntry(blobPath, limits, (header, data) => unpacker.add(header, data));
     return await unpacker.finish();
   } catch (err) {
     await rm(dest, { recursive: true, force: true });
