@@ -18,31 +18,37 @@ export function imageCommand(): Command {
   return new Command("image")
     .description("the container images of a farm")
     .addCommand(
-      new Command("pull")
-        .description(
-          "have every worker of a farm that runs images pull REF into its image store now, " +
-            "so that the first action naming it starts without pulling",
-        )
-        .option("--server <host:port>", "the farm's gRPC address", "127.0.0.1:8980")
-        .option("--instance <name>", "REAPI instance name", "")
-        .argument("<ref>", "the image, as in the container-image property (docker:// optional)")
-        .action(async (reference: string, options: PullOptions) => {
-          process.exitCode = await pull(reference, options);
-        }),
+      imageSubcommand(
+        "pull",
+        "have every worker of a farm that runs images pull REF into its image store now, " +
+          "so that the first action naming it starts without pulling",
+        pull,
+      ),
     )
     .addCommand(
-      new Command("expand")
-        .description(
-          "expand REF into the farm's CAS as expand mode does (warming it ahead of a build) " +
-            "and print the digest of the image's root directory",
-        )
-        .option("--server <host:port>", "the farm's gRPC address", "127.0.0.1:8980")
-        .option("--instance <name>", "REAPI instance name", "")
-        .argument("<ref>", "the image, as in the container-image property (docker:// optional)")
-        .action(async (reference: string, options: PullOptions) => {
-          process.exitCode = await expand(reference, options);
-        }),
+      imageSubcommand(
+        "expand",
+        "expand REF into the farm's CAS as expand mode does (warming it ahead of a build) " +
+          "and print the digest of the image's root directory",
+        expand,
+      ),
     );
+}
+
+/** `berth image NAME [--server] [--instance] REF`, exiting with what `run` returns. */
+function imageSubcommand(
+  name: string,
+  description: string,
+  run: (reference: string, options: PullOptions) => Promise<number>,
+): Command {
+  return new Command(name)
+    .description(description)
+    .option("--server <host:port>", "the farm's gRPC address", "127.0.0.1:8980")
+    .option("--instance <name>", "REAPI instance name", "")
+    .argument("<ref>", "the image, as in the container-image property (docker:// optional)")
+    .action(async (reference: string, options: PullOptions) => {
+      process.exitCode = await run(reference, options);
+    });
 }
 
 /** Follows the expansion with a bar on a terminal, then prints `HASH/SIZE` of the root directory. */

@@ -6,7 +6,7 @@ import { graftInputRoot } from "../expand/graft.js";
 import type { ExpandedImageTree } from "../expand/image-expander.js";
 import type { ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import type { Action, Command, Platform } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
-import { mergeEnvironment } from "../worker/image-root.js";
+import { mergeEnvironment } from "../image/environment.js";
 import { CONTAINER_IMAGE, IMAGE_MODE, REGISTRY_PASSWORD, REGISTRY_USERNAME } from "./action-platform.js";
 
 /** Properties about the image itself: honoured by the expansion, meaningless (and secret) past it. */

@@ -1,5 +1,6 @@
 import type { ActionCache } from "../ac/action-cache.js";
 import type { BlobStore } from "../cas/blob-store.js";
+import { readTreePage } from "../cas/directory-tree.js";
 import { type Digest, digestKey, digestOf, parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import {
@@ -66,8 +67,9 @@ export async function rememberTree(
   root: Digest,
 ): Promise<void> {
   const fn = root.fn;
-  const tree = await collectTree(cas, root);
-  const treeBytes = Tree.encode(tree).finish();
+  // One page with no limits: every Directory once, breadth first, the root first.
+  const [rootDirectory, ...children] = (await readTreePage(cas, root, 0, Infinity, Infinity)).directories;
+  const treeBytes = Tree.encode({ root: rootDirectory, children }).finish();
   const treeDigest = await digestOf(fn, treeBytes);
   await cas.put(treeDigest, treeBytes);
   const now = Date.now();
@@ -91,29 +93,6 @@ export async function rememberTree(
       },
     }),
   );
-}
-
-/** Every Directory below `root` once, breadth first, as a Tree message. */
-async function collectTree(cas: BlobStore, root: Digest): Promise<Tree> {
-  const seen = new Set<string>([digestKey(root)]);
-  const children: Directory[] = [];
-  let rootDirectory: Directory | undefined;
-  const queue: Digest[] = [root];
-  for (let head = 0; head < queue.length; head++) {
-    const digest = queue[head] as Digest;
-    const bytes = await cas.get(digest);
-    if (!bytes) throw new Error(`directory ${digestKey(digest)} of a tree just built is not in the CAS`);
-    const directory = Directory.decode(bytes);
-    if (head === 0) rootDirectory = directory;
-    else children.push(directory);
-    for (const child of directory.directories) {
-      const childDigest = parseDigest(root.fn, child.digest, `directory ${child.name}`);
-      if (seen.has(digestKey(childDigest))) continue;
-      seen.add(digestKey(childDigest));
-      queue.push(childDigest);
-    }
-  }
-  return { root: rootDirectory, children };
 }
 
 /**

@@ -11,6 +11,7 @@ import {
   type ExecutedActionMetadata,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { Timestamp } from "../gen/google/protobuf/timestamp.js";
+import { mergeEnvironment } from "../image/environment.js";
 import { fileBlob, type LocalBlob } from "../merkle/local-tree.js";
 import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
@@ -18,7 +19,7 @@ import { Code, invalidArgument, StatusError, toStatusError } from "../status/sta
 import type { DirectoryCache } from "./directory-cache.js";
 import { type ExpandedRoots, graftedInputRoot } from "./expanded-roots.js";
 import type { FileCache } from "./file-cache.js";
-import { type ActionImage, mergeEnvironment, prepareActionImage, prepareExpandedImage } from "./image-root.js";
+import { type ActionImage, prepareActionImage, prepareExpandedImage } from "./image-root.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
 import { collectOutputs } from "./outputs.js";
 import type { RemoteCas } from "./remote-cas.js";
