@@ -25,6 +25,7 @@ import {
 } from "./action-platform.js";
 import { type ExpandedAction, expandedAction } from "./expanded-action.js";
 import type { ImagePolicy } from "./image-policy.js";
+import { inputTreeBlobs } from "./input-blobs.js";
 
 export interface ExecutorOptions {
   /** Timeout of actions that set none. */
@@ -147,16 +148,14 @@ export class Executor {
       ];
       const unmet = this.scheduler.unsatisfiable(required);
       if (unmet) throw unsatisfiable(unmet, image);
-      return {
-        ...job,
-        platform: required,
-        containerImage: "",
-        ...(await this.expand(fn, job, inputRootDigest, image, platform)),
-      };
+      const expanded = await this.expand(fn, job, inputRootDigest, image, platform);
+      // The worker lays out only the client's part of the merged tree; the image's part it keeps.
+      const inputBlobs = await inputTreeBlobs(fn, this.cas, inputRootDigest);
+      return { ...job, platform: required, containerImage: "", ...expanded, inputBlobs };
     }
     const unmet = this.scheduler.unsatisfiable(platform.required);
     if (unmet) throw unsatisfiable(unmet, image);
-    return job;
+    return { ...job, inputBlobs: await inputTreeBlobs(fn, this.cas, inputRootDigest) };
   }
 
   private async expand(

@@ -1,4 +1,4 @@
-import { createReadStream } from "node:fs";
+import { createReadStream, readFileSync } from "node:fs";
 import { lstat, readdir, readFile, readlink } from "node:fs/promises";
 import { join } from "node:path";
 import { type Digest, digestOf } from "../digest/digest.js";
@@ -7,13 +7,23 @@ import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_executi
 
 /** Files up to this size are hashed from one read; larger ones are streamed in chunks of this size. */
 const WHOLE_READ_BYTES = 1024 * 1024;
+/**
+ * Files up to this size are read synchronously: readFile from node:fs/promises
+ * is four thread-pool round trips (open, stat, read, close), each waiting to be
+ * scheduled on a busy worker, for what one synchronous read does in microseconds.
+ */
+const SYNC_READ_BYTES = 64 * 1024;
+
+function readWhole(path: string, size: number): Buffer | Promise<Buffer> {
+  return size <= SYNC_READ_BYTES ? readFileSync(path) : readFile(path);
+}
 
 export async function hashFile(fn: DigestFunction, path: string, size: number): Promise<Digest> {
   const hasher = await fn.createHasher();
   // A read stream allocates a whole chunk for each read whatever the file's size: for the many small files of
   // a build (stdout, outputs) that was megabytes of short-lived memory per action, and frequent full GCs.
   if (size <= WHOLE_READ_BYTES) {
-    hasher.update(await readFile(path));
+    hasher.update(await readWhole(path, size));
   } else {
     for await (const chunk of createReadStream(path, { highWaterMark: WHOLE_READ_BYTES }))
       hasher.update(chunk as Buffer);
@@ -31,7 +41,7 @@ export type LocalBlob = { digest: Digest; path: string } | { digest: Digest; dat
  */
 export async function fileBlob(fn: DigestFunction, path: string, size: number, keepBytes: number): Promise<LocalBlob> {
   if (size > keepBytes) return { digest: await hashFile(fn, path, size), path };
-  const data = await readFile(path);
+  const data = await readWhole(path, size);
   return { digest: await digestOf(fn, data), data };
 }
 

@@ -1,4 +1,5 @@
-import { open, readFile, readlink, rm, stat } from "node:fs/promises";
+import { readFileSync, readlinkSync, rmSync, type Stats, statSync } from "node:fs";
+import { open } from "node:fs/promises";
 import { constants } from "node:os";
 import { dirname, isAbsolute, relative, resolve, sep } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -82,7 +83,7 @@ export class BubblewrapSandbox implements Sandbox {
   }
 
   async #searchable(dir: string): Promise<boolean> {
-    const info = await stat(dir);
+    const info = statSync(dir);
     return (
       (info.uid === this.#uid && (info.mode & 0o100) !== 0) ||
       (info.gid === this.#gid && (info.mode & 0o010) !== 0) ||
@@ -131,7 +132,9 @@ export class BubblewrapSandbox implements Sandbox {
 
     try {
       const exit = await launched.exited;
-      const report = parseStatus(await readFile(statusPath, "utf8").catch(() => ""));
+      // The small files and /proc reads from here on are synchronous: on a busy machine each thread-pool
+      // round trip would wait to be scheduled, and they all lie between the command's end and its result.
+      const report = parseStatus(readOrEmpty(statusPath));
       if (report.childPid !== undefined && report.pidNamespace !== undefined) {
         await waitForSandboxEnd(report.childPid, report.pidNamespace);
       }
@@ -156,7 +159,7 @@ export class BubblewrapSandbox implements Sandbox {
     } finally {
       clearTimeout(timer);
       request.signal?.removeEventListener("abort", onAbort);
-      await rm(statusPath, { force: true });
+      rmSync(statusPath, { force: true });
     }
   }
 }
@@ -174,10 +177,7 @@ async function checkRequest(request: SandboxRequest): Promise<{ root: string; wo
   if (strings.some((s) => s.includes("\0"))) throw new Error("argv and env must not contain NUL characters");
   const badName = request.env.find(({ name }) => name === "" || name.includes("="));
   if (badName) throw new Error(`invalid environment variable name ${JSON.stringify(badName.name)}`);
-  const isDirectory = await stat(workDir).then(
-    (s) => s.isDirectory(),
-    () => false,
-  );
+  const isDirectory = statOrUndefined(workDir)?.isDirectory() ?? false;
   if (!isDirectory) throw new Error(`working directory ${request.workingDirectory} does not exist in the input root`);
   return { root, workDir };
 }
@@ -227,18 +227,37 @@ function parseStatus(text: string): StatusReport {
  */
 async function waitForSandboxEnd(pid: number, pidNamespace: number): Promise<void> {
   const deadline = Date.now() + REAP_LIMIT_MS;
-  while (Date.now() < deadline && !(await sandboxEnded(pid, pidNamespace))) await sleep(5);
+  // Usually over within a millisecond or two of bwrap's exit, so the first waits are short.
+  for (let wait = 1; Date.now() < deadline && !sandboxEnded(pid, pidNamespace); wait = Math.min(wait * 2, 5)) {
+    await sleep(wait);
+  }
 }
 
-async function sandboxEnded(pid: number, pidNamespace: number): Promise<boolean> {
+function sandboxEnded(pid: number, pidNamespace: number): boolean {
   try {
-    const stat = await readFile(`/proc/${pid}/stat`, "utf8");
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
     const state = stat.slice(stat.lastIndexOf(")") + 2)[0];
     if (state === "Z" || state === "X") return true;
     // The pid may have been reused by an unrelated process.
-    return (await readlink(`/proc/${pid}/ns/pid`)) !== `pid:[${pidNamespace}]`;
+    return readlinkSync(`/proc/${pid}/ns/pid`) !== `pid:[${pidNamespace}]`;
   } catch {
     return true;
+  }
+}
+
+function readOrEmpty(path: string): string {
+  try {
+    return readFileSync(path, "utf8");
+  } catch {
+    return "";
+  }
+}
+
+function statOrUndefined(path: string): Stats | undefined {
+  try {
+    return statSync(path);
+  } catch {
+    return undefined;
   }
 }
 

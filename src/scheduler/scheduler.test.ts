@@ -102,6 +102,28 @@ test("an action moves through QUEUED and EXECUTING to COMPLETED on a worker", as
   assert.equal(scheduler.getOperation(op.name), op);
 });
 
+test("the input blobs the executor gathered travel with the assignment", () => {
+  const { scheduler } = makeScheduler();
+  const blob = (text: string) => ({
+    digest: { fn: SHA256, hash: "ab".repeat(32), sizeBytes: text.length },
+    data: Buffer.from(text),
+  });
+  scheduler.submit(
+    job({ inputBlobs: { directories: [blob("directory")], files: [blob("file one"), blob("file two")] } }),
+  );
+  const worker = new FakeWorker("w1");
+  scheduler.connect(worker);
+  const [assigned] = worker.assigned;
+  assert.deepEqual(
+    assigned?.inputDirectories.map((b) => [b.digest?.sizeBytes, String(b.data)]),
+    [[9, "directory"]],
+  );
+  assert.deepEqual(
+    assigned?.inputFiles.map((b) => String(b.data)),
+    ["file one", "file two"],
+  );
+});
+
 test("identical actions in flight run once; do_not_cache ones run on their own", async () => {
   const { scheduler, finished } = makeScheduler();
   const shared = job();

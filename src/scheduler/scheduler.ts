@@ -4,7 +4,9 @@ import type { Assignment, ExpandedImage, ImagePull } from "../gen/berth/worker/v
 import {
   type Action,
   type ActionResult,
+  type BatchUpdateBlobsRequest_Request,
   type Command,
+  Compressor_Value,
   type ExecuteResponse,
   ExecutionStage_Value,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
@@ -25,12 +27,20 @@ export interface ExecutionJob {
   containerImage: string;
   /** In expand mode: the image's tree the (rewritten) action's input root is built on, instead of containerImage. */
   expandedImage?: ExpandedImage;
+  /** Parts of the input tree the worker gets with the assignment (Assignment.input_directories, input_files). */
+  inputBlobs?: { directories: readonly StoredBlob[]; files: readonly StoredBlob[] };
   /** Lower runs sooner, as REAPI's ExecutionPolicy.priority. */
   priority: number;
   timeoutMs: number;
   /** Such a job neither joins nor is joined by identical ones. */
   doNotCache: boolean;
   queuedAt: Date;
+}
+
+/** A blob and its verified bytes. */
+export interface StoredBlob {
+  digest: Digest;
+  data: Buffer;
 }
 
 /** What a worker reported for a job. */
@@ -272,6 +282,8 @@ export class Scheduler {
       command: job.command,
       containerImage: job.containerImage,
       expandedImage: job.expandedImage,
+      inputDirectories: (job.inputBlobs?.directories ?? []).map(wireBlob),
+      inputFiles: (job.inputBlobs?.files ?? []).map(wireBlob),
       timeout: { seconds: Math.floor(job.timeoutMs / 1000), nanos: (job.timeoutMs % 1000) * 1e6 },
       queuedTimestamp: {
         seconds: Math.floor(job.queuedAt.getTime() / 1000),
@@ -309,4 +321,9 @@ export class Scheduler {
 /** A response for an execution that did not produce a result. */
 export function failure(code: Code, message: string, details: Status["details"] = []): ExecuteResponse {
   return { result: undefined, cachedResult: false, status: { code, message, details }, serverLogs: {}, message };
+}
+
+function wireBlob(blob: StoredBlob): BatchUpdateBlobsRequest_Request {
+  const { hash, sizeBytes } = blob.digest;
+  return { digest: { hash, sizeBytes }, data: blob.data, compressor: Compressor_Value.IDENTITY };
 }

@@ -1,4 +1,5 @@
-import { chown, lstat, mkdir, readFile, rm } from "node:fs/promises";
+import { chownSync, mkdirSync } from "node:fs";
+import { readFile, rm } from "node:fs/promises";
 import { dirname, isAbsolute, join, normalize, posix } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
@@ -16,12 +17,13 @@ import { fileBlob, type LocalBlob } from "../merkle/local-tree.js";
 import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
+import { acceptAssignmentBlobs } from "./assignment-blobs.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { type ExpandedRoots, graftedInputRoot } from "./expanded-roots.js";
 import type { FileCache } from "./file-cache.js";
 import { type ActionImage, prepareActionImage, prepareExpandedImage } from "./image-root.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
-import { collectOutputs } from "./outputs.js";
+import { collectOutputs, lstatOrUndefined } from "./outputs.js";
 import type { RemoteCas } from "./remote-cas.js";
 import type { Trash } from "./trash.js";
 import type { WorkerImages } from "./worker-images.js";
@@ -111,7 +113,7 @@ export async function runAction(
     }
 
     metadata.inputFetchStartTimestamp = now();
-    await mkdir(base, { recursive: true });
+    mkdirSync(base, { recursive: true });
     const rootDigest = parseDigest(fn, action.inputRootDigest, "action.input_root_digest");
     // The image is pulled or materialized (if it must be) while the input root is laid out.
     const pulling =
@@ -121,10 +123,14 @@ export async function runAction(
           ? prepareActionImage(assignment.containerImage, platform, options.images, options.inputRootPath, base)
           : undefined;
     const layingOut = (async () => {
+      const files = await acceptAssignmentBlobs(fn, assignment, options.directories);
       const clientRoot = expanded
         ? await expandedInputRoot(fn, rootDigest, expanded, cas, options.directories)
         : rootDigest;
-      await materializeInputRoot(fn, clientRoot, inputRoot, cas, options.cache, options.directories, options.owner);
+      await materializeInputRoot(fn, clientRoot, inputRoot, cas, options.cache, options.directories, {
+        owner: options.owner,
+        files,
+      });
     })();
     const [laidOut, pulled] = await Promise.allSettled([layingOut, pulling]);
     if (pulled.status === "fulfilled" && pulled.value) {
@@ -134,13 +140,7 @@ export async function runAction(
     if (laidOut.status === "rejected") throw laidOut.reason;
     if (pulled.status === "rejected") throw pulled.reason;
     const workingDir = join(inputRoot, workingDirectory);
-    await makeOutputParents(
-      workingDir,
-      command.outputFiles,
-      command.outputDirectories,
-      command.outputPaths,
-      options.owner,
-    );
+    makeOutputParents(workingDir, command.outputFiles, command.outputDirectories, command.outputPaths, options.owner);
     metadata.inputFetchCompletedTimestamp = now();
 
     const stdoutPath = join(base, "stdout");
@@ -282,29 +282,33 @@ async function splitInline(
   return { inline, rest };
 }
 
-/** REAPI: the worker creates the parent directory of every output before the command runs. */
-async function makeOutputParents(
+/**
+ * REAPI: the worker creates the parent directory of every output before the
+ * command runs. Synchronously, for the reason input-root.ts gives for small
+ * trees: a few directories, made one inside the other.
+ */
+function makeOutputParents(
   workingDir: string,
   outputFiles: string[],
   outputDirectories: string[],
   outputPaths: string[],
   owner: TreeOwner | undefined,
-): Promise<void> {
+): void {
   const parents = new Set<string>();
   for (const path of [...outputFiles, ...outputPaths]) parents.add(dirname(join(workingDir, path)));
   // Bazel 4 expects output directories themselves to exist.
   for (const path of outputDirectories) parents.add(join(workingDir, path));
   for (const dir of parents) {
-    const created = await mkdir(dir, { recursive: true });
-    if (owner && created !== undefined) await chownDown(created, dir, owner);
+    const created = mkdirSync(dir, { recursive: true });
+    if (owner && created !== undefined) chownDown(created, dir, owner);
   }
 }
 
 /** Gives every directory from `first` (the first one created) down to `last` to the action's user. */
-async function chownDown(first: string, last: string, owner: TreeOwner): Promise<void> {
+function chownDown(first: string, last: string, owner: TreeOwner): void {
   let dir = last;
   for (;;) {
-    await chown(dir, owner.uid, owner.gid);
+    chownSync(dir, owner.uid, owner.gid);
     if (dir === first || dir.length <= first.length) break;
     dir = dirname(dir);
   }
@@ -312,7 +316,7 @@ async function chownDown(first: string, last: string, owner: TreeOwner): Promise
 
 /** stdout or stderr as a blob (read once when small enough to go inline), or undefined when empty. */
 async function logBlob(fn: DigestFunction, path: string): Promise<LocalBlob | undefined> {
-  const info = await lstat(path).catch(() => undefined);
+  const info = lstatOrUndefined(path);
   if (!info || info.size === 0) return undefined;
   return fileBlob(fn, path, info.size, INLINE_BLOB_LIMIT);
 }

@@ -1,7 +1,15 @@
+import { renameSync, writeFileSync } from "node:fs";
 import { chmod, mkdir, rename, rm, unlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { type Digest, formatDigest } from "../digest/digest.js";
+import { type Digest, digestKey, formatDigest } from "../digest/digest.js";
 import type { RemoteCas } from "./remote-cas.js";
+
+/**
+ * Files up to this size are written synchronously, as input-root.ts makes
+ * small trees: such a write takes microseconds, less than the two thread-pool
+ * round trips (write, rename) would wait on a busy worker.
+ */
+const SYNC_WRITE_LIMIT = 64 * 1024;
 
 /**
  * The worker's local copies of input files, by digest, hard-linked into
@@ -42,11 +50,13 @@ export class FileCache {
   /**
    * The cached copies of `wanted` (fetching what is absent), pinned until
    * `release`, and the digests the CAS does not have. Small files come in
-   * batches, large ones streamed.
+   * batches, large ones streamed; those in `atHand` (verified contents by
+   * digest key) are written from there instead.
    */
   async ensure(
     cas: RemoteCas,
     wanted: readonly { digest: Digest; executable: boolean }[],
+    atHand?: ReadonlyMap<string, Buffer>,
   ): Promise<{ missing: Digest[]; release(): void }> {
     const keys = [...new Set(wanted.map((item) => this.key(item.digest, item.executable)))];
     for (const key of keys) this.pins.set(key, (this.pins.get(key) ?? 0) + 1);
@@ -62,7 +72,7 @@ export class FileCache {
       this.evict();
     };
     try {
-      return { missing: await this.fetchAbsent(cas, wanted), release };
+      return { missing: await this.fetchAbsent(cas, wanted, atHand), release };
     } catch (err) {
       release();
       throw err;
@@ -72,6 +82,7 @@ export class FileCache {
   private async fetchAbsent(
     cas: RemoteCas,
     wanted: readonly { digest: Digest; executable: boolean }[],
+    atHand: ReadonlyMap<string, Buffer> | undefined,
   ): Promise<Digest[]> {
     const missing: Digest[] = [];
     const toFetch = new Map<string, { digest: Digest; executable: boolean }>();
@@ -98,7 +109,7 @@ export class FileCache {
       }
     }
     if (toFetch.size > 0) {
-      const fetched = this.fetch(cas, [...toFetch.entries()]);
+      const fetched = this.fetch(cas, [...toFetch.entries()], atHand);
       for (const [key, item] of toFetch) {
         const done = fetched.then((found) => found.has(key));
         this.fetching.set(key, done);
@@ -143,19 +154,27 @@ export class FileCache {
   private async fetch(
     cas: RemoteCas,
     items: [string, { digest: Digest; executable: boolean }][],
+    atHand: ReadonlyMap<string, Buffer> | undefined,
   ): Promise<Set<string>> {
     const found = new Set<string>();
     const small = items.filter(([, i]) => i.digest.sizeBytes <= 1024 * 1024);
     const large = items.filter(([, i]) => i.digest.sizeBytes > 1024 * 1024);
-    const blobs = await cas.readBlobs(small.map(([, i]) => i.digest));
+    const toRead = small.filter(([, i]) => !atHand?.has(digestKey(i.digest))).map(([, i]) => i.digest);
+    const blobs = await cas.readBlobs(toRead);
     await Promise.all(
       small.map(async ([key, item]) => {
-        const data = blobs.get(item.digest);
+        const data = atHand?.get(digestKey(item.digest)) ?? blobs.get(item.digest);
         if (!data) return;
         const path = join(this.dir, key);
         const temp = `${path}.part`;
-        await writeFile(temp, data, { mode: item.executable ? 0o555 : 0o444 });
-        await rename(temp, path);
+        const mode = item.executable ? 0o555 : 0o444;
+        if (data.byteLength <= SYNC_WRITE_LIMIT) {
+          writeFileSync(temp, data, { mode });
+          renameSync(temp, path);
+        } else {
+          await writeFile(temp, data, { mode });
+          await rename(temp, path);
+        }
         found.add(key);
       }),
     );

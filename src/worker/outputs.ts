@@ -1,4 +1,4 @@
-import { lstat, readlink } from "node:fs/promises";
+import { lstatSync, readlinkSync, type Stats } from "node:fs";
 import { join } from "node:path";
 import { type Digest, digestOf } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
@@ -63,10 +63,12 @@ export async function collectOutputs(
       ];
   for (const { path, kind } of requested) {
     const full = join(workingDir, path);
-    const info = await lstat(full).catch(() => undefined);
+    // Synchronous, like the small reads in merkle/local-tree.ts: a thread-pool round trip per output would
+    // wait on a busy worker longer than the call takes.
+    const info = lstatOrUndefined(full);
     if (!info) continue;
     if (info.isSymbolicLink()) {
-      const symlink = { path, target: await readlink(full), nodeProperties: undefined };
+      const symlink = { path, target: readlinkSync(full), nodeProperties: undefined };
       out.outputSymlinks.push(symlink);
       if (kind === "directory") out.outputDirectorySymlinks.push(symlink);
       else out.outputFileSymlinks.push(symlink);
@@ -99,4 +101,13 @@ export async function collectOutputs(
     }
   }
   return out;
+}
+
+/** What lstat says of `path`, or undefined when there is nothing there (or a file where a parent should be). */
+export function lstatOrUndefined(path: string): Stats | undefined {
+  try {
+    return lstatSync(path);
+  } catch {
+    return undefined;
+  }
 }
