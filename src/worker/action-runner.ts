@@ -66,6 +66,10 @@ export async function runAction(
   const { leaseId } = assignment;
   const base = join(options.workDir, leaseId);
   const inputRoot = join(base, "root");
+  // Directories are removed while no action runs (see Trash); this one counts from now until it is discarded.
+  const release = options.trash.hold();
+  /** What the directory holds beyond hard links to the file cache, as far as the worker saw: outputs and logs. */
+  let writtenBytes = 0;
   const metadata: ExecutedActionMetadata = {
     worker: options.workerName,
     queuedTimestamp: assignment.queuedTimestamp,
@@ -172,6 +176,7 @@ export async function runAction(
     const uploads = [...outputs.uploads];
     if (stdoutBlob) uploads.push(stdoutBlob);
     if (stderrBlob) uploads.push(stderrBlob);
+    for (const blob of uploads) writtenBytes += blob.digest.sizeBytes;
     const [stdout, stderr] = [stdoutBlob?.digest, stderrBlob?.digest];
     const { inline, rest } = await splitInline(uploads);
     await cas.upload(rest);
@@ -214,7 +219,7 @@ export async function runAction(
   } finally {
     // Not awaited: the client waits for the completion, which need not wait for the image's release or for
     // the directory to go (each action has a directory of its own).
-    void cleanUp(base, image, options.trash);
+    void cleanUp(base, writtenBytes, image, options.trash).finally(release);
   }
 }
 
@@ -248,9 +253,9 @@ async function expandedInputRoot(
   return graftedInputRoot(fn, merged, baseRoot, expanded.inputRootPath, cas, directories);
 }
 
-async function cleanUp(base: string, image: ActionImage | undefined, trash: Trash): Promise<void> {
+async function cleanUp(base: string, bytes: number, image: ActionImage | undefined, trash: Trash): Promise<void> {
   await image?.release().catch(() => {});
-  await trash.discard(base).catch(() => rm(base, { recursive: true, force: true }).catch(() => {}));
+  await trash.discard(base, bytes).catch(() => rm(base, { recursive: true, force: true }).catch(() => {}));
 }
 
 /** A completion for an assignment that could not run. */
