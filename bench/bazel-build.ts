@@ -44,12 +44,17 @@ const remote = (address: string) => [`--remote_executor=grpc://${address}`, "--s
 /** For information: remote with more spawns in flight than the machine has cores, as remote builds usually run. */
 const REMOTE_JOBS = 16;
 
-/** Chain `c`: step 0 writes a line, every further step copies its predecessor's output and adds a line. */
-function buildFile(chain: number): string {
+/**
+ * Chain `c`: step 0 writes a line, every further step copies its
+ * predecessor's output and adds a line. Every line names the workspace's
+ * generation, so that each build's actions, inputs and outputs are new to
+ * any cache however many builds ran before it.
+ */
+function buildFile(chain: number, generation: number): string {
   const name = String(chain).padStart(2, "0");
   const rules: string[] = [];
   for (let step = 0; step < STEPS; step++) {
-    const line = `echo chain ${name} step ${step}`;
+    const line = `echo chain ${name} step ${step} generation ${generation}`;
     rules.push(
       step === 0
         ? `genrule(\n    name = "s0",\n    outs = ["s0.txt"],\n    cmd = "${line} > $@",\n)\n`
@@ -60,18 +65,18 @@ function buildFile(chain: number): string {
   return rules.join("\n");
 }
 
-function expectedLastOutput(chain: number): string {
+function expectedLastOutput(chain: number, generation: number): string {
   const name = String(chain).padStart(2, "0");
-  return Array.from({ length: STEPS }, (_, step) => `chain ${name} step ${step}\n`).join("");
+  return Array.from({ length: STEPS }, (_, step) => `chain ${name} step ${step} generation ${generation}\n`).join("");
 }
 
-async function writeWorkspace(workspace: string): Promise<void> {
+async function writeWorkspace(workspace: string, generation: number): Promise<void> {
   await mkdir(workspace, { recursive: true });
   await writeFile(join(workspace, "WORKSPACE"), 'workspace(name = "berth_bench")\n');
   for (let chain = 0; chain < CHAINS; chain++) {
     const dir = join(workspace, "chains", `c${String(chain).padStart(2, "0")}`);
     await mkdir(dir, { recursive: true });
-    await writeFile(join(dir, "BUILD"), buildFile(chain));
+    await writeFile(join(dir, "BUILD"), buildFile(chain, generation));
   }
 }
 
@@ -206,7 +211,8 @@ export async function benchBazelBuild(ctx: BenchContext, options: BazelBenchOpti
   await chmod(root, 0o755);
   await assertReachableByNobody(root);
   const workspace = join(root, "workspace");
-  await writeWorkspace(workspace);
+  let generation = 0;
+  await writeWorkspace(workspace, generation);
   const startup = startupOptions(root);
   ctx.defer(async () => {
     await runBazel(workspace, [...startup, "shutdown"], 60_000).catch(() => undefined);
@@ -257,8 +263,15 @@ export async function benchBazelBuild(ctx: BenchContext, options: BazelBenchOpti
   const bazelPid = Number(/^server_pid: (\d+)$/m.exec(info)?.[1]);
 
   const timedBuild = async (variant: Variant): Promise<Build> => {
-    await bazel(["clean"], "bazel clean");
     const run = async (flags: string[], berthPid?: number) => {
+      // Warm-up, untimed: the same build of another generation of the workspace, with the same options and
+      // (remote) the same Berth server, so that the timed build runs on warm JITs (Bazel's JVM and Berth's
+      // V8) as a developer's builds do, yet nothing of it is in any cache.
+      await writeWorkspace(workspace, ++generation);
+      await bazel(["clean"], "bazel clean");
+      await bazel(["build", ...COMMON, ...flags, "//chains/..."], `the ${variant} warm-up build`);
+      await writeWorkspace(workspace, ++generation);
+      await bazel(["clean"], "bazel clean");
       const before = {
         berth: processCpuSeconds(berthPid),
         bazel: processCpuSeconds(bazelPid),
@@ -294,7 +307,7 @@ export async function benchBazelBuild(ctx: BenchContext, options: BazelBenchOpti
     }
     for (const chain of [0, CHAINS - 1]) {
       const file = join(workspace, "bazel-bin", "chains", `c${String(chain).padStart(2, "0")}`, `s${STEPS - 1}.txt`);
-      if ((await readFile(file, "utf8")) !== expectedLastOutput(chain)) throw new Error(`${file} is wrong`);
+      if ((await readFile(file, "utf8")) !== expectedLastOutput(chain, generation)) throw new Error(`${file} is wrong`);
     }
     const elapsed = Number(/Elapsed time: ([0-9.]+)s/.exec(result.stderr)?.[1] ?? Number.NaN);
     const criticalPath = Number(/Critical Path: ([0-9.]+)s/.exec(result.stderr)?.[1] ?? Number.NaN);
@@ -376,11 +389,12 @@ export async function benchBazelBuild(ctx: BenchContext, options: BazelBenchOpti
         "tests (test/e2e/bazel.ts: no user or workspace rc, Debian's system rc, one output_user_root for every " +
         "build, so one Bazel server serves them all) and, for every build, " +
         `\`${COMMON.join(" ")}\` and Bazel's default --jobs (auto: ${cpus().length} here). The timed command is ` +
-        "`bazel build //chains/...`, run with child_process.spawn and timed until it exits; a `bazel clean` " +
-        "(untimed) precedes each one, so every build runs all its actions.",
+        "`bazel build //chains/...`, run with child_process.spawn and timed until it exits. Every build, timed " +
+        "or not, is of a new generation of the workspace (each echo line names it) after a `bazel clean`, so " +
+        "its actions, inputs and outputs are in no cache, local or remote.",
       "Remote: `--remote_executor=grpc://ADDRESS --spawn_strategy=remote` against a fresh `berth serve " +
-        `--workers ${WORKERS}\` (new data directory, so nothing comes from its action cache, CAS or worker ` +
-        "file cache; started before the clock starts, stopped after it stops). Every build's process summary " +
+        `--workers ${WORKERS}\` (new data directory; started before the clock starts, stopped after it stops). ` +
+        "Every build's process summary " +
         `is checked to show ${ACTIONS} remote (not remote cache hit) spawns.`,
       `Reference: \`--spawn_strategy=sandboxed --nosandbox_debug\` (Bazel's ${sandboxKind}), no remote ` +
         "options. Debian's /etc/bazel/bazelrc adds `build --sandbox_debug`, and the rc cannot be skipped " +
@@ -390,7 +404,10 @@ export async function benchBazelBuild(ctx: BenchContext, options: BazelBenchOpti
         `writing debug output) and the remote build with \`--jobs=${REMOTE_JOBS}\` (more spawns in flight than ` +
         "cores, as remote builds are usually run) are measured in the same rounds.",
       "Warm-up (untimed): the Bazel server starts and loads the workspace (`--nobuild //...`), then builds " +
-        "the first two genrules of one chain once locally and once on a Berth of its own. " +
+        "the first two genrules of one chain once locally and once on a Berth of its own. Then every timed " +
+        "build follows an untimed build of the whole workspace (the generation before) with the same options " +
+        "and, remote, on the same Berth server: the timed build runs on warm JITs, Bazel's JVM and Berth's V8, " +
+        "as a developer's builds and a farm that has served builds before do, yet finds nothing in a cache. " +
         `${rounds} rounds of the four builds, each round starting with a different one.`,
     ],
     rows: [
