@@ -20,8 +20,7 @@ after(() => rm(root, { recursive: true, force: true }));
 const wire = (d: Digest) => ({ hash: d.hash, sizeBytes: d.sizeBytes });
 
 test("a result is a hit only while every blob it names, down to files inside trees, is stored", async () => {
-  const casFiles = await LruDirectory.open(join(root, "cas"), { maxBytes: 1 << 20 });
-  const cas = new DiskBlobStore(casFiles);
+  const cas = await DiskBlobStore.open(join(root, "cas"), { maxBytes: 1 << 20 });
   const ac = new CompletenessCheckingActionCache(
     new DiskActionCache(await LruDirectory.open(join(root, "ac"), { maxBytes: 1 << 20 })),
     cas,
@@ -54,7 +53,7 @@ test("a result is a hit only while every blob it names, down to files inside tre
     const action = await digestOf(SHA256, Buffer.from(`action losing ${name}`));
     await ac.put("", action, result);
     assert.ok(await ac.get("", action), `complete before losing ${name}`);
-    await casFiles.remove(digestKey(digest));
+    await cas.remove(digest);
     assert.equal(await ac.get("", action), undefined, `a miss after losing ${name}`);
     await cas.put(digest, name === "tree" ? Buffer.from(Tree.encode(tree).finish()) : Buffer.from(textOf(name)));
   }

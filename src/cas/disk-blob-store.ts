@@ -1,9 +1,11 @@
 import { type FileHandle, open, unlink } from "node:fs/promises";
+import { join } from "node:path";
 import { Readable } from "node:stream";
-import { type Digest, digestKey, formatDigest, verifyBlob } from "../digest/digest.js";
+import { type Digest, digestKey, digestOf, formatDigest, verifyBlob } from "../digest/digest.js";
 import type { Hasher } from "../digest/functions.js";
 import { Code, StatusError } from "../status/status.js";
-import type { LruDirectory } from "../store/lru-directory.js";
+import { LruDirectory } from "../store/lru-directory.js";
+import { SegmentLog } from "../store/segment-log.js";
 import type { BlobStore, BlobWriter, PutOptions } from "./blob-store.js";
 import { isEmptyBlob } from "./empty-blob.js";
 
@@ -21,27 +23,81 @@ async function writeFully(handle: FileHandle, chunk: Uint8Array, position: numbe
   }
 }
 
-/** The embedded CAS: blobs as files in an LRU-capped directory. */
+/** Blobs up to this size go to the segment log; larger ones get a file each. */
+export const LOGGED_BLOB_BYTES = 64 * 1024;
+
+export interface DiskBlobStoreOptions {
+  /** Blob files and the log together stay within this. */
+  maxBytes: number;
+  /** Called for each blob evicted. */
+  onEvict?: (key: string, size: number) => void;
+}
+
+/**
+ * The part of the cap for the log of small blobs. Builds upload far more
+ * small blobs than large ones, but they are a small part of the bytes.
+ */
+const LOG_SHARE = 0.25;
+
+/**
+ * The embedded CAS: small blobs (the Directory, Action and Command messages
+ * and small files of builds, by far the most blobs) appended to a segment
+ * log, larger ones as files in an LRU-capped directory.
+ */
 export class DiskBlobStore implements BlobStore {
-  constructor(private readonly files: LruDirectory) {}
+  /** `logLimit`: blobs up to this size go to the log (0: none do). */
+  constructor(
+    private readonly files: LruDirectory,
+    private readonly log: SegmentLog,
+    private readonly logLimit: number,
+  ) {}
+
+  /**
+   * The store in `dir` (files in dir/files, the log in dir/log), created
+   * when absent. The log drops a sixteenth of itself at a time, so it never
+   * holds more than that over its share; a store too small for sixteen of the
+   * largest logged blobs keeps every blob as a file.
+   */
+  static async open(dir: string, options: DiskBlobStoreOptions): Promise<DiskBlobStore> {
+    const segmentBytes = Math.min(64 * 1024 ** 2, Math.floor((options.maxBytes * LOG_SHARE) / 16));
+    const logged = segmentBytes > LOGGED_BLOB_BYTES;
+    const logBytes = logged ? Math.floor(options.maxBytes * LOG_SHARE) : 0;
+    const files = await LruDirectory.open(dir, { maxBytes: options.maxBytes - logBytes, onEvict: options.onEvict });
+    const log = await SegmentLog.open(join(dir, "log"), { maxBytes: logBytes, segmentBytes, onEvict: options.onEvict });
+    return new DiskBlobStore(files, log, logged ? LOGGED_BLOB_BYTES : 0);
+  }
+
+  /** Blobs stored, and their bytes. */
+  get usage(): { count: number; bytes: number } {
+    return { count: this.files.count + this.log.count, bytes: this.files.usedBytes + this.log.usedBytes };
+  }
+
+  /** Closes the log's files; the store is not used afterwards. */
+  close(): void {
+    this.log.close();
+  }
 
   async findMissing(digests: readonly Digest[]): Promise<Digest[]> {
     const missing: Digest[] = [];
     for (const digest of digests) {
       if (digest.sizeBytes === 0 && (await isEmptyBlob(digest))) continue;
-      if (!this.files.touch(digestKey(digest))) missing.push(digest);
+      const key = digestKey(digest);
+      if (!this.log.touch(key) && !this.files.touch(key)) missing.push(digest);
     }
     return missing;
   }
 
   async get(digest: Digest): Promise<Buffer | undefined> {
     if (digest.sizeBytes === 0 && (await isEmptyBlob(digest))) return Buffer.alloc(0);
-    return this.files.readFile(digestKey(digest));
+    const logged = await this.fromLog(digest);
+    return logged ?? this.files.readFile(digestKey(digest));
   }
 
   async openRead(digest: Digest, offset: number, limit: number): Promise<Readable | undefined> {
     if (digest.sizeBytes === 0 && (await isEmptyBlob(digest))) return Readable.from([]);
     const end = limit === 0 ? digest.sizeBytes : Math.min(digest.sizeBytes, offset + limit);
+    const logged = await this.fromLog(digest);
+    if (logged) return Readable.from([logged.subarray(Math.min(offset, end), end)]);
     return this.files.openRead(digestKey(digest), offset, end, READ_CHUNK_BYTES);
   }
 
@@ -49,11 +105,38 @@ export class DiskBlobStore implements BlobStore {
     if (!options?.hashedByCaller) await verifyBlob(digest, data, "data");
     if (digest.sizeBytes === 0) return;
     const key = digestKey(digest);
-    if (this.files.touch(key)) return;
-    await this.files.writeFile(key, data);
+    if (this.log.touch(key) || this.files.touch(key)) return;
+    if (data.byteLength <= this.logLimit) this.log.put(key, data);
+    else await this.files.writeFile(key, data);
+  }
+
+  /** Forgets a blob, as if evicted (for repairs and tests). */
+  async remove(digest: Digest): Promise<void> {
+    const key = digestKey(digest);
+    this.log.remove(key);
+    await this.files.remove(key);
+  }
+
+  /**
+   * A logged blob, checked against its digest: a segment written before a
+   * crash may hold bytes that never reached the disk. A blob that fails is
+   * forgotten, as if it had been evicted.
+   */
+  private async fromLog(digest: Digest): Promise<Buffer | undefined> {
+    const key = digestKey(digest);
+    const data = this.log.get(key);
+    if (!data) return undefined;
+    try {
+      await verifyBlob(digest, data, "stored blob");
+      return data;
+    } catch {
+      this.log.remove(key);
+      return undefined;
+    }
   }
 
   async createWriter(digest: Digest): Promise<BlobWriter> {
+    if (digest.sizeBytes <= this.logLimit) return new MemoryBlobWriter(digest, this);
     const temp = this.files.tempPath();
     const handle = await open(temp, "wx");
     return new DiskBlobWriter(digest, temp, handle, await digest.fn.createHasher(), this.files);
@@ -127,5 +210,55 @@ class DiskBlobWriter implements BlobWriter {
     this.done = true;
     await this.settle().catch(() => {});
     await unlink(this.temp).catch(() => {});
+  }
+}
+
+/** A small upload, gathered in memory and stored with `put` (to the log) when complete. */
+class MemoryBlobWriter implements BlobWriter {
+  written = 0;
+  private readonly chunks: Uint8Array[] = [];
+  private done = false;
+
+  constructor(
+    readonly digest: Digest,
+    private readonly store: DiskBlobStore,
+  ) {}
+
+  async write(chunk: Uint8Array): Promise<void> {
+    if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "write after the upload finished");
+    if (this.written + chunk.byteLength > this.digest.sizeBytes) {
+      throw new StatusError(
+        Code.INVALID_ARGUMENT,
+        `more than ${this.digest.sizeBytes} bytes were sent for blob ${formatDigest(this.digest)}`,
+      );
+    }
+    this.chunks.push(chunk);
+    this.written += chunk.byteLength;
+  }
+
+  async commit(): Promise<void> {
+    if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "the upload already finished");
+    this.done = true;
+    const { digest } = this;
+    if (this.written !== digest.sizeBytes) {
+      throw new StatusError(
+        Code.INVALID_ARGUMENT,
+        `the upload ended after ${this.written} bytes; blob ${formatDigest(digest)} has ${digest.sizeBytes}`,
+      );
+    }
+    const data = Buffer.concat(this.chunks);
+    const actual = (await digestOf(digest.fn, data)).hash;
+    if (actual !== digest.hash) {
+      throw new StatusError(
+        Code.INVALID_ARGUMENT,
+        `the uploaded data's ${digest.fn.name} is ${actual}, not ${digest.hash} as the resource name says`,
+      );
+    }
+    await this.store.put(digest, data, { hashedByCaller: true });
+  }
+
+  async abort(): Promise<void> {
+    this.done = true;
+    this.chunks.length = 0;
   }
 }

@@ -4,9 +4,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { type LayerEntry, writeLayer } from "../../test/support/layers.js";
+import type { DiskBlobStore } from "../cas/disk-blob-store.js";
 import { type Digest, digestKey } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
-import type { LruDirectory } from "../store/lru-directory.js";
 import { layerToTree } from "./layer-to-tree.js";
 import { mergeLayerTrees } from "./merge-layers.js";
 import { type CountingBlobStore, openTestCas } from "./test-cas.js";
@@ -14,12 +14,12 @@ import { listTree, missingBlobsOfTree, type TreeEntry } from "./tree-listing.js"
 
 let root: string;
 let cas: CountingBlobStore;
-let files: LruDirectory;
+let disk: DiskBlobStore;
 let counter = 0;
 
 before(async () => {
   root = await mkdtemp(join(tmpdir(), "berth-merge-"));
-  ({ cas, files } = await openTestCas(root));
+  ({ cas, disk } = await openTestCas(root));
 });
 after(async () => {
   await rm(root, { recursive: true, force: true });
@@ -151,11 +151,11 @@ test("a layer tree missing from the CAS is NOT_FOUND naming the digest", async (
   const upper = await layer([{ name: "gone/deep/file", content: "a directory that will be deleted" }]);
   const gone = (await listTree(SHA256, cas, upper)).find((e) => e.path === "gone/deep")?.digest;
   assert.ok(gone);
-  await files.remove(digestKey(gone));
+  await disk.remove(gone);
   await assert.rejects(mergeLayerTrees(SHA256, cas, [lower, upper]), {
     code: 5,
     message: new RegExp(`${gone.hash}/${gone.sizeBytes} is not in the CAS`),
   });
-  await files.remove(digestKey(upper));
+  await disk.remove(upper);
   await assert.rejects(mergeLayerTrees(SHA256, cas, [upper, lower]), { code: 5, message: new RegExp(upper.hash) });
 });

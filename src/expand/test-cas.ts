@@ -3,12 +3,11 @@ import type { Readable } from "node:stream";
 import type { BlobStore, BlobWriter, PutOptions } from "../cas/blob-store.js";
 import { DiskBlobStore } from "../cas/disk-blob-store.js";
 import type { Digest } from "../digest/digest.js";
-import { LruDirectory } from "../store/lru-directory.js";
 
-/** For tests: the real disk CAS in `dir`, with its LruDirectory to delete blobs behind its back. */
-export async function openTestCas(dir: string): Promise<{ cas: CountingBlobStore; files: LruDirectory }> {
-  const files = await LruDirectory.open(join(dir, "cas"), { maxBytes: 64 * 1024 ** 3 });
-  return { cas: new CountingBlobStore(new DiskBlobStore(files)), files };
+/** For tests: the real disk CAS in `dir`, and the store itself, to remove blobs from behind the counter's back. */
+export async function openTestCas(dir: string): Promise<{ cas: CountingBlobStore; disk: DiskBlobStore }> {
+  const disk = await DiskBlobStore.open(join(dir, "cas"), { maxBytes: 64 * 1024 ** 3 });
+  return { cas: new CountingBlobStore(disk), disk };
 }
 
 /** A BlobStore that counts the writes reaching the store it wraps. */

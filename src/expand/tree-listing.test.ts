@@ -4,20 +4,20 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { writeLayer } from "../../test/support/layers.js";
+import type { DiskBlobStore } from "../cas/disk-blob-store.js";
 import { digestKey } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
-import type { LruDirectory } from "../store/lru-directory.js";
 import { layerToTree } from "./layer-to-tree.js";
 import { type CountingBlobStore, openTestCas } from "./test-cas.js";
 import { listTree, missingBlobsOfTree } from "./tree-listing.js";
 
 let root: string;
 let cas: CountingBlobStore;
-let files: LruDirectory;
+let disk: DiskBlobStore;
 
 before(async () => {
   root = await mkdtemp(join(tmpdir(), "berth-listing-"));
-  ({ cas, files } = await openTestCas(root));
+  ({ cas, disk } = await openTestCas(root));
 });
 after(async () => {
   await rm(root, { recursive: true, force: true });
@@ -40,13 +40,13 @@ test("missingBlobsOfTree names deleted file and directory blobs, and does not de
   const shared = entries.get("a/same")?.digest;
   const b = entries.get("b")?.digest;
   assert.ok(one && shared && b);
-  await files.remove(digestKey(one));
-  await files.remove(digestKey(shared));
+  await disk.remove(one);
+  await disk.remove(shared);
   assert.deepEqual(await missingBlobsOfTree(SHA256, cas, tree), [one, shared], "a blob used twice is named once");
-  await files.remove(digestKey(b));
+  await disk.remove(b);
   // Below b, "two" and "three" are stored but cannot be known: only b itself is named.
   assert.deepEqual(await missingBlobsOfTree(SHA256, cas, tree), [b, one, shared]);
   await assert.rejects(listTree(SHA256, cas, tree), { code: 5 });
-  await files.remove(digestKey(tree));
+  await disk.remove(tree);
   assert.deepEqual(await missingBlobsOfTree(SHA256, cas, tree), [tree]);
 });

@@ -40,22 +40,23 @@ export interface Farm {
 export async function openFarm(config: Config, log: Logger): Promise<Farm> {
   await mkdir(config.dataDir, { recursive: true });
   let casEvictions = 0;
-  const casFiles = await LruDirectory.open(join(config.dataDir, "cas"), {
-    maxBytes: config.cas.maxSizeBytes,
-    onEvict: (key, size) => {
-      casEvictions++;
-      log.debug({ key, size }, "evicted blob");
-    },
-  });
+  const onEvict = (key: string, size: number) => {
+    casEvictions++;
+    log.debug({ key, size }, "evicted blob");
+  };
+  const disk = await DiskBlobStore.open(join(config.dataDir, "cas"), { maxBytes: config.cas.maxSizeBytes, onEvict });
   const acFiles = await LruDirectory.open(join(config.dataDir, "ac"), {
     maxBytes: config.actionCache.maxSizeBytes,
     onEvict: (key) => log.debug({ key }, "evicted action result"),
   });
   log.info(
-    { casBlobs: casFiles.count, casBytes: casFiles.usedBytes, acEntries: acFiles.count },
+    {
+      casBlobs: disk.usage.count,
+      casBytes: disk.usage.bytes,
+      acEntries: acFiles.count,
+    },
     `opened storage in ${config.dataDir}`,
   );
-  const disk = new DiskBlobStore(casFiles);
   const cas =
     config.cas.memoryCacheSizeBytes > 0
       ? new MemoryCachedBlobStore(disk, {
@@ -114,6 +115,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
       scheduler.close();
       await uploads.close();
       await written.flush();
+      disk.close();
     },
   };
 }

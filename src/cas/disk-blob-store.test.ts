@@ -1,0 +1,99 @@
+import assert from "node:assert/strict";
+import { mkdtemp, open, readdir, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { text } from "node:stream/consumers";
+import { after, before, test } from "node:test";
+import { type Digest, digestOf } from "../digest/digest.js";
+import { SHA256 } from "../digest/functions.js";
+import { DiskBlobStore, LOGGED_BLOB_BYTES } from "./disk-blob-store.js";
+
+let root: string;
+let count = 0;
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), "berth-disk-cas-"));
+});
+after(async () => {
+  if (root) await rm(root, { recursive: true, force: true });
+});
+
+const STORE_BYTES = 64 * 1024 ** 2;
+
+async function blob(data: Buffer): Promise<{ data: Buffer; digest: Digest }> {
+  return { data, digest: await digestOf(SHA256, data) };
+}
+
+/** Every file below `dir`, relative to it. */
+async function filesIn(dir: string): Promise<string[]> {
+  return (await readdir(dir, { recursive: true, withFileTypes: true }))
+    .filter((e) => e.isFile())
+    .map((e) => join(e.parentPath ?? e.path, e.name).slice(dir.length + 1));
+}
+
+test("small blobs go to the log, large ones to files; both come back whole and in parts, also after a restart", async () => {
+  const dir = join(root, `cas-${++count}`);
+  let store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  const small = await blob(Buffer.from("a Directory message, say"));
+  const edge = await blob(Buffer.alloc(LOGGED_BLOB_BYTES, 1));
+  const large = await blob(Buffer.alloc(LOGGED_BLOB_BYTES + 1, 2));
+  for (const b of [small, edge, large]) await store.put(b.digest, b.data);
+  const files = await filesIn(dir);
+  assert.deepEqual(
+    files.filter((f) => f.startsWith("files/")),
+    [`files/sha256/${large.digest.hash.slice(0, 2)}/${large.digest.hash}-${large.digest.sizeBytes}`],
+    "only the blob over the log's limit has a file of its own",
+  );
+  assert.equal(files.filter((f) => f.startsWith("log/")).length, 1);
+  for (let round = 0; round < 2; round++) {
+    for (const b of [small, edge, large]) {
+      assert.deepEqual(await store.findMissing([b.digest]), []);
+      assert.deepEqual(await store.get(b.digest), b.data);
+    }
+    const part = await store.openRead(small.digest, 2, 9);
+    assert.equal(part && (await text(part)), "Directory");
+    assert.deepEqual(store.usage.count, 3);
+    store.close();
+    store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  }
+  store.close();
+});
+
+test("streamed uploads of small blobs are verified and land in the log", async () => {
+  const dir = join(root, `cas-${++count}`);
+  const store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  const b = await blob(Buffer.from("uploaded in three pieces"));
+  const writer = await store.createWriter(b.digest);
+  for (const piece of [b.data.subarray(0, 5), b.data.subarray(5, 12), b.data.subarray(12)]) await writer.write(piece);
+  await writer.commit();
+  assert.deepEqual(await store.get(b.digest), b.data);
+  assert.deepEqual(
+    (await filesIn(dir)).filter((f) => f.startsWith("files/")),
+    [],
+  );
+
+  const wrong = await store.createWriter((await blob(Buffer.from("what the name promises"))).digest);
+  await wrong.write(Buffer.from("what the name betrays!"));
+  await assert.rejects(wrong.commit(), /not [0-9a-f]{64} as the resource name says/);
+  const tooLong = await store.createWriter(b.digest);
+  await assert.rejects(tooLong.write(Buffer.alloc(b.data.byteLength + 1)), /more than 24 bytes/);
+  store.close();
+});
+
+test("a logged blob whose bytes on disk went bad is not served: it is missing from then on", async () => {
+  const dir = join(root, `cas-${++count}`);
+  let store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  const b = await blob(Buffer.from("bytes that will be damaged on disk"));
+  await store.put(b.digest, b.data);
+  store.close();
+  const [segment] = await readdir(join(dir, "log"));
+  const handle = await open(join(dir, "log", segment as string), "r+");
+  const { size } = await handle.stat();
+  await handle.write(Buffer.from("XXXX"), 0, 4, size - 6);
+  await handle.close();
+  store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  assert.equal(await store.get(b.digest), undefined);
+  assert.deepEqual(await store.findMissing([b.digest]), [b.digest]);
+  await store.put(b.digest, b.data);
+  assert.deepEqual(await store.get(b.digest), b.data, "stored again, it is served again");
+  store.close();
+});
