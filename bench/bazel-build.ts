@@ -81,16 +81,16 @@ async function writeWorkspace(workspace: string, generation: number): Promise<vo
 }
 
 const BAZEL_WHERE =
-  "Where the time goes: Berth spends several times the CPU per action that local sandboxing does (the CPU line " +
-  'above; there "Berth" is the server process, and its local workers\' child process counts under ' +
-  '"everything else" with the sandboxes), and Bazel\'s own server spends more CPU building remotely than ' +
-  'locally. With --jobs=2 Bazel waits on each action\'s round trips: its "execute remotely" span above ' +
-  "against about 11 ms for an Execute alone in the latency benchmark, because each Bazel action first makes " +
-  "about eight ByteStream.Write calls (the gRPC counts above: the Action, the Command and one Directory per " +
-  "level of bazel-out/k8-fastbuild/bin/chains/cNN), each a gRPC call of its own through grpc-js; in a CPU " +
-  "profile of Berth's server most of its time per action goes to HTTP/2 and gRPC call handling and to storing " +
-  "each small blob as a file (open, write, close, rename). With --jobs=16 the two cores are the limit, shared " +
-  "by Bazel's server, Berth's server, the worker process and the sandboxes.";
+  'Where the time goes: per action, Berth\'s server ("Berth" in the CPU line above) handles about a dozen ' +
+  "gRPC calls through grpc-js: eight ByteStream.Write (the Action, the Command and one Directory per level of " +
+  "bazel-out/k8-fastbuild/bin/chains/cNN), FindMissingBlobs, GetActionResult, Execute and a Read, with the " +
+  "small blobs appended to the CAS's segment log. Its local workers' process and the sandboxes count under " +
+  '"everything else": the worker gets the input tree with the assignment and lays it out with a handful of ' +
+  "system calls, and bubblewrap plus bash cost a few milliseconds more than Bazel's linux-sandbox. With " +
+  '--jobs=2 Bazel waits on each action\'s round trips (its "execute remotely" span above); with --jobs=16 the ' +
+  "two cores are the limit. File creation on this machine's ext4 slows down for a minute or more after many " +
+  "files were deleted (every freed inode is scanned past), which makes both sides' times vary from build to " +
+  "build: Berth's worker therefore removes finished actions' directories only while idle.";
 
 /** Calls by method in Bazel's --experimental_remote_grpc_log: length-delimited LogEntry messages. */
 function countRpcs(log: Buffer): Map<string, number> {
