@@ -4,7 +4,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { DiskBlobStore } from "../cas/disk-blob-store.js";
-import { type Digest, digestKey, digestOf } from "../digest/digest.js";
+import { type Digest, digestOf } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
 import { ActionResult, Directory, Tree } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { LruDirectory } from "../store/lru-directory.js";

@@ -157,13 +157,7 @@ class DiskBlobWriter implements BlobWriter {
   ) {}
 
   async write(chunk: Uint8Array): Promise<void> {
-    if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "write after the upload finished");
-    if (this.written + chunk.byteLength > this.digest.sizeBytes) {
-      throw new StatusError(
-        Code.INVALID_ARGUMENT,
-        `more than ${this.digest.sizeBytes} bytes were sent for blob ${formatDigest(this.digest)}`,
-      );
-    }
+    checkChunk(this.done, this.digest, this.written, chunk);
     this.hasher.update(chunk);
     // Positioned writes may overlap: the next chunk is received and hashed while
     // earlier ones reach the file. The caller must not reuse `chunk`'s memory.
@@ -179,20 +173,10 @@ class DiskBlobWriter implements BlobWriter {
     this.done = true;
     await this.settle();
     const { digest } = this;
-    if (this.written !== digest.sizeBytes) {
+    const wrong = uploadMismatch(digest, this.written, () => this.hasher.digestHex());
+    if (wrong) {
       await unlink(this.temp).catch(() => {});
-      throw new StatusError(
-        Code.INVALID_ARGUMENT,
-        `the upload ended after ${this.written} bytes; blob ${formatDigest(digest)} has ${digest.sizeBytes}`,
-      );
-    }
-    const actual = this.hasher.digestHex();
-    if (actual !== digest.hash) {
-      await unlink(this.temp).catch(() => {});
-      throw new StatusError(
-        Code.INVALID_ARGUMENT,
-        `the uploaded data's ${digest.fn.name} is ${actual}, not ${digest.hash} as the resource name says`,
-      );
+      throw wrong;
     }
     await this.files.commit(this.temp, digestKey(digest), digest.sizeBytes);
   }
@@ -213,6 +197,33 @@ class DiskBlobWriter implements BlobWriter {
   }
 }
 
+/** Refuses a chunk after the upload finished, or one that would pass the blob's size. */
+function checkChunk(done: boolean, digest: Digest, written: number, chunk: Uint8Array): void {
+  if (done) throw new StatusError(Code.FAILED_PRECONDITION, "write after the upload finished");
+  if (written + chunk.byteLength > digest.sizeBytes) {
+    throw new StatusError(
+      Code.INVALID_ARGUMENT,
+      `more than ${digest.sizeBytes} bytes were sent for blob ${formatDigest(digest)}`,
+    );
+  }
+}
+
+/** Why a finished upload is not the blob its digest names, or undefined when it is. */
+function uploadMismatch(digest: Digest, written: number, hash: () => string): StatusError | undefined {
+  if (written !== digest.sizeBytes) {
+    return new StatusError(
+      Code.INVALID_ARGUMENT,
+      `the upload ended after ${written} bytes; blob ${formatDigest(digest)} has ${digest.sizeBytes}`,
+    );
+  }
+  const actual = hash();
+  if (actual === digest.hash) return undefined;
+  return new StatusError(
+    Code.INVALID_ARGUMENT,
+    `the uploaded data's ${digest.fn.name} is ${actual}, not ${digest.hash} as the resource name says`,
+  );
+}
+
 /** A small upload, gathered in memory and stored with `put` (to the log) when complete. */
 class MemoryBlobWriter implements BlobWriter {
   written = 0;
@@ -225,13 +236,7 @@ class MemoryBlobWriter implements BlobWriter {
   ) {}
 
   async write(chunk: Uint8Array): Promise<void> {
-    if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "write after the upload finished");
-    if (this.written + chunk.byteLength > this.digest.sizeBytes) {
-      throw new StatusError(
-        Code.INVALID_ARGUMENT,
-        `more than ${this.digest.sizeBytes} bytes were sent for blob ${formatDigest(this.digest)}`,
-      );
-    }
+    checkChunk(this.done, this.digest, this.written, chunk);
     this.chunks.push(chunk);
     this.written += chunk.byteLength;
   }
@@ -240,20 +245,10 @@ class MemoryBlobWriter implements BlobWriter {
     if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "the upload already finished");
     this.done = true;
     const { digest } = this;
-    if (this.written !== digest.sizeBytes) {
-      throw new StatusError(
-        Code.INVALID_ARGUMENT,
-        `the upload ended after ${this.written} bytes; blob ${formatDigest(digest)} has ${digest.sizeBytes}`,
-      );
-    }
     const data = Buffer.concat(this.chunks);
     const actual = (await digestOf(digest.fn, data)).hash;
-    if (actual !== digest.hash) {
-      throw new StatusError(
-        Code.INVALID_ARGUMENT,
-        `the uploaded data's ${digest.fn.name} is ${actual}, not ${digest.hash} as the resource name says`,
-      );
-    }
+    const wrong = uploadMismatch(digest, this.written, () => actual);
+    if (wrong) throw wrong;
     await this.store.put(digest, data, { hashedByCaller: true });
   }
 

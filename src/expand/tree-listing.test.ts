@@ -5,7 +5,6 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { writeLayer } from "../../test/support/layers.js";
 import type { DiskBlobStore } from "../cas/disk-blob-store.js";
-import { digestKey } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
 import { layerToTree } from "./layer-to-tree.js";
 import { type CountingBlobStore, openTestCas } from "./test-cas.js";

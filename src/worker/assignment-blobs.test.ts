@@ -6,6 +6,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { sha256, type WireDigest } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
+import { actionRunnerOptions } from "../../test/support/runner.js";
 import { dir, encodeTree, file } from "../../test/support/trees.js";
 import { digestKey, parseDigest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
@@ -18,15 +19,11 @@ import {
   Directory,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { PreconditionFailure } from "../gen/google/rpc/error_details.js";
-import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { Code } from "../status/status.js";
 import { type ActionRunnerOptions, runAction } from "./action-runner.js";
 import { acceptAssignmentBlobs } from "./assignment-blobs.js";
 import { DirectoryCache } from "./directory-cache.js";
-import { FileCache } from "./file-cache.js";
-import { actionUser } from "./local-workers.js";
 import { RemoteCas } from "./remote-cas.js";
-import { Trash } from "./trash.js";
 
 // The farm's CAS stays empty in these tests: whatever the worker lays out can only have come with the
 // assignment, as the scheduler sends an input tree's Directory messages and small files.
@@ -40,20 +37,7 @@ before(async () => {
   cas = RemoteCas.connect(farm.address);
   workDir = await mkdtemp(join(tmpdir(), "berth-assignment-blobs-"));
   await chmod(workDir, 0o755);
-  const owner = actionUser();
-  options = {
-    workerName: "assignment-blobs-test",
-    workDir: join(workDir, "actions"),
-    cas,
-    cache: await FileCache.open(join(workDir, "cache"), 1024 ** 3),
-    images: undefined,
-    expandedRoots: undefined,
-    inputRootPath: "/run/berth/execroot",
-    trash: await Trash.open(join(workDir, "trash")),
-    directories: new DirectoryCache(),
-    sandbox: new BubblewrapSandbox({ uid: owner.uid, gid: owner.gid }),
-    owner: process.getuid?.() === 0 ? owner : undefined,
-  };
+  options = await actionRunnerOptions(workDir, cas, { workerName: "assignment-blobs-test" });
 });
 after(async () => {
   await options?.trash.drain();

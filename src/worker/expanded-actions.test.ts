@@ -7,6 +7,7 @@ import { after, before, describe, test } from "node:test";
 import { readBlob, uploadBlobs } from "../../test/support/actions.js";
 import { sha256, type WireDigest } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
+import { actionRunnerOptions } from "../../test/support/runner.js";
 import { type DirNode, dir, encodeTree, file, graft, symlink } from "../../test/support/trees.js";
 import { parseDigest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
@@ -14,15 +15,10 @@ import { ImageUsed } from "../gen/berth/image/v1/image.js";
 import { Assignment, type Completion } from "../gen/berth/worker/v1/worker.js";
 import { Action, Command, DigestFunction_Value } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { PreconditionFailure } from "../gen/google/rpc/error_details.js";
-import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { Code } from "../status/status.js";
 import { type ActionRunnerOptions, runAction } from "./action-runner.js";
-import { DirectoryCache } from "./directory-cache.js";
 import { ExpandedRoots } from "./expanded-roots.js";
-import { FileCache } from "./file-cache.js";
-import { actionUser } from "./local-workers.js";
 import { RemoteCas } from "./remote-cas.js";
-import { Trash } from "./trash.js";
 
 /** Where the farm grafts the client's input root into an image's tree. */
 const INPUT_ROOT_PATH = "/run/berth/execroot";
@@ -49,20 +45,11 @@ before(async () => {
   await chmod(workDir, 0o755);
   busybox = await readFile("/bin/busybox");
   expandedRoots = await ExpandedRoots.open(join(workDir, "expanded"), { maxBytes: 1024 ** 3 });
-  const owner = actionUser();
-  options = {
+  options = await actionRunnerOptions(workDir, cas, {
     workerName: "expand-test",
-    workDir: join(workDir, "actions"),
-    cas,
-    cache: await FileCache.open(join(workDir, "cache"), 1024 ** 3),
-    images: undefined,
     expandedRoots,
     inputRootPath: INPUT_ROOT_PATH,
-    trash: await Trash.open(join(workDir, "trash")),
-    directories: new DirectoryCache(),
-    sandbox: new BubblewrapSandbox({ uid: owner.uid, gid: owner.gid }),
-    owner: process.getuid?.() === 0 ? owner : undefined,
-  };
+  });
 });
 after(async () => {
   await options?.trash.drain();
