@@ -5,7 +5,7 @@ import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { type LayerEntry, writeLayer } from "../../test/support/layers.js";
 import type { DiskBlobStore } from "../cas/disk-blob-store.js";
-import { type Digest, } from "../digest/digest.js";
+import type { Digest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
 import { layerToTree } from "./layer-to-tree.js";
 import { mergeLayerTrees } from "./merge-layers.js";
