@@ -1,5 +1,5 @@
 import { checkDirectory } from "../cas/directory-tree.js";
-import { digestKey, digestOf, parseDigest, sameDigest } from "../digest/digest.js";
+import { type Digest, digestKey, digestOf, parseDigest, sameDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import type { Assignment } from "../gen/berth/worker/v1/worker.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
@@ -18,18 +18,20 @@ export async function acceptAssignmentBlobs(
   assignment: Pick<Assignment, "inputDirectories" | "inputFiles">,
   directories: DirectoryCache,
 ): Promise<Map<string, Buffer>> {
-  const verified = async (blob: Assignment["inputFiles"][number]) => {
+  type Blob = Assignment["inputFiles"][number];
+  const named = (blob: Blob) => {
     try {
-      const digest = parseDigest(fn, blob.digest, "input blob");
-      return sameDigest(await digestOf(fn, blob.data), digest) ? digest : undefined;
+      return parseDigest(fn, blob.digest, "input blob");
     } catch {
       return undefined;
     }
   };
+  const matches = async (blob: Blob, digest: Digest) => sameDigest(await digestOf(fn, blob.data), digest);
   await Promise.all(
     assignment.inputDirectories.map(async (blob) => {
-      const digest = await verified(blob);
-      if (!digest || directories.get(digestKey(digest))) return;
+      const digest = named(blob);
+      // A Directory the worker already holds (the common case for all but the deepest levels) is not hashed.
+      if (!digest || directories.get(digestKey(digest)) || !(await matches(blob, digest))) return;
       try {
         const directory = Directory.decode(blob.data);
         checkDirectory(directory, digest);
@@ -42,8 +44,8 @@ export async function acceptAssignmentBlobs(
   const files = new Map<string, Buffer>();
   await Promise.all(
     assignment.inputFiles.map(async (blob) => {
-      const digest = await verified(blob);
-      if (digest) files.set(digestKey(digest), blob.data);
+      const digest = named(blob);
+      if (digest && (await matches(blob, digest))) files.set(digestKey(digest), blob.data);
     }),
   );
   return files;
