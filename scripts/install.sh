@@ -21,8 +21,8 @@ if ((${#missing[@]} > 0)); then
 fi
 
 if [[ ! -d node_modules ]] || [[ package-lock.json -nt node_modules/.package-lock.json ]]; then
-  # `npm ci` refuses lock files that npm 11 itself writes without other platforms' optional
-  # packages (Biome's), so the locked versions are installed with `npm install`.
-  npm install --no-audit --no-fund
+  # The lock file lists every platform's optional packages (Biome's), so `npm ci` installs
+  # exactly what it locks and never rewrites it.
+  npm ci --no-audit --no-fund
 fi
 npm run build --silent
