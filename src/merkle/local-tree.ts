@@ -1,11 +1,12 @@
-import { createReadStream, readFileSync } from "node:fs";
-import { lstat, readdir, readFile, readlink } from "node:fs/promises";
+import { closeSync, constants, fstatSync, openSync, read, readFileSync, type Stats } from "node:fs";
+import { readdir, readlink } from "node:fs/promises";
 import { join } from "node:path";
+import { promisify } from "node:util";
 import { type Digest, digestOf } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 
-/** Files up to this size are hashed from one read; larger ones are streamed in chunks of this size. */
+/** Files up to this size are hashed from one read; larger ones are hashed in chunks of this size. */
 const WHOLE_READ_BYTES = 1024 * 1024;
 /**
  * Files up to this size are read synchronously: readFile from node:fs/promises
@@ -13,36 +14,102 @@ const WHOLE_READ_BYTES = 1024 * 1024;
  * scheduled on a busy worker, for what one synchronous read does in microseconds.
  */
 const SYNC_READ_BYTES = 64 * 1024;
+/**
+ * Opens the file a path names itself, never a symlink's target (O_NOFOLLOW on
+ * the last component), and never waits on a FIFO (O_NONBLOCK). The worker
+ * reads an action's outputs as root: what it hashes must be the regular file
+ * the action left, which fstat confirms on the open descriptor.
+ */
+const OPEN_FILE_ITSELF = constants.O_RDONLY | constants.O_NOFOLLOW | constants.O_NONBLOCK;
 
-function readWhole(path: string, size: number): Buffer | Promise<Buffer> {
-  return size <= SYNC_READ_BYTES ? readFileSync(path) : readFile(path);
+/** A regular file, opened as OPEN_FILE_ITSELF says; its fstat gives the size and mode to report. */
+interface OpenFile {
+  fd: number;
+  info: Stats;
 }
 
-export async function hashFile(fn: DigestFunction, path: string, size: number): Promise<Digest> {
-  const hasher = await fn.createHasher();
-  // A read stream allocates a whole chunk for each read whatever the file's size: for the many small files of
-  // a build (stdout, outputs) that was megabytes of short-lived memory per action, and frequent full GCs.
-  if (size <= WHOLE_READ_BYTES) {
-    hasher.update(await readWhole(path, size));
-  } else {
-    for await (const chunk of createReadStream(path, { highWaterMark: WHOLE_READ_BYTES }))
-      hasher.update(chunk as Buffer);
+/** Synchronous, for the reason SYNC_READ_BYTES gives: an open and an fstat are microseconds. */
+function openRegularFile(path: string): OpenFile {
+  const fd = openSync(path, OPEN_FILE_ITSELF);
+  try {
+    const info = fstatSync(fd);
+    if (!info.isFile()) throw new Error(`${path} is not a regular file`);
+    return { fd, info };
+  } catch (err) {
+    closeSync(fd);
+    throw err;
   }
-  return { fn, hash: hasher.digestHex(), sizeBytes: size };
+}
+
+const readAt = promisify(read);
+
+/** Calls `each` with the file's bytes, chunk by chunk, from one reused buffer (each chunk is consumed at once). */
+async function readChunks(file: OpenFile, each: (chunk: Buffer) => void): Promise<void> {
+  const buffer = Buffer.allocUnsafe(Math.max(1, Math.min(file.info.size, WHOLE_READ_BYTES)));
+  for (;;) {
+    const { bytesRead } = await readAt(file.fd, buffer, 0, buffer.length, null);
+    if (bytesRead === 0) return;
+    each(buffer.subarray(0, bytesRead));
+  }
+}
+
+/** The whole file, in one synchronous read when it is small. */
+async function readWhole(file: OpenFile): Promise<Buffer> {
+  if (file.info.size <= SYNC_READ_BYTES) return readFileSync(file.fd);
+  const chunks: Buffer[] = [];
+  await readChunks(file, (chunk) => chunks.push(Buffer.from(chunk)));
+  return Buffer.concat(chunks);
+}
+
+/** The digest of an open file, read in one call when it is small. */
+async function digestOfFile(fn: DigestFunction, file: OpenFile): Promise<Digest> {
+  const hasher = await fn.createHasher();
+  let bytes = 0;
+  const hash = (chunk: Buffer) => {
+    hasher.update(chunk);
+    bytes += chunk.length;
+  };
+  // For the many small files of a build (stdout, outputs) a chunked read allocated a whole chunk each,
+  // megabytes of short-lived memory per action.
+  if (file.info.size <= SYNC_READ_BYTES) hash(readFileSync(file.fd));
+  else await readChunks(file, hash);
+  return { fn, hash: hasher.digestHex(), sizeBytes: bytes };
+}
+
+/** The digest of the regular file at `path` (see OPEN_FILE_ITSELF), with its fstat for the mode to report. */
+export async function hashFile(fn: DigestFunction, path: string): Promise<{ digest: Digest; info: Stats }> {
+  const file = openRegularFile(path);
+  try {
+    return { digest: await digestOfFile(fn, file), info: file.info };
+  } finally {
+    closeSync(file.fd);
+  }
 }
 
 /** A local file to upload, or bytes (an encoded Directory, a small file already read) in memory. */
 export type LocalBlob = { digest: Digest; path: string } | { digest: Digest; data: Buffer };
 
 /**
- * A file of `size` bytes as a blob to upload. One no larger than
- * `keepBytes` is read once, for its digest and its upload alike, and its
- * bytes kept; a larger one is hashed and named by its path.
+ * The regular file at `path` (see OPEN_FILE_ITSELF) as a blob to upload, with
+ * its fstat. One no larger than `keepBytes` is read once, for its digest and
+ * its upload alike, and its bytes kept; a larger one is hashed and named by its
+ * path (the upload reads it again, and the CAS checks those bytes against the digest).
  */
-export async function fileBlob(fn: DigestFunction, path: string, size: number, keepBytes: number): Promise<LocalBlob> {
-  if (size > keepBytes) return { digest: await hashFile(fn, path, size), path };
-  const data = await readWhole(path, size);
-  return { digest: await digestOf(fn, data), data };
+export async function fileBlob(
+  fn: DigestFunction,
+  path: string,
+  keepBytes: number,
+): Promise<{ blob: LocalBlob; info: Stats }> {
+  const file = openRegularFile(path);
+  try {
+    if (file.info.size > keepBytes) {
+      return { blob: { digest: await digestOfFile(fn, file), path }, info: file.info };
+    }
+    const data = await readWhole(file);
+    return { blob: { digest: await digestOf(fn, data), data }, info: file.info };
+  } finally {
+    closeSync(file.fd);
+  }
 }
 
 /** The REAPI Merkle tree of a local directory. */
@@ -57,7 +124,10 @@ export interface LocalTree {
 
 /**
  * Walks `dir` into Directory messages, entries sorted by name as REAPI
- * requires; symlinks stay symlinks, other special files are left out.
+ * requires; symlinks stay symlinks (recorded with their target, never
+ * followed, so an output directory cannot bring in what a link points to),
+ * other special files are left out. `dir` itself must be a real directory
+ * reached through no symlink when what it holds is not trusted.
  */
 export async function readLocalTree(fn: DigestFunction, dir: string): Promise<LocalTree> {
   const blobs: LocalBlob[] = [];
@@ -72,8 +142,7 @@ export async function readLocalTree(fn: DigestFunction, dir: string): Promise<Lo
       if (entry.isSymbolicLink()) {
         directory.symlinks.push({ name: entry.name, target: await readlink(full), nodeProperties: undefined });
       } else if (entry.isFile()) {
-        const info = await lstat(full);
-        const digest = await hashFile(fn, full, info.size);
+        const { digest, info } = await hashFile(fn, full);
         blobs.push({ digest, path: full });
         directory.files.push({
           name: entry.name,

@@ -1,6 +1,6 @@
-import { chownSync, mkdirSync } from "node:fs";
+import { mkdirSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
-import { dirname, isAbsolute, join, normalize, posix } from "node:path";
+import { isAbsolute, join, normalize, posix } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
 import { type DigestFunction, digestFunctionByWire } from "../digest/functions.js";
@@ -8,6 +8,7 @@ import { platformOf, readActionPlatform } from "../execution/action-platform.js"
 import type { Assignment, Completion, ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import {
   type ActionResult,
+  type Command,
   Compressor_Value,
   type ExecutedActionMetadata,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
@@ -18,12 +19,13 @@ import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
 import { acceptAssignmentBlobs } from "./assignment-blobs.js";
+import { makeContainedDirectories } from "./contained-path.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { type ExpandedRoots, graftedInputRoot } from "./expanded-roots.js";
 import type { FileCache } from "./file-cache.js";
 import { type ActionImage, prepareActionImage, prepareExpandedImage } from "./image-root.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
-import { collectOutputs, lstatOrUndefined } from "./outputs.js";
+import { collectOutputs, lstatOrUndefined, refusedOutputsError } from "./outputs.js";
 import type { RemoteCas } from "./remote-cas.js";
 import type { Trash } from "./trash.js";
 import type { WorkerImages } from "./worker-images.js";
@@ -143,8 +145,7 @@ export async function runAction(
     }
     if (laidOut.status === "rejected") throw laidOut.reason;
     if (pulled.status === "rejected") throw pulled.reason;
-    const workingDir = join(inputRoot, workingDirectory);
-    makeOutputParents(workingDir, command.outputFiles, command.outputDirectories, command.outputPaths, options.owner);
+    makeOutputParents(inputRoot, workingDirectory, command, options.owner);
     metadata.inputFetchCompletedTimestamp = now();
 
     const stdoutPath = join(base, "stdout");
@@ -167,7 +168,8 @@ export async function runAction(
     if (run.cancelled) throw new StatusError(Code.CANCELLED, "the action was cancelled");
 
     metadata.outputUploadStartTimestamp = now();
-    const outputs = await collectOutputs(fn, command, workingDir, {
+    // Read only now that nothing of the action runs (see contained-path.ts).
+    const outputs = await collectOutputs(fn, command, inputRoot, workingDirectory, {
       blobBytes: INLINE_BLOB_LIMIT,
       totalBytes: INLINE_TOTAL_LIMIT,
     });
@@ -183,7 +185,7 @@ export async function runAction(
     metadata.outputUploadCompletedTimestamp = now();
     metadata.workerCompletedTimestamp = now();
 
-    const { uploads: _, ...fields } = outputs;
+    const { uploads: _, refused, ...fields } = outputs;
     const result: ActionResult = {
       ...fields,
       exitCode: run.exitCode,
@@ -202,6 +204,17 @@ export async function runAction(
           message: `the action ran past its timeout of ${seconds} s and was killed`,
           details: [],
         },
+        result,
+        inlineBlobs: inline,
+        digestFunction: fn.wireValue,
+      };
+    }
+    if (refused.length > 0) {
+      // The command ran, so its result (logs, the other outputs) goes along for the client to see; a status
+      // other than OK keeps it out of the action cache.
+      return {
+        leaseId,
+        status: toRpcStatus(refusedOutputsError(refused)),
         result,
         inlineBlobs: inline,
         digestFunction: fn.wireValue,
@@ -289,41 +302,29 @@ async function splitInline(
 
 /**
  * REAPI: the worker creates the parent directory of every output before the
- * command runs. Synchronously, for the reason input-root.ts gives for small
- * trees: a few directories, made one inside the other.
+ * command runs. It does so as root, so never through a symlink out of the
+ * input root (see makeContainedDirectories). Synchronously, for the reason
+ * input-root.ts gives for small trees: a few directories, made one inside the other.
  */
 function makeOutputParents(
-  workingDir: string,
-  outputFiles: string[],
-  outputDirectories: string[],
-  outputPaths: string[],
+  inputRoot: string,
+  workingDirectory: string,
+  command: Command,
   owner: TreeOwner | undefined,
 ): void {
-  const parents = new Set<string>();
-  for (const path of [...outputFiles, ...outputPaths]) parents.add(dirname(join(workingDir, path)));
+  const inRoot = (path: string) => (workingDirectory === "" ? path : `${workingDirectory}/${path}`);
+  const dirs = new Set<string>();
+  for (const path of [...command.outputFiles, ...command.outputPaths]) dirs.add(posix.dirname(inRoot(path)));
   // Bazel 4 expects output directories themselves to exist.
-  for (const path of outputDirectories) parents.add(join(workingDir, path));
-  for (const dir of parents) {
-    const created = mkdirSync(dir, { recursive: true });
-    if (owner && created !== undefined) chownDown(created, dir, owner);
-  }
-}
-
-/** Gives every directory from `first` (the first one created) down to `last` to the action's user. */
-function chownDown(first: string, last: string, owner: TreeOwner): void {
-  let dir = last;
-  for (;;) {
-    chownSync(dir, owner.uid, owner.gid);
-    if (dir === first || dir.length <= first.length) break;
-    dir = dirname(dir);
-  }
+  for (const path of command.outputDirectories) dirs.add(inRoot(path));
+  for (const dir of dirs) makeContainedDirectories(inputRoot, dir, owner);
 }
 
 /** stdout or stderr as a blob (read once when small enough to go inline), or undefined when empty. */
 async function logBlob(fn: DigestFunction, path: string): Promise<LocalBlob | undefined> {
   const info = lstatOrUndefined(path);
   if (!info || info.size === 0) return undefined;
-  return fileBlob(fn, path, info.size, INLINE_BLOB_LIMIT);
+  return (await fileBlob(fn, path, INLINE_BLOB_LIMIT)).blob;
 }
 
 function now(): Timestamp {

@@ -1,5 +1,4 @@
 import { lstatSync, readlinkSync, type Stats } from "node:fs";
-import { join } from "node:path";
 import { type Digest, digestOf } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import {
@@ -10,6 +9,8 @@ import {
   Tree,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { fileBlob, readLocalTree } from "../merkle/local-tree.js";
+import { Code, StatusError } from "../status/status.js";
+import { resolveContained } from "./contained-path.js";
 import type { UploadSource } from "./remote-cas.js";
 
 /** The outputs of one action, and what must be uploaded for them. */
@@ -21,6 +22,17 @@ export interface CollectedOutputs {
   outputFileSymlinks: OutputSymlink[];
   outputDirectorySymlinks: OutputSymlink[];
   uploads: UploadSource[];
+  /** Outputs left out because their path leads out of the input root. */
+  refused: RefusedOutput[];
+}
+
+/** An output whose path leads out of the input root: nothing of it is read. */
+export interface RefusedOutput {
+  /** The Command field that names it, e.g. "command.output_paths[0]". */
+  field: string;
+  path: string;
+  /** Through what it leaves the root. */
+  reason: string;
 }
 
 /** Which output files' bytes to keep from the read that hashes them, for sending inline. */
@@ -34,15 +46,22 @@ export interface KeepInMemory {
 const wire = (d: Digest) => ({ hash: d.hash, sizeBytes: d.sizeBytes });
 
 /**
- * Finds the outputs the command names, relative to its working directory:
- * `output_paths` for REAPI 2.1+ clients, `output_files` and
- * `output_directories` for older ones. Outputs the command did not create
- * are left out, as the protocol says.
+ * Finds the outputs the command names, relative to its working directory
+ * (itself relative to `inputRoot`): `output_paths` for REAPI 2.1+ clients,
+ * `output_files` and `output_directories` for older ones. Outputs the command
+ * did not create are left out, as the protocol says.
+ *
+ * The worker reads them as root, so each path is resolved with
+ * resolveContained (contained-path.ts): a symlink on the way that leaves the
+ * input root makes the output refused, an output that is a symlink is
+ * returned as one, files are opened without following a link and hashed only
+ * when regular, and a directory's tree records the symlinks in it as symlinks.
  */
 export async function collectOutputs(
   fn: DigestFunction,
   command: Command,
-  workingDir: string,
+  inputRoot: string,
+  workingDirectory: string,
   keep: KeepInMemory,
 ): Promise<CollectedOutputs> {
   let kept = 0;
@@ -53,40 +72,51 @@ export async function collectOutputs(
     outputFileSymlinks: [],
     outputDirectorySymlinks: [],
     uploads: [],
+    refused: [],
   };
   const modern = command.outputPaths.length > 0;
   const requested = modern
-    ? command.outputPaths.map((path) => ({ path, kind: "any" as const }))
+    ? command.outputPaths.map((path, i) => ({ path, kind: "any" as const, field: `command.output_paths[${i}]` }))
     : [
-        ...command.outputFiles.map((path) => ({ path, kind: "file" as const })),
-        ...command.outputDirectories.map((path) => ({ path, kind: "directory" as const })),
+        ...command.outputFiles.map((path, i) => ({
+          path,
+          kind: "file" as const,
+          field: `command.output_files[${i}]`,
+        })),
+        ...command.outputDirectories.map((path, i) => ({
+          path,
+          kind: "directory" as const,
+          field: `command.output_directories[${i}]`,
+        })),
       ];
-  for (const { path, kind } of requested) {
-    const full = join(workingDir, path);
-    // Synchronous, like the small reads in merkle/local-tree.ts: a thread-pool round trip per output would
-    // wait on a busy worker longer than the call takes.
-    const info = lstatOrUndefined(full);
-    if (!info) continue;
+  for (const { path, kind, field } of requested) {
+    const found = resolveContained(inputRoot, workingDirectory === "" ? path : `${workingDirectory}/${path}`);
+    if (found.kind === "absent") continue;
+    if (found.kind === "outside") {
+      out.refused.push({ field, path, reason: found.reason });
+      continue;
+    }
+    const { hostPath, stats: info } = found;
     if (info.isSymbolicLink()) {
-      const symlink = { path, target: readlinkSync(full), nodeProperties: undefined };
+      const symlink = { path, target: readlinkSync(hostPath), nodeProperties: undefined };
       out.outputSymlinks.push(symlink);
       if (kind === "directory") out.outputDirectorySymlinks.push(symlink);
       else out.outputFileSymlinks.push(symlink);
     } else if (info.isFile() && kind !== "directory") {
       const keepIt = info.size <= keep.blobBytes && kept + info.size <= keep.totalBytes;
-      const blob = await fileBlob(fn, full, info.size, keepIt ? info.size : 0);
-      if ("data" in blob) kept += info.size;
+      const { blob, info: opened } = await fileBlob(fn, hostPath, keepIt ? info.size : 0);
+      if ("data" in blob) kept += blob.digest.sizeBytes;
       const { digest } = blob;
       out.uploads.push(blob);
       out.outputFiles.push({
         path,
         digest: wire(digest),
-        isExecutable: (info.mode & 0o111) !== 0,
+        isExecutable: (opened.mode & 0o111) !== 0,
         contents: Buffer.alloc(0),
         nodeProperties: undefined,
       });
     } else if (info.isDirectory() && kind !== "file") {
-      const local = await readLocalTree(fn, full);
+      const local = await readLocalTree(fn, hostPath);
       out.uploads.push(...local.blobs);
       const rootDigest = local.rootDigest;
       const treeBytes = Buffer.from(Tree.encode({ root: local.root, children: local.children }).finish());
@@ -101,6 +131,17 @@ export async function collectOutputs(
     }
   }
   return out;
+}
+
+/** INVALID_ARGUMENT naming every refused output, with one field violation each. */
+export function refusedOutputsError(refused: readonly RefusedOutput[]): StatusError {
+  const described = refused.map((r) => ({ field: r.field, description: `"${r.path}" ${r.reason}` }));
+  const message = described.map((d) => `${d.field}: ${d.description}`).join("; ");
+  return new StatusError(
+    Code.INVALID_ARGUMENT,
+    `${message}; outputs are read only inside the input root, so ${refused.length === 1 ? "this output was" : "these outputs were"} left out`,
+    { fieldViolations: described },
+  );
 }
 
 /** What lstat says of `path`, or undefined when there is nothing there (or a file where a parent should be). */

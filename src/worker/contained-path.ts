@@ -1,0 +1,163 @@
+import { chownSync, lstatSync, mkdirSync, readlinkSync, type Stats } from "node:fs";
+import { join, posix } from "node:path";
+import type { TreeOwner } from "./input-root.js";
+
+/**
+ * Paths the action names (its outputs, their parents), resolved inside its
+ * input root by the worker, which runs as root. The kernel would follow any
+ * symlink the action left there, also one to /etc or to the farm's data, so
+ * every component is looked at with lstat instead: a symlink whose target
+ * stays inside the root is resolved by hand, within the root; one that is
+ * absolute or climbs above the root ends the walk. The host paths handed out
+ * are made only of real directories, so opening them follows no link.
+ *
+ * This is race-free because nothing of the action runs while it is used:
+ * output parents are made before the sandbox starts, and outputs are read
+ * after its PID namespace is gone (bwrap runs with --unshare-pid and
+ * --die-with-parent, and BubblewrapSandbox waits for the namespace's pid 1 to
+ * die, which the kernel lets happen only once every process in it is gone).
+ */
+
+/** As the kernel's MAXSYMLINKS: more links than this on one path is a loop. */
+const MAX_SYMLINKS = 40;
+
+/** Where a path leads, inside the root. */
+export type ContainedPath =
+  /** Something is there: `hostPath` is made of real directories, and `stats` is lstat's of its last component. */
+  | { kind: "present"; hostPath: string; stats: Stats }
+  /** Nothing there, or a parent is not a directory. */
+  | { kind: "absent" }
+  /** The path leaves the root; `reason` says through what, for a status message. */
+  | { kind: "outside"; reason: string };
+
+/**
+ * Resolves `path` (relative, "/"-separated, e.g. a working directory and an
+ * output joined) below `root` without following any symlink out of it. The
+ * last component is never followed: a symlink there is reported as one.
+ * Synchronous, like the other small file-system calls between the command's
+ * end and its result: each would otherwise wait for the thread pool.
+ */
+export function resolveContained(root: string, path: string): ContainedPath {
+  const walk = new Walk(root, path);
+  for (;;) {
+    const step = walk.next();
+    if (!step) return { kind: "absent" };
+    if (step.kind !== "component") return step;
+    const info = lstatOrUndefined(step.hostPath);
+    if (step.last) return info ? { kind: "present", hostPath: step.hostPath, stats: info } : { kind: "absent" };
+    if (!info) return { kind: "absent" };
+    if (info.isDirectory()) walk.enter(step.name);
+    else if (info.isSymbolicLink()) {
+      const outside = walk.follow(step.hostPath, readlinkSync(step.hostPath));
+      if (outside) return outside;
+    } else return { kind: "absent" };
+  }
+}
+
+/**
+ * Makes the missing directories of `path` below `root` (the last component
+ * too), giving each to `owner`. A symlink that stays inside the root is
+ * resolved as in resolveContained, the last component's too (the path names a
+ * directory); one that leads out of it, or a file on the way, stops the walk
+ * with nothing made through it. The
+ * command may still write through such a link where its sandbox lets it (in
+ * its own view of the file system); the output is then refused when collected.
+ */
+export function makeContainedDirectories(root: string, path: string, owner: TreeOwner | undefined): void {
+  const walk = new Walk(root, path);
+  for (;;) {
+    const step = walk.next();
+    if (step?.kind !== "component") return;
+    const info = lstatOrUndefined(step.hostPath);
+    if (!info) {
+      // Made in a directory that is not a link, by name: mkdir follows no symlink in its last component.
+      mkdirSync(step.hostPath);
+      if (owner) chownSync(step.hostPath, owner.uid, owner.gid);
+      walk.enter(step.name);
+    } else if (info.isDirectory()) {
+      walk.enter(step.name);
+    } else if (info.isSymbolicLink()) {
+      if (walk.follow(step.hostPath, readlinkSync(step.hostPath))) return;
+    } else {
+      return;
+    }
+  }
+}
+
+type Step = { kind: "component"; name: string; hostPath: string; last: boolean } | { kind: "outside"; reason: string };
+
+/** The walk's state: the real directories entered so far and the components still to go. */
+class Walk {
+  /** Names of the directories entered below the root, each a real directory. */
+  readonly #at: string[] = [];
+  /** Components still to walk, the next one last. */
+  readonly #pending: string[];
+  #links = 0;
+  #done = false;
+  /** The last symlink followed, for messages. */
+  #via: string | undefined;
+
+  constructor(
+    readonly root: string,
+    path: string,
+  ) {
+    this.#pending = components(path).reverse();
+  }
+
+  /** The next name to look at, with the host path it has; ".." is handled here. Undefined once the last was given. */
+  next(): Step | undefined {
+    while (!this.#done) {
+      const name = this.#pending.pop();
+      if (name === "..") {
+        if (this.#at.length === 0) return this.#outside("climbs above the input root");
+        this.#at.pop();
+      }
+      if (name === undefined || (name === ".." && this.#pending.length === 0)) {
+        // The path ends in the directory entered last (the root, for an empty path).
+        this.#done = true;
+        return { kind: "component", name: "", hostPath: join(this.root, ...this.#at), last: true };
+      }
+      if (name === "..") continue;
+      this.#done = this.#pending.length === 0;
+      return { kind: "component", name, hostPath: join(this.root, ...this.#at, name), last: this.#done };
+    }
+    return undefined;
+  }
+
+  enter(name: string): void {
+    this.#at.push(name);
+  }
+
+  /** Continues with `target`, the symlink at `hostPath`; what to report when it cannot stay inside. */
+  follow(hostPath: string, target: string): { kind: "outside"; reason: string } | undefined {
+    const link = `the symbolic link "${posix.join(...this.#at, posix.basename(hostPath))}" -> "${target}"`;
+    this.#via = link;
+    if (++this.#links > MAX_SYMLINKS) return this.#outside(`passes more than ${MAX_SYMLINKS} symbolic links`);
+    if (target.startsWith("/")) {
+      this.#done = true;
+      return { kind: "outside", reason: `leads out of the input root through ${link}, an absolute path` };
+    }
+    this.#pending.push(...components(target).reverse());
+    // A link in the last place (followed only when making directories) leads on to its target.
+    this.#done = false;
+    return undefined;
+  }
+
+  #outside(what: string): { kind: "outside"; reason: string } {
+    this.#done = true;
+    return { kind: "outside", reason: this.#via ? `${what} (after ${this.#via})` : what };
+  }
+}
+
+/** The components of a "/"-separated path, without the empty and "." ones that change nothing. */
+function components(path: string): string[] {
+  return path.split("/").filter((c) => c !== "" && c !== ".");
+}
+
+function lstatOrUndefined(path: string): Stats | undefined {
+  try {
+    return lstatSync(path);
+  } catch {
+    return undefined;
+  }
+}
