@@ -20,6 +20,8 @@ export interface ActionSpec {
   env?: Record<string, string>;
   /** Input files by path, with their contents. */
   files?: Record<string, string | { content: string; executable: boolean }>;
+  /** Input symlinks by path, with their targets (taken as they are, e.g. "/etc" or "../.."). */
+  symlinks?: Record<string, string>;
   outputFiles?: string[];
   outputDirectories?: string[];
   outputPaths?: string[];
@@ -46,22 +48,32 @@ function inputTree(spec: ActionSpec): { root: WireDigest; blobs: Blob[]; skipped
   const skipped: Blob[] = [];
   interface Node {
     files: Map<string, { blob: Blob; executable: boolean }>;
+    symlinks: Map<string, string>;
     dirs: Map<string, Node>;
   }
-  const top: Node = { files: new Map(), dirs: new Map() };
-  for (const [path, value] of Object.entries(spec.files ?? {})) {
-    const { content, executable } = typeof value === "string" ? { content: value, executable: false } : value;
+  const top: Node = { files: new Map(), symlinks: new Map(), dirs: new Map() };
+  /** The directory that holds `path`, made on the way, and the last component's name. */
+  const place = (path: string): { node: Node; name: string } => {
     const parts = path.split("/");
     const name = parts.pop() as string;
     let node = top;
     for (const part of parts) {
       let next = node.dirs.get(part);
       if (!next) {
-        next = { files: new Map(), dirs: new Map() };
+        next = { files: new Map(), symlinks: new Map(), dirs: new Map() };
         node.dirs.set(part, next);
       }
       node = next;
     }
+    return { node, name };
+  };
+  for (const [path, target] of Object.entries(spec.symlinks ?? {})) {
+    const { node, name } = place(path);
+    node.symlinks.set(name, target);
+  }
+  for (const [path, value] of Object.entries(spec.files ?? {})) {
+    const { content, executable } = typeof value === "string" ? { content: value, executable: false } : value;
+    const { node, name } = place(path);
     const data = Buffer.from(content);
     const blob = { digest: sha256(data), data };
     (spec.skipUpload?.includes(path) ? skipped : blobs).push(blob);
@@ -72,6 +84,7 @@ function inputTree(spec: ActionSpec): { root: WireDigest; blobs: Blob[]; skipped
     const directory = Directory.fromPartial({
       files: sorted(node.files).map(([name, f]) => ({ name, digest: f.blob.digest, isExecutable: f.executable })),
       directories: sorted(node.dirs).map(([name, child]) => ({ name, digest: encode(child) })),
+      symlinks: sorted(node.symlinks).map(([name, target]) => ({ name, target })),
     });
     const data = Buffer.from(Directory.encode(directory).finish());
     const digest = sha256(data);

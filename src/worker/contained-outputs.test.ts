@@ -1,0 +1,286 @@
+import assert from "node:assert/strict";
+import { chmod, mkdtemp, readdir, readFile, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { type ActionSpec, execute, readBlob, uploadAction } from "../../test/support/actions.js";
+import { sha256, type WireDigest } from "../../test/support/blobs.js";
+import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
+import { busyboxImage, startRegistry, type TestRegistry } from "../../test/support/registry.js";
+import { unaryCall, unpackDetails } from "../../test/support/rpc.js";
+import { type ExecuteResponse, Tree } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { Code } from "../status/status.js";
+
+/**
+ * Hostile actions against a real farm: the worker reads outputs and makes
+ * their parents as root, and the action chooses the symlinks in its input
+ * root and in what it leaves behind. None may make the worker read a host
+ * file or create anything outside the action's directory.
+ */
+
+/** Host files an action must never obtain through its outputs. */
+const SECRETS = ["/etc/shadow", "/etc/passwd"];
+
+/** A directory only root may enter, outside the farm, for the attacks that try to create things there. */
+let rootOnly: string;
+/** The host secrets' digests, read as the worker would have. */
+let secretDigests: WireDigest[];
+
+before(async () => {
+  rootOnly = await mkdtemp(join(tmpdir(), "berth-root-only-"));
+  await chmod(rootOnly, 0o700);
+  secretDigests = await Promise.all(SECRETS.map(async (path) => sha256(await readFile(path))));
+});
+after(() => rm(rootOnly, { recursive: true, force: true }));
+
+/** Which of `digests` the farm's CAS holds. */
+async function held(farm: TestFarm, digests: WireDigest[]): Promise<WireDigest[]> {
+  const response = await unaryCall(farm.clients.cas.findMissingBlobs.bind(farm.clients.cas), {
+    instanceName: "",
+    blobDigests: digests,
+    digestFunction: 0,
+  });
+  const missing = new Set(response.missingBlobDigests.map((d) => d.hash));
+  return digests.filter((d) => !missing.has(d.hash));
+}
+
+async function run(farm: TestFarm, spec: ActionSpec): Promise<ExecuteResponse> {
+  const action = await uploadAction(farm.clients, { salt: `${Math.random()}`, ...spec });
+  return (await execute(farm.clients, action)).response;
+}
+
+/** The response refuses exactly `fields` (Command fields) with INVALID_ARGUMENT, and the farm got no host secret. */
+async function assertRefused(farm: TestFarm, response: ExecuteResponse, fields: Record<string, string>) {
+  assert.equal(response.status?.code, Code.INVALID_ARGUMENT, response.status?.message);
+  const message = response.status?.message ?? "";
+  for (const [field, path] of Object.entries(fields)) {
+    assert.ok(message.includes(`${field}: "${path}"`), `the message names ${field} "${path}": ${message}`);
+  }
+  const { badRequest } = unpackDetails(response.status ?? { code: 0, message: "", details: [] });
+  assert.deepEqual(badRequest?.fieldViolations.map((v) => v.field).sort(), Object.keys(fields).sort());
+  for (const violation of badRequest?.fieldViolations ?? []) {
+    assert.match(
+      violation.description,
+      /leads out of the input root through the symbolic link|climbs above the input root/,
+    );
+  }
+  const paths = new Set(Object.values(fields));
+  const returned = [
+    ...(response.result?.outputFiles ?? []),
+    ...(response.result?.outputDirectories ?? []),
+    ...(response.result?.outputSymlinks ?? []),
+  ].map((o) => o.path);
+  assert.deepEqual(
+    returned.filter((p) => paths.has(p)),
+    [],
+    "no refused output is in the result",
+  );
+  assert.deepEqual(await held(farm, secretDigests), [], "no host secret reached the CAS");
+}
+
+/** The attacks, on the host root and in an image alike; `platform` puts the action into an image. */
+function outputAttacks(farmOf: () => TestFarm, platform: () => { name: string; value: string }[]) {
+  test("an input symlink to /etc (or /proc/self) does not make the worker read a host file: INVALID_ARGUMENT names each output", async () => {
+    const farm = farmOf();
+    const legacy = await run(farm, {
+      args: ["sh", "-c", "echo ran"],
+      symlinks: { y: "/etc", self: "/proc/self" },
+      outputFiles: ["y/shadow", "y/passwd", "self/environ"],
+      platform: platform(),
+    });
+    await assertRefused(farm, legacy, {
+      "command.output_files[0]": "y/shadow",
+      "command.output_files[1]": "y/passwd",
+      "command.output_files[2]": "self/environ",
+    });
+    assert.match(legacy.status?.message ?? "", /the symbolic link "y" -> "\/etc"/);
+    // The command ran: its logs come with the status, and nothing of it is cached.
+    assert.equal(await readBlob(farm.clients, legacy.result?.stdoutDigest), "ran\n");
+    const modern = await run(farm, {
+      args: ["true"],
+      symlinks: { y: "/etc" },
+      outputPaths: ["y/shadow", "y"],
+      platform: platform(),
+    });
+    await assertRefused(farm, modern, { "command.output_paths[0]": "y/shadow" });
+    // The link itself is an output like any other: returned as a symlink, never followed.
+    assert.deepEqual(
+      modern.result?.outputSymlinks.map((s) => [s.path, s.target]),
+      [["y", "/etc"]],
+    );
+  });
+
+  test("a relative input symlink that climbs out of the root, and a working directory through a link, are refused too", async () => {
+    const farm = farmOf();
+    const climbing = await run(farm, {
+      args: ["true"],
+      symlinks: {
+        "sub/up": "../../../../../../../../../../..",
+        "sub/etc": "../../../../etc",
+        "sub/in": "../sub/up/etc",
+      },
+      outputFiles: ["sub/up/etc/shadow", "sub/etc/passwd", "sub/in/passwd"],
+      platform: platform(),
+    });
+    await assertRefused(farm, climbing, {
+      "command.output_files[0]": "sub/up/etc/shadow",
+      "command.output_files[1]": "sub/etc/passwd",
+      "command.output_files[2]": "sub/in/passwd",
+    });
+    assert.match(climbing.status?.message ?? "", /climbs above the input root/);
+    const workingDir = await run(farm, {
+      args: ["true"],
+      files: { "w/keep": "" },
+      symlinks: { "w/in": "/etc" },
+      workingDirectory: "w/in",
+      outputFiles: ["shadow"],
+      platform: platform(),
+    });
+    await assertRefused(farm, workingDir, { "command.output_files[0]": "shadow" });
+  });
+
+  test("symlinks the action makes itself are not followed either", async () => {
+    const farm = farmOf();
+    const response = await run(farm, {
+      // The worker made y, up/etc and d as directories (output parents, Bazel 4's output directories) first.
+      args: [
+        "sh",
+        "-c",
+        "rm -r y up d && ln -s /etc y && ln -s ../../../../../../../../.. up && ln -s /etc/shadow s && ln -s /etc d",
+      ],
+      outputFiles: ["y/passwd", "up/etc/shadow", "s"],
+      outputDirectories: ["d"],
+      platform: platform(),
+    });
+    await assertRefused(farm, response, {
+      "command.output_files[0]": "y/passwd",
+      "command.output_files[1]": "up/etc/shadow",
+    });
+    // Outputs that are links come back as links, whichever kind the client asked for.
+    assert.deepEqual(
+      response.result?.outputFileSymlinks.map((s) => [s.path, s.target]),
+      [["s", "/etc/shadow"]],
+    );
+    assert.deepEqual(
+      response.result?.outputDirectorySymlinks.map((s) => [s.path, s.target]),
+      [["d", "/etc"]],
+    );
+    assert.deepEqual(response.result?.outputDirectories, []);
+  });
+
+  test("an output parent through a symlink to a root-only directory makes nothing there", async () => {
+    const farm = farmOf();
+    const response = await run(farm, {
+      args: ["true"],
+      symlinks: { o: rootOnly, rel: `../../../../../../../../../..${rootOnly}` },
+      outputFiles: ["o/made/x", "rel/made-too/x"],
+      outputDirectories: ["o/dir", "rel/dir-too"],
+      platform: platform(),
+    });
+    assert.deepEqual(await readdir(rootOnly), [], "nothing was created in the root-only directory");
+    await assertRefused(farm, response, {
+      "command.output_files[0]": "o/made/x",
+      "command.output_files[1]": "rel/made-too/x",
+      "command.output_directories[0]": "o/dir",
+      "command.output_directories[1]": "rel/dir-too",
+    });
+    const modern = await run(farm, {
+      args: ["true"],
+      symlinks: { o: rootOnly },
+      outputPaths: ["o/made/x"],
+      platform: platform(),
+    });
+    assert.equal(modern.status?.code, Code.INVALID_ARGUMENT);
+    assert.deepEqual(await readdir(rootOnly), []);
+  });
+
+  test("an output directory holding links to host files is returned with those links as symlink nodes, no host bytes", async () => {
+    const farm = farmOf();
+    const response = await run(farm, {
+      args: ["sh", "-c", "mkdir -p out/sub && ln -s /etc/shadow out/s && ln -s /etc out/sub/e && echo mine > out/f"],
+      symlinks: { "out/given": "/proc/self/environ" },
+      outputDirectories: ["out"],
+      platform: platform(),
+    });
+    assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
+    const treeDigest = response.result?.outputDirectories[0]?.treeDigest;
+    const read = await unaryCall(farm.clients.cas.batchReadBlobs.bind(farm.clients.cas), {
+      instanceName: "",
+      digests: treeDigest ? [treeDigest] : [],
+      acceptableCompressors: [],
+      digestFunction: 0,
+    });
+    const tree = Tree.decode(read.responses[0]?.data ?? Buffer.alloc(0));
+    assert.deepEqual(
+      tree.root?.symlinks.map((s) => [s.name, s.target]),
+      [
+        ["given", "/proc/self/environ"],
+        ["s", "/etc/shadow"],
+      ],
+    );
+    assert.deepEqual(
+      tree.root?.files.map((f) => f.name),
+      ["f"],
+    );
+    assert.deepEqual(
+      tree.children.flatMap((c) => c.symlinks.map((s) => [s.name, s.target])),
+      [["e", "/etc"]],
+    );
+    assert.deepEqual(
+      tree.children.flatMap((c) => c.files),
+      [],
+    );
+    assert.deepEqual(await held(farm, secretDigests), []);
+  });
+
+  test("a symlink that stays inside the root still works, for outputs and for the parents made for them", async () => {
+    const farm = farmOf();
+    const response = await run(farm, {
+      args: ["sh", "-c", "echo hi > y/f && echo made > n/deep/g && echo back > w/up/k && echo dot > here/h"],
+      files: { "sub/keep": "", "w/keep": "" },
+      symlinks: { y: "sub", n: "new", "w/up": "..", here: "." },
+      outputFiles: ["y/f", "n/deep/g", "w/up/k", "here/h"],
+      platform: platform(),
+    });
+    assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
+    assert.equal(response.result?.exitCode, 0, await readBlob(farm.clients, response.result?.stderrDigest));
+    const files = new Map(response.result?.outputFiles.map((f) => [f.path, f.digest]));
+    assert.equal(await readBlob(farm.clients, files.get("y/f")), "hi\n");
+    assert.equal(await readBlob(farm.clients, files.get("n/deep/g")), "made\n");
+    assert.equal(await readBlob(farm.clients, files.get("w/up/k")), "back\n");
+    assert.equal(await readBlob(farm.clients, files.get("here/h")), "dot\n");
+  });
+}
+
+describe("outputs stay inside the action (host root)", () => {
+  let farm: TestFarm;
+  before(async () => {
+    farm = await startTestFarm({}, undefined, { workers: 1, runImages: false });
+  });
+  after(() => farm?.close());
+  outputAttacks(
+    () => farm,
+    () => [],
+  );
+});
+
+const isRoot = process.getuid?.() === 0;
+
+describe("outputs stay inside the action (container image, mount mode)", { skip: !isRoot && "needs root" }, () => {
+  let farm: TestFarm;
+  let registry: TestRegistry;
+  let image: string;
+  before(async () => {
+    registry = await startRegistry();
+    image = await registry.push(await busyboxImage("contained outputs"), "team/busybox", "1");
+    farm = await startTestFarm({ images: { mode: "mount" } }, undefined, { workers: 1 });
+  });
+  after(async () => {
+    await farm?.close();
+    await registry?.stop();
+  });
+  outputAttacks(
+    () => farm,
+    () => [{ name: "container-image", value: `docker://${image}` }],
+  );
+});

@@ -1,0 +1,142 @@
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import { mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, symlinkSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { SHA256 } from "../digest/functions.js";
+import { fileBlob, hashFile, readLocalTree } from "../merkle/local-tree.js";
+import { type ContainedPath, makeContainedDirectories, resolveContained } from "./contained-path.js";
+
+let dir: string;
+let root: string;
+let outside: string;
+
+before(() => {
+  dir = mkdtempSync(join(tmpdir(), "berth-contained-"));
+  root = join(dir, "root");
+  outside = join(dir, "outside");
+  mkdirSync(join(root, "sub", "deeper"), { recursive: true });
+  mkdirSync(outside);
+  writeFileSync(join(root, "sub", "f"), "inside\n");
+  writeFileSync(join(root, "file"), "a file\n");
+  writeFileSync(join(outside, "secret"), "outside\n");
+  symlinkSync("sub", join(root, "y"));
+  symlinkSync("y", join(root, "chain"));
+  symlinkSync("loop-b", join(root, "loop-a"));
+  symlinkSync("loop-a", join(root, "loop-b"));
+  symlinkSync(outside, join(root, "abs"));
+  symlinkSync("../outside", join(root, "rel"));
+  symlinkSync("../..", join(root, "sub", "up2"));
+  symlinkSync("..", join(root, "sub", "up"));
+  symlinkSync("new/made", join(root, "dangling"));
+});
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+/** What resolveContained says, with host paths relative to the root for comparison. */
+function where(path: string): string {
+  const found: ContainedPath = resolveContained(root, path);
+  if (found.kind === "absent") return "absent";
+  if (found.kind === "outside") return `outside: ${found.reason}`;
+  const kind = found.stats.isSymbolicLink() ? "link" : found.stats.isDirectory() ? "dir" : "file";
+  return `${kind} ${found.hostPath.slice(root.length) || "/"}`;
+}
+
+describe("resolveContained", () => {
+  test("links inside the root are resolved within it, by hand, and the last component is never followed", () => {
+    assert.equal(where("y/f"), "file /sub/f");
+    assert.equal(where("chain/f"), "file /sub/f");
+    assert.equal(where("sub/up/file"), "file /file");
+    assert.equal(where("y"), "link /y");
+    assert.equal(where("abs"), "link /abs");
+    assert.equal(where("sub/deeper/../f"), "file /sub/f");
+    assert.equal(where("y/.."), "dir /");
+    assert.equal(where(""), "dir /");
+    assert.equal(where("./sub//f"), "file /sub/f");
+  });
+
+  test("absent when nothing is there or a parent is a file", () => {
+    assert.equal(where("sub/none"), "absent");
+    assert.equal(where("none/f"), "absent");
+    assert.equal(where("file/x"), "absent");
+    assert.equal(where("dangling/x"), "absent");
+  });
+
+  test("refused, naming the link, when an absolute link, a climbing link or the path itself leaves the root", () => {
+    assert.equal(
+      where("abs/secret"),
+      `outside: leads out of the input root through the symbolic link "abs" -> "${outside}", an absolute path`,
+    );
+    assert.equal(
+      where("rel/secret"),
+      `outside: climbs above the input root (after the symbolic link "rel" -> "../outside")`,
+    );
+    assert.equal(
+      where("sub/up2/x"),
+      `outside: climbs above the input root (after the symbolic link "sub/up2" -> "../..")`,
+    );
+    assert.equal(where("../x"), "outside: climbs above the input root");
+    // Even when the kernel would come back inside: the walk never looks above the root.
+    assert.equal(where(`rel/../root/file`).startsWith("outside: climbs above the input root"), true);
+    // Nothing is said about what lies outside: a missing file there is refused the same way.
+    assert.equal(where("abs/no-such-file").startsWith("outside: leads out of the input root"), true);
+  });
+
+  test("a loop of links is refused instead of walked forever", () => {
+    assert.match(where("loop-a/x"), /^outside: passes more than 40 symbolic links \(after the symbolic link "loop-/);
+  });
+});
+
+describe("makeContainedDirectories", () => {
+  test("makes missing directories, through links that stay inside, and gives them to the owner", () => {
+    const owner = { uid: 65534, gid: 65534 };
+    makeContainedDirectories(root, "dangling/deep", owner);
+    makeContainedDirectories(root, "sub/up/fresh/er", owner);
+    const made = statSync(join(root, "new", "made", "deep"));
+    assert.ok(made.isDirectory());
+    assert.equal(made.uid, 65534);
+    assert.equal(statSync(join(root, "new")).gid, 65534);
+    assert.ok(statSync(join(root, "fresh", "er")).isDirectory());
+  });
+
+  test("makes nothing through a link out of the root, nor below a file", () => {
+    makeContainedDirectories(root, "abs/made/x", undefined);
+    makeContainedDirectories(root, "rel/made/x", undefined);
+    makeContainedDirectories(root, "abs", undefined);
+    makeContainedDirectories(root, "file/x", undefined);
+    assert.deepEqual(readdirSync(outside), ["secret"]);
+    assert.ok(statSync(join(root, "file")).isFile());
+  });
+});
+
+describe("reading files as root", () => {
+  test("a link is never opened, a FIFO never blocks, and a directory's tree keeps links as links and skips FIFOs", async () => {
+    await assert.rejects(hashFile(SHA256, join(root, "abs")), /ELOOP/);
+    await assert.rejects(fileBlob(SHA256, join(root, "y"), 1024), /ELOOP/);
+    const fifo = join(root, "sub", "deeper", "fifo");
+    execFileSync("mkfifo", [fifo]);
+    await assert.rejects(hashFile(SHA256, fifo), /not a regular file/);
+    symlinkSync(join(outside, "secret"), join(root, "sub", "deeper", "s"));
+    const tree = await readLocalTree(SHA256, join(root, "sub"));
+    const deeper = tree.children.find((c) => c.symlinks.length > 0);
+    assert.deepEqual(
+      deeper?.symlinks.map((s) => [s.name, s.target]),
+      [["s", join(outside, "secret")]],
+    );
+    assert.deepEqual(deeper?.files, []);
+    assert.equal(tree.blobs.filter((b) => "path" in b && b.path.includes("outside")).length, 0);
+  });
+
+  test("a regular file is hashed from the descriptor opened: small ones in one read, large ones in chunks", async () => {
+    const { digest, info } = await hashFile(SHA256, join(root, "sub", "f"));
+    assert.equal(digest.sizeBytes, 7);
+    assert.ok(info.isFile());
+    const big = join(root, "big");
+    writeFileSync(big, Buffer.alloc(3 * 1024 * 1024 + 5, 7));
+    const hashed = await hashFile(SHA256, big);
+    const kept = await fileBlob(SHA256, big, 4 * 1024 * 1024);
+    assert.equal(hashed.digest.sizeBytes, 3 * 1024 * 1024 + 5);
+    assert.equal(hashed.digest.hash, kept.blob.digest.hash);
+    assert.ok("data" in kept.blob && kept.blob.data.length === 3 * 1024 * 1024 + 5);
+  });
+});
