@@ -146,9 +146,11 @@ function outputAttacks(farmOf: () => TestFarm, platform: () => { name: string; v
       args: [
         "sh",
         "-c",
-        "rm -r y up d && ln -s /etc y && ln -s ../../../../../../../../.. up && ln -s /etc/shadow s && ln -s /etc d",
+        "rm -r y up d && ln -s /etc y && ln -s ../../../../../../../../.. up && ln -s /etc/shadow s && ln -s /etc d" +
+          // A hard link cannot stand in for a symlink: the input root is a mount of its own (EXDEV).
+          "; ln /etc/passwd hard; echo $? > hard-status",
       ],
-      outputFiles: ["y/passwd", "up/etc/shadow", "s"],
+      outputFiles: ["y/passwd", "up/etc/shadow", "s", "hard", "hard-status"],
       outputDirectories: ["d"],
       platform: platform(),
     });
@@ -166,6 +168,12 @@ function outputAttacks(farmOf: () => TestFarm, platform: () => { name: string; v
       [["d", "/etc"]],
     );
     assert.deepEqual(response.result?.outputDirectories, []);
+    const files = response.result?.outputFiles ?? [];
+    assert.deepEqual(
+      files.map((f) => f.path),
+      ["hard-status"],
+    );
+    assert.notEqual(await readBlob(farm.clients, files[0]?.digest), "0\n", "ln /etc/passwd failed");
   });
 
   test("an output parent through a symlink to a root-only directory makes nothing there", async () => {
@@ -266,21 +274,23 @@ describe("outputs stay inside the action (host root)", () => {
 
 const isRoot = process.getuid?.() === 0;
 
-describe("outputs stay inside the action (container image, mount mode)", { skip: !isRoot && "needs root" }, () => {
-  let farm: TestFarm;
-  let registry: TestRegistry;
-  let image: string;
-  before(async () => {
-    registry = await startRegistry();
-    image = await registry.push(await busyboxImage("contained outputs"), "team/busybox", "1");
-    farm = await startTestFarm({ images: { mode: "mount" } }, undefined, { workers: 1 });
+for (const mode of ["mount", "expand"] as const) {
+  describe(`outputs stay inside the action (container image, ${mode} mode)`, { skip: !isRoot && "needs root" }, () => {
+    let farm: TestFarm;
+    let registry: TestRegistry;
+    let image: string;
+    before(async () => {
+      registry = await startRegistry();
+      image = await registry.push(await busyboxImage(`contained outputs, ${mode}`), "team/busybox", "1");
+      farm = await startTestFarm({ images: { mode } }, undefined, { workers: 1 });
+    });
+    after(async () => {
+      await farm?.close();
+      await registry?.stop();
+    });
+    outputAttacks(
+      () => farm,
+      () => [{ name: "container-image", value: `docker://${image}` }],
+    );
   });
-  after(async () => {
-    await farm?.close();
-    await registry?.stop();
-  });
-  outputAttacks(
-    () => farm,
-    () => [{ name: "container-image", value: `docker://${image}` }],
-  );
-});
+}
