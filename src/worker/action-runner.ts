@@ -19,7 +19,7 @@ import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
 import { acceptAssignmentBlobs } from "./assignment-blobs.js";
-import { makeContainedDirectories } from "./contained-path.js";
+import { makeContainedDirectories, resolveContained } from "./contained-path.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { type ExpandedRoots, graftedInputRoot } from "./expanded-roots.js";
 import type { FileCache } from "./file-cache.js";
@@ -145,6 +145,7 @@ export async function runAction(
     }
     if (laidOut.status === "rejected") throw laidOut.reason;
     if (pulled.status === "rejected") throw pulled.reason;
+    checkWorkingDirectory(inputRoot, workingDirectory);
     makeOutputParents(inputRoot, workingDirectory, command, options.owner);
     metadata.inputFetchCompletedTimestamp = now();
 
@@ -298,6 +299,21 @@ async function splitInline(
     });
   }
   return { inline, rest };
+}
+
+/**
+ * The working directory (relative to the client's input root, also in
+ * expand mode) must stay inside the input root: every output is
+ * relative to it, and the sandbox's checks of it run as root on the host.
+ * A symlink on its way that leads out (which only the input root can hold,
+ * before the command runs) is INVALID_ARGUMENT naming the field.
+ */
+function checkWorkingDirectory(inputRoot: string, workingDirectory: string): void {
+  if (workingDirectory === "") return;
+  const found = resolveContained(inputRoot, workingDirectory, true);
+  if (found.kind === "outside") {
+    throw invalidArgument("command.working_directory", `"${workingDirectory}" ${found.reason}`);
+  }
 }
 
 /**

@@ -128,15 +128,29 @@ function outputAttacks(farmOf: () => TestFarm, platform: () => { name: string; v
       "command.output_files[2]": "sub/in/passwd",
     });
     assert.match(climbing.status?.message ?? "", /climbs above the input root/);
+    // The working directory through a link out of the root is refused before anything runs.
     const workingDir = await run(farm, {
-      args: ["true"],
+      args: ["sh", "-c", "echo ran > /dev/stderr"],
       files: { "w/keep": "" },
       symlinks: { "w/in": "/etc" },
       workingDirectory: "w/in",
       outputFiles: ["shadow"],
       platform: platform(),
     });
-    await assertRefused(farm, workingDir, { "command.output_files[0]": "shadow" });
+    assert.equal(workingDir.status?.code, Code.INVALID_ARGUMENT);
+    assert.equal(
+      workingDir.status?.message,
+      'command.working_directory: "w/in" leads out of the input root through the symbolic link "w/in" -> "/etc", an absolute path',
+    );
+    assert.equal(workingDir.result, undefined, "the command did not run");
+    const climbing2 = await run(farm, {
+      args: ["true"],
+      symlinks: { "w/up": "../.." },
+      workingDirectory: "w/up",
+      platform: platform(),
+    });
+    assert.equal(climbing2.status?.code, Code.INVALID_ARGUMENT);
+    assert.match(climbing2.status?.message ?? "", /^command.working_directory: "w\/up" climbs above the input root/);
   });
 
   test("symlinks the action makes itself are not followed either", async () => {

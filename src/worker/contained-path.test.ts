@@ -53,6 +53,10 @@ describe("resolveContained", () => {
     assert.equal(where("y/.."), "dir /");
     assert.equal(where(""), "dir /");
     assert.equal(where("./sub//f"), "file /sub/f");
+    // Asked to, the last link is followed too, still only inside.
+    assert.equal(resolveContained(root, "chain", true).kind, "present");
+    assert.equal((resolveContained(root, "chain", true) as { hostPath: string }).hostPath, join(root, "sub"));
+    assert.equal(resolveContained(root, "abs", true).kind, "outside");
   });
 
   test("absent when nothing is there or a parent is a file", () => {

@@ -33,19 +33,22 @@ export type ContainedPath =
 /**
  * Resolves `path` (relative, "/"-separated, e.g. a working directory and an
  * output joined) below `root` without following any symlink out of it. The
- * last component is never followed: a symlink there is reported as one.
+ * last component is not followed (a symlink there is reported as one) unless
+ * `followLast` says the path must name what the link points to.
  * Synchronous, like the other small file-system calls between the command's
  * end and its result: each would otherwise wait for the thread pool.
  */
-export function resolveContained(root: string, path: string): ContainedPath {
+export function resolveContained(root: string, path: string, followLast = false): ContainedPath {
   const walk = new Walk(root, path);
   for (;;) {
     const step = walk.next();
     if (!step) return { kind: "absent" };
     if (step.kind !== "component") return step;
     const info = lstatOrUndefined(step.hostPath);
-    if (step.last) return info ? { kind: "present", hostPath: step.hostPath, stats: info } : { kind: "absent" };
     if (!info) return { kind: "absent" };
+    if (step.last && !(followLast && info.isSymbolicLink())) {
+      return { kind: "present", hostPath: step.hostPath, stats: info };
+    }
     if (info.isDirectory()) walk.enter(step.name);
     else if (info.isSymbolicLink()) {
       const outside = walk.follow(step.hostPath, readlinkSync(step.hostPath));
@@ -138,7 +141,7 @@ class Walk {
       return { kind: "outside", reason: `leads out of the input root through ${link}, an absolute path` };
     }
     this.#pending.push(...components(target).reverse());
-    // A link in the last place (followed only when making directories) leads on to its target.
+    // A link in the last place (followed only when asked) leads on to its target.
     this.#done = false;
     return undefined;
   }
