@@ -19,7 +19,7 @@ import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
 import { acceptAssignmentBlobs } from "./assignment-blobs.js";
-import { makeContainedDirectories, resolveContained } from "./contained-path.js";
+import { ContainedRoot } from "./contained-path.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { type ExpandedRoots, graftedInputRoot } from "./expanded-roots.js";
 import type { FileCache } from "./file-cache.js";
@@ -145,8 +145,10 @@ export async function runAction(
     }
     if (laidOut.status === "rejected") throw laidOut.reason;
     if (pulled.status === "rejected") throw pulled.reason;
-    checkWorkingDirectory(inputRoot, workingDirectory);
-    makeOutputParents(inputRoot, workingDirectory, command, options.owner);
+    // One view of the root before the command runs; collectOutputs takes another after it.
+    const before = new ContainedRoot(inputRoot);
+    checkWorkingDirectory(before, workingDirectory);
+    makeOutputParents(before, workingDirectory, command, options.owner);
     metadata.inputFetchCompletedTimestamp = now();
 
     const stdoutPath = join(base, "stdout");
@@ -308,9 +310,9 @@ async function splitInline(
  * A symlink on its way that leads out (which only the input root can hold,
  * before the command runs) is INVALID_ARGUMENT naming the field.
  */
-function checkWorkingDirectory(inputRoot: string, workingDirectory: string): void {
+function checkWorkingDirectory(root: ContainedRoot, workingDirectory: string): void {
   if (workingDirectory === "") return;
-  const found = resolveContained(inputRoot, workingDirectory, true);
+  const found = root.resolve(workingDirectory, true);
   if (found.kind === "outside") {
     throw invalidArgument("command.working_directory", `"${workingDirectory}" ${found.reason}`);
   }
@@ -319,11 +321,11 @@ function checkWorkingDirectory(inputRoot: string, workingDirectory: string): voi
 /**
  * REAPI: the worker creates the parent directory of every output before the
  * command runs. It does so as root, so never through a symlink out of the
- * input root (see makeContainedDirectories). Synchronously, for the reason
+ * input root (see ContainedRoot.makeDirectories). Synchronously, for the reason
  * input-root.ts gives for small trees: a few directories, made one inside the other.
  */
 function makeOutputParents(
-  inputRoot: string,
+  root: ContainedRoot,
   workingDirectory: string,
   command: Command,
   owner: TreeOwner | undefined,
@@ -333,7 +335,7 @@ function makeOutputParents(
   for (const path of [...command.outputFiles, ...command.outputPaths]) dirs.add(posix.dirname(inRoot(path)));
   // Bazel 4 expects output directories themselves to exist.
   for (const path of command.outputDirectories) dirs.add(inRoot(path));
-  for (const dir of dirs) makeContainedDirectories(inputRoot, dir, owner);
+  for (const dir of dirs) root.makeDirectories(dir, owner);
 }
 
 /** stdout or stderr as a blob (read once when small enough to go inline), or undefined when empty. */

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { SHA256 } from "../digest/functions.js";
 import { fileBlob, hashFile, readLocalTree } from "../merkle/local-tree.js";
-import { type ContainedPath, makeContainedDirectories, resolveContained } from "./contained-path.js";
+import { type ContainedPath, ContainedRoot } from "./contained-path.js";
 
 let dir: string;
 let root: string;
@@ -33,16 +33,16 @@ before(() => {
 });
 after(() => rmSync(dir, { recursive: true, force: true }));
 
-/** What resolveContained says, with host paths relative to the root for comparison. */
+/** What ContainedRoot.resolve says, with host paths relative to the root for comparison. */
 function where(path: string): string {
-  const found: ContainedPath = resolveContained(root, path);
+  const found: ContainedPath = new ContainedRoot(root).resolve(path);
   if (found.kind === "absent") return "absent";
   if (found.kind === "outside") return `outside: ${found.reason}`;
   const kind = found.stats.isSymbolicLink() ? "link" : found.stats.isDirectory() ? "dir" : "file";
   return `${kind} ${found.hostPath.slice(root.length) || "/"}`;
 }
 
-describe("resolveContained", () => {
+describe("ContainedRoot.resolve", () => {
   test("links inside the root are resolved within it, by hand, and the last component is never followed", () => {
     assert.equal(where("y/f"), "file /sub/f");
     assert.equal(where("chain/f"), "file /sub/f");
@@ -54,9 +54,9 @@ describe("resolveContained", () => {
     assert.equal(where(""), "dir /");
     assert.equal(where("./sub//f"), "file /sub/f");
     // Asked to, the last link is followed too, still only inside.
-    assert.equal(resolveContained(root, "chain", true).kind, "present");
-    assert.equal((resolveContained(root, "chain", true) as { hostPath: string }).hostPath, join(root, "sub"));
-    assert.equal(resolveContained(root, "abs", true).kind, "outside");
+    assert.equal(new ContainedRoot(root).resolve("chain", true).kind, "present");
+    assert.equal((new ContainedRoot(root).resolve("chain", true) as { hostPath: string }).hostPath, join(root, "sub"));
+    assert.equal(new ContainedRoot(root).resolve("abs", true).kind, "outside");
   });
 
   test("absent when nothing is there or a parent is a file", () => {
@@ -91,11 +91,11 @@ describe("resolveContained", () => {
   });
 });
 
-describe("makeContainedDirectories", () => {
+describe("ContainedRoot.makeDirectories", () => {
   test("makes missing directories, through links that stay inside, and gives them to the owner", () => {
     const owner = { uid: 65534, gid: 65534 };
-    makeContainedDirectories(root, "dangling/deep", owner);
-    makeContainedDirectories(root, "sub/up/fresh/er", owner);
+    new ContainedRoot(root).makeDirectories("dangling/deep", owner);
+    new ContainedRoot(root).makeDirectories("sub/up/fresh/er", owner);
     const made = statSync(join(root, "new", "made", "deep"));
     assert.ok(made.isDirectory());
     assert.equal(made.uid, 65534);
@@ -104,10 +104,10 @@ describe("makeContainedDirectories", () => {
   });
 
   test("makes nothing through a link out of the root, nor below a file", () => {
-    makeContainedDirectories(root, "abs/made/x", undefined);
-    makeContainedDirectories(root, "rel/made/x", undefined);
-    makeContainedDirectories(root, "abs", undefined);
-    makeContainedDirectories(root, "file/x", undefined);
+    new ContainedRoot(root).makeDirectories("abs/made/x", undefined);
+    new ContainedRoot(root).makeDirectories("rel/made/x", undefined);
+    new ContainedRoot(root).makeDirectories("abs", undefined);
+    new ContainedRoot(root).makeDirectories("file/x", undefined);
     assert.deepEqual(readdirSync(outside), ["secret"]);
     assert.ok(statSync(join(root, "file")).isFile());
   });

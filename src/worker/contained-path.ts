@@ -31,63 +31,92 @@ export type ContainedPath =
   | { kind: "outside"; reason: string };
 
 /**
- * Resolves `path` (relative, "/"-separated, e.g. a working directory and an
- * output joined) below `root` without following any symlink out of it. The
- * last component is not followed (a symlink there is reported as one) unless
- * `followLast` says the path must name what the link points to.
- * Synchronous, like the other small file-system calls between the command's
- * end and its result: each would otherwise wait for the thread pool.
+ * An input root in which paths are resolved, for one phase during which
+ * nothing else changes it: the directories it found real are remembered (a
+ * build's outputs share most of their parents), so an instance must not
+ * outlive the phase (one before the command runs, another after it).
  */
-export function resolveContained(root: string, path: string, followLast = false): ContainedPath {
-  const walk = new Walk(root, path);
-  for (;;) {
-    const step = walk.next();
-    if (!step) return { kind: "absent" };
-    if (step.kind !== "component") return step;
-    const info = lstatOrUndefined(step.hostPath);
-    if (!info) return { kind: "absent" };
-    if (step.last && !(followLast && info.isSymbolicLink())) {
-      return { kind: "present", hostPath: step.hostPath, stats: info };
+export class ContainedRoot {
+  /** Paths below the root (joined with "/") known to be real directories. */
+  readonly #realDirectories = new Set<string>();
+
+  constructor(readonly root: string) {}
+
+  /**
+   * Resolves `path` (relative, "/"-separated, e.g. a working directory and
+   * an output joined) below the root without following any symlink out of
+   * it. The last component is not followed (a symlink there is reported as
+   * one) unless `followLast` says the path must name what the link points to.
+   * Synchronous, like the other small file-system calls between the
+   * command's end and its result: each would otherwise wait for the thread pool.
+   */
+  resolve(path: string, followLast = false): ContainedPath {
+    const walk = new Walk(this.root, path);
+    for (;;) {
+      const step = walk.next();
+      if (!step) return { kind: "absent" };
+      if (step.kind !== "component") return step;
+      if (!step.last && this.#realDirectories.has(step.inRoot)) {
+        walk.enter(step.name);
+        continue;
+      }
+      const info = lstatSync(step.hostPath, { throwIfNoEntry: false });
+      if (!info) return { kind: "absent" };
+      if (step.last && !(followLast && info.isSymbolicLink())) {
+        return { kind: "present", hostPath: step.hostPath, stats: info };
+      }
+      if (info.isDirectory()) this.#enter(walk, step);
+      else if (info.isSymbolicLink()) {
+        const outside = walk.follow(step.hostPath, readlinkSync(step.hostPath));
+        if (outside) return outside;
+      } else return { kind: "absent" };
     }
-    if (info.isDirectory()) walk.enter(step.name);
-    else if (info.isSymbolicLink()) {
-      const outside = walk.follow(step.hostPath, readlinkSync(step.hostPath));
-      if (outside) return outside;
-    } else return { kind: "absent" };
+  }
+
+  /**
+   * Makes the missing directories of `path` below the root (the last
+   * component too), giving each to `owner`. A symlink that stays inside the
+   * root is resolved as in `resolve`, the last component's too (the path
+   * names a directory); one that leads out of it, or a file on the way, stops
+   * the walk with nothing made through it. The command may still write
+   * through such a link where its sandbox lets it (in its own view of the
+   * file system); the output is then refused when collected.
+   */
+  makeDirectories(path: string, owner: TreeOwner | undefined): void {
+    const walk = new Walk(this.root, path);
+    for (;;) {
+      const step = walk.next();
+      if (step?.kind !== "component") return;
+      if (this.#realDirectories.has(step.inRoot)) {
+        walk.enter(step.name);
+        continue;
+      }
+      const info = lstatSync(step.hostPath, { throwIfNoEntry: false });
+      if (!info) {
+        // Made by name in a real directory: mkdir follows no symlink in its last component.
+        mkdirSync(step.hostPath);
+        if (owner) chownSync(step.hostPath, owner.uid, owner.gid);
+        this.#enter(walk, step);
+      } else if (info.isDirectory()) {
+        this.#enter(walk, step);
+      } else if (info.isSymbolicLink()) {
+        if (walk.follow(step.hostPath, readlinkSync(step.hostPath))) return;
+      } else {
+        return;
+      }
+    }
+  }
+
+  #enter(walk: Walk, step: { name: string; inRoot: string }): void {
+    this.#realDirectories.add(step.inRoot);
+    walk.enter(step.name);
   }
 }
 
-/**
- * Makes the missing directories of `path` below `root` (the last component
- * too), giving each to `owner`. A symlink that stays inside the root is
- * resolved as in resolveContained, the last component's too (the path names a
- * directory); one that leads out of it, or a file on the way, stops the walk
- * with nothing made through it. The
- * command may still write through such a link where its sandbox lets it (in
- * its own view of the file system); the output is then refused when collected.
- */
-export function makeContainedDirectories(root: string, path: string, owner: TreeOwner | undefined): void {
-  const walk = new Walk(root, path);
-  for (;;) {
-    const step = walk.next();
-    if (step?.kind !== "component") return;
-    const info = lstatOrUndefined(step.hostPath);
-    if (!info) {
-      // Made in a directory that is not a link, by name: mkdir follows no symlink in its last component.
-      mkdirSync(step.hostPath);
-      if (owner) chownSync(step.hostPath, owner.uid, owner.gid);
-      walk.enter(step.name);
-    } else if (info.isDirectory()) {
-      walk.enter(step.name);
-    } else if (info.isSymbolicLink()) {
-      if (walk.follow(step.hostPath, readlinkSync(step.hostPath))) return;
-    } else {
-      return;
-    }
-  }
-}
-
-type Step = { kind: "component"; name: string; hostPath: string; last: boolean } | { kind: "outside"; reason: string };
+type Step =
+  /** `inRoot`: the path below the root ("/"-joined real directories and the name). */
+  | { kind: "component"; name: string; hostPath: string; inRoot: string; last: boolean }
+  | { kind: "outside"; reason: string };
 
 /** The walk's state: the real directories entered so far and the components still to go. */
 class Walk {
@@ -118,11 +147,13 @@ class Walk {
       if (name === undefined || (name === ".." && this.#pending.length === 0)) {
         // The path ends in the directory entered last (the root, for an empty path).
         this.#done = true;
-        return { kind: "component", name: "", hostPath: join(this.root, ...this.#at), last: true };
+        const inRoot = this.#at.join("/");
+        return { kind: "component", name: "", hostPath: join(this.root, inRoot), inRoot, last: true };
       }
       if (name === "..") continue;
       this.#done = this.#pending.length === 0;
-      return { kind: "component", name, hostPath: join(this.root, ...this.#at, name), last: this.#done };
+      const inRoot = [...this.#at, name].join("/");
+      return { kind: "component", name, hostPath: join(this.root, inRoot), inRoot, last: this.#done };
     }
     return undefined;
   }
@@ -155,12 +186,4 @@ class Walk {
 /** The components of a "/"-separated path, without the empty and "." ones that change nothing. */
 function components(path: string): string[] {
   return path.split("/").filter((c) => c !== "" && c !== ".");
-}
-
-function lstatOrUndefined(path: string): Stats | undefined {
-  try {
-    return lstatSync(path);
-  } catch {
-    return undefined;
-  }
 }

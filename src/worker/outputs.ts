@@ -10,7 +10,7 @@ import {
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { fileBlob, readLocalTree } from "../merkle/local-tree.js";
 import { Code, StatusError } from "../status/status.js";
-import { resolveContained } from "./contained-path.js";
+import { ContainedRoot } from "./contained-path.js";
 import type { UploadSource } from "./remote-cas.js";
 
 /** The outputs of one action, and what must be uploaded for them. */
@@ -52,7 +52,7 @@ const wire = (d: Digest) => ({ hash: d.hash, sizeBytes: d.sizeBytes });
  * did not create are left out, as the protocol says.
  *
  * The worker reads them as root, so each path is resolved with
- * resolveContained (contained-path.ts): a symlink on the way that leaves the
+ * ContainedRoot (contained-path.ts): a symlink on the way that leaves the
  * input root makes the output refused, an output that is a symlink is
  * returned as one, files are opened without following a link and hashed only
  * when regular, and a directory's tree records the symlinks in it as symlinks.
@@ -89,8 +89,10 @@ export async function collectOutputs(
           field: `command.output_directories[${i}]`,
         })),
       ];
+  // Made now: what the command did to the tree since the parents were made is seen afresh.
+  const root = new ContainedRoot(inputRoot);
   for (const { path, kind, field } of requested) {
-    const found = resolveContained(inputRoot, workingDirectory === "" ? path : `${workingDirectory}/${path}`);
+    const found = root.resolve(workingDirectory === "" ? path : `${workingDirectory}/${path}`);
     if (found.kind === "absent") continue;
     if (found.kind === "outside") {
       out.refused.push({ field, path, reason: found.reason });
