@@ -60,7 +60,7 @@ export class ContainedRoot {
         walk.enter(step.name);
         continue;
       }
-      const info = lstatSync(step.hostPath, { throwIfNoEntry: false });
+      const info = lstatOrUndefined(step.hostPath);
       if (!info) return { kind: "absent" };
       if (step.last && !(followLast && info.isSymbolicLink())) {
         return { kind: "present", hostPath: step.hostPath, stats: info };
@@ -91,7 +91,7 @@ export class ContainedRoot {
         walk.enter(step.name);
         continue;
       }
-      const info = lstatSync(step.hostPath, { throwIfNoEntry: false });
+      const info = lstatOrUndefined(step.hostPath);
       if (!info) {
         // Made by name in a real directory: mkdir follows no symlink in its last component.
         mkdirSync(step.hostPath);
@@ -186,4 +186,13 @@ class Walk {
 /** The components of a "/"-separated path, without the empty and "." ones that change nothing. */
 function components(path: string): string[] {
   return path.split("/").filter((c) => c !== "" && c !== ".");
+}
+
+/** lstat, or undefined when nothing is there (or the name cannot be, e.g. ENAMETOOLONG: nothing can be there either). */
+function lstatOrUndefined(path: string): Stats | undefined {
+  try {
+    return lstatSync(path, { throwIfNoEntry: false });
+  } catch {
+    return undefined;
+  }
 }
