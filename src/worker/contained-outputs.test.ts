@@ -190,6 +190,24 @@ function outputAttacks(farmOf: () => TestFarm, platform: () => { name: string; v
     assert.notEqual(await readBlob(farm.clients, files[0]?.digest), "0\n", "ln /etc/passwd failed");
   });
 
+  test("a process the action leaves behind, swapping outputs for links, is gone before outputs are read", async () => {
+    const farm = farmOf();
+    // Started just before the command exits, escaping its process group: it would swap f and y for links to
+    // host files while the worker reads them, if it survived the command.
+    const swapper = "while :; do ln -sfn /etc/shadow f; ln -sfn /etc y; done";
+    const response = await run(farm, {
+      args: ["sh", "-c", `rmdir y; echo mine > f; setsid sh -c '${swapper}' & sleep 0.2`],
+      outputFiles: ["f", "y/shadow"],
+      platform: platform(),
+    });
+    assert.deepEqual(await held(farm, secretDigests), [], "no host secret reached the CAS");
+    assert.deepEqual(response.result?.outputFiles ?? [], [], "f is never read through the link");
+    // Whatever state the swapper was killed in: f a link (or briefly absent), y a link, so y/shadow refused.
+    assert.ok((response.result?.outputFileSymlinks.length ?? 0) <= 1);
+    if (response.status?.code !== Code.OK)
+      await assertRefused(farm, response, { "command.output_files[1]": "y/shadow" });
+  });
+
   test("an output parent through a symlink to a root-only directory makes nothing there", async () => {
     const farm = farmOf();
     const response = await run(farm, {
