@@ -135,7 +135,14 @@ export async function collectOutputs(
   return out;
 }
 
-/** INVALID_ARGUMENT naming every refused output, with one field violation each. */
+/**
+ * INVALID_ARGUMENT naming every refused output, with one field violation
+ * each. Not FAILED_PRECONDITION: nothing is missing or unready that a retry
+ * or an upload could fix; the output path itself names no place in the
+ * action's input root. Bazel retries neither code; it downloads what the
+ * result holds (stdout, stderr, the other outputs) and fails the action with
+ * this message.
+ */
 export function refusedOutputsError(refused: readonly RefusedOutput[]): StatusError {
   const described = refused.map((r) => ({ field: r.field, description: `"${r.path}" ${r.reason}` }));
   const message = described.map((d) => `${d.field}: ${d.description}`).join("; ");
