@@ -93,6 +93,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     new ResolvedImages(registry, config.images.tagRefreshSeconds * 1000),
     {
       tempDir: expandTemp,
+      limits: config.images,
       casEvictions: () => casEvictions,
     },
   );

@@ -1,4 +1,4 @@
-import { Code, StatusError } from "../status/status.js";
+import { DEFAULT_IMAGE_LIMITS, ImageBudget, type ImageLimits, imageCaps } from "./image-limits.js";
 import { type LayerDescriptor, LayerStore, type LayerStoreOptions } from "./layer-store.js";
 
 /** What an action inherits from its image's config (OCI image config `config` object). */
@@ -11,6 +11,8 @@ export interface ImageConfig {
 /** An image by its manifest digest: its layers bottom to top and its config. */
 export interface Image {
   digest: string;
+  /** How refusals name the image (its reference); default: the digest. */
+  name?: string;
   layers: readonly LayerDescriptor[];
   config: ImageConfig;
 }
@@ -36,6 +38,8 @@ export interface LayerWatcher {
 export interface ImageStoreOptions extends LayerStoreOptions {
   /** Evict least recently used layers no acquired image uses once the total passes this many bytes. */
   maxBytes: number;
+  /** Caps on what one layer and one image may hold, enforced as layers are read. */
+  imageLimits?: ImageLimits;
   onEvict?: (digest: string, size: number) => void;
   /** Failures of evictions done in the background (after a release). */
   onError?: (err: unknown) => void;
@@ -95,19 +99,18 @@ export class ImageStore {
       }
       await this.evict().catch((err: unknown) => this.options.onError?.(err));
     };
+    // The image's bytes are held to the store's cap too: an image the store cannot hold stops while it is read.
+    const caps = imageCaps(this.options.imageLimits ?? DEFAULT_IMAGE_LIMITS, {
+      value: this.options.maxBytes,
+      key: "images.storeMaxSizeBytes",
+    });
+    const budget = new ImageBudget(image.name ?? image.digest, caps);
     try {
-      const settled = await Promise.allSettled(image.layers.map((layer) => this.ensure(layer, watcher)));
+      const settled = await Promise.allSettled(image.layers.map((layer) => this.ensure(layer, watcher, budget)));
       const layerDirs: string[] = [];
       for (const result of settled) {
         if (result.status === "rejected") throw result.reason;
         layerDirs.push(result.value);
-      }
-      const size = digests.reduce((sum, digest) => sum + (this.layers.sizeOf(digest) ?? 0), 0);
-      if (size > this.options.maxBytes) {
-        throw new StatusError(
-          Code.RESOURCE_EXHAUSTED,
-          `image ${image.digest} unpacks to ${size} bytes, more than the image store's cap of ${this.options.maxBytes}`,
-        );
       }
       await this.evict();
       return { digest: image.digest, layerDirs, config: image.config, release };
@@ -117,9 +120,13 @@ export class ImageStore {
     }
   }
 
-  private async ensure(layer: LayerDescriptor, watcher: LayerWatcher | undefined): Promise<string> {
-    if (!watcher) return this.layers.ensure(layer);
-    const dir = await this.layers.ensure(layer, (bytes) => watcher.received(layer.digest, bytes));
+  private async ensure(
+    layer: LayerDescriptor,
+    watcher: LayerWatcher | undefined,
+    budget: ImageBudget,
+  ): Promise<string> {
+    if (!watcher) return this.layers.ensure(layer, undefined, budget);
+    const dir = await this.layers.ensure(layer, (bytes) => watcher.received(layer.digest, bytes), budget);
     watcher.ready(layer.digest);
     return dir;
   }

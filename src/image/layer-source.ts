@@ -95,8 +95,8 @@ class ByteLimit extends Transform {
     if (this.seen > this.maxBytes) {
       callback(
         new StatusError(
-          Code.RESOURCE_EXHAUSTED,
-          `layer decompresses to more than ${this.maxBytes} bytes of tar, past the unpack limit`,
+          Code.FAILED_PRECONDITION,
+          `layer decompresses to more than ${this.maxBytes} bytes of tar, past images.maxLayerBytes (with room for the headers of images.maxLayerEntries entries)`,
         ),
       );
       return;

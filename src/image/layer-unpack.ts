@@ -1,7 +1,8 @@
 import { closeSync, constants, fchmodSync, fchownSync, futimesSync, openSync, writeSync } from "node:fs";
 import { type FileHandle, lchown, link, lutimes, mkdir, open, rm, symlink } from "node:fs/promises";
 import type { Header } from "tar-stream";
-import { Code, StatusError } from "../status/status.js";
+import { hostMode } from "./host-mode.js";
+import { DEFAULT_IMAGE_LIMITS, type LayerMeter, layerMeter } from "./image-limits.js";
 import { forEachTarEntry, layerCompression } from "./layer-source.js";
 import { badEntry, entryPath, LayerTree, layerEntry } from "./layer-tree.js";
 import { markOpaque, type WhiteoutMaker } from "./whiteout.js";
@@ -13,10 +14,15 @@ export interface UnpackLimits {
   maxEntries: number;
 }
 
-export const DEFAULT_UNPACK_LIMITS: UnpackLimits = { maxBytes: 16 * 1024 ** 3, maxEntries: 1_000_000 };
+export const DEFAULT_UNPACK_LIMITS: UnpackLimits = {
+  maxBytes: DEFAULT_IMAGE_LIMITS.maxLayerBytes,
+  maxEntries: DEFAULT_IMAGE_LIMITS.maxLayerEntries,
+};
 
 export interface UnpackOptions {
   whiteouts: WhiteoutMaker;
+  /** Counts the layer against its image's caps as it is read; default: a meter of `limits` alone. */
+  meter?: LayerMeter;
   limits?: Partial<UnpackLimits>;
   /** Give files the tar's owners (needs root); default: when running as root. */
   chown?: boolean;
@@ -51,11 +57,11 @@ export async function unpackLayer(
   options: UnpackOptions,
 ): Promise<UnpackStats> {
   layerCompression(mediaType);
-  const limits = { ...DEFAULT_UNPACK_LIMITS, ...options.limits };
+  const meter = options.meter ?? layerMeter({ ...DEFAULT_UNPACK_LIMITS, ...options.limits });
   await mkdir(dest, { mode: 0o755 });
   try {
-    const unpacker = new Unpacker(new LayerTree(dest), options, limits);
-    await forEachTarEntry(blobPath, limits, (header, data) => unpacker.add(header, data));
+    const unpacker = new Unpacker(new LayerTree(dest), options, meter);
+    await forEachTarEntry(blobPath, meter, (header, data) => unpacker.add(header, data));
     return await unpacker.finish();
   } catch (err) {
     await rm(dest, { recursive: true, force: true });
@@ -72,13 +78,15 @@ class Unpacker {
   constructor(
     private readonly tree: LayerTree,
     private readonly options: UnpackOptions,
-    private readonly limits: UnpackLimits,
+    private readonly meter: LayerMeter,
   ) {
     this.chown = options.chown ?? process.getuid?.() === 0;
   }
 
   async add(header: Header, data: AsyncIterable<unknown>): Promise<void> {
-    const { parts, whiteout } = layerEntry(header, ++this.stats.entries, this.limits.maxEntries);
+    this.stats.entries++;
+    this.meter.entry();
+    const { parts, whiteout } = layerEntry(header);
     if (whiteout) return this.whiteout(header.name, parts);
     switch (header.type) {
       case "file":
@@ -138,9 +146,9 @@ class Unpacker {
 
   private async file(header: Header, parts: string[], data: AsyncIterable<unknown>): Promise<void> {
     const size = header.size ?? 0;
-    if (this.stats.bytes + size > this.limits.maxBytes) {
-      throw new StatusError(Code.RESOURCE_EXHAUSTED, `layer files add up to more than ${this.limits.maxBytes} bytes`);
-    }
+    // Counted before a byte is written: tar-stream hands over exactly `size` bytes, so a refused file
+    // writes nothing and an accepted one no more than the cap allows.
+    this.meter.bytes(size);
     const path = await this.tree.prepare(parts, header.name);
     // Synchronous calls on the descriptor: layers are mostly small files, and
     // five thread-pool round trips per file made unpacking 4x slower (measured).
@@ -152,7 +160,7 @@ class Unpacker {
         for (let done = 0; done < bytes.byteLength; ) done += writeSync(fd, bytes, done);
       }
       if (this.chown) fchownSync(fd, header.uid ?? 0, header.gid ?? 0);
-      fchmodSync(fd, (header.mode ?? 0o644) & 0o7777);
+      fchmodSync(fd, hostMode(header.mode ?? 0o644));
       const mtime = header.mtime ?? new Date(0);
       futimesSync(fd, mtime, mtime);
     } finally {
@@ -211,6 +219,6 @@ class Unpacker {
   private async setOwnerAndMode(handle: FileHandle, header: Header): Promise<void> {
     // chown before chmod: chown clears set-user-ID and set-group-ID bits.
     if (this.chown) await handle.chown(header.uid ?? 0, header.gid ?? 0);
-    await handle.chmod((header.mode ?? 0o644) & 0o7777);
+    await handle.chmod(hostMode(header.mode ?? 0o755));
   }
 }

@@ -5,6 +5,7 @@ import { checkDirectory } from "../cas/directory-tree.js";
 import { type Digest, digestKey, digestOf, parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { hostMode } from "../image/host-mode.js";
 import { missingBlobs } from "../status/status.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { describeMissing, type FileCache } from "./file-cache.js";
@@ -153,7 +154,7 @@ async function layOut(plan: TreePlan, cache: FileCache, options: LayOutOptions):
     for (const depth of depths.reverse()) {
       await Promise.all(
         (byDepth.get(depth) as TreePlan["directories"]).map((dir) =>
-          chmod(dir.path, (dir.unixMode ?? DEFAULT_DIRECTORY_MODE) & 0o7777),
+          chmod(dir.path, hostMode(dir.unixMode ?? DEFAULT_DIRECTORY_MODE)),
         ),
       );
     }
@@ -171,7 +172,7 @@ function layOutSync(plan: TreePlan, cache: FileCache, options: LayOutOptions): v
   if (options.directoryModes) {
     // Parents come before their children in the plan, so in reverse every directory comes before its parent.
     for (const dir of [...plan.directories].reverse()) {
-      chmodSync(dir.path, (dir.unixMode ?? DEFAULT_DIRECTORY_MODE) & 0o7777);
+      chmodSync(dir.path, hostMode(dir.unixMode ?? DEFAULT_DIRECTORY_MODE));
     }
   }
 }
