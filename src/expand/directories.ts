@@ -8,6 +8,7 @@ import {
   type Digest as WireDigest,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { hostMode } from "../image/host-mode.js";
+import { imageModeProperty } from "../image/open-directories.js";
 import { invalidArgument, notFound } from "../status/status.js";
 
 /** An encoded Directory message with its digest, ready to be stored. */
@@ -29,6 +30,14 @@ export function wire(digest: Digest): WireDigest {
  */
 export function modeProperties(mode: number): NodeProperties {
   return { properties: [], mtime: undefined, unixMode: hostMode(mode) };
+}
+
+/**
+ * A directory's: modeProperties, and the image's own mode when taming changed it (berth.image-mode), which
+ * workers give the directory in each action's own overlay upper layer (see image/open-directories.ts).
+ */
+export function directoryProperties(mode: number): NodeProperties {
+  return { ...modeProperties(mode), properties: imageModeProperty(mode) };
 }
 
 /**

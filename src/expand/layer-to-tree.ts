@@ -112,7 +112,8 @@ class LayerConverter {
       case "contiguous-file":
         return this.file(header, parts, data);
       case "directory":
-        this.draft.setDirectory(parts, hostMode(header.mode ?? 0o755), name);
+        // Kept as the image says: the Directory's unix_mode is tamed when encoded, the image's mode kept beside.
+        this.draft.setDirectory(parts, (header.mode ?? 0o755) & 0o7777, name);
         return;
       case "symlink":
         return this.symlink(header, parts);

@@ -1,5 +1,6 @@
 import { DEFAULT_IMAGE_LIMITS, ImageBudget, type ImageLimits, imageCaps } from "./image-limits.js";
 import { type LayerDescriptor, LayerStore, type LayerStoreOptions } from "./layer-store.js";
+import { type UpperDirectory, upperDirectories } from "./open-directories.js";
 
 /** What an action inherits from its image's config (OCI image config `config` object). */
 export interface ImageConfig {
@@ -22,6 +23,8 @@ export interface AcquiredImage {
   digest: string;
   /** Unpacked layer trees, bottom to top, as the manifest lists them. */
   layerDirs: string[];
+  /** To make in an action's upper layer: the image's own modes of directories tamed on the host. */
+  upperDirectories: UpperDirectory[];
   config: ImageConfig;
   /** Idempotent; resolves once the store is back under its cap (it never rejects: see `onError`). */
   release(): Promise<void>;
@@ -113,7 +116,10 @@ export class ImageStore {
         layerDirs.push(result.value);
       }
       await this.evict();
-      return { digest: image.digest, layerDirs, config: image.config, release };
+      const upper = await upperDirectories(
+        image.layers.map((layer, i) => ({ dir: layerDirs[i] as string, ...this.layers.layoutOf(layer.digest) })),
+      );
+      return { digest: image.digest, layerDirs, upperDirectories: upper, config: image.config, release };
     } catch (err) {
       await release();
       throw err;

@@ -3,7 +3,7 @@ import { chmod, mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } 
 import { join } from "node:path";
 import { Code, StatusError } from "../status/status.js";
 import { type ImageBudget, ImageLimitError, type LayerCount } from "./image-limits.js";
-import { type UnpackLimits, type UnpackStats, unpackLayer } from "./layer-unpack.js";
+import { type LayerLayout, type UnpackLimits, type UnpackStats, unpackLayer } from "./layer-unpack.js";
 import { WhiteoutMaker } from "./whiteout.js";
 
 /** A layer as an image manifest lists it. */
@@ -38,7 +38,12 @@ interface LayerRecord {
   size: number;
   /** Tar entries (absent in records of older versions: counted as none). */
   entries?: number;
+  /** Directories tamed on the host, with the image's modes, and opaque directories (see LayerLayout). */
+  opened?: [string, number][];
+  opaque?: string[];
 }
+
+const NO_LAYOUT: LayerLayout = { opened: new Map(), opaque: new Set() };
 
 /** A layer being fetched and unpacked, shared by everyone who asked for it meanwhile. */
 interface Unpacking {
@@ -62,7 +67,10 @@ const DIGEST = /^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/;
  * below is in least-recently-used order. Eviction policy is the caller's.
  */
 export class LayerStore {
-  private readonly layers = new Map<string, { size: number; entries: number; touchedAt: number }>();
+  private readonly layers = new Map<
+    string,
+    { size: number; entries: number; touchedAt: number; layout: LayerLayout }
+  >();
   private readonly unpacking = new Map<string, Unpacking>();
   private readonly removing = new Map<string, Promise<void>>();
   private readonly waiting: (() => void)[] = [];
@@ -105,6 +113,11 @@ export class LayerStore {
   countOf(digest: string): LayerCount | undefined {
     const entry = this.layers.get(digest);
     return entry && { bytes: entry.size, entries: entry.entries };
+  }
+
+  /** What an overlay of a stored layer needs besides its tree (see open-directories.ts). */
+  layoutOf(digest: string): LayerLayout {
+    return this.layers.get(digest)?.layout ?? NO_LAYOUT;
   }
 
   treeOf(digest: string): string {
@@ -216,7 +229,9 @@ export class LayerStore {
       await mkdir(join(work, "layer"));
       const blob = await this.options.fetchLayer(layer, join(work, "blob"), onReceived);
       const started = performance.now();
+      const layout: LayerLayout = { opened: new Map(), opaque: new Set() };
       const stats = await unpackLayer(blob, layer.mediaType, join(work, "layer", "tree"), {
+        layout,
         whiteouts: this.whiteouts,
         limits: this.options.limits,
         meter: budget?.meter(layer.digest),
@@ -227,12 +242,14 @@ export class LayerStore {
         mediaType: layer.mediaType,
         size: stats.bytes,
         entries: stats.entries,
+        opened: [...layout.opened],
+        opaque: [...layout.opaque],
       };
       await writeFile(join(work, "layer", "layer.json"), JSON.stringify(record));
       const final = this.dirOf(layer.digest);
       await mkdir(join(final, ".."), { recursive: true });
       await rename(join(work, "layer"), final);
-      this.layers.set(layer.digest, { size: stats.bytes, entries: stats.entries, touchedAt: Date.now() });
+      this.layers.set(layer.digest, { size: stats.bytes, entries: stats.entries, touchedAt: Date.now(), layout });
       this.totalBytes += stats.bytes;
       return this.treeOf(layer.digest);
     } catch (err) {
@@ -269,7 +286,7 @@ export class LayerStore {
   }
 
   private async scan(): Promise<void> {
-    const found: { digest: string; size: number; entries: number; mtime: number }[] = [];
+    const found: { digest: string; size: number; entries: number; layout: LayerLayout; mtime: number }[] = [];
     for (const algorithm of await readdir(join(this.root, "layers"))) {
       const hexes = await readdir(join(this.root, "layers", algorithm)).catch(() => []);
       for (const hex of hexes) {
@@ -280,7 +297,8 @@ export class LayerStore {
           const info = await stat(this.recordOf(digest));
           if (record.digest !== digest || typeof record.size !== "number") throw new Error("stale record");
           await stat(this.treeOf(digest));
-          found.push({ digest, size: record.size, entries: record.entries ?? 0, mtime: info.mtimeMs });
+          const layout = { opened: new Map(record.opened ?? []), opaque: new Set(record.opaque ?? []) };
+          found.push({ digest, size: record.size, entries: record.entries ?? 0, layout, mtime: info.mtimeMs });
         } catch {
           // Not something this store committed whole: never use it.
           await rm(this.dirOf(digest), { recursive: true, force: true });
@@ -288,8 +306,8 @@ export class LayerStore {
       }
     }
     found.sort((a, b) => a.mtime - b.mtime);
-    for (const { digest, size, entries, mtime } of found) {
-      this.layers.set(digest, { size, entries, touchedAt: mtime });
+    for (const { digest, size, entries, layout, mtime } of found) {
+      this.layers.set(digest, { size, entries, touchedAt: mtime, layout });
       this.totalBytes += size;
     }
   }

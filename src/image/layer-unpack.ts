@@ -1,10 +1,11 @@
 import { closeSync, constants, fchmodSync, fchownSync, futimesSync, openSync, writeSync } from "node:fs";
-import { type FileHandle, lchown, link, lutimes, mkdir, open, rm, symlink } from "node:fs/promises";
+import { type FileHandle, lchown, link, lstat, lutimes, mkdir, open, rm, symlink } from "node:fs/promises";
 import type { Header } from "tar-stream";
 import { hostMode } from "./host-mode.js";
 import { DEFAULT_IMAGE_LIMITS, type LayerMeter, layerMeter } from "./image-limits.js";
 import { forEachTarEntry, layerCompression } from "./layer-source.js";
 import { badEntry, entryPath, LayerTree, layerEntry } from "./layer-tree.js";
+import { imageMode, isOpened } from "./open-directories.js";
 import { markOpaque, type WhiteoutMaker } from "./whiteout.js";
 
 export interface UnpackLimits {
@@ -26,6 +27,16 @@ export interface UnpackOptions {
   limits?: Partial<UnpackLimits>;
   /** Give files the tar's owners (needs root); default: when running as root. */
   chown?: boolean;
+  /** Filled with the directories whose mode was tamed and the opaque ones (see open-directories.ts). */
+  layout?: LayerLayout;
+}
+
+/** What an action's overlay needs to know of a layer's directories besides what is on disk. */
+export interface LayerLayout {
+  /** Relative path → the image's mode, for directories stored without group or other write. */
+  opened: Map<string, number>;
+  /** Relative paths of opaque directories. */
+  opaque: Set<string>;
 }
 
 export interface UnpackStats {
@@ -73,6 +84,7 @@ class Unpacker {
   readonly stats: UnpackStats = { entries: 0, files: 0, bytes: 0, whiteouts: 0, opaqueDirs: 0, skipped: 0 };
   private readonly dirTimes: { parts: string[]; mtime: Date }[] = [];
   private readonly opaque = new Set<string>();
+  private readonly opened = new Map<string, number>();
   private readonly chown: boolean;
 
   constructor(
@@ -111,6 +123,15 @@ class Unpacker {
     }
     await markOpaque(opaque);
     this.stats.opaqueDirs = opaque.length;
+    if (this.options.layout) {
+      for (const rel of this.opaque)
+        if (opaque.includes(this.tree.abs(rel === "" ? [] : rel.split("/")))) this.options.layout.opaque.add(rel);
+      for (const [rel, mode] of this.opened) {
+        // Still the directory that entry made (a later entry may have replaced it, or implied a new one).
+        const info = await lstat(this.tree.abs(rel.split("/"))).catch(() => undefined);
+        if (info?.isDirectory() && (info.mode & 0o7777) === hostMode(mode)) this.options.layout.opened.set(rel, mode);
+      }
+    }
     // Deepest first: setting a child's times would not touch its parent, but creating it did.
     this.dirTimes.sort((a, b) => b.parts.length - a.parts.length);
     for (const { parts, mtime } of this.dirTimes) {
@@ -177,6 +198,11 @@ class Unpacker {
     if (kind === "other") await this.tree.remove(parts);
     if (kind !== "directory") await mkdir(path, { mode: 0o700 });
     this.tree.markDirectory(parts);
+    const rel = parts.join("/");
+    const mode = header.mode ?? 0o755;
+    // The layer root's mode is the overlay's root's: not one an upper directory can restore.
+    if (rel !== "" && isOpened(mode)) this.opened.set(rel, imageMode(mode));
+    else this.opened.delete(rel);
     const dir = await open(path, DIRECTORY);
     try {
       await this.setOwnerAndMode(dir, header);

@@ -123,25 +123,28 @@ for (const mode of ["mount", "expand"] as const) {
       return (await execute(farm.clients, action)).response;
     }
 
-    test("a setuid-root binary and 0777 directories lose those bits on the host and in the action; the stores are root's only", async () => {
+    test("a setuid-root binary loses its bit everywhere; 0777 directories are 0755 on the host and 0777 only in the action's own layer; the stores are root's only", async () => {
       const paths = ["/opt/suid-root", "/opt/setgid", "/opt/open", "/opt/open/writable", "/opt/group", "/opt/sticky"];
-      const response = await runIn(images.hostile as string, `stat -c '%n %a' ${paths.join(" ")}; id -u`);
+      const response = await runIn(
+        images.hostile as string,
+        `stat -c '%n %a' ${paths.join(" ")}; id -u; echo planted > /opt/open/planted && echo wrote`,
+      );
       assert.equal(response.status?.code ?? 0, Code.OK, response.status?.message);
       const stdout = await readBlob(farm.clients, response.result?.stdoutDigest);
       assert.equal(response.result?.exitCode, 0, stdout);
       const lines = stdout.trim().split("\n");
+      assert.equal(lines.pop(), "wrote", "the action writes in the image's 0777 directory (its own upper layer)");
       assert.equal(lines.pop(), "65534", "the action runs as the unprivileged user");
       const seen = new Map(lines.map((line) => line.split(" ") as [string, string]));
-      for (const path of paths) {
+      for (const path of ["/opt/suid-root", "/opt/setgid", "/opt/open/writable"]) {
         const bits = Number.parseInt(seen.get(path) ?? "", 8);
         assert.ok(Number.isInteger(bits), `${path}: ${stdout}`);
         assert.equal(bits & 0o6022, 0, `${path} inside the action is ${bits.toString(8)}`);
       }
-      // Directory modes are the image's, less what no host may keep (files in expand mode come from the
-      // worker's read-only file cache, 0555 or 0444).
-      assert.equal(seen.get("/opt/open"), "755");
-      assert.equal(seen.get("/opt/group"), "755");
-      assert.equal(seen.get("/opt/sticky"), "1755", "the sticky bit stays: it only narrows deletion");
+      // Directories show the image's modes inside (less setuid/setgid), from the action's own upper layer.
+      assert.equal(seen.get("/opt/open"), "777");
+      assert.equal(seen.get("/opt/group"), "775");
+      assert.equal(seen.get("/opt/sticky"), "1777");
 
       // On the host: nothing the images brought is setuid, setgid, or writable by group or others.
       const store = join(farm.config.dataDir, ...STORES[mode]);
@@ -154,6 +157,15 @@ for (const mode of ["mount", "expand"] as const) {
         .filter((f) => (f.mode & 0o6022) !== 0)
         .map((f) => `${f.path} ${(f.mode & 0o7777).toString(8)}`);
       assert.deepEqual(loose, []);
+      const open = found.filter((f) => f.path.endsWith("/opt/open")).map((f) => (f.mode & 0o7777).toString(8));
+      assert.ok(open.length > 0 && open.every((m) => m === "755"), `/opt/open on the host: ${open}`);
+      assert.deepEqual(
+        found.filter((f) => f.path.endsWith("/opt/open/planted")),
+        [],
+        "what the action wrote stayed in its layer",
+      );
+      const next = await runIn(images.hostile as string, "test ! -e /opt/open/planted && echo clean");
+      assert.equal(await readBlob(farm.clients, next.result?.stdoutDigest), "clean\n");
     });
 
     test("a gzip bomb stops at images.maxLayerBytes while it is read, naming image, layer and key, and leaves nothing", async (t) => {

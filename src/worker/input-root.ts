@@ -6,6 +6,7 @@ import { type Digest, digestKey, digestOf, parseDigest } from "../digest/digest.
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { hostMode } from "../image/host-mode.js";
+import { imageModeOf } from "../image/open-directories.js";
 import { missingBlobs } from "../status/status.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { describeMissing, type FileCache } from "./file-cache.js";
@@ -32,7 +33,7 @@ const SYNC_LAYOUT_LIMIT = 64;
 /** What laying out a Directory tree below some target creates, read from its Directory messages. */
 export interface TreePlan {
   /** Parents before their children, the target itself first. */
-  directories: { path: string; unixMode: number | undefined }[];
+  directories: { path: string; unixMode: number | undefined; imageMode?: number }[];
   files: { path: string; digest: Digest; executable: boolean }[];
   symlinks: { path: string; target: string }[];
   /** The sizes of the files summed (a file listed twice counts twice). */
@@ -89,7 +90,12 @@ export async function planTree(
   const plan: TreePlan = { directories: [], files: [], symlinks: [], fileBytes: 0 };
   const walk = (digest: Digest, path: string) => {
     const directory = directories.get(digestKey(digest)) as Directory;
-    plan.directories.push({ path, unixMode: directory.nodeProperties?.unixMode });
+    const imageMode = imageModeOf(directory.nodeProperties?.properties);
+    plan.directories.push({
+      path,
+      unixMode: directory.nodeProperties?.unixMode,
+      ...(imageMode === undefined ? {} : { imageMode }),
+    });
     for (const file of directory.files) {
       const fileDigest = parseDigest(fn, file.digest, `${path}/${file.name}`);
       plan.files.push({ path: join(path, file.name), digest: fileDigest, executable: file.isExecutable });

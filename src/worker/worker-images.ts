@@ -5,6 +5,7 @@ import { registryStatus } from "../execution/image-policy.js";
 import type { ImageLimits } from "../image/image-limits.js";
 import { ImageStore, type LayerWatcher } from "../image/image-store.js";
 import type { BytesReceived, LayerDescriptor } from "../image/layer-store.js";
+import type { UpperDirectory } from "../image/open-directories.js";
 import { type ImageReference, parseImageReference } from "../image/reference.js";
 import type { RegistryClient } from "../registry/client.js";
 import { Credentials } from "../registry/credentials.js";
@@ -30,6 +31,8 @@ export interface PreparedImage {
   env: string[];
   /** Unpacked layers, bottom to top. */
   layerDirs: string[];
+  /** Directories to make in the action's upper layer (the image's own modes, see open-directories.ts). */
+  upperDirectories: UpperDirectory[];
   release(): Promise<void>;
 }
 
@@ -103,6 +106,7 @@ export class WorkerImages {
         manifestDigest: image.manifestDigest,
         env: [...image.config.env],
         layerDirs: acquired.layerDirs,
+        upperDirectories: acquired.upperDirectories,
         release: () => acquired.release(),
       };
     } catch (err) {
