@@ -32,6 +32,8 @@ export interface LayerStoreOptions {
 }
 
 interface LayerRecord {
+  /** LAYER_FORMAT when written; layers of other versions are unpacked again. */
+  format?: number;
   digest: string;
   mediaType: string;
   /** Bytes of regular files: what the layer costs on disk, near enough. */
@@ -42,6 +44,9 @@ interface LayerRecord {
   opened?: [string, number][];
   opaque?: string[];
 }
+
+/** 2: modes tamed (hostMode), entries and opened directories recorded. Older layers may keep setuid bits. */
+const LAYER_FORMAT = 2;
 
 const NO_LAYOUT: LayerLayout = { opened: new Map(), opaque: new Set() };
 
@@ -238,6 +243,7 @@ export class LayerStore {
       });
       this.options.onUnpacked?.(layer.digest, stats, performance.now() - started);
       const record: LayerRecord = {
+        format: LAYER_FORMAT,
         digest: layer.digest,
         mediaType: layer.mediaType,
         size: stats.bytes,
@@ -296,6 +302,7 @@ export class LayerStore {
           const record = JSON.parse(await readFile(this.recordOf(digest), "utf8")) as LayerRecord;
           const info = await stat(this.recordOf(digest));
           if (record.digest !== digest || typeof record.size !== "number") throw new Error("stale record");
+          if (record.format !== LAYER_FORMAT) throw new Error("unpacked by an older version, untamed");
           await stat(this.treeOf(digest));
           const layout = { opened: new Map(record.opened ?? []), opaque: new Set(record.opaque ?? []) };
           found.push({ digest, size: record.size, entries: record.entries ?? 0, layout, mtime: info.mtimeMs });

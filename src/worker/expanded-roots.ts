@@ -29,11 +29,16 @@ export interface AcquiredRoot {
 
 /** What `root.json` beside each tree records. */
 interface RootRecord {
+  /** ROOT_FORMAT when written; trees of other versions are laid out again. */
+  format?: number;
   root: string;
   size: number;
   /** Directories (relative paths) whose Directory carried the image's own mode (berth.image-mode). */
   opened?: [string, number][];
 }
+
+/** 2: directory modes tamed (hostMode), opened directories recorded. Older trees may keep 0777 directories. */
+const ROOT_FORMAT = 2;
 
 /** How long a use may go unrecorded on disk; the in-memory order is always exact. */
 const MTIME_RESOLUTION_MS = 60_000;
@@ -172,6 +177,7 @@ export class ExpandedRoots {
         if (dir.imageMode !== undefined && rel !== "") opened.set(rel, dir.imageMode);
       }
       const record: RootRecord = {
+        format: ROOT_FORMAT,
         root: `${fn.name}/${formatDigest(root)}`,
         size: plan.fileBytes,
         opened: [...opened],
@@ -196,6 +202,7 @@ export class ExpandedRoots {
       try {
         const record = JSON.parse(await readFile(recordPath, "utf8")) as Partial<RootRecord>;
         if (typeof record.size !== "number" || record.size < 0) throw new Error("no size");
+        if (record.format !== ROOT_FORMAT) throw new Error("laid out by an older version, untamed");
         const opened = new Map(record.opened ?? []);
         found.push({ key, size: record.size, usedAt: (await stat(recordPath)).mtimeMs, opened });
       } catch {
