@@ -119,7 +119,7 @@ export const ConfigSchema = z
         maxLayerBytes: bytes.default(DEFAULT_IMAGE_LIMITS.maxLayerBytes),
         /** Tar entries (files, directories, links…) one layer may hold. */
         maxLayerEntries: z.number().int().positive().default(DEFAULT_IMAGE_LIMITS.maxLayerEntries),
-        /** Bytes of files of all an image's layers (in mount mode, also at most storeMaxSizeBytes). */
+        /** Bytes of files of all an image's layers (also at most storeMaxSizeBytes in mount mode, cas.maxSizeBytes in expand mode). */
         maxImageBytes: bytes.default(DEFAULT_IMAGE_LIMITS.maxImageBytes),
         /** Tar entries of all an image's layers. */
         maxImageEntries: z.number().int().positive().default(DEFAULT_IMAGE_LIMITS.maxImageEntries),

@@ -7,6 +7,7 @@ import type { DigestFunction } from "../digest/functions.js";
 import type { RegistryCredentials } from "../execution/action-platform.js";
 import { registryStatus } from "../execution/image-policy.js";
 import {
+  type Cap,
   DEFAULT_IMAGE_LIMITS,
   ImageBudget,
   ImageLimitError,
@@ -53,6 +54,8 @@ export interface ImageExpanderOptions {
   tempDir: string;
   /** Caps on one layer and one image, enforced while layers are converted. */
   limits?: ImageLimits;
+  /** The CAS's capacity: an image's bytes are held to it too (a tree the CAS cannot hold would be evicted). */
+  casBytes?: Cap;
   /** How many blobs the CAS has evicted so far: a tree verified complete stays so while this does not move. */
   casEvictions: () => number;
   /** Layers downloaded and converted at once. */
@@ -119,7 +122,10 @@ export class ImageExpander {
       return cached.root;
     }
     const evictions = this.options.casEvictions();
-    const budget = new ImageBudget(String(image.reference), imageCaps(this.options.limits ?? DEFAULT_IMAGE_LIMITS));
+    const budget = new ImageBudget(
+      String(image.reference),
+      imageCaps(this.options.limits ?? DEFAULT_IMAGE_LIMITS, this.options.casBytes),
+    );
     // Settled all before failing, so that no conversion of this image is still writing when the caller hears.
     const settled = await Promise.allSettled(
       image.layers.map((layer, i) => this.layerTree(request, layer, progress.forLayer(i), budget)),

@@ -94,6 +94,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     {
       tempDir: expandTemp,
       limits: config.images,
+      casBytes: { value: config.cas.maxSizeBytes, key: "cas.maxSizeBytes" },
       casEvictions: () => casEvictions,
     },
   );
