@@ -42,6 +42,8 @@ export interface LayerMeter {
   readonly maxEntries: number;
   entry(): void;
   bytes(count: number): void;
+  /** The error for a decompressed stream past `tarBytes` (file bytes plus room for every entry's headers). */
+  overflow(tarBytes: number): Error;
 }
 
 /**
@@ -115,9 +117,19 @@ export class ImageBudget {
     const caps = this.caps;
     let bytes = 0;
     let entries = 0;
+    const bytesCap = caps.maxLayerBytes.value <= caps.maxImageBytes.value ? caps.maxLayerBytes : caps.maxImageBytes;
+    const entriesCap =
+      caps.maxLayerEntries.value <= caps.maxImageEntries.value ? caps.maxLayerEntries : caps.maxImageEntries;
     return {
-      maxBytes: Math.min(caps.maxLayerBytes.value, caps.maxImageBytes.value),
-      maxEntries: Math.min(caps.maxLayerEntries.value, caps.maxImageEntries.value),
+      maxBytes: bytesCap.value,
+      maxEntries: entriesCap.value,
+      overflow: (tarBytes) =>
+        new ImageLimitError(
+          "layer",
+          this,
+          this.image,
+          `layer ${digest} decompresses to more than ${tarBytes} bytes of tar (${bytesCap.key}, with room for the headers of ${entriesCap.key} entries)`,
+        ),
       entry: () => {
         if (++entries > caps.maxLayerEntries.value) this.layerOver(digest, "maxLayerEntries", "entries");
         this.add(digest, 0, 1);
