@@ -3,6 +3,7 @@ import { homedir } from "node:os";
 import { isAbsolute, join, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
+import { DEFAULT_IMAGE_LIMITS } from "../image/image-limits.js";
 
 const UNITS: Record<string, number> = {
   "": 1,
@@ -114,6 +115,14 @@ export const ConfigSchema = z
         pullTimeoutSeconds: z.number().positive().default(600),
         /** Unpacked layers past this total are evicted (least recently used, none in use). */
         storeMaxSizeBytes: bytes.default(20 * 1024 ** 3),
+        /** Bytes of files one layer may hold, counted while it is unpacked or expanded; past it the image is refused. */
+        maxLayerBytes: bytes.default(DEFAULT_IMAGE_LIMITS.maxLayerBytes),
+        /** Tar entries (files, directories, links…) one layer may hold. */
+        maxLayerEntries: z.number().int().positive().default(DEFAULT_IMAGE_LIMITS.maxLayerEntries),
+        /** Bytes of files of all an image's layers (also at most storeMaxSizeBytes in mount mode, cas.maxSizeBytes in expand mode). */
+        maxImageBytes: bytes.default(DEFAULT_IMAGE_LIMITS.maxImageBytes),
+        /** Tar entries of all an image's layers. */
+        maxImageEntries: z.number().int().positive().default(DEFAULT_IMAGE_LIMITS.maxImageEntries),
         /**
          * How actions run in their image: mount (workers pull it and run on an overlay of its layers) or expand
          * (the server turns it into a CAS tree, merges the input root in, and workers need no registry). An

@@ -7,6 +7,8 @@ import {
   type NodeProperties,
   type Digest as WireDigest,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { hostMode } from "../image/host-mode.js";
+import { imageModeProperty } from "../image/open-directories.js";
 import { invalidArgument, notFound } from "../status/status.js";
 
 /** An encoded Directory message with its digest, ready to be stored. */
@@ -22,9 +24,20 @@ export function wire(digest: Digest): WireDigest {
   return { hash: digest.hash, sizeBytes: digest.sizeBytes };
 }
 
-/** Only the permission bits: owners and times would stop identical trees from sharing digests. */
+/**
+ * Only the permission bits, tamed as mount mode tames them on disk (no setuid/setgid, no group or other
+ * write: see hostMode): owners and times would stop identical trees from sharing digests.
+ */
 export function modeProperties(mode: number): NodeProperties {
-  return { properties: [], mtime: undefined, unixMode: mode & 0o7777 };
+  return { properties: [], mtime: undefined, unixMode: hostMode(mode) };
+}
+
+/**
+ * A directory's: modeProperties, and the image's own mode when taming changed it (berth.image-mode), which
+ * workers give the directory in each action's own overlay upper layer (see image/open-directories.ts).
+ */
+export function directoryProperties(mode: number): NodeProperties {
+  return { ...modeProperties(mode), properties: imageModeProperty(mode) };
 }
 
 /**

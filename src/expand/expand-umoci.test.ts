@@ -10,6 +10,7 @@ import { type BuiltImage, busyboxImage, LAYERED_IMAGE, layeredImage } from "../.
 import type { Digest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { hostMode } from "../image/host-mode.js";
 import { layerToTree } from "./layer-to-tree.js";
 import { mergeLayerTrees } from "./merge-layers.js";
 import { type CountingBlobStore, openTestCas } from "./test-cas.js";
@@ -60,13 +61,14 @@ async function describeRootfs(dir: string, prefix = "", out = new Map<string, st
     if (info.isSymbolicLink()) {
       out.set(rel, describe("symlink", undefined, await readlink(path)));
     } else if (info.isDirectory()) {
-      out.set(rel, describe("directory", info.mode & 0o7777, undefined));
+      // umoci keeps an image's modes as they are; Berth tames them (hostMode), and that is the only difference.
+      out.set(rel, describe("directory", hostMode(info.mode), undefined));
       await describeRootfs(path, `${rel}/`, out);
     } else if (info.isFile()) {
       const hash = createHash("sha256")
         .update(await readFile(path))
         .digest("hex");
-      out.set(rel, describe("file", info.mode & 0o7777, `${hash}/${info.size}`));
+      out.set(rel, describe("file", hostMode(info.mode), `${hash}/${info.size}`));
     } else {
       out.set(rel, describe("special", undefined, undefined));
     }
@@ -112,7 +114,7 @@ for (const [name, build] of [
     for (const [path, want] of expected) assert.equal(actual.get(path), want, path);
 
     const rootMode = Directory.decode((await cas.get(merged)) ?? Buffer.alloc(0)).nodeProperties?.unixMode;
-    assert.equal(rootMode, (await lstat(join(bundle, "rootfs"))).mode & 0o7777, "the root directory's mode");
+    assert.equal(rootMode, hostMode((await lstat(join(bundle, "rootfs"))).mode), "the root directory's mode");
     if (image.marker === LAYERED_IMAGE.marker) {
       for (const path of Object.keys(LAYERED_IMAGE.present)) assert.ok(actual.has(path), path);
       for (const path of LAYERED_IMAGE.absent) assert.ok(!actual.has(path), path);

@@ -6,7 +6,15 @@ import { type Digest, digestKey } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import type { RegistryCredentials } from "../execution/action-platform.js";
 import { registryStatus } from "../execution/image-policy.js";
-import type { UnpackLimits } from "../image/layer-unpack.js";
+import {
+  type Cap,
+  DEFAULT_IMAGE_LIMITS,
+  ImageBudget,
+  ImageLimitError,
+  type ImageLimits,
+  imageCaps,
+  type LayerCount,
+} from "../image/image-limits.js";
 import type { ImageReference } from "../image/reference.js";
 import type { LayerDescriptor, RegistryClient, ResolvedImage } from "../registry/client.js";
 import { Credentials } from "../registry/credentials.js";
@@ -15,6 +23,7 @@ import { SingleFlight } from "../registry/single-flight.js";
 import { layerToTree } from "./layer-to-tree.js";
 import { mergeLayerTrees } from "./merge-layers.js";
 import {
+  countOfResult,
   type ExpansionStep,
   missingOfResult,
   rememberTree,
@@ -43,7 +52,10 @@ export interface ExpandedImageTree {
 export interface ImageExpanderOptions {
   /** Layer blobs are downloaded below this directory and deleted once converted. */
   tempDir: string;
-  limits?: Partial<UnpackLimits>;
+  /** Caps on one layer and one image, enforced while layers are converted. */
+  limits?: ImageLimits;
+  /** The CAS's capacity: an image's bytes are held to it too (a tree the CAS cannot hold would be evicted). */
+  casBytes?: Cap;
   /** How many blobs the CAS has evicted so far: a tree verified complete stays so while this does not move. */
   casEvictions: () => number;
   /** Layers downloaded and converted at once. */
@@ -64,7 +76,7 @@ export class ImageExpander {
   /** Work done, as opposed to found in the action cache: for metrics, logs and tests. */
   readonly stats = { layersConverted: 0, imagesMerged: 0 };
   private readonly verified = new Map<string, number>();
-  private readonly layers = new SingleFlight<string, Digest>();
+  private readonly layers = new SingleFlight<string, StepTree>();
   private readonly images = new SingleFlight<string, Digest>();
   private running = 0;
   private readonly waiting: (() => void)[] = [];
@@ -107,54 +119,100 @@ export class ImageExpander {
     const cached = await this.lookup(instanceName, fn, "image", image.manifestDigest);
     if (cached) {
       progress.allDone();
-      return cached;
+      return cached.root;
     }
     const evictions = this.options.casEvictions();
-    const roots = await Promise.all(
-      image.layers.map((layer, i) => this.layerTree(request, layer, progress.forLayer(i))),
+    const budget = new ImageBudget(
+      String(image.reference),
+      imageCaps(this.options.limits ?? DEFAULT_IMAGE_LIMITS, this.options.casBytes),
     );
-    const root = await mergeLayerTrees(fn, this.cas, roots);
+    // Settled all before failing, so that no conversion of this image is still writing when the caller hears.
+    const settled = await Promise.allSettled(
+      image.layers.map((layer, i) => this.layerTree(request, layer, progress.forLayer(i), budget)),
+    );
+    const layers: StepTree[] = [];
+    for (const result of settled) {
+      if (result.status === "rejected") throw result.reason;
+      layers.push(result.value);
+    }
+    const root = await mergeLayerTrees(
+      fn,
+      this.cas,
+      layers.map((layer) => layer.root),
+    );
     this.stats.imagesMerged++;
-    await rememberTree(this.ac, this.cas, instanceName, "image", image.manifestDigest, root);
+    const count = layers.reduce(
+      (sum, layer) => ({ bytes: sum.bytes + layer.count.bytes, entries: sum.entries + layer.count.entries }),
+      { bytes: 0, entries: 0 },
+    );
+    await rememberTree(this.ac, this.cas, instanceName, "image", image.manifestDigest, root, count);
     this.markVerified(root, evictions);
     return root;
   }
 
-  private layerTree(request: ExpansionRequest, layer: LayerDescriptor, progress: LayerProgress): Promise<Digest> {
+  /**
+   * One layer's tree, counted against `budget`: as it is converted when this
+   * image starts the conversion, whole once known otherwise (found in the
+   * action cache, or converted for another image at the same time).
+   */
+  private async layerTree(
+    request: ExpansionRequest,
+    layer: LayerDescriptor,
+    progress: LayerProgress,
+    budget: ImageBudget,
+  ): Promise<StepTree> {
     const { instanceName, fn } = request;
     const key = `${instanceName}\0${fn.name}\0${layer.digest}`;
-    return this.layers
-      .run(key, async () => {
-        const cached = await this.lookup(instanceName, fn, "layer", layer.digest);
-        if (cached) return cached;
-        return this.limited(() => this.convertLayer(request, layer, progress));
-      })
-      .finally(() => progress.done());
+    try {
+      for (;;) {
+        let metered = false;
+        const flight = this.layers.run(key, async () => {
+          const cached = await this.lookup(instanceName, fn, "layer", layer.digest);
+          if (cached) return cached;
+          metered = true;
+          return this.limited(() => this.convertLayer(request, layer, progress, budget));
+        });
+        try {
+          const tree = await flight;
+          if (!metered) budget.charge(layer.digest, tree.count);
+          return tree;
+        } catch (err) {
+          // Another image's caps stopped the conversion, not the layer's own: it may fit this image.
+          const othersImage = err instanceof ImageLimitError && err.scope === "image" && err.budget !== budget;
+          if (!othersImage) throw err;
+        }
+      }
+    } finally {
+      progress.done();
+    }
   }
 
   private async convertLayer(
     request: ExpansionRequest,
     layer: LayerDescriptor,
     progress: LayerProgress,
-  ): Promise<Digest> {
+    budget: ImageBudget,
+  ): Promise<StepTree> {
     const { instanceName, fn, image, credentials } = request;
     const evictions = this.options.casEvictions();
-    await mkdir(this.options.tempDir, { recursive: true });
+    // Root only: layer blobs and spooled files of images wait here.
+    await mkdir(this.options.tempDir, { recursive: true, mode: 0o700 });
     const dir = await mkdtemp(join(this.options.tempDir, "layer-"));
     try {
       const blob = await this.registry.fetchBlob(image.reference, { digest: layer.digest, size: layer.size }, dir, {
         credentials,
         onProgress: (bytes) => progress.downloaded(bytes),
       });
-      const { root } = await layerToTree(blob, layer.mediaType, fn, this.cas, {
-        limits: this.options.limits,
+      const { root, stats } = await layerToTree(blob, layer.mediaType, fn, this.cas, {
+        meter: budget.meter(layer.digest),
         tempDir: dir,
         onProgress: (bytes) => progress.converted(bytes),
       });
       this.stats.layersConverted++;
-      await rememberTree(this.ac, this.cas, instanceName, "layer", layer.digest, root);
+      const count = { bytes: stats.bytes, entries: stats.entries };
+      await rememberTree(this.ac, this.cas, instanceName, "layer", layer.digest, root, count);
       this.markVerified(root, evictions);
-      return root;
+      return { root, count };
     } finally {
       await rm(dir, { recursive: true, force: true });
     }
@@ -166,18 +224,19 @@ export class ImageExpander {
     fn: DigestFunction,
     step: ExpansionStep,
     input: string,
-  ): Promise<Digest | undefined> {
+  ): Promise<StepTree | undefined> {
     const result = await this.ac.get(instanceName, await syntheticActionDigest(fn, step, input));
     const root = result && rootOfResult(fn, result);
-    if (!result || !root) return undefined;
+    const count = result && countOfResult(result);
+    if (!result || !root || !count) return undefined;
     const evictions = this.options.casEvictions();
-    if (this.verified.get(digestKey(root)) === evictions) return root;
+    if (this.verified.get(digestKey(root)) === evictions) return { root, count };
     if ((await missingOfResult(fn, result, this.cas)).length > 0) {
       this.verified.delete(digestKey(root));
       return undefined;
     }
     this.markVerified(root, evictions);
-    return root;
+    return { root, count };
   }
 
   /** `evictions`: the count before the tree was built or checked, so an eviction meanwhile forces a new check. */
@@ -197,6 +256,12 @@ export class ImageExpander {
       this.waiting.shift()?.();
     }
   }
+}
+
+/** What one expansion step made, and what it holds. */
+interface StepTree {
+  root: Digest;
+  count: LayerCount;
 }
 
 /** One expansion: where its results go, and the image as resolved for the caller's credentials. */

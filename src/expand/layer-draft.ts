@@ -2,7 +2,7 @@ import type { Digest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import type { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { badEntry } from "../image/layer-tree.js";
-import { encodeDirectory, modeProperties, wire } from "./directories.js";
+import { directoryProperties, encodeDirectory, modeProperties, wire } from "./directories.js";
 import type { MissingBlobUploader } from "./missing-blob-uploader.js";
 
 export interface DraftDirectory {
@@ -99,7 +99,12 @@ export class LayerDraft {
     let directories = 0;
     const visit = async (dir: DraftDirectory): Promise<Digest> => {
       directories++;
-      const message: Directory = { files: [], directories: [], symlinks: [], nodeProperties: modeProperties(dir.mode) };
+      const message: Directory = {
+        files: [],
+        directories: [],
+        symlinks: [],
+        nodeProperties: directoryProperties(dir.mode),
+      };
       for (const [name, node] of dir.children) {
         if (node.kind === "directory") {
           message.directories.push({ name, digest: wire(await visit(node)) });

@@ -5,10 +5,11 @@ import type { Header } from "tar-stream";
 import type { BlobStore } from "../cas/blob-store.js";
 import { type Digest, digestOf } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
+import { hostMode } from "../image/host-mode.js";
+import { type LayerMeter, layerMeter } from "../image/image-limits.js";
 import { forEachTarEntry, layerCompression } from "../image/layer-source.js";
 import { badEntry, entryPath, layerEntry } from "../image/layer-tree.js";
 import { DEFAULT_UNPACK_LIMITS, type UnpackLimits } from "../image/layer-unpack.js";
-import { Code, StatusError } from "../status/status.js";
 import { OPAQUE_MARKER, WHITEOUT_PREFIX } from "./directories.js";
 import { LayerDraft } from "./layer-draft.js";
 import { MissingBlobUploader } from "./missing-blob-uploader.js";
@@ -30,6 +31,8 @@ export interface LayerTreeStats {
 }
 
 export interface LayerToTreeOptions {
+  /** Counts the layer against its image's caps as it is read; default: a meter of `limits` alone. */
+  meter?: LayerMeter;
   limits?: Partial<UnpackLimits>;
   /** Bytes of the blob file read so far (for a progress bar). */
   onProgress?: (compressedBytesRead: number) => void;
@@ -60,12 +63,12 @@ export async function layerToTree(
   options: LayerToTreeOptions = {},
 ): Promise<{ root: Digest; stats: LayerTreeStats }> {
   layerCompression(mediaType);
-  const limits = { ...DEFAULT_UNPACK_LIMITS, ...options.limits };
+  const meter = options.meter ?? layerMeter({ ...DEFAULT_UNPACK_LIMITS, ...options.limits });
   const spool = options.tempDir === undefined ? undefined : await mkdtemp(join(options.tempDir, "layer-"));
   const uploader = new MissingBlobUploader(cas);
-  const converter = new LayerConverter(fn, uploader, limits, options.maxMemoryFileBytes, spool);
+  const converter = new LayerConverter(fn, uploader, meter, options.maxMemoryFileBytes, spool);
   try {
-    await forEachTarEntry(blobPath, limits, (header, data) => converter.add(header, data), options.onProgress);
+    await forEachTarEntry(blobPath, meter, (header, data) => converter.add(header, data), options.onProgress);
     const { root, directories } = await converter.draft.encode(fn, uploader);
     await uploader.finish();
     return { root, stats: { ...converter.stats, directories } };
@@ -93,13 +96,15 @@ class LayerConverter {
   constructor(
     private readonly fn: DigestFunction,
     private readonly uploader: MissingBlobUploader,
-    private readonly limits: UnpackLimits,
+    private readonly meter: LayerMeter,
     private readonly maxMemoryFileBytes = DEFAULT_MAX_MEMORY_FILE_BYTES,
     private readonly spool: string | undefined,
   ) {}
 
   async add(header: Header, data: AsyncIterable<unknown>): Promise<void> {
-    const { parts, whiteout } = layerEntry(header, ++this.stats.entries, this.limits.maxEntries);
+    this.stats.entries++;
+    this.meter.entry();
+    const { parts, whiteout } = layerEntry(header);
     if (whiteout) return this.whiteout(header, parts);
     const name = header.name;
     switch (header.type) {
@@ -107,7 +112,8 @@ class LayerConverter {
       case "contiguous-file":
         return this.file(header, parts, data);
       case "directory":
-        this.draft.setDirectory(parts, header.mode ?? 0o755, name);
+        // Kept as the image says: the Directory's unix_mode is tamed when encoded, the image's mode kept beside.
+        this.draft.setDirectory(parts, (header.mode ?? 0o755) & 0o7777, name);
         return;
       case "symlink":
         return this.symlink(header, parts);
@@ -137,12 +143,12 @@ class LayerConverter {
 
   private async file(header: Header, parts: string[], data: AsyncIterable<unknown>): Promise<void> {
     const size = header.size ?? 0;
-    if (this.stats.bytes + size > this.limits.maxBytes) {
-      throw new StatusError(Code.RESOURCE_EXHAUSTED, `layer files add up to more than ${this.limits.maxBytes} bytes`);
-    }
+    // Counted before the data is read: a refused file is neither spooled nor stored.
+    this.meter.bytes(size);
     const parent = this.draft.parentOf(parts, header.name);
     const digest = size > this.maxMemoryFileBytes ? await this.spoolFile(header, data) : await this.keepFile(data);
-    parent.children.set(parts.at(-1) as string, { kind: "file", mode: header.mode ?? 0o644, digest, whiteout: false });
+    const mode = hostMode(header.mode ?? 0o644);
+    parent.children.set(parts.at(-1) as string, { kind: "file", mode, digest, whiteout: false });
     this.stats.files++;
     this.stats.bytes += size;
   }

@@ -10,13 +10,15 @@ import {
   Directory,
   Tree,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import type { LayerCount } from "../image/image-limits.js";
 
 /**
  * Bumped whenever the trees expansion produces change shape (node
  * properties, whiteout handling…), so that entries made by an older Berth
- * are never taken for current ones.
+ * are never taken for current ones. 2: modes tamed (no setuid, setgid,
+ * group or other write) and the step's counts in stdout_raw.
  */
-export const EXPANSION_FORMAT = "1";
+export const EXPANSION_FORMAT = "2";
 
 /** What an expansion step remembers: the tree it produced for one input (a layer blob or an image manifest). */
 export type ExpansionStep = "layer" | "image";
@@ -65,6 +67,7 @@ export async function rememberTree(
   step: ExpansionStep,
   input: string,
   root: Digest,
+  count: LayerCount,
 ): Promise<void> {
   const fn = root.fn;
   // One page with no limits: every Directory once, breadth first, the root first.
@@ -86,6 +89,8 @@ export async function rememberTree(
           rootDirectoryDigest: { hash: root.hash, sizeBytes: root.sizeBytes },
         },
       ],
+      // The counts the image caps were checked against, for a later image that finds this step done.
+      stdoutRaw: Buffer.from(JSON.stringify({ bytes: count.bytes, entries: count.entries })),
       executionMetadata: {
         worker: "berth-expand",
         workerStartTimestamp: timestamp,
@@ -93,6 +98,17 @@ export async function rememberTree(
       },
     }),
   );
+}
+
+/** The counts rememberTree recorded, or undefined for an entry that has none. */
+export function countOfResult(result: ActionResult): LayerCount | undefined {
+  try {
+    const count = JSON.parse(Buffer.from(result.stdoutRaw).toString("utf8")) as Partial<LayerCount>;
+    if (typeof count.bytes !== "number" || typeof count.entries !== "number") return undefined;
+    return { bytes: count.bytes, entries: count.entries };
+  } catch {
+    return undefined;
+  }
 }
 
 /**

@@ -93,6 +93,8 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     new ResolvedImages(registry, config.images.tagRefreshSeconds * 1000),
     {
       tempDir: expandTemp,
+      limits: config.images,
+      casBytes: { value: config.cas.maxSizeBytes, key: "cas.maxSizeBytes" },
       casEvictions: () => casEvictions,
     },
   );

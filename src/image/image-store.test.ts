@@ -100,10 +100,10 @@ test("never evicts a layer in use, even past the cap, and catches up on release"
   assert.equal(store.usedBytes, 200, "released layers go, down to the cap");
   assert.equal(store.isPresent(f.image("a", 0)), false);
   assert.equal(store.isPresent(f.image("b", 1, 2)), true);
-  await assert.rejects(
-    store.acquire(f.image("c", 0, 1, 2)),
-    /unpacks to 300 bytes, more than the image store's cap of 200/,
-  );
+  await assert.rejects(store.acquire(f.image("c", 0, 1, 2)), {
+    code: 9,
+    message: /its layers hold more than 200 bytes of files \(images.storeMaxSizeBytes\)/,
+  });
   await b.release();
 });
 
@@ -124,4 +124,35 @@ test("reuses unpacked layers after a restart, in their last-use order", async ()
   assert.equal(third.usedBytes, 100);
   assert.equal(third.isPresent(f.image("a", 0)), true);
   assert.equal(third.isPresent(f.image("a", 1)), false);
+});
+
+test("an image over its caps stops while its layers are read; another image sharing a layer is not refused with it", async () => {
+  const f = await fixture("caps", [100, 100, 150]);
+  const imageLimits = { maxLayerBytes: 1000, maxLayerEntries: 10, maxImageBytes: 220, maxImageEntries: 10 };
+  const store = await ImageStore.open(join(f.dir, "store"), { fetchLayer: f.fetchLayer, maxBytes: 1000, imageLimits });
+  await (await store.acquire(f.image("1", 0))).release();
+  // A counts layer 0 (stored) at once and refuses layer 2 as it is read, 250 bytes being past 220; B, which
+  // asked for layer 2 meanwhile and fits, reads it again under its own caps.
+  const [a, b] = await Promise.allSettled([store.acquire(f.image("a", 0, 2)), store.acquire(f.image("b", 2))]);
+  assert.equal(a.status, "rejected");
+  assert.match(
+    String((a as PromiseRejectedResult).reason),
+    /its layers hold more than 220 bytes of files \(images\.maxImageBytes\)/,
+  );
+  assert.equal(((a as PromiseRejectedResult).reason as { code: number }).code, 9);
+  assert.equal(b.status, "fulfilled", String((b as PromiseRejectedResult).reason));
+  const acquired = (b as PromiseFulfilledResult<Awaited<ReturnType<typeof store.acquire>>>).value;
+  assert.equal(await readFile(join(acquired.layerDirs[0] as string, "layer-2"), "utf8"), "2".repeat(150));
+  assert.equal(f.fetches.filter((d) => d === f.digestOf(2)).length, 2, "read once for each image's caps");
+  await acquired.release();
+  // Entries count too, also for a layer found stored: 1 + 1 + 1 entries against a cap of 2.
+  const few = await ImageStore.open(join(f.dir, "few"), {
+    fetchLayer: f.fetchLayer,
+    maxBytes: 1000,
+    imageLimits: { ...imageLimits, maxImageBytes: 1000, maxImageEntries: 2 },
+  });
+  await assert.rejects(few.acquire(f.image("c", 0, 1, 2)), {
+    code: 9,
+    message: /more than 2 entries \(images\.maxImageEntries\)/,
+  });
 });

@@ -1,5 +1,6 @@
-import { Code, StatusError } from "../status/status.js";
+import { DEFAULT_IMAGE_LIMITS, ImageBudget, type ImageLimits, imageCaps } from "./image-limits.js";
 import { type LayerDescriptor, LayerStore, type LayerStoreOptions } from "./layer-store.js";
+import { type UpperDirectory, upperDirectories } from "./open-directories.js";
 
 /** What an action inherits from its image's config (OCI image config `config` object). */
 export interface ImageConfig {
@@ -11,6 +12,8 @@ export interface ImageConfig {
 /** An image by its manifest digest: its layers bottom to top and its config. */
 export interface Image {
   digest: string;
+  /** How refusals name the image (its reference); default: the digest. */
+  name?: string;
   layers: readonly LayerDescriptor[];
   config: ImageConfig;
 }
@@ -20,6 +23,8 @@ export interface AcquiredImage {
   digest: string;
   /** Unpacked layer trees, bottom to top, as the manifest lists them. */
   layerDirs: string[];
+  /** To make in an action's upper layer: the image's own modes of directories tamed on the host. */
+  upperDirectories: UpperDirectory[];
   config: ImageConfig;
   /** Idempotent; resolves once the store is back under its cap (it never rejects: see `onError`). */
   release(): Promise<void>;
@@ -36,6 +41,8 @@ export interface LayerWatcher {
 export interface ImageStoreOptions extends LayerStoreOptions {
   /** Evict least recently used layers no acquired image uses once the total passes this many bytes. */
   maxBytes: number;
+  /** Caps on what one layer and one image may hold, enforced as layers are read. */
+  imageLimits?: ImageLimits;
   onEvict?: (digest: string, size: number) => void;
   /** Failures of evictions done in the background (after a release). */
   onError?: (err: unknown) => void;
@@ -95,31 +102,37 @@ export class ImageStore {
       }
       await this.evict().catch((err: unknown) => this.options.onError?.(err));
     };
+    // The image's bytes are held to the store's cap too: an image the store cannot hold stops while it is read.
+    const caps = imageCaps(this.options.imageLimits ?? DEFAULT_IMAGE_LIMITS, {
+      value: this.options.maxBytes,
+      key: "images.storeMaxSizeBytes",
+    });
+    const budget = new ImageBudget(image.name ?? image.digest, caps);
     try {
-      const settled = await Promise.allSettled(image.layers.map((layer) => this.ensure(layer, watcher)));
+      const settled = await Promise.allSettled(image.layers.map((layer) => this.ensure(layer, watcher, budget)));
       const layerDirs: string[] = [];
       for (const result of settled) {
         if (result.status === "rejected") throw result.reason;
         layerDirs.push(result.value);
       }
-      const size = digests.reduce((sum, digest) => sum + (this.layers.sizeOf(digest) ?? 0), 0);
-      if (size > this.options.maxBytes) {
-        throw new StatusError(
-          Code.RESOURCE_EXHAUSTED,
-          `image ${image.digest} unpacks to ${size} bytes, more than the image store's cap of ${this.options.maxBytes}`,
-        );
-      }
       await this.evict();
-      return { digest: image.digest, layerDirs, config: image.config, release };
+      const upper = await upperDirectories(
+        image.layers.map((layer, i) => ({ dir: layerDirs[i] as string, ...this.layers.layoutOf(layer.digest) })),
+      );
+      return { digest: image.digest, layerDirs, upperDirectories: upper, config: image.config, release };
     } catch (err) {
       await release();
       throw err;
     }
   }
 
-  private async ensure(layer: LayerDescriptor, watcher: LayerWatcher | undefined): Promise<string> {
-    if (!watcher) return this.layers.ensure(layer);
-    const dir = await this.layers.ensure(layer, (bytes) => watcher.received(layer.digest, bytes));
+  private async ensure(
+    layer: LayerDescriptor,
+    watcher: LayerWatcher | undefined,
+    budget: ImageBudget,
+  ): Promise<string> {
+    if (!watcher) return this.layers.ensure(layer, undefined, budget);
+    const dir = await this.layers.ensure(layer, (bytes) => watcher.received(layer.digest, bytes), budget);
     watcher.ready(layer.digest);
     return dir;
   }

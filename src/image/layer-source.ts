@@ -64,6 +64,7 @@ export function openTarStream(
   maxBytes: number,
   onError: (err: Error) => void,
   onRead?: (bytesRead: number) => void,
+  overflow?: (maxBytes: number) => Error,
 ): Readable {
   const file = createReadStream(path, { highWaterMark: CHUNK });
   if (onRead) {
@@ -74,7 +75,7 @@ export function openTarStream(
       onRead(read);
     });
   }
-  const limit = new ByteLimit(maxBytes);
+  const limit = new ByteLimit(maxBytes, overflow);
   const fail = (err: Error | null) => {
     if (err) onError(describe(err, compression));
   };
@@ -86,23 +87,28 @@ export function openTarStream(
 class ByteLimit extends Transform {
   private seen = 0;
 
-  constructor(private readonly maxBytes: number) {
+  constructor(
+    private readonly maxBytes: number,
+    private readonly overflow: (maxBytes: number) => Error = tarOverflow,
+  ) {
     super();
   }
 
   override _transform(chunk: Buffer, _encoding: BufferEncoding, callback: TransformCallback): void {
     this.seen += chunk.byteLength;
     if (this.seen > this.maxBytes) {
-      callback(
-        new StatusError(
-          Code.RESOURCE_EXHAUSTED,
-          `layer decompresses to more than ${this.maxBytes} bytes of tar, past the unpack limit`,
-        ),
-      );
+      callback(this.overflow(this.maxBytes));
       return;
     }
     callback(null, chunk);
   }
+}
+
+function tarOverflow(maxBytes: number): Error {
+  return new StatusError(
+    Code.FAILED_PRECONDITION,
+    `layer decompresses to more than ${maxBytes} bytes of tar, past images.maxLayerBytes (with room for the headers of images.maxLayerEntries entries)`,
+  );
 }
 
 function describe(err: Error, compression: LayerCompression): Error {
@@ -121,7 +127,7 @@ function describe(err: Error, compression: LayerCompression): Error {
  */
 export async function forEachTarEntry(
   blobPath: string,
-  limits: { maxBytes: number; maxEntries: number },
+  limits: { maxBytes: number; maxEntries: number; overflow?: (tarBytes: number) => Error },
   onEntry: (header: Header, data: AsyncIterable<unknown>) => Promise<void>,
   onRead?: (bytesRead: number) => void,
 ): Promise<void> {
@@ -137,6 +143,7 @@ export async function forEachTarEntry(
       tar.destroy(err);
     },
     onRead,
+    limits.overflow,
   );
   source.pipe(tar);
   try {

@@ -138,3 +138,22 @@ test("refuses digests it cannot use as a directory name", async () => {
     );
   }
 });
+
+test("the store is root's only, and a layer an older version unpacked (modes untamed) is unpacked again", async () => {
+  const dir = join(root, "older");
+  await mkdir(dir, { mode: 0o755 });
+  const layer = await writeLayer(dir, [{ name: "bin/su", content: "#!", mode: 0o4755 }], "gzip");
+  const { fetchLayer, fetches } = registry([layer]);
+  const store = await LayerStore.open(join(dir, "store"), { fetchLayer });
+  assert.equal((await stat(join(dir, "store"))).mode & 0o777, 0o700);
+  const tree = await store.ensure(layer.descriptor);
+  assert.equal((await stat(join(tree, "bin/su"))).mode & 0o7777, 0o755);
+  // What an older Berth wrote: the same record without its format, over a tree that kept the setuid bit.
+  const record = join(tree, "..", "layer.json");
+  const { format: _format, ...older } = JSON.parse(await readFile(record, "utf8")) as Record<string, unknown>;
+  await writeFile(record, JSON.stringify(older));
+  const reopened = await LayerStore.open(join(dir, "store"), { fetchLayer });
+  assert.equal(reopened.has(layer.descriptor.digest), false);
+  await reopened.ensure(layer.descriptor);
+  assert.equal(fetches.get(layer.descriptor.digest), 2);
+});

@@ -15,18 +15,11 @@ export interface LayerEntry {
 
 /**
  * The checks every tar entry of a layer passes, whether it is unpacked
- * (mount mode) or turned into a tree (expand mode): at most `maxEntries`
- * entries (`entryNumber` counts from 1), a path inside the layer, and only
- * a directory may name the layer's root.
+ * (mount mode) or turned into a tree (expand mode): a path inside the
+ * layer, and only a directory may name the layer's root. (Entries are
+ * counted by the reader's LayerMeter.)
  */
-export function layerEntry(
-  header: { name: string; type?: string | null },
-  entryNumber: number,
-  maxEntries: number,
-): LayerEntry {
-  if (entryNumber > maxEntries) {
-    throw new StatusError(Code.RESOURCE_EXHAUSTED, `layer has more than ${maxEntries} entries`);
-  }
+export function layerEntry(header: { name: string; type?: string | null }): LayerEntry {
   const parts = entryPath(header.name, header.name);
   const whiteout = (parts.at(-1) ?? "").startsWith(".wh.");
   if (!whiteout && parts.length === 0 && header.type !== "directory") {

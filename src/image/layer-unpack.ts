@@ -1,9 +1,11 @@
 import { closeSync, constants, fchmodSync, fchownSync, futimesSync, openSync, writeSync } from "node:fs";
-import { type FileHandle, lchown, link, lutimes, mkdir, open, rm, symlink } from "node:fs/promises";
+import { type FileHandle, lchown, link, lstat, lutimes, mkdir, open, rm, symlink } from "node:fs/promises";
 import type { Header } from "tar-stream";
-import { Code, StatusError } from "../status/status.js";
+import { hostMode } from "./host-mode.js";
+import { DEFAULT_IMAGE_LIMITS, type LayerMeter, layerMeter } from "./image-limits.js";
 import { forEachTarEntry, layerCompression } from "./layer-source.js";
 import { badEntry, entryPath, LayerTree, layerEntry } from "./layer-tree.js";
+import { imageMode, isOpened } from "./open-directories.js";
 import { markOpaque, type WhiteoutMaker } from "./whiteout.js";
 
 export interface UnpackLimits {
@@ -13,13 +15,28 @@ export interface UnpackLimits {
   maxEntries: number;
 }
 
-export const DEFAULT_UNPACK_LIMITS: UnpackLimits = { maxBytes: 16 * 1024 ** 3, maxEntries: 1_000_000 };
+export const DEFAULT_UNPACK_LIMITS: UnpackLimits = {
+  maxBytes: DEFAULT_IMAGE_LIMITS.maxLayerBytes,
+  maxEntries: DEFAULT_IMAGE_LIMITS.maxLayerEntries,
+};
 
 export interface UnpackOptions {
   whiteouts: WhiteoutMaker;
+  /** Counts the layer against its image's caps as it is read; default: a meter of `limits` alone. */
+  meter?: LayerMeter;
   limits?: Partial<UnpackLimits>;
   /** Give files the tar's owners (needs root); default: when running as root. */
   chown?: boolean;
+  /** Filled with the directories whose mode was tamed and the opaque ones (see open-directories.ts). */
+  layout?: LayerLayout;
+}
+
+/** What an action's overlay needs to know of a layer's directories besides what is on disk. */
+export interface LayerLayout {
+  /** Relative path → the image's mode, for directories stored without group or other write. */
+  opened: Map<string, number>;
+  /** Relative paths of opaque directories. */
+  opaque: Set<string>;
 }
 
 export interface UnpackStats {
@@ -51,11 +68,11 @@ export async function unpackLayer(
   options: UnpackOptions,
 ): Promise<UnpackStats> {
   layerCompression(mediaType);
-  const limits = { ...DEFAULT_UNPACK_LIMITS, ...options.limits };
+  const meter = options.meter ?? layerMeter({ ...DEFAULT_UNPACK_LIMITS, ...options.limits });
   await mkdir(dest, { mode: 0o755 });
   try {
-    const unpacker = new Unpacker(new LayerTree(dest), options, limits);
-    await forEachTarEntry(blobPath, limits, (header, data) => unpacker.add(header, data));
+    const unpacker = new Unpacker(new LayerTree(dest), options, meter);
+    await forEachTarEntry(blobPath, meter, (header, data) => unpacker.add(header, data));
     return await unpacker.finish();
   } catch (err) {
     await rm(dest, { recursive: true, force: true });
@@ -67,18 +84,21 @@ class Unpacker {
   readonly stats: UnpackStats = { entries: 0, files: 0, bytes: 0, whiteouts: 0, opaqueDirs: 0, skipped: 0 };
   private readonly dirTimes: { parts: string[]; mtime: Date }[] = [];
   private readonly opaque = new Set<string>();
+  private readonly opened = new Map<string, number>();
   private readonly chown: boolean;
 
   constructor(
     private readonly tree: LayerTree,
     private readonly options: UnpackOptions,
-    private readonly limits: UnpackLimits,
+    private readonly meter: LayerMeter,
   ) {
     this.chown = options.chown ?? process.getuid?.() === 0;
   }
 
   async add(header: Header, data: AsyncIterable<unknown>): Promise<void> {
-    const { parts, whiteout } = layerEntry(header, ++this.stats.entries, this.limits.maxEntries);
+    this.stats.entries++;
+    this.meter.entry();
+    const { parts, whiteout } = layerEntry(header);
     if (whiteout) return this.whiteout(header.name, parts);
     switch (header.type) {
       case "file":
@@ -103,6 +123,15 @@ class Unpacker {
     }
     await markOpaque(opaque);
     this.stats.opaqueDirs = opaque.length;
+    if (this.options.layout) {
+      for (const rel of this.opaque)
+        if (opaque.includes(this.tree.abs(rel === "" ? [] : rel.split("/")))) this.options.layout.opaque.add(rel);
+      for (const [rel, mode] of this.opened) {
+        // Still the directory that entry made (a later entry may have replaced it, or implied a new one).
+        const info = await lstat(this.tree.abs(rel.split("/"))).catch(() => undefined);
+        if (info?.isDirectory() && (info.mode & 0o7777) === hostMode(mode)) this.options.layout.opened.set(rel, mode);
+      }
+    }
     // Deepest first: setting a child's times would not touch its parent, but creating it did.
     this.dirTimes.sort((a, b) => b.parts.length - a.parts.length);
     for (const { parts, mtime } of this.dirTimes) {
@@ -138,9 +167,9 @@ class Unpacker {
 
   private async file(header: Header, parts: string[], data: AsyncIterable<unknown>): Promise<void> {
     const size = header.size ?? 0;
-    if (this.stats.bytes + size > this.limits.maxBytes) {
-      throw new StatusError(Code.RESOURCE_EXHAUSTED, `layer files add up to more than ${this.limits.maxBytes} bytes`);
-    }
+    // Counted before a byte is written: tar-stream hands over exactly `size` bytes, so a refused file
+    // writes nothing and an accepted one no more than the cap allows.
+    this.meter.bytes(size);
     const path = await this.tree.prepare(parts, header.name);
     // Synchronous calls on the descriptor: layers are mostly small files, and
     // five thread-pool round trips per file made unpacking 4x slower (measured).
@@ -152,7 +181,7 @@ class Unpacker {
         for (let done = 0; done < bytes.byteLength; ) done += writeSync(fd, bytes, done);
       }
       if (this.chown) fchownSync(fd, header.uid ?? 0, header.gid ?? 0);
-      fchmodSync(fd, (header.mode ?? 0o644) & 0o7777);
+      fchmodSync(fd, hostMode(header.mode ?? 0o644));
       const mtime = header.mtime ?? new Date(0);
       futimesSync(fd, mtime, mtime);
     } finally {
@@ -169,6 +198,11 @@ class Unpacker {
     if (kind === "other") await this.tree.remove(parts);
     if (kind !== "directory") await mkdir(path, { mode: 0o700 });
     this.tree.markDirectory(parts);
+    const rel = parts.join("/");
+    const mode = header.mode ?? 0o755;
+    // The layer root's mode is the overlay's root's: not one an upper directory can restore.
+    if (rel !== "" && isOpened(mode)) this.opened.set(rel, imageMode(mode));
+    else this.opened.delete(rel);
     const dir = await open(path, DIRECTORY);
     try {
       await this.setOwnerAndMode(dir, header);
@@ -211,6 +245,6 @@ class Unpacker {
   private async setOwnerAndMode(handle: FileHandle, header: Header): Promise<void> {
     // chown before chmod: chown clears set-user-ID and set-group-ID bits.
     if (this.chown) await handle.chown(header.uid ?? 0, header.gid ?? 0);
-    await handle.chmod((header.mode ?? 0o644) & 0o7777);
+    await handle.chmod(hostMode(header.mode ?? 0o755));
   }
 }

@@ -74,6 +74,7 @@ function imageTree(marker: string, extra: Record<string, DirNode> = {}, etcMode 
         echo: symlink("/bin/busybox"),
         id: symlink("busybox"),
         pwd: symlink("busybox"),
+        stat: symlink("busybox"),
         test: symlink("busybox"),
       }),
       dev: dir(),
@@ -204,7 +205,8 @@ describe("actions in expanded images (expand mode)", { skip }, () => {
   });
 
   test("writes to the image go to the action's own layer: the shared base is unchanged, the next action sees the image as it was", async () => {
-    // A world-writable /etc: what the action writes there would land in the shared tree without the overlay.
+    // A world-writable /etc: what the action writes there would land in the shared tree without the overlay. On
+    // the host it is 0755 (hostMode); the action sees 0777 (its own upper layer's copy, see open-directories.ts).
     const image = imageTree("unchanged", {}, 0o777);
     const expanded = await uploadExpanded(image, dir());
     const baseRoot = parseDigest(SHA256, expanded.base, "base");
@@ -212,16 +214,17 @@ describe("actions in expanded images (expand mode)", { skip }, () => {
       const writer = await run(
         assignmentFor(expanded, {
           script:
-            "rm /etc/marker && echo changed > /etc/marker && echo new > /etc/added && mkdir /etc/dir && cat /etc/marker",
+            "rm /etc/marker && echo changed > /etc/marker && echo new > /etc/added && mkdir /etc/dir && stat -c %a /etc && cat /etc/marker",
           runAsRoot,
         }),
       );
-      assert.equal((await succeeded(writer)).stdout, "changed\n");
+      assert.equal((await succeeded(writer)).stdout, "777\nchanged\n");
     }
     const held = await expandedRoots.acquire(SHA256, baseRoot, cas, options.cache, options.directories);
     try {
       assert.equal(await readFile(join(held.dir, "etc", "marker"), "utf8"), "unchanged\n");
       assert.deepEqual((await readdir(join(held.dir, "etc"))).sort(), ["marker", "passwd"]);
+      assert.equal((await stat(join(held.dir, "etc"))).mode & 0o7777, 0o755, "tamed on the host");
     } finally {
       await held.release();
     }

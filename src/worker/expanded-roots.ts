@@ -1,9 +1,10 @@
 import { randomUUID } from "node:crypto";
 import { chmod, mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from "node:fs/promises";
-import { join } from "node:path";
+import { join, relative } from "node:path";
 import { type Digest, formatDigest, parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { type UpperDirectory, upperDirectories } from "../image/open-directories.js";
 import { Code, invalidArgument, StatusError } from "../status/status.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import type { FileCache } from "./file-cache.js";
@@ -21,14 +22,23 @@ export interface ExpandedRootsOptions {
 export interface AcquiredRoot {
   /** The tree's root directory. */
   dir: string;
+  /** To make in an action's upper layer: the image's own modes of directories tamed on the host. */
+  upperDirectories: UpperDirectory[];
   release(): Promise<void>;
 }
 
 /** What `root.json` beside each tree records. */
 interface RootRecord {
+  /** ROOT_FORMAT when written; trees of other versions are laid out again. */
+  format?: number;
   root: string;
   size: number;
+  /** Directories (relative paths) whose Directory carried the image's own mode (berth.image-mode). */
+  opened?: [string, number][];
 }
+
+/** 2: directory modes tamed (hostMode), opened directories recorded. Older trees may keep 0777 directories. */
+const ROOT_FORMAT = 2;
 
 /** How long a use may go unrecorded on disk; the in-memory order is always exact. */
 const MTIME_RESOLUTION_MS = 60_000;
@@ -49,7 +59,7 @@ const MTIME_RESOLUTION_MS = 60_000;
  */
 export class ExpandedRoots {
   /** Roots on disk by key, least recently used first. */
-  private readonly roots = new Map<string, { size: number; touchedAt: number }>();
+  private readonly roots = new Map<string, { size: number; touchedAt: number; opened: Map<string, number> }>();
   private readonly pins = new Map<string, number>();
   private readonly materializing = new Map<string, Promise<void>>();
   private readonly removing = new Map<string, Promise<void>>();
@@ -128,7 +138,9 @@ export class ExpandedRoots {
         }
         await pending;
       }
-      return { dir: this.treeOf(key), release };
+      const opened = this.roots.get(key)?.opened ?? new Map<string, number>();
+      const upper = await upperDirectories([{ dir: this.treeOf(key), opened, opaque: new Set() }]);
+      return { dir: this.treeOf(key), upperDirectories: upper, release };
     } catch (err) {
       await release();
       throw err;
@@ -158,10 +170,21 @@ export class ExpandedRoots {
         );
       }
       await layOutTree(plan, cas, files, { directoryModes: true });
-      const record: RootRecord = { root: `${fn.name}/${formatDigest(root)}`, size: plan.fileBytes };
+      const tree = join(work, "tree");
+      const opened = new Map<string, number>();
+      for (const dir of plan.directories) {
+        const rel = relative(tree, dir.path);
+        if (dir.imageMode !== undefined && rel !== "") opened.set(rel, dir.imageMode);
+      }
+      const record: RootRecord = {
+        format: ROOT_FORMAT,
+        root: `${fn.name}/${formatDigest(root)}`,
+        size: plan.fileBytes,
+        opened: [...opened],
+      };
       await writeFile(join(work, "root.json"), JSON.stringify(record));
       await rename(work, this.dirOf(key));
-      this.roots.set(key, { size: plan.fileBytes, touchedAt: Date.now() });
+      this.roots.set(key, { size: plan.fileBytes, touchedAt: Date.now(), opened });
       this.totalBytes += plan.fileBytes;
       this.materializedCount++;
     } finally {
@@ -173,20 +196,22 @@ export class ExpandedRoots {
 
   /** Indexes the trees an earlier run completed, least recently used first; anything else there goes. */
   private async scan(): Promise<void> {
-    const found: { key: string; size: number; usedAt: number }[] = [];
+    const found: { key: string; size: number; usedAt: number; opened: Map<string, number> }[] = [];
     for (const key of await readdir(this.rootsDir)) {
       const recordPath = join(this.dirOf(key), "root.json");
       try {
         const record = JSON.parse(await readFile(recordPath, "utf8")) as Partial<RootRecord>;
         if (typeof record.size !== "number" || record.size < 0) throw new Error("no size");
-        found.push({ key, size: record.size, usedAt: (await stat(recordPath)).mtimeMs });
+        if (record.format !== ROOT_FORMAT) throw new Error("laid out by an older version, untamed");
+        const opened = new Map(record.opened ?? []);
+        found.push({ key, size: record.size, usedAt: (await stat(recordPath)).mtimeMs, opened });
       } catch {
         await rm(this.dirOf(key), { recursive: true, force: true });
       }
     }
     found.sort((a, b) => a.usedAt - b.usedAt);
-    for (const { key, size, usedAt } of found) {
-      this.roots.set(key, { size, touchedAt: usedAt });
+    for (const { key, size, usedAt, opened } of found) {
+      this.roots.set(key, { size, touchedAt: usedAt, opened });
       this.totalBytes += size;
     }
   }

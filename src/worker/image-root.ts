@@ -6,6 +6,7 @@ import type { ActionPlatform } from "../execution/action-platform.js";
 import { ImageUsed } from "../gen/berth/image/v1/image.js";
 import type { ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import type { Any } from "../gen/google/protobuf/any.js";
+import { makeUpperDirectories, type UpperDirectory } from "../image/open-directories.js";
 import { overlayMountArgs, writeLayerLinks } from "../image/overlay.js";
 import type { ImageRoot } from "../sandbox/sandbox.js";
 import { Code, StatusError } from "../status/status.js";
@@ -41,7 +42,7 @@ export async function prepareActionImage(
   const image = await images.prepare(reference, platform.credentials);
   try {
     return {
-      root: await overlayImageRoot(image.layerDirs, base, inputRootPath, platform.runAsRoot),
+      root: await overlayImageRoot(image.layerDirs, image.upperDirectories, base, inputRootPath, platform.runAsRoot),
       env: image.env,
       used: imageUsed(String(image.reference), image.manifestDigest),
       release: image.release,
@@ -72,7 +73,13 @@ export async function prepareExpandedImage(
   const acquired = await roots.acquire(fn, baseRoot, cas, files, directories);
   try {
     return {
-      root: await overlayImageRoot([acquired.dir], base, expanded.inputRootPath, platform.runAsRoot),
+      root: await overlayImageRoot(
+        [acquired.dir],
+        acquired.upperDirectories,
+        base,
+        expanded.inputRootPath,
+        platform.runAsRoot,
+      ),
       env: [],
       used: imageUsed(expanded.reference, expanded.manifestDigest),
       release: acquired.release,
@@ -86,10 +93,13 @@ export async function prepareExpandedImage(
 /**
  * The overlay of `layerDirs` (bottom to top) with an upper layer and a work
  * directory of the action's own below `base`, discarded with it: whatever
- * the action writes, the layers stay as they are.
+ * the action writes, the layers stay as they are. `upperDirectories` are
+ * made in the upper layer first: the image's own modes of directories
+ * stored tamed on the host (a 0777 /workspace), for this action alone.
  */
 async function overlayImageRoot(
   layerDirs: readonly string[],
+  upperDirectories: readonly UpperDirectory[],
   base: string,
   inputRootPath: string,
   runAsRoot: boolean,
@@ -97,6 +107,7 @@ async function overlayImageRoot(
   const upperDir = join(base, "upper");
   const workDir = join(base, "work");
   await Promise.all([mkdir(upperDir), mkdir(workDir)]);
+  await makeUpperDirectories(upperDir, upperDirectories);
   const overlay = overlayMountArgs(layerDirs, upperDir, workDir, join(base, "layers"));
   await writeLayerLinks(overlay);
   return { overlayOptions: overlay.options, overlayCwd: overlay.cwd, upperDir, inputRootPath, runAsRoot };

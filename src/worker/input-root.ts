@@ -5,6 +5,8 @@ import { checkDirectory } from "../cas/directory-tree.js";
 import { type Digest, digestKey, digestOf, parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { hostMode } from "../image/host-mode.js";
+import { imageModeOf } from "../image/open-directories.js";
 import { missingBlobs } from "../status/status.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { describeMissing, type FileCache } from "./file-cache.js";
@@ -31,7 +33,7 @@ const SYNC_LAYOUT_LIMIT = 64;
 /** What laying out a Directory tree below some target creates, read from its Directory messages. */
 export interface TreePlan {
   /** Parents before their children, the target itself first. */
-  directories: { path: string; unixMode: number | undefined }[];
+  directories: { path: string; unixMode: number | undefined; imageMode?: number }[];
   files: { path: string; digest: Digest; executable: boolean }[];
   symlinks: { path: string; target: string }[];
   /** The sizes of the files summed (a file listed twice counts twice). */
@@ -88,7 +90,12 @@ export async function planTree(
   const plan: TreePlan = { directories: [], files: [], symlinks: [], fileBytes: 0 };
   const walk = (digest: Digest, path: string) => {
     const directory = directories.get(digestKey(digest)) as Directory;
-    plan.directories.push({ path, unixMode: directory.nodeProperties?.unixMode });
+    const imageMode = imageModeOf(directory.nodeProperties?.properties);
+    plan.directories.push({
+      path,
+      unixMode: directory.nodeProperties?.unixMode,
+      ...(imageMode === undefined ? {} : { imageMode }),
+    });
     for (const file of directory.files) {
       const fileDigest = parseDigest(fn, file.digest, `${path}/${file.name}`);
       plan.files.push({ path: join(path, file.name), digest: fileDigest, executable: file.isExecutable });
@@ -153,7 +160,7 @@ async function layOut(plan: TreePlan, cache: FileCache, options: LayOutOptions):
     for (const depth of depths.reverse()) {
       await Promise.all(
         (byDepth.get(depth) as TreePlan["directories"]).map((dir) =>
-          chmod(dir.path, (dir.unixMode ?? DEFAULT_DIRECTORY_MODE) & 0o7777),
+          chmod(dir.path, hostMode(dir.unixMode ?? DEFAULT_DIRECTORY_MODE)),
         ),
       );
     }
@@ -171,7 +178,7 @@ function layOutSync(plan: TreePlan, cache: FileCache, options: LayOutOptions): v
   if (options.directoryModes) {
     // Parents come before their children in the plan, so in reverse every directory comes before its parent.
     for (const dir of [...plan.directories].reverse()) {
-      chmodSync(dir.path, (dir.unixMode ?? DEFAULT_DIRECTORY_MODE) & 0o7777);
+      chmodSync(dir.path, hostMode(dir.unixMode ?? DEFAULT_DIRECTORY_MODE));
     }
   }
 }

@@ -55,6 +55,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     ? await WorkerImages.open({
         dir: join(options.workDir, "images"),
         maxBytes: options.images.storeMaxSizeBytes,
+        limits: options.images,
         registry: await registryFromConfig(options.images),
         tagRefreshMs: options.images.tagRefreshSeconds * 1000,
       })

@@ -1,8 +1,11 @@
+import { chmod, mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import type { RegistryCredentials } from "../execution/action-platform.js";
 import { registryStatus } from "../execution/image-policy.js";
+import type { ImageLimits } from "../image/image-limits.js";
 import { ImageStore, type LayerWatcher } from "../image/image-store.js";
 import type { BytesReceived, LayerDescriptor } from "../image/layer-store.js";
+import type { UpperDirectory } from "../image/open-directories.js";
 import { type ImageReference, parseImageReference } from "../image/reference.js";
 import type { RegistryClient } from "../registry/client.js";
 import { Credentials } from "../registry/credentials.js";
@@ -12,6 +15,8 @@ export interface WorkerImagesOptions {
   /** The image store's directory (layers, downloads). */
   dir: string;
   maxBytes: number;
+  /** Caps on one layer and one image, enforced while layers are unpacked. */
+  limits?: ImageLimits;
   registry: RegistryClient;
   /** How long a tag's resolution is trusted; digests are trusted forever. */
   tagRefreshMs: number;
@@ -26,6 +31,8 @@ export interface PreparedImage {
   env: string[];
   /** Unpacked layers, bottom to top. */
   layerDirs: string[];
+  /** Directories to make in the action's upper layer (the image's own modes, see open-directories.ts). */
+  upperDirectories: UpperDirectory[];
   release(): Promise<void>;
 }
 
@@ -56,8 +63,12 @@ export class WorkerImages {
 
   static async open(options: WorkerImagesOptions): Promise<WorkerImages> {
     const images = new WorkerImages(options);
+    // Root only, whatever the parent: the layers below keep their images' owners.
+    await mkdir(options.dir, { recursive: true, mode: 0o700 });
+    await chmod(options.dir, 0o700);
     images.store = await ImageStore.open(join(options.dir, "store"), {
       maxBytes: options.maxBytes,
+      imageLimits: options.limits,
       fetchLayer: (layer, intoDir, onReceived) => images.fetchLayer(layer, intoDir, onReceived),
     });
     return images;
@@ -87,7 +98,7 @@ export class WorkerImages {
       }
       const store = this.store as ImageStore;
       const acquired = await store.acquire(
-        { digest: image.manifestDigest, layers, config: { env: [...image.config.env] } },
+        { digest: image.manifestDigest, name: String(image.reference), layers, config: { env: [...image.config.env] } },
         onProgress && progressWatcher(layers, store, onProgress),
       );
       return {
@@ -95,6 +106,7 @@ export class WorkerImages {
         manifestDigest: image.manifestDigest,
         env: [...image.config.env],
         layerDirs: acquired.layerDirs,
+        upperDirectories: acquired.upperDirectories,
         release: () => acquired.release(),
       };
     } catch (err) {

@@ -1,7 +1,8 @@
 import { createHash } from "node:crypto";
+import { once } from "node:events";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
-import { gzipSync } from "node:zlib";
+import { createGzip, gzipSync } from "node:zlib";
 import { type Header, pack } from "tar-stream";
 import { compress } from "zstd-napi";
 
@@ -153,4 +154,49 @@ export async function corruptLayerBlobs(): Promise<{ data: Buffer; mediaType: st
     },
     { data: Buffer.alloc(1024, 0x41), mediaType: MEDIA_TYPES.none, message: /not a valid tar archive/ },
   ];
+}
+
+/**
+ * A gzip bomb: a tar of `files` files of `fileBytes` zeros each, made as a
+ * stream so that a gigabyte of tar never sits in memory. Returns the blob
+ * (about a thousandth of the tar) and the digest of the tar (its diff_id).
+ */
+export async function gzipBombLayer(
+  files: number,
+  fileBytes: number,
+  dir = "zeros",
+): Promise<{ blob: Buffer; diffId: string }> {
+  const tar = pack();
+  const tarHash = createHash("sha256");
+  const chunks: Buffer[] = [];
+  const gzip = createGzip({ level: 9 });
+  const collected = (async () => {
+    for await (const chunk of gzip) chunks.push(chunk as Buffer);
+  })();
+  const fed = (async () => {
+    for await (const chunk of tar) {
+      tarHash.update(chunk as Buffer);
+      if (!gzip.write(chunk)) await once(gzip, "drain");
+    }
+    gzip.end();
+  })();
+  const zeros = Buffer.alloc(1024 * 1024);
+  for (let i = 0; i < files; i++) {
+    await new Promise<void>((resolve, reject) => {
+      const entry = tar.entry({ name: `${dir}/${i}`, size: fileBytes, mode: 0o644 }, (err) =>
+        err ? reject(err) : resolve(),
+      );
+      (async () => {
+        for (let written = 0; written < fileBytes; written += zeros.length) {
+          const part = zeros.subarray(0, Math.min(zeros.length, fileBytes - written));
+          if (!entry.write(part)) await once(entry, "drain");
+        }
+        entry.end(() => {});
+      })().catch(reject);
+    });
+  }
+  tar.finalize();
+  await fed;
+  await collected;
+  return { blob: Buffer.concat(chunks), diffId: `sha256:${tarHash.digest("hex")}` };
 }

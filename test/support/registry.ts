@@ -397,6 +397,27 @@ export function extendedImage(base: BuiltImage, files: Record<string, string>): 
   });
 }
 
+/** A layer to put on an image: its blob as the registry serves it, and the digest of its tar (`sha256:…`). */
+export interface ExtraLayer {
+  blob: Buffer;
+  diffId: string;
+  mediaType: string;
+}
+
+/**
+ * `base` with `layers` on top, in a layout named by `name` (one image per
+ * name and process): hostile or unusual layers made by hand, on a base
+ * that runs.
+ */
+export function imageWithLayers(base: BuiltImage, name: string, layers: readonly ExtraLayer[]): Promise<BuiltImage> {
+  return cached(`with-layers:${name}`, async () => {
+    const layout = join(imagesDir(), `with-layers-${hash(name)}`);
+    await cp(base.layout, layout, { recursive: true });
+    for (const layer of layers) await appendLayer(layout, base.tag, layer.blob, layer.diffId, layer.mediaType);
+    return { layout, tag: base.tag, digest: await tagDigest(layout, base.tag), multiArch: false, marker: base.marker };
+  });
+}
+
 /** An OCI index with linux/amd64 (marker "multi-amd64") and linux/arm64/v8 (marker "multi-arm64"). */
 export function multiArchImage(): Promise<BuiltImage> {
   return cached("multi", async () => {
@@ -536,11 +557,12 @@ interface OciConfig {
 }
 
 /** Adds a layer on top of a tag's image: new config (diff_ids, history), new manifest, index.json updated. */
+/** `uncompressed`: the layer's tar, or the digest of it (its diff_id) for a tar too large to hold. */
 async function appendLayer(
   layout: string,
   tag: string,
   blob: Buffer,
-  uncompressed: Buffer,
+  uncompressed: Buffer | string,
   mediaType: string,
 ): Promise<void> {
   const index = await readJson<OciIndex>(join(layout, "index.json"));
@@ -548,7 +570,7 @@ async function appendLayer(
   if (!entry) throw new Error(`no tag ${tag} in ${layout}`);
   const manifest = await readJson<OciManifest>(blobFile(layout, entry.digest));
   const config = await readJson<OciConfig>(blobFile(layout, manifest.config.digest));
-  config.rootfs.diff_ids.push(`sha256:${hash(uncompressed)}`);
+  config.rootfs.diff_ids.push(typeof uncompressed === "string" ? uncompressed : `sha256:${hash(uncompressed)}`);
   config.history = [...(config.history ?? []), { created_by: "berth test fixture (hand-made layer)" }];
   const configBytes = Buffer.from(JSON.stringify(config));
   manifest.config = { ...manifest.config, digest: await writeBlob(layout, configBytes), size: configBytes.byteLength };

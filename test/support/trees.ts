@@ -6,6 +6,7 @@
  *   const { root, blobs } = encodeTree(base);
  */
 import { Directory } from "../../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { imageModeProperty } from "../../src/image/open-directories.js";
 import { sha256, type WireDigest } from "./blobs.js";
 
 export interface FileNode {
@@ -66,7 +67,9 @@ export function encodeTree(tree: DirNode): EncodedTree {
   const encode = (node: DirNode): WireDigest => {
     const names = Object.keys(node.entries).sort((a, b) => Buffer.compare(Buffer.from(a), Buffer.from(b)));
     const directory = Directory.fromPartial({
-      nodeProperties: node.mode === undefined ? undefined : { properties: [], unixMode: node.mode },
+      // With the image's own mode beside a mode the worker tames, as the farm's expansion writes it.
+      nodeProperties:
+        node.mode === undefined ? undefined : { properties: imageModeProperty(node.mode), unixMode: node.mode },
     });
     for (const name of names) {
       const entry = node.entries[name] as TreeNode;
