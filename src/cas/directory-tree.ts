@@ -101,7 +101,16 @@ function checkName(name: string, field: string): void {
   if (name === "" || name === "." || name === "..") throw invalidArgument(field, `"${name}" is not a valid name`);
   if (name.includes("/")) throw invalidArgument(field, `"${name}" contains "/"; names are single path components`);
   if (name.includes("\0")) throw invalidArgument(field, "name contains a NUL byte");
+  if (Buffer.byteLength(name) > MAX_NAME_BYTES) {
+    throw invalidArgument(
+      field,
+      `"${name.slice(0, 40)}…" is longer than ${MAX_NAME_BYTES} bytes, the file system's limit`,
+    );
+  }
 }
+
+/** NAME_MAX of Linux file systems: longer names fail with ENAMETOOLONG. */
+const MAX_NAME_BYTES = 255;
 
 /** Byte order of the UTF-8 encodings, as the protocol sorts names. */
 function compareNames(a: string, b: string): number {

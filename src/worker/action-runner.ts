@@ -2,6 +2,7 @@ import { chownSync, mkdirSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
 import { dirname, isAbsolute, join, normalize, posix } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
+import type { InputTreeLimits } from "../cas/tree-limits.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
 import { type DigestFunction, digestFunctionByWire } from "../digest/functions.js";
 import { platformOf, readActionPlatform } from "../execution/action-platform.js";
@@ -51,6 +52,8 @@ export interface ActionRunnerOptions {
   sandbox: Sandbox;
   /** The action's unprivileged user, which must be able to write in its input root. */
   owner: TreeOwner | undefined;
+  /** Input trees past these are refused before anything is laid out (the defaults when absent). */
+  inputLimits?: InputTreeLimits;
 }
 
 /**
@@ -131,10 +134,16 @@ export async function runAction(
       const clientRoot = expanded
         ? await expandedInputRoot(fn, rootDigest, expanded, cas, options.directories)
         : rootDigest;
-      await materializeInputRoot(fn, clientRoot, inputRoot, cas, options.cache, options.directories, {
-        owner: options.owner,
-        files,
-      });
+      await materializeInputRoot(
+        fn,
+        clientRoot,
+        inputRoot,
+        cas,
+        options.cache,
+        options.directories,
+        { owner: options.owner, files },
+        options.inputLimits,
+      );
     })();
     const [laidOut, pulled] = await Promise.allSettled([layingOut, pulling]);
     if (pulled.status === "fulfilled" && pulled.value) {
