@@ -94,6 +94,12 @@ interface WorkerState {
   readonly connection: WorkerConnection;
   readonly running: Map<string, Task>;
   lastSeen: number;
+  /**
+   * Another connection of its group dropped and this one has said nothing
+   * since: it may be dead too (the process crashed, the drop of this stream
+   * not seen yet), so nothing is assigned to it until it speaks.
+   */
+  doubtful: boolean;
 }
 
 /**
@@ -197,14 +203,19 @@ export class Scheduler {
   }
 
   connect(connection: WorkerConnection): void {
-    this.workers.set(connection.name, { connection, running: new Map(), lastSeen: Date.now() });
+    this.workers.set(connection.name, { connection, running: new Map(), lastSeen: Date.now(), doubtful: false });
     this.knownPlatforms.set(connection.name, connection.properties);
     this.dispatch();
   }
 
   heartbeat(workerName: string): void {
     const worker = this.workers.get(workerName);
-    if (worker) worker.lastSeen = Date.now();
+    if (!worker) return;
+    worker.lastSeen = Date.now();
+    if (worker.doubtful) {
+      worker.doubtful = false;
+      this.dispatch();
+    }
   }
 
   /** The worker's stream ended or it went silent: its actions go back to the queue. */
@@ -212,6 +223,10 @@ export class Scheduler {
     const worker = this.workers.get(workerName);
     if (!worker) return;
     this.workers.delete(workerName);
+    const group = worker.connection.group;
+    if (group !== undefined) {
+      for (const other of this.workers.values()) if (other.connection.group === group) other.doubtful = true;
+    }
     // Each action the worker was running has used the one attempt its start counted, whatever the cause.
     for (const task of worker.running.values()) {
       task.lease = undefined;
@@ -281,6 +296,7 @@ export class Scheduler {
 
   private dispatch(): void {
     for (const worker of this.workers.values()) {
+      if (worker.doubtful) continue;
       while (worker.running.size < worker.connection.slots) {
         const busy = this.groupBusy(worker);
         if (busy === "suspect") break;
