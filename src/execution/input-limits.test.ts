@@ -1,10 +1,13 @@
 import assert from "node:assert/strict";
+import { mkdir } from "node:fs/promises";
+import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { execute, readBlob, uploadAction, uploadBlobs } from "../../test/support/actions.js";
 import { directoryBlob, sha256, type WireDigest } from "../../test/support/blobs.js";
 import { type Clients, startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { unpackDetails } from "../../test/support/rpc.js";
 import { Action, Command, type Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { silentLogger } from "../log/log.js";
 import { Code } from "../status/status.js";
 import { startWorkers } from "../worker/local-workers.js";
 
@@ -308,7 +311,7 @@ describe("the worker checks the tree again", () => {
       workDir: `${farm.config.dataDir}/own-worker`,
       properties: [],
       name: "defended",
-      log: (await import("../log/log.js")).silentLogger(),
+      log: silentLogger(),
     });
   });
   after(async () => {
@@ -331,5 +334,36 @@ describe("the worker checks the tree again", () => {
     assert.match(response.status?.message ?? "", /execution\.inputLimits\.maxDepth/);
 
     await runEcho(farm.clients, "worker-survived");
+  });
+
+  test("a path the worker's file system refuses (ENAMETOOLONG) is INVALID_ARGUMENT naming it, not INTERNAL", async () => {
+    // A worker whose own directory is 1,600 bytes deep: a 3,000-byte input path passes the server, not Linux.
+    const longDir = join(farm.config.dataDir, ...Array.from({ length: 8 }, (_, i) => `${i}`.repeat(200)));
+    await mkdir(longDir, { recursive: true });
+    const longWorkers = await startWorkers({
+      address: farm.address,
+      images: farm.config.images,
+      worker: farm.config.worker,
+      runImages: false,
+      count: 1,
+      workDir: longDir,
+      properties: [{ name: "long-dir", value: "yes" }],
+      name: "long",
+      log: silentLogger(),
+    });
+    try {
+      const deep = deepTree(12, "z".repeat(240));
+      const command = Command.fromPartial({
+        arguments: ["true"],
+        platform: { properties: [{ name: "long-dir", value: "yes" }] },
+      });
+      const digest = await uploadRawAction(farm.clients, deep.root, deep.blobs, command);
+      const { response } = await execute(farm.clients, digest);
+      assert.equal(response.status?.code, Code.INVALID_ARGUMENT, `${response.status?.message}`);
+      assert.match(response.status?.message ?? "", /^path root\/z+…z+: .*ENAMETOOLONG/);
+      assert.doesNotMatch(response.status?.message ?? "", /0000000000/, "the worker's own directory is not shown");
+    } finally {
+      await longWorkers.stop();
+    }
   });
 });

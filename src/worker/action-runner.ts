@@ -17,10 +17,11 @@ import { mergeEnvironment } from "../image/environment.js";
 import { fileBlob, type LocalBlob } from "../merkle/local-tree.js";
 import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
-import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
+import { Code, invalidArgument, StatusError } from "../status/status.js";
 import { acceptAssignmentBlobs } from "./assignment-blobs.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { type ExpandedRoots, graftedInputRoot } from "./expanded-roots.js";
+import { failureStatus } from "./failure-status.js";
 import type { FileCache } from "./file-cache.js";
 import { type ActionImage, prepareActionImage, prepareExpandedImage } from "./image-root.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
@@ -224,7 +225,7 @@ export async function runAction(
       digestFunction: fn.wireValue,
     };
   } catch (err) {
-    return failedCompletion(leaseId, toStatusError(err));
+    return failedCompletion(leaseId, failureStatus(err, base));
   } finally {
     // Not awaited: the client waits for the completion, which need not wait for the image's release or for
     // the directory to go (each action has a directory of its own).
