@@ -264,7 +264,7 @@ describe("configured input limits", () => {
     assert.equal(response.status?.code, Code.FAILED_PRECONDITION, `${response.status?.message}`);
     assert.match(
       response.status?.message ?? "",
-      /expands to 501 entries.*limit of 500 \(execution\.inputLimits\.maxEntries\)/,
+      /has more than 500 entries.*limit of 500 \(execution\.inputLimits\.maxEntries\)/,
     );
 
     const big = Buffer.alloc(2048, "b");

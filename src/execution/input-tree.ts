@@ -30,6 +30,8 @@ export async function checkInputTree(
   // The first path each directory was found at, to name it in refusals.
   const paths = new Map<string, string>([[digestKey(root), ""]]);
   const missing: Digest[] = [];
+  // Each distinct Directory appears at least once in the expanded tree: past maxEntries here, reading can stop.
+  let distinctEntries = 0;
   let level: Digest[] = [root];
   for (let depth = 0; level.length > 0; depth++) {
     // The shortest path to a directory is never longer than the deepest: past the limit here is past it for good.
@@ -53,6 +55,10 @@ export async function checkInputTree(
           return decoded;
         });
         directories.set(digestKey(digest), directory);
+        distinctEntries += directory.files.length + directory.directories.length + directory.symlinks.length;
+        if (distinctEntries > limits.maxEntries) {
+          throw inputLimitExceeded("maxEntries", limits, `has more than ${limits.maxEntries} entries`);
+        }
         for (const [j, child] of directory.directories.entries()) {
           const field = `directory ${formatDigest(digest)} directories[${j}].digest`;
           const childDigest = parseDigest(fn, child.digest, field);
