@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
-import type { ServiceError } from "@grpc/grpc-js";
+import { Client, credentials, type ServiceError } from "@grpc/grpc-js";
 import { randomBlob } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { collect, statusDetails, unaryCall } from "../../test/support/rpc.js";
@@ -110,4 +110,25 @@ test("an Execute stream whose request does not decode is INVALID_ARGUMENT", asyn
     inlineOutputFiles: [],
   });
   await assert.rejects(collect(stream), refusedWith(/Execute request/));
+});
+
+test("a request that is not a protobuf message at all is INVALID_ARGUMENT, and the connection keeps serving", async () => {
+  const client = new Client(farm.address, credentials.createInsecure());
+  try {
+    const call = (bytes: Buffer) =>
+      new Promise<Buffer>((resolve, reject) => {
+        client.makeUnaryRequest(
+          "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
+          (b: Buffer) => b,
+          (b: Buffer) => b,
+          bytes,
+          (err, res) => (err ? reject(err) : resolve(res as Buffer)),
+        );
+      });
+    // Field 1 (instance_name) announces 255 bytes that never come.
+    await assert.rejects(call(Buffer.from([0x0a, 0xff, 0x01, 0x41])), refusedWith(/FindMissingBlobs request/));
+    assert.ok(Buffer.isBuffer(await call(Buffer.alloc(0))));
+  } finally {
+    client.close();
+  }
 });
