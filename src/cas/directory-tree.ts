@@ -114,5 +114,15 @@ const MAX_NAME_BYTES = 255;
 
 /** Byte order of the UTF-8 encodings, as the protocol sorts names. */
 function compareNames(a: string, b: string): number {
-  return Buffer.compare(Buffer.from(a, "utf8"), Buffer.from(b, "utf8"));
+  // UTF-16 code units below the surrogates order as UTF-8 bytes do: only names that differ at or past one need
+  // the encodings (this runs for every entry of every input tree, so it must not allocate).
+  const length = Math.min(a.length, b.length);
+  for (let i = 0; i < length; i++) {
+    const x = a.charCodeAt(i);
+    const y = b.charCodeAt(i);
+    if (x === y) continue;
+    if (x < 0xd800 && y < 0xd800) return x - y;
+    return Buffer.compare(Buffer.from(a, "utf8"), Buffer.from(b, "utf8"));
+  }
+  return a.length - b.length;
 }
