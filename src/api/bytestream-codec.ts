@@ -1,5 +1,10 @@
 import { BinaryReader } from "@bufbuild/protobuf/wire";
-import { ByteStreamService, type ReadResponse, type WriteRequest } from "../gen/google/bytestream/bytestream.js";
+import {
+  ByteStreamService,
+  type ReadRequest,
+  type ReadResponse,
+  type WriteRequest,
+} from "../gen/google/bytestream/bytestream.js";
 import { invalidArgument } from "../status/status.js";
 
 /*
@@ -24,12 +29,9 @@ export function decodeWriteRequest(message: Buffer): WriteRequest {
       case FIELD_RESOURCE_NAME:
         request.resourceName = reader.string();
         break;
-      case FIELD_WRITE_OFFSET: {
-        const offset = Number(reader.int64());
-        if (!Number.isSafeInteger(offset)) throw invalidArgument("write_offset", "is out of range");
-        request.writeOffset = offset;
+      case FIELD_WRITE_OFFSET:
+        request.writeOffset = safeInt64(reader, "write_offset");
         break;
-      }
       case FIELD_FINISH_WRITE:
         request.finishWrite = reader.bool();
         break;
@@ -43,6 +45,46 @@ export function decodeWriteRequest(message: Buffer): WriteRequest {
     }
   }
   return request;
+}
+
+const FIELD_READ_OFFSET = (2 << 3) | 0;
+const FIELD_READ_LIMIT = (3 << 3) | 0;
+
+/**
+ * ReadRequest.decode that refuses an offset or limit beyond 2^53 as
+ * INVALID_ARGUMENT naming the field (the generated decoder throws a plain
+ * Error, which grpc-js would answer as INTERNAL).
+ */
+export function decodeReadRequest(message: Buffer): ReadRequest {
+  const reader = new BinaryReader(message);
+  const request: ReadRequest = { resourceName: "", readOffset: 0, readLimit: 0 };
+  while (reader.pos < reader.len) {
+    const tag = reader.uint32();
+    switch (tag) {
+      case FIELD_RESOURCE_NAME:
+        request.resourceName = reader.string();
+        break;
+      case FIELD_READ_OFFSET:
+        request.readOffset = safeInt64(reader, "read_offset");
+        break;
+      case FIELD_READ_LIMIT:
+        request.readLimit = safeInt64(reader, "read_limit");
+        break;
+      default:
+        reader.skip(tag & 7);
+    }
+  }
+  return request;
+}
+
+/** An int64 field as a number, refused when a number cannot hold it exactly (no blob is that large). */
+function safeInt64(reader: BinaryReader, field: string): number {
+  const raw = reader.int64();
+  const value = Number(raw);
+  if (!Number.isSafeInteger(value)) {
+    throw invalidArgument(field, `${raw} is out of range (this server handles offsets and sizes up to 2^53 - 1)`);
+  }
+  return value;
 }
 
 /** ReadResponse.encode into one buffer, with a single copy of the data. */
@@ -71,6 +113,6 @@ export function encodeReadResponse(response: ReadResponse): Buffer {
 /** The ByteStream service definition with the hot paths above in place of the generated ones. */
 export const FastByteStreamService = {
   ...ByteStreamService,
-  read: { ...ByteStreamService.read, responseSerialize: encodeReadResponse },
+  read: { ...ByteStreamService.read, requestDeserialize: decodeReadRequest, responseSerialize: encodeReadResponse },
   write: { ...ByteStreamService.write, requestDeserialize: decodeWriteRequest },
 } as const;

@@ -53,7 +53,14 @@ export function executionService(
       });
     };
     const unwatch = operation.watch(send);
-    call.on("cancelled", unwatch);
+    const unfollow = operation.follow();
+    const leave = () => {
+      unwatch();
+      unfollow();
+    };
+    call.on("cancelled", leave);
+    call.on("close", unfollow);
+    call.on("finish", unfollow);
     send(operation);
   }
 

@@ -21,6 +21,7 @@ import { casService } from "./cas-service.js";
 import { executionService } from "./execution-service.js";
 import { imagesService } from "./images-service.js";
 import { InstanceNames } from "./instance-names.js";
+import { guardDeserializers, refuseMalformedRequests } from "./malformed-requests.js";
 import { operationsService } from "./operations-service.js";
 import { workerHubService } from "./worker-hub-service.js";
 
@@ -60,9 +61,13 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
   const server = new Server({
     "grpc.max_receive_message_length": config.cas.maxBatchTotalSizeBytes + MESSAGE_OVERHEAD_BYTES,
     "grpc.max_send_message_length": config.cas.maxBatchTotalSizeBytes + MESSAGE_OVERHEAD_BYTES,
+    interceptors: [refuseMalformedRequests],
   });
+  // Every service's requests are deserialized without throwing, so bad input is INVALID_ARGUMENT, never INTERNAL.
+  const addService: Server["addService"] = (service, implementation) =>
+    server.addService(guardDeserializers(service), implementation);
   const instances = new InstanceNames(config.instanceNames);
-  server.addService(
+  addService(
     CapabilitiesService,
     capabilitiesService(
       {
@@ -75,17 +80,17 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
       log,
     ),
   );
-  server.addService(
+  addService(
     ContentAddressableStorageService,
     casService(farm.cas, instances, { maxBatchTotalSizeBytes: config.cas.maxBatchTotalSizeBytes }, log),
   );
-  server.addService(FastByteStreamService, byteStreamService(farm.cas, farm.uploads, instances, log));
-  server.addService(
+  addService(FastByteStreamService, byteStreamService(farm.cas, farm.uploads, instances, log));
+  addService(
     ActionCacheService,
     actionCacheService(farm.ac, farm.cas, instances, { maxInlineBytes: config.actionCache.maxInlineBytes }, log),
   );
 
-  server.addService(
+  addService(
     ExecutionService,
     executionService(
       farm.executor,
@@ -96,10 +101,10 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
       log,
     ),
   );
-  server.addService(OperationsService, operationsService(farm.scheduler, log));
+  addService(OperationsService, operationsService(farm.scheduler, log));
   const pulls = new ImagePulls(farm.images, farm.scheduler);
-  server.addService(ImagesService, imagesService(pulls, farm.images, farm.expander, instances, log));
-  server.addService(
+  addService(ImagesService, imagesService(pulls, farm.images, farm.expander, instances, log));
+  addService(
     WorkerHubService,
     workerHubService(
       farm.scheduler,

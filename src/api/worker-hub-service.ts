@@ -55,6 +55,8 @@ export function workerHubService(
             name,
             properties: hello.properties.map((p) => ({ name: p.name, value: p.value })),
             slots: hello.slots,
+            // One worker process's streams share its HTTP/2 connection, so they share the peer address too.
+            group: call.getPeer(),
             assign: (assignment) => call.write({ assignment }),
             cancel: (leaseId) => call.write({ cancellation: { leaseId } }),
             pullImage: (imagePull) => call.write({ imagePull }),

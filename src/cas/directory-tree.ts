@@ -101,9 +101,28 @@ function checkName(name: string, field: string): void {
   if (name === "" || name === "." || name === "..") throw invalidArgument(field, `"${name}" is not a valid name`);
   if (name.includes("/")) throw invalidArgument(field, `"${name}" contains "/"; names are single path components`);
   if (name.includes("\0")) throw invalidArgument(field, "name contains a NUL byte");
+  if (Buffer.byteLength(name) > MAX_NAME_BYTES) {
+    throw invalidArgument(
+      field,
+      `"${name.slice(0, 40)}…" is longer than ${MAX_NAME_BYTES} bytes, the file system's limit`,
+    );
+  }
 }
+
+/** NAME_MAX of Linux file systems: longer names fail with ENAMETOOLONG. */
+const MAX_NAME_BYTES = 255;
 
 /** Byte order of the UTF-8 encodings, as the protocol sorts names. */
 function compareNames(a: string, b: string): number {
-  return Buffer.compare(Buffer.from(a, "utf8"), Buffer.from(b, "utf8"));
+  // UTF-16 code units below the surrogates order as UTF-8 bytes do: only names that differ at or past one need
+  // the encodings (this runs for every entry of every input tree, so it must not allocate).
+  const length = Math.min(a.length, b.length);
+  for (let i = 0; i < length; i++) {
+    const x = a.charCodeAt(i);
+    const y = b.charCodeAt(i);
+    if (x === y) continue;
+    if (x < 0xd800 && y < 0xd800) return x - y;
+    return Buffer.compare(Buffer.from(a, "utf8"), Buffer.from(b, "utf8"));
+  }
+  return a.length - b.length;
 }

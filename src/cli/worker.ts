@@ -49,6 +49,7 @@ export function workerCommand(): Command {
           name: options.name,
           images: config.images,
           worker: config.worker,
+          inputLimits: config.execution.inputLimits,
           log,
         });
         log.info(`berth worker joined ${options.scheduler}`);

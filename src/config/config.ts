@@ -3,6 +3,7 @@ import { homedir } from "node:os";
 import { isAbsolute, join, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
+import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import { DEFAULT_IMAGE_LIMITS } from "../image/image-limits.js";
 
 const UNITS: Record<string, number> = {
@@ -80,6 +81,22 @@ export const ConfigSchema = z
         maxAttempts: z.number().int().positive().default(3),
         /** How long WaitExecution and GetOperation still find a completed operation. */
         retainCompletedSeconds: z.number().nonnegative().default(600),
+        /** An operation no Execute or WaitExecution stream has followed for this long is dropped (its action cancelled). */
+        unwatchedOperationTimeoutSeconds: z.number().positive().default(60),
+        /** Input trees past these are refused at Execute, before anything is queued or laid out. */
+        inputLimits: z
+          .object({
+            /** Files, directories and symlinks of the expanded tree. */
+            maxEntries: z.number().int().positive().default(DEFAULT_INPUT_TREE_LIMITS.maxEntries),
+            /** Directory levels below the input root. */
+            maxDepth: z.number().int().positive().default(DEFAULT_INPUT_TREE_LIMITS.maxDepth),
+            /** Sizes of the expanded tree's files summed. */
+            maxTotalBytes: bytes.default(DEFAULT_INPUT_TREE_LIMITS.maxTotalBytes),
+            /** Distinct Directory messages. */
+            maxDirectoryBlobs: z.number().int().positive().default(DEFAULT_INPUT_TREE_LIMITS.maxDirectoryBlobs),
+          })
+          .strict()
+          .prefault({}),
       })
       .strict()
       .prefault({}),

@@ -1,5 +1,6 @@
 import type { ActionCache } from "../ac/action-cache.js";
 import type { BlobStore } from "../cas/blob-store.js";
+import type { InputTreeLimits } from "../cas/tree-limits.js";
 import { type Digest, formatDigest, parseDigest, resolveDigestFunction } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import type { ImageExpander } from "../expand/image-expander.js";
@@ -23,9 +24,11 @@ import {
   platformOf,
   readActionPlatform,
 } from "./action-platform.js";
+import { checkCommand } from "./command-check.js";
 import { type ExpandedAction, expandedAction } from "./expanded-action.js";
 import type { ImagePolicy } from "./image-policy.js";
 import { inputTreeBlobs } from "./input-blobs.js";
+import { checkInputTree } from "./input-tree.js";
 
 export interface ExecutorOptions {
   /** Timeout of actions that set none. */
@@ -38,6 +41,8 @@ export interface ExecutorOptions {
   inputRootPath: string;
   /** Expand mode's server side; without it, actions asking for expand mode are refused. */
   expander: ImageExpander | undefined;
+  /** Input trees past these are refused before the action is queued. */
+  inputLimits: InputTreeLimits;
 }
 
 /**
@@ -124,7 +129,9 @@ export class Executor {
     const missing = [...(commandBytes ? [] : [commandDigest]), ...missingRoot];
     if (missing.length > 0) throw missingBlobs(missing.map((d) => `blobs/${formatDigest(d)}`));
     const command = decode(Command, commandBytes as Buffer, "command");
-    if (command.arguments.length === 0) throw invalidArgument("command.arguments", "is empty");
+    checkCommand(command);
+    // Before anything is queued or laid out: a hostile tree costs the server a bounded read, and no worker.
+    await checkInputTree(fn, this.cas, inputRootDigest, this.options.inputLimits);
     const timeoutMs = this.timeoutOf(action);
     const platform = readActionPlatform(platformOf(action, command));
     const image = platform.image && (await this.images.admit(platform.image, platform.credentials));

@@ -78,6 +78,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     leaseTimeoutMs: execution.leaseTimeoutSeconds * 1000,
     maxAttempts: execution.maxAttempts,
     retainCompletedMs: execution.retainCompletedSeconds * 1000,
+    unwatchedTimeoutMs: execution.unwatchedOperationTimeoutSeconds * 1000,
     finish: (job, outcome) => (executor as Executor).finish(job, outcome),
   });
   const registry = await registryFromConfig(config.images);
@@ -104,6 +105,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     imageMode: config.images.mode,
     inputRootPath: config.images.inputRootPath,
     expander,
+    inputLimits: execution.inputLimits,
   });
   return {
     cas,

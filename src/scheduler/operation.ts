@@ -11,6 +11,8 @@ export class Operation {
   private currentStage: ExecutionStage_Value = ExecutionStage_Value.CACHE_CHECK;
   private finalResponse: ExecuteResponse | undefined;
   private readonly listeners = new Set<(op: Operation) => void>();
+  private clientFollowers = 0;
+  private lastFollowed = Date.now();
 
   constructor(
     readonly instanceName: string,
@@ -27,6 +29,31 @@ export class Operation {
 
   get done(): boolean {
     return this.finalResponse !== undefined;
+  }
+
+  /** Clients streaming the operation now (Execute, WaitExecution). */
+  get followers(): number {
+    return this.clientFollowers;
+  }
+
+  /** When the last client stopped following it (its creation, if none ever did); meaningless while followed. */
+  get unwatchedSince(): number {
+    return this.lastFollowed;
+  }
+
+  /**
+   * Records a client streaming the operation until the returned function is
+   * called: an operation nobody follows for long is dropped by the scheduler.
+   */
+  follow(): () => void {
+    this.clientFollowers++;
+    let left = false;
+    return () => {
+      if (left) return;
+      left = true;
+      this.clientFollowers--;
+      this.lastFollowed = Date.now();
+    };
   }
 
   advance(stage: ExecutionStage_Value): void {

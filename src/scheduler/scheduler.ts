@@ -54,6 +54,12 @@ export interface WorkerConnection {
   readonly name: string;
   readonly properties: readonly Property[];
   readonly slots: number;
+  /**
+   * Connections that die together (one worker process's streams share one
+   * HTTP/2 connection): an action suspected of crashing its worker runs alone
+   * in its group, so it takes no other action down with it.
+   */
+  readonly group?: string;
   assign(assignment: Assignment): void;
   cancel(leaseId: string): void;
   /** Asks the worker to pull an image into its store (only workers that run images are asked). */
@@ -67,6 +73,8 @@ export interface SchedulerOptions {
   maxAttempts: number;
   /** How long completed operations stay visible to WaitExecution and GetOperation. */
   retainCompletedMs: number;
+  /** An operation no client has followed for this long is cancelled; undefined: never. */
+  unwatchedTimeoutMs?: number;
   /** Turns a worker's outcome into the client's response (and caches it). */
   finish: (job: ExecutionJob, outcome: WorkerOutcome) => Promise<ExecuteResponse>;
 }
@@ -77,6 +85,8 @@ interface Task {
   readonly seq: number;
   readonly operations: Set<Operation>;
   attempts: number;
+  /** Its last attempt ended with its worker vanishing: it may be what crashed it. */
+  suspect: boolean;
   lease: { id: string; worker: WorkerState } | undefined;
 }
 
@@ -84,6 +94,12 @@ interface WorkerState {
   readonly connection: WorkerConnection;
   readonly running: Map<string, Task>;
   lastSeen: number;
+  /**
+   * Another connection of its group dropped and this one has said nothing
+   * since: it may be dead too (the process crashed, the drop of this stream
+   * not seen yet), so nothing is assigned to it until it speaks.
+   */
+  doubtful: boolean;
 }
 
 /**
@@ -100,14 +116,21 @@ export class Scheduler {
   private readonly operations = new Map<string, { operation: Operation; task: Task | undefined }>();
   private seq = 0;
   private readonly sweeper: NodeJS.Timeout;
+  private readonly unwatchedSweeper: NodeJS.Timeout | undefined;
 
   constructor(private readonly options: SchedulerOptions) {
     this.sweeper = setInterval(() => this.expireLeases(), Math.max(100, options.leaseTimeoutMs / 4));
     this.sweeper.unref();
+    const unwatched = options.unwatchedTimeoutMs;
+    if (unwatched !== undefined) {
+      this.unwatchedSweeper = setInterval(() => this.dropUnwatched(unwatched), Math.max(50, unwatched / 4));
+      this.unwatchedSweeper.unref();
+    }
   }
 
   close(): void {
     clearInterval(this.sweeper);
+    clearInterval(this.unwatchedSweeper);
   }
 
   /** The first property no worker of the farm has offered, or undefined. */
@@ -140,7 +163,15 @@ export class Scheduler {
       operation.advance(existing.lease ? ExecutionStage_Value.EXECUTING : ExecutionStage_Value.QUEUED);
       return operation;
     }
-    const task: Task = { key, job, seq: this.seq++, operations: new Set([operation]), attempts: 0, lease: undefined };
+    const task: Task = {
+      key,
+      job,
+      seq: this.seq++,
+      operations: new Set([operation]),
+      attempts: 0,
+      suspect: false,
+      lease: undefined,
+    };
     if (!job.doNotCache) this.inFlight.set(key, task);
     this.track(operation, task);
     operation.advance(ExecutionStage_Value.QUEUED);
@@ -154,11 +185,11 @@ export class Scheduler {
   }
 
   /** Cancels one client's operation; the action stops when no other client waits for it. */
-  cancel(name: string): boolean {
+  cancel(name: string, why = "the operation was cancelled"): boolean {
     const entry = this.operations.get(name);
     if (!entry || entry.operation.done) return entry !== undefined;
     const { operation, task } = entry;
-    operation.complete(failure(Code.CANCELLED, "the operation was cancelled"));
+    operation.complete(failure(Code.CANCELLED, why));
     if (task) {
       task.operations.delete(operation);
       if (task.operations.size === 0) this.abandon(task);
@@ -172,14 +203,19 @@ export class Scheduler {
   }
 
   connect(connection: WorkerConnection): void {
-    this.workers.set(connection.name, { connection, running: new Map(), lastSeen: Date.now() });
+    this.workers.set(connection.name, { connection, running: new Map(), lastSeen: Date.now(), doubtful: false });
     this.knownPlatforms.set(connection.name, connection.properties);
     this.dispatch();
   }
 
   heartbeat(workerName: string): void {
     const worker = this.workers.get(workerName);
-    if (worker) worker.lastSeen = Date.now();
+    if (!worker) return;
+    worker.lastSeen = Date.now();
+    if (worker.doubtful) {
+      worker.doubtful = false;
+      this.dispatch();
+    }
   }
 
   /** The worker's stream ended or it went silent: its actions go back to the queue. */
@@ -187,17 +223,20 @@ export class Scheduler {
     const worker = this.workers.get(workerName);
     if (!worker) return;
     this.workers.delete(workerName);
+    const group = worker.connection.group;
+    if (group !== undefined) {
+      for (const other of this.workers.values()) if (other.connection.group === group) other.doubtful = true;
+    }
+    // Each action the worker was running has used the one attempt its start counted, whatever the cause.
     for (const task of worker.running.values()) {
       task.lease = undefined;
+      task.suspect = true;
       if (task.operations.size === 0) continue;
       if (task.attempts >= this.options.maxAttempts) {
-        this.finishTask(
-          task,
-          failure(
-            Code.UNAVAILABLE,
-            `the action was started ${task.attempts} times and each worker vanished (last: ${workerName}, ${reason})`,
-          ),
-        );
+        const message =
+          `the action was started ${task.attempts} times (execution.maxAttempts) and each time its worker ` +
+          `vanished while running it (last: ${workerName}, ${reason}); it may be what makes workers crash`;
+        this.finishTask(task, failure(Code.UNAVAILABLE, message));
         continue;
       }
       for (const op of task.operations) op.advance(ExecutionStage_Value.QUEUED);
@@ -257,12 +296,48 @@ export class Scheduler {
 
   private dispatch(): void {
     for (const worker of this.workers.values()) {
+      if (worker.doubtful) continue;
       while (worker.running.size < worker.connection.slots) {
-        const index = this.queue.findIndex((t) => !unmetProperty(worker.connection.properties, t.job.platform));
+        const busy = this.groupBusy(worker);
+        if (busy === "suspect") break;
+        const index = this.queue.findIndex(
+          (t) => !unmetProperty(worker.connection.properties, t.job.platform) && !(t.suspect && busy === "busy"),
+        );
         if (index < 0) break;
         const [task] = this.queue.splice(index, 1) as [Task];
         this.start(task, worker);
       }
+    }
+  }
+
+  /**
+   * What runs in the worker's group (its own slots, and those of the
+   * connections sharing its group): a suspect runs alone there, so a crash
+   * it causes costs no other action an attempt.
+   */
+  private groupBusy(worker: WorkerState): "idle" | "busy" | "suspect" {
+    const group = worker.connection.group;
+    const members =
+      group === undefined ? [worker] : [...this.workers.values()].filter((w) => w.connection.group === group);
+    let busy = false;
+    for (const member of members) {
+      for (const task of member.running.values()) {
+        if (task.suspect) return "suspect";
+        busy = true;
+      }
+    }
+    return busy ? "busy" : "idle";
+  }
+
+  /** Cancels the operations no client has followed for `timeoutMs` (their actions stop when nobody else waits). */
+  private dropUnwatched(timeoutMs: number): void {
+    const now = Date.now();
+    for (const [name, { operation }] of this.operations) {
+      if (operation.done || operation.followers > 0 || now - operation.unwatchedSince < timeoutMs) continue;
+      this.cancel(
+        name,
+        `no client followed the operation for ${timeoutMs / 1000} s (execution.unwatchedOperationTimeoutSeconds); it was dropped`,
+      );
     }
   }
 

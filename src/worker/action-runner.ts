@@ -2,6 +2,7 @@ import { mkdirSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
 import { isAbsolute, join, normalize, posix } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
+import type { InputTreeLimits } from "../cas/tree-limits.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
 import { type DigestFunction, digestFunctionByWire } from "../digest/functions.js";
 import { platformOf, readActionPlatform } from "../execution/action-platform.js";
@@ -17,11 +18,12 @@ import { mergeEnvironment } from "../image/environment.js";
 import { fileBlob, type LocalBlob } from "../merkle/local-tree.js";
 import type { Sandbox } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
-import { Code, invalidArgument, StatusError, toStatusError } from "../status/status.js";
+import { Code, invalidArgument, StatusError } from "../status/status.js";
 import { acceptAssignmentBlobs } from "./assignment-blobs.js";
 import { ContainedRoot } from "./contained-path.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { type ExpandedRoots, graftedInputRoot } from "./expanded-roots.js";
+import { failureStatus } from "./failure-status.js";
 import type { FileCache } from "./file-cache.js";
 import { type ActionImage, prepareActionImage, prepareExpandedImage } from "./image-root.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
@@ -53,6 +55,8 @@ export interface ActionRunnerOptions {
   sandbox: Sandbox;
   /** The action's unprivileged user, which must be able to write in its input root. */
   owner: TreeOwner | undefined;
+  /** Input trees past these are refused before anything is laid out (the defaults when absent). */
+  inputLimits?: InputTreeLimits;
 }
 
 /**
@@ -133,10 +137,16 @@ export async function runAction(
       const clientRoot = expanded
         ? await expandedInputRoot(fn, rootDigest, expanded, cas, options.directories)
         : rootDigest;
-      await materializeInputRoot(fn, clientRoot, inputRoot, cas, options.cache, options.directories, {
-        owner: options.owner,
-        files,
-      });
+      await materializeInputRoot(
+        fn,
+        clientRoot,
+        inputRoot,
+        cas,
+        options.cache,
+        options.directories,
+        { owner: options.owner, files },
+        options.inputLimits,
+      );
     })();
     const [laidOut, pulled] = await Promise.allSettled([layingOut, pulling]);
     if (pulled.status === "fulfilled" && pulled.value) {
@@ -231,7 +241,7 @@ export async function runAction(
       digestFunction: fn.wireValue,
     };
   } catch (err) {
-    return failedCompletion(leaseId, toStatusError(err));
+    return failedCompletion(leaseId, failureStatus(err, base));
   } finally {
     // Not awaited: the client waits for the completion, which need not wait for the image's release or for
     // the directory to go (each action has a directory of its own).

@@ -1,13 +1,19 @@
-import { chmodSync, chownSync, linkSync, mkdirSync, symlinkSync } from "node:fs";
-import { chmod, chown, link, mkdir, symlink } from "node:fs/promises";
+import { chmodSync, chownSync, copyFileSync, linkSync, mkdirSync, statSync, symlinkSync } from "node:fs";
+import { chmod, chown, copyFile, link, mkdir, stat, symlink } from "node:fs/promises";
 import { join } from "node:path";
 import { checkDirectory } from "../cas/directory-tree.js";
-import { type Digest, digestKey, digestOf, parseDigest } from "../digest/digest.js";
+import {
+  checkTreeLimits,
+  DEFAULT_INPUT_TREE_LIMITS,
+  type InputTreeLimits,
+  inputLimitExceeded,
+} from "../cas/tree-limits.js";
+import { type Digest, digestKey, digestOf, formatDigest, parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { hostMode } from "../image/host-mode.js";
 import { imageModeOf } from "../image/open-directories.js";
-import { missingBlobs } from "../status/status.js";
+import { invalidArgument, missingBlobs } from "../status/status.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { describeMissing, type FileCache } from "./file-cache.js";
 import type { RemoteCas } from "./remote-cas.js";
@@ -68,15 +74,19 @@ export async function materializeInputRoot(
   cache: FileCache,
   directoryCache: DirectoryCache,
   options: Pick<LayOutOptions, "owner" | "files"> = {},
+  limits: InputTreeLimits = DEFAULT_INPUT_TREE_LIMITS,
 ): Promise<void> {
-  const plan = await planTree(fn, root, target, cas, directoryCache);
+  const plan = await planTree(fn, root, target, cas, directoryCache, false, limits);
   await layOutTree(plan, cas, cache, options);
 }
 
 /**
  * Reads the tree `root` (see fetchDirectories; `wholeTree` asks for one
  * GetTree even when the root's own Directory is already known) into what
- * laying it out below `target` creates.
+ * laying it out below `target` creates. The server checked the tree against
+ * its limits before queueing the action; the worker checks again (a tree
+ * that slipped through, a farm with other limits) before it expands
+ * anything, so no tree can make it run out of memory or stack.
  */
 export async function planTree(
   fn: DigestFunction,
@@ -85,10 +95,16 @@ export async function planTree(
   cas: RemoteCas,
   directoryCache: DirectoryCache,
   wholeTree = false,
+  limits: InputTreeLimits = DEFAULT_INPUT_TREE_LIMITS,
 ): Promise<TreePlan> {
-  const directories = await fetchDirectories(fn, root, cas, directoryCache, wholeTree);
+  const directories = await fetchDirectories(fn, root, cas, directoryCache, wholeTree, limits);
+  checkTreeLimits(fn, root, (key) => directories.get(key), limits);
   const plan: TreePlan = { directories: [], files: [], symlinks: [], fileBytes: 0 };
-  const walk = (digest: Digest, path: string) => {
+  // Depth first with an explicit stack (children pushed in reverse keep the Directory's order): parents come
+  // before their children, and no depth of tree can overflow the call stack.
+  const pending: { digest: Digest; path: string }[] = [{ digest: root, path: target }];
+  for (let next = pending.pop(); next !== undefined; next = pending.pop()) {
+    const { digest, path } = next;
     const directory = directories.get(digestKey(digest)) as Directory;
     const imageMode = imageModeOf(directory.nodeProperties?.properties);
     plan.directories.push({
@@ -102,12 +118,12 @@ export async function planTree(
       plan.fileBytes += fileDigest.sizeBytes;
     }
     for (const link of directory.symlinks) plan.symlinks.push({ path: join(path, link.name), target: link.target });
-    for (const child of directory.directories) {
+    for (let i = directory.directories.length - 1; i >= 0; i--) {
+      const child = directory.directories[i] as Directory["directories"][number];
       const childPath = join(path, child.name);
-      walk(parseDigest(fn, child.digest, childPath), childPath);
+      pending.push({ digest: parseDigest(fn, child.digest, childPath), path: childPath });
     }
-  };
-  walk(root, target);
+  }
   return plan;
 }
 
@@ -152,7 +168,7 @@ async function layOut(plan: TreePlan, cache: FileCache, options: LayOutOptions):
       }),
     );
   }
-  await Promise.all(plan.files.map((f) => link(cache.pathOf(f.digest, f.executable), f.path)));
+  await Promise.all(plan.files.map((f) => linkOrCopy(cache.pathOf(f.digest, f.executable), f.path)));
   await Promise.all(plan.symlinks.map((s) => symlink(s.target, s.path)));
   if (options.directoryModes) {
     // Last, and deepest first: a mode without write or search permission must not stop the making of what
@@ -173,13 +189,38 @@ function layOutSync(plan: TreePlan, cache: FileCache, options: LayOutOptions): v
     mkdirSync(dir.path, { recursive: true, mode: DEFAULT_DIRECTORY_MODE });
     if (options.owner) chownSync(dir.path, options.owner.uid, options.owner.gid);
   }
-  for (const file of plan.files) linkSync(cache.pathOf(file.digest, file.executable), file.path);
+  for (const file of plan.files) linkOrCopySync(cache.pathOf(file.digest, file.executable), file.path);
   for (const link of plan.symlinks) symlinkSync(link.target, link.path);
   if (options.directoryModes) {
     // Parents come before their children in the plan, so in reverse every directory comes before its parent.
     for (const dir of [...plan.directories].reverse()) {
       chmodSync(dir.path, hostMode(dir.unixMode ?? DEFAULT_DIRECTORY_MODE));
     }
+  }
+}
+
+/**
+ * A hard link to the cached copy, or a copy of it (same mode) once the copy
+ * has as many links as its file system allows (EMLINK: 65,000 on ext4): an
+ * input root may name one content any number of times.
+ */
+async function linkOrCopy(cached: string, path: string): Promise<void> {
+  try {
+    await link(cached, path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "EMLINK") throw err;
+    await copyFile(cached, path);
+    await chmod(path, (await stat(cached)).mode & 0o777);
+  }
+}
+
+function linkOrCopySync(cached: string, path: string): void {
+  try {
+    linkSync(cached, path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== "EMLINK") throw err;
+    copyFileSync(cached, path);
+    chmodSync(path, statSync(cached).mode & 0o777);
   }
 }
 
@@ -209,6 +250,7 @@ async function fetchDirectories(
   cas: RemoteCas,
   known: DirectoryCache,
   wholeTree: boolean,
+  limits: InputTreeLimits,
 ): Promise<Map<string, Directory>> {
   if (wholeTree || !known.get(digestKey(root))) {
     for (const directory of await cas.getTree(root)) {
@@ -218,7 +260,10 @@ async function fetchDirectories(
   }
   const found = new Map<string, Directory>();
   let level: Digest[] = [root];
-  while (level.length > 0) {
+  for (let depth = 0; level.length > 0; depth++) {
+    if (depth > limits.maxDepth) {
+      throw inputLimitExceeded("maxDepth", limits, `is more than ${limits.maxDepth} directories deep`);
+    }
     const absent: Digest[] = [];
     for (const digest of level) {
       const directory = known.get(digestKey(digest));
@@ -234,6 +279,13 @@ async function fetchDirectories(
         const key = digestKey(childDigest);
         if (!found.has(key)) next.set(key, childDigest);
       }
+    }
+    if (found.size + next.size > limits.maxDirectoryBlobs) {
+      throw inputLimitExceeded(
+        "maxDirectoryBlobs",
+        limits,
+        `has more than ${limits.maxDirectoryBlobs} distinct Directory messages`,
+      );
     }
     level = [...next.values()];
   }
@@ -252,7 +304,15 @@ async function readDirectories(
   const missing = digests.filter((d) => !blobs.has(d));
   if (missing.length > 0) throw missingBlobs(describeMissing(missing));
   for (const [digest, bytes] of blobs) {
-    const directory = Directory.decode(bytes);
+    let directory: Directory;
+    try {
+      directory = Directory.decode(bytes);
+    } catch (err) {
+      throw invalidArgument(
+        `directory ${formatDigest(digest)}`,
+        `is not a Directory message: ${(err as Error).message}`,
+      );
+    }
     checkDirectory(directory, digest);
     known.set(digestKey(digest), directory);
     read.set(digestKey(digest), directory);

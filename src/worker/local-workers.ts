@@ -1,5 +1,6 @@
 import { availableParallelism, hostname } from "node:os";
 import { join } from "node:path";
+import type { InputTreeLimits } from "../cas/tree-limits.js";
 import type { Config } from "../config/config.js";
 import { EXPANDED_IMAGE_CAPABILITY, IMAGE_CAPABILITY } from "../execution/action-platform.js";
 import { registryFromConfig } from "../execution/farm-registry.js";
@@ -27,6 +28,8 @@ export interface WorkerPoolOptions {
   images: Config["images"];
   /** The file cache's cap and other settings of the workers themselves. */
   worker: Config["worker"];
+  /** Input trees past these are refused before anything is laid out (the defaults when absent). */
+  inputLimits?: InputTreeLimits;
   /** false: run no images even as root. */
   runImages?: boolean;
   /** Prefix of the workers' names. */
@@ -93,6 +96,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       inputRootPath: options.images.inputRootPath,
       sandbox,
       owner: process.getuid?.() === 0 ? owner : undefined,
+      inputLimits: options.inputLimits,
       log: options.log,
     });
   });

@@ -95,6 +95,7 @@ export async function startTestFarm(
           address: server.address,
           images: config.images,
           worker: config.worker,
+          inputLimits: config.execution.inputLimits,
           runImages: options.runImages,
           count: options.workers ?? 0,
           workDir: join(dir, "worker"),

@@ -1,0 +1,104 @@
+import type { BlobStore } from "../cas/blob-store.js";
+import { checkDirectory } from "../cas/directory-tree.js";
+import { checkTreeLimits, type InputTreeLimits, inputLimitExceeded, type TreeTotals } from "../cas/tree-limits.js";
+import { type Digest, digestKey, formatDigest, parseDigest } from "../digest/digest.js";
+import type { DigestFunction } from "../digest/functions.js";
+import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { Code, invalidArgument, missingBlobs, StatusError } from "../status/status.js";
+
+/** Directory messages read from the CAS at once. */
+const READ_CONCURRENCY = 64;
+
+/**
+ * Reads every distinct Directory of the input tree at `root` from the CAS,
+ * level by level (no recursion), checks each one's names, and checks the
+ * tree against `limits` before the action is queued. Refusals: a missing
+ * Directory is FAILED_PRECONDITION with MISSING violations (all of them at
+ * once), a malformed one or a bad name INVALID_ARGUMENT naming it, a limit
+ * FAILED_PRECONDITION naming the limit and its configuration key. Reading
+ * stops as soon as the distinct messages or the levels pass their limits, so
+ * a hostile tree costs at most maxDirectoryBlobs reads.
+ */
+export async function checkInputTree(
+  fn: DigestFunction,
+  cas: BlobStore,
+  root: Digest,
+  limits: InputTreeLimits,
+): Promise<TreeTotals> {
+  const directories = new Map<string, Directory>();
+  const seen = new Set<string>([digestKey(root)]);
+  // The first path each directory was found at, to name it in refusals.
+  const paths = new Map<string, string>([[digestKey(root), ""]]);
+  const missing: Digest[] = [];
+  // Each distinct Directory appears at least once in the expanded tree: past maxEntries here, reading can stop.
+  let distinctEntries = 0;
+  let level: Digest[] = [root];
+  for (let depth = 0; level.length > 0; depth++) {
+    // The shortest path to a directory is never longer than the deepest: past the limit here is past it for good.
+    if (depth > limits.maxDepth) {
+      throw inputLimitExceeded("maxDepth", limits, `is more than ${limits.maxDepth} directories deep`);
+    }
+    const next: Digest[] = [];
+    for (let at = 0; at < level.length; at += READ_CONCURRENCY) {
+      const batch = level.slice(at, at + READ_CONCURRENCY);
+      const read = await Promise.all(batch.map((digest) => cas.get(digest)));
+      for (const [i, bytes] of read.entries()) {
+        const digest = batch[i] as Digest;
+        if (!bytes) {
+          missing.push(digest);
+          continue;
+        }
+        const path = paths.get(digestKey(digest)) ?? "";
+        const directory = atPath(path, () => {
+          const decoded = decodeDirectory(bytes, digest);
+          checkDirectory(decoded, digest);
+          return decoded;
+        });
+        directories.set(digestKey(digest), directory);
+        distinctEntries += directory.files.length + directory.directories.length + directory.symlinks.length;
+        if (distinctEntries > limits.maxEntries) {
+          throw inputLimitExceeded("maxEntries", limits, `has more than ${limits.maxEntries} entries`);
+        }
+        for (const [j, child] of directory.directories.entries()) {
+          const field = `directory ${formatDigest(digest)} directories[${j}].digest`;
+          const childDigest = parseDigest(fn, child.digest, field);
+          const key = digestKey(childDigest);
+          if (seen.has(key)) continue;
+          seen.add(key);
+          paths.set(key, path === "" ? child.name : `${path}/${child.name}`);
+          if (seen.size > limits.maxDirectoryBlobs) {
+            throw inputLimitExceeded(
+              "maxDirectoryBlobs",
+              limits,
+              `has more than ${limits.maxDirectoryBlobs} distinct Directory messages`,
+            );
+          }
+          next.push(childDigest);
+        }
+      }
+    }
+    level = next;
+  }
+  if (missing.length > 0) throw missingBlobs(missing.map((d) => `blobs/${formatDigest(d)}`));
+  return checkTreeLimits(fn, root, (key) => directories.get(key), limits);
+}
+
+/** Runs `check`, naming the input directory at `path` in an INVALID_ARGUMENT it throws. */
+function atPath<T>(path: string, check: () => T): T {
+  try {
+    return check();
+  } catch (err) {
+    if (!(err instanceof StatusError) || err.code !== Code.INVALID_ARGUMENT) throw err;
+    const where =
+      path === "" ? "the input root" : `input directory "${path.length > 200 ? `…${path.slice(-200)}` : path}"`;
+    throw new StatusError(Code.INVALID_ARGUMENT, `${where}: ${err.message}`, err.details);
+  }
+}
+
+function decodeDirectory(bytes: Buffer, digest: Digest): Directory {
+  try {
+    return Directory.decode(bytes);
+  } catch (err) {
+    throw invalidArgument(`directory ${formatDigest(digest)}`, `is not a Directory message: ${(err as Error).message}`);
+  }
+}
