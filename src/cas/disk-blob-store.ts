@@ -106,14 +106,15 @@ export class DiskBlobStore implements BlobStore {
   }
 
   /**
-   * Checks every blob file found at start, least recently used first, one at
-   * a time (a background task: requests check what they need themselves,
-   * sooner). Resolves when done or when the store closes.
+   * Checks every blob file found at start, most recently used first (the
+   * likeliest to be asked for next), one at a time: a background task;
+   * requests check what they need themselves, sooner. Resolves when done or
+   * when the store closes.
    */
   async verifyAll(): Promise<{ checked: number; dropped: number }> {
     let checked = 0;
     let dropped = 0;
-    for (const key of this.files.unverifiedKeys()) {
+    for (const key of this.files.unverifiedKeys().reverse()) {
       if (this.closed) break;
       const digest = digestOfKey(key);
       if (!digest) continue;
