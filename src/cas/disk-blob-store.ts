@@ -219,7 +219,7 @@ export class DiskBlobStore implements BlobStore {
       this.log.put(key, data);
       await this.log.sync();
     } else {
-      await this.files.remove(key);
+      if (this.files.has(key)) await this.files.remove(key);
       await this.files.writeFile(key, data);
     }
   }
@@ -329,6 +329,8 @@ class DiskBlobWriter implements BlobWriter {
   written = 0;
   private done = false;
   private readonly inFlight: Promise<void>[] = [];
+  /** The one eviction this upload may cause when the disk is full: the bytes it freed. */
+  private roomMade: Promise<number> | undefined;
 
   constructor(
     readonly digest: Digest,
@@ -357,8 +359,9 @@ class DiskBlobWriter implements BlobWriter {
       await writeFully(this.handle, chunk, position);
     } catch (err) {
       if (!isDiskFull(err)) throw err;
-      if ((await this.store.makeRoom(this.digest.sizeBytes - position)) === 0)
-        throw this.store.diskFull(err, this.digest);
+      // Writes in flight fail together: the first makes room for the rest of the blob, the others wait for it.
+      this.roomMade ??= this.store.makeRoom(this.digest.sizeBytes - position);
+      if ((await this.roomMade) === 0) throw this.store.diskFull(err, this.digest);
       await writeFully(this.handle, chunk, position).catch((again: unknown) => {
         throw isDiskFull(again) ? this.store.diskFull(again, this.digest) : again;
       });
@@ -381,8 +384,9 @@ class DiskBlobWriter implements BlobWriter {
       throw wrong;
     }
     // An unchecked file of the same name (found at start) is replaced by this checked one.
-    if (!this.files.isVerified(digestKey(digest))) await this.files.remove(digestKey(digest));
-    await this.files.commit(this.temp, digestKey(digest), digest.sizeBytes);
+    const key = digestKey(digest);
+    if (this.files.has(key) && !this.files.isVerified(key)) await this.files.remove(key);
+    await this.files.commit(this.temp, key, digest.sizeBytes);
   }
 
   /**
