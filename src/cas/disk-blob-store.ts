@@ -386,7 +386,13 @@ class DiskBlobWriter implements BlobWriter {
     // An unchecked file of the same name (found at start) is replaced by this checked one.
     const key = digestKey(digest);
     if (this.files.has(key) && !this.files.isVerified(key)) await this.files.remove(key);
-    await this.files.commit(this.temp, key, digest.sizeBytes);
+    try {
+      await this.files.commit(this.temp, key, digest.sizeBytes);
+    } catch (err) {
+      // A new prefix directory may need a block of its own.
+      await unlink(this.temp).catch(() => {});
+      throw isDiskFull(err) ? this.store.diskFull(err, digest) : err;
+    }
   }
 
   /**
