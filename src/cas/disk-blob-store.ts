@@ -24,6 +24,13 @@ async function writeFully(handle: FileHandle, chunk: Uint8Array, position: numbe
   }
 }
 
+/**
+ * A large upload starts flushing its file every this many bytes, in the
+ * background: the disk writes while the rest arrives, and the flush that
+ * acknowledges the blob waits for the tail only.
+ */
+const EARLY_FLUSH_BYTES = 32 * 1024 * 1024;
+
 /** Blob files checked at once when many unchecked ones are asked for (FindMissingBlobs after a restart). */
 const VERIFY_CONCURRENCY = 4;
 
@@ -331,6 +338,9 @@ class DiskBlobWriter implements BlobWriter {
   private readonly inFlight: Promise<void>[] = [];
   /** The one eviction this upload may cause when the disk is full: the bytes it freed. */
   private roomMade: Promise<number> | undefined;
+  /** A flush started while the upload goes on, so that the one at commit finds little left to write. */
+  private earlyFlush: Promise<void> | undefined;
+  private unflushed = 0;
 
   constructor(
     readonly digest: Digest,
@@ -350,6 +360,17 @@ class DiskBlobWriter implements BlobWriter {
     pending.catch(() => {}); // awaited later (here or in settle); this only marks it handled meanwhile
     this.inFlight.push(pending);
     this.written += chunk.byteLength;
+    this.unflushed += chunk.byteLength;
+    if (this.unflushed >= EARLY_FLUSH_BYTES && !this.earlyFlush) {
+      // Only a head start for the disk: the flush at commit is the one that counts, so failures are ignored here.
+      this.unflushed = 0;
+      this.earlyFlush = this.handle
+        .datasync()
+        .catch(() => {})
+        .finally(() => {
+          this.earlyFlush = undefined;
+        });
+    }
     if (this.inFlight.length >= MAX_WRITES_IN_FLIGHT) await this.inFlight.shift();
   }
 
@@ -401,6 +422,7 @@ class DiskBlobWriter implements BlobWriter {
    */
   private async settle(durable = false): Promise<void> {
     const results = await Promise.allSettled(this.inFlight.splice(0));
+    await this.earlyFlush;
     const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
     try {
       if (!failed && durable) await this.handle.sync();
