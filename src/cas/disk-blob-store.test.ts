@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { mkdtemp, open, readdir, rm } from "node:fs/promises";
+import { mkdtemp, open, readdir, rm, truncate } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { text } from "node:stream/consumers";
@@ -95,5 +95,65 @@ test("a logged blob whose bytes on disk went bad is not served: it is missing fr
   assert.deepEqual(await store.findMissing([b.digest]), [b.digest]);
   await store.put(b.digest, b.data);
   assert.deepEqual(await store.get(b.digest), b.data, "stored again, it is served again");
+  store.close();
+});
+
+test("blob files found at start are trusted only once hashed: a wrong size is dropped at open, a wrong hash at first use", async () => {
+  const dir = join(root, `cas-${++count}`);
+  let store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  const [short, flipped, intact, streamed] = await Promise.all(
+    [1, 2, 3, 4].map((n) => blob(Buffer.alloc(LOGGED_BLOB_BYTES * 2, n))),
+  );
+  for (const b of [short, flipped, intact, streamed]) await store.put(b.digest, b.data);
+  store.close();
+  const fileOf = (b: { digest: Digest }) =>
+    join(dir, "files", "sha256", b.digest.hash.slice(0, 2), `${b.digest.hash}-${b.digest.sizeBytes}`);
+  await truncate(fileOf(short), 1000);
+  for (const b of [flipped, streamed]) {
+    const handle = await open(fileOf(b), "r+");
+    await handle.write(Buffer.from("X"), 0, 1, 5);
+    await handle.close();
+  }
+  const damaged: string[] = [];
+  store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES, onDamaged: (key) => damaged.push(key) });
+  assert.equal(damaged.length, 1, "the file of the wrong size goes at open, without being read");
+  assert.equal(store.unverifiedCount, 3);
+  // Neither FindMissingBlobs nor the background check came first: the read itself finds the damage.
+  assert.equal(await store.get(flipped.digest), undefined);
+  assert.equal(await store.openRead(streamed.digest, 0, 0), undefined);
+  assert.deepEqual(await store.get(intact.digest), intact.data);
+  assert.equal(store.unverifiedCount, 0);
+  assert.deepEqual(await store.findMissing([short.digest, flipped.digest, intact.digest, streamed.digest]), [
+    short.digest,
+    flipped.digest,
+    streamed.digest,
+  ]);
+  assert.equal(damaged.length, 3);
+  // An upload stores them again, and they are served.
+  for (const b of [short, flipped]) await store.put(b.digest, b.data);
+  const writer = await store.createWriter(streamed.digest);
+  await writer.write(streamed.data);
+  await writer.commit();
+  for (const b of [short, flipped, streamed]) assert.deepEqual(await store.get(b.digest), b.data);
+  store.close();
+});
+
+test("the background check hashes every blob file found at start once and drops the damaged ones", async () => {
+  const dir = join(root, `cas-${++count}`);
+  let store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  const blobs = await Promise.all([1, 2, 3].map((n) => blob(Buffer.alloc(LOGGED_BLOB_BYTES + n, n))));
+  for (const b of blobs) await store.put(b.digest, b.data);
+  store.close();
+  const bad = blobs[1] as { digest: Digest };
+  const handle = await open(
+    join(dir, "files", "sha256", bad.digest.hash.slice(0, 2), `${bad.digest.hash}-${bad.digest.sizeBytes}`),
+    "r+",
+  );
+  await handle.write(Buffer.from("X"), 0, 1, 0);
+  await handle.close();
+  store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  assert.deepEqual(await store.verifyAll(), { checked: 3, dropped: 1 });
+  assert.deepEqual(await store.verifyAll(), { checked: 0, dropped: 0 }, "once per process");
+  assert.deepEqual(await store.findMissing(blobs.map((b) => b.digest)), [bad.digest]);
   store.close();
 });

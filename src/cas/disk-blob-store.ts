@@ -1,10 +1,11 @@
+import { createReadStream } from "node:fs";
 import { type FileHandle, open, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { Readable } from "node:stream";
 import { type Digest, digestKey, digestOf, formatDigest, verifyBlob } from "../digest/digest.js";
-import type { Hasher } from "../digest/functions.js";
+import { digestFunctionByName, type Hasher, hashBytes } from "../digest/functions.js";
 import { Code, StatusError } from "../status/status.js";
-import { LruDirectory } from "../store/lru-directory.js";
+import { isDiskFull, LruDirectory } from "../store/lru-directory.js";
 import { SegmentLog } from "../store/segment-log.js";
 import type { BlobStore, BlobWriter, PutOptions } from "./blob-store.js";
 import { isEmptyBlob } from "./empty-blob.js";
@@ -23,6 +24,16 @@ async function writeFully(handle: FileHandle, chunk: Uint8Array, position: numbe
   }
 }
 
+/**
+ * A large upload starts flushing its file every this many bytes, in the
+ * background: the disk writes while the rest arrives, and the flush that
+ * acknowledges the blob waits for the tail only.
+ */
+const EARLY_FLUSH_BYTES = 32 * 1024 * 1024;
+
+/** Blob files checked at once when many unchecked ones are asked for (FindMissingBlobs after a restart). */
+const VERIFY_CONCURRENCY = 4;
+
 /** Blobs up to this size go to the segment log; larger ones get a file each. */
 export const LOGGED_BLOB_BYTES = 64 * 1024;
 
@@ -31,6 +42,16 @@ export interface DiskBlobStoreOptions {
   maxBytes: number;
   /** Called for each blob evicted. */
   onEvict?: (key: string, size: number) => void;
+  /** Called for each stored blob found damaged (and dropped): its key and what was wrong. */
+  onDamaged?: (key: string, reason: string) => void;
+}
+
+/** The digest a blob's key names (`fn/xx/hash-size`), or undefined for a name that is no blob's. */
+export function digestOfKey(key: string): Digest | undefined {
+  const match = /^([a-z0-9]+)\/[0-9a-f]{2}\/([0-9a-f]+)-([0-9]+)$/.exec(key);
+  const fn = match && digestFunctionByName(match[1] as string);
+  if (!match || !fn || (match[2] as string).length !== fn.hexLength) return undefined;
+  return { fn, hash: match[2] as string, sizeBytes: Number(match[3]) };
 }
 
 /**
@@ -43,13 +64,26 @@ const LOG_SHARE = 0.25;
  * The embedded CAS: small blobs (the Directory, Action and Command messages
  * and small files of builds, by far the most blobs) appended to a segment
  * log, larger ones as files in an LRU-capped directory.
+ *
+ * Trust: a blob is reported present or served only when it was written and
+ * checked by this process, or its bytes on disk were hashed since this
+ * process started. What a crash left behind (a file cut short, a damaged
+ * file or record) is found at its first use, dropped and reported missing.
+ * Durability: a blob is on disk (file and name flushed, or the log's group
+ * commit done) before `put` or a writer's `commit` resolves.
  */
 export class DiskBlobStore implements BlobStore {
-  /** `logLimit`: blobs up to this size go to the log (0: none do). */
+  /** Checks of unverified blob files under way, so concurrent requests share one. */
+  private readonly checking = new Map<string, Promise<boolean>>();
+  private closed = false;
+
+  /** `logLimit`: blobs up to this size go to the log (0: none do). `dir`: where the store lives, for messages. */
   constructor(
     private readonly files: LruDirectory,
     private readonly log: SegmentLog,
     private readonly logLimit: number,
+    private readonly dir = files.root,
+    private readonly onDamaged: (key: string, reason: string) => void = () => {},
   ) {}
 
   /**
@@ -62,9 +96,39 @@ export class DiskBlobStore implements BlobStore {
     const segmentBytes = Math.min(64 * 1024 ** 2, Math.floor((options.maxBytes * LOG_SHARE) / 16));
     const logged = segmentBytes > LOGGED_BLOB_BYTES;
     const logBytes = logged ? Math.floor(options.maxBytes * LOG_SHARE) : 0;
-    const files = await LruDirectory.open(dir, { maxBytes: options.maxBytes - logBytes, onEvict: options.onEvict });
+    const onDamaged = options.onDamaged ?? (() => {});
+    const files = await LruDirectory.open(dir, {
+      maxBytes: options.maxBytes - logBytes,
+      onEvict: options.onEvict,
+      sizeOfKey: (key) => digestOfKey(key)?.sizeBytes,
+      onDamaged,
+    });
     const log = await SegmentLog.open(join(dir, "log"), { maxBytes: logBytes, segmentBytes, onEvict: options.onEvict });
-    return new DiskBlobStore(files, log, logged ? LOGGED_BLOB_BYTES : 0);
+    return new DiskBlobStore(files, log, logged ? LOGGED_BLOB_BYTES : 0, dir, onDamaged);
+  }
+
+  /** Blob files found at start and not checked yet. */
+  get unverifiedCount(): number {
+    return this.files.unverifiedKeys().length;
+  }
+
+  /**
+   * Checks every blob file found at start, most recently used first (the
+   * likeliest to be asked for next), one at a time: a background task;
+   * requests check what they need themselves, sooner. Resolves when done or
+   * when the store closes.
+   */
+  async verifyAll(): Promise<{ checked: number; dropped: number }> {
+    let checked = 0;
+    let dropped = 0;
+    for (const key of this.files.unverifiedKeys().reverse()) {
+      if (this.closed) break;
+      const digest = digestOfKey(key);
+      if (!digest) continue;
+      checked++;
+      if (!(await this.checkFile(digest))) dropped++;
+    }
+    return { checked, dropped };
   }
 
   /** Blobs stored, and their bytes. */
@@ -74,23 +138,55 @@ export class DiskBlobStore implements BlobStore {
 
   /** Closes the log's files; the store is not used afterwards. */
   close(): void {
+    this.closed = true;
     this.log.close();
   }
 
   async findMissing(digests: readonly Digest[]): Promise<Digest[]> {
     const missing: Digest[] = [];
+    const unchecked: Digest[] = [];
     for (const digest of digests) {
       if (digest.sizeBytes === 0 && (await isEmptyBlob(digest))) continue;
       const key = digestKey(digest);
-      if (!this.log.touch(key) && !this.files.touch(key)) missing.push(digest);
+      if (this.log.has(key)) {
+        if (this.log.isVerified(key) ? this.log.touch(key) : await this.fromLog(digest)) continue;
+      }
+      if (!this.files.has(key)) missing.push(digest);
+      else if (this.files.isVerified(key)) this.files.touch(key);
+      else unchecked.push(digest);
     }
-    return missing;
+    // Files found at start are hashed once each, a few at a time; the answer keeps the request's order.
+    const bad = new Set<Digest>();
+    for (let i = 0; i < unchecked.length; i += VERIFY_CONCURRENCY) {
+      const batch = unchecked.slice(i, i + VERIFY_CONCURRENCY);
+      const ok = await Promise.all(batch.map((digest) => this.checkFile(digest)));
+      batch.forEach((digest, j) => {
+        if (ok[j]) this.files.touch(digestKey(digest));
+        else bad.add(digest);
+      });
+    }
+    if (bad.size === 0) return missing;
+    for (const digest of missing) bad.add(digest);
+    return digests.filter((d) => bad.has(d));
   }
 
   async get(digest: Digest): Promise<Buffer | undefined> {
     if (digest.sizeBytes === 0 && (await isEmptyBlob(digest))) return Buffer.alloc(0);
     const logged = await this.fromLog(digest);
-    return logged ?? this.files.readFile(digestKey(digest));
+    if (logged) return logged;
+    const key = digestKey(digest);
+    if (this.files.isVerified(key)) return this.files.readFile(key);
+    if (!this.files.has(key)) return undefined;
+    // Read and checked in one go: the bytes returned are the bytes hashed.
+    const data = await this.files.readFile(key);
+    if (!data) return undefined;
+    const hash = await hashBytes(digest.fn, data);
+    if (data.byteLength === digest.sizeBytes && hash === digest.hash) {
+      this.files.markVerified(key);
+      return data;
+    }
+    await this.drop(key, `its ${digest.fn.name} is ${hash}`);
+    return undefined;
   }
 
   async openRead(digest: Digest, offset: number, limit: number): Promise<Readable | undefined> {
@@ -98,16 +194,102 @@ export class DiskBlobStore implements BlobStore {
     const end = limit === 0 ? digest.sizeBytes : Math.min(digest.sizeBytes, offset + limit);
     const logged = await this.fromLog(digest);
     if (logged) return Readable.from([logged.subarray(Math.min(offset, end), end)]);
-    return this.files.openRead(digestKey(digest), offset, end, READ_CHUNK_BYTES);
+    const key = digestKey(digest);
+    if (this.files.has(key) && !this.files.isVerified(key) && !(await this.checkFile(digest))) return undefined;
+    return this.files.openRead(key, offset, end, READ_CHUNK_BYTES);
   }
 
   async put(digest: Digest, data: Uint8Array, options?: PutOptions): Promise<void> {
     if (!options?.hashedByCaller) await verifyBlob(digest, data, "data");
     if (digest.sizeBytes === 0) return;
     const key = digestKey(digest);
-    if (this.log.touch(key) || this.files.touch(key)) return;
-    if (data.byteLength <= this.logLimit) this.log.put(key, data);
-    else await this.files.writeFile(key, data);
+    if (this.log.isVerified(key) && this.log.touch(key)) return;
+    if (this.files.isVerified(key) && this.files.touch(key)) return;
+    // Stored but never checked (found at start): the new bytes replace it, checked.
+    try {
+      await this.store(key, data);
+    } catch (err) {
+      if (!isDiskFull(err)) throw err;
+      // Room made at the expense of the least recently used blob files, and one more try.
+      if ((await this.files.makeRoom(data.byteLength, key)) === 0) throw this.diskFull(err, digest);
+      try {
+        await this.store(key, data);
+      } catch (again) {
+        throw isDiskFull(again) ? this.diskFull(again, digest) : again;
+      }
+    }
+  }
+
+  private async store(key: string, data: Uint8Array): Promise<void> {
+    if (data.byteLength <= this.logLimit) {
+      this.log.remove(key);
+      this.log.put(key, data);
+      await this.log.sync();
+    } else {
+      if (this.files.has(key)) await this.files.remove(key);
+      await this.files.writeFile(key, data);
+    }
+  }
+
+  /** RESOURCE_EXHAUSTED for a blob the disk had no room for, even after eviction. */
+  diskFull(err: unknown, digest: Digest): StatusError {
+    const code = (err as NodeJS.ErrnoException).code;
+    return new StatusError(
+      Code.RESOURCE_EXHAUSTED,
+      `no room to store blob ${formatDigest(digest)}: the file system of the data directory ${this.dir} is full ` +
+        `(${code}), also after evicting the least recently used blobs; free space there or lower cas.maxSizeBytes`,
+    );
+  }
+
+  /** Makes room for `bytes` more by evicting blob files (for a writer whose disk is full); the bytes freed. */
+  makeRoom(bytes: number): Promise<number> {
+    return this.files.makeRoom(bytes);
+  }
+
+  /**
+   * Hashes an unchecked blob file: true (and marked checked) when it is the
+   * blob its name says; otherwise it is removed. Concurrent calls share one check.
+   */
+  private checkFile(digest: Digest): Promise<boolean> {
+    const key = digestKey(digest);
+    if (this.files.isVerified(key)) return Promise.resolve(true);
+    if (!this.files.has(key)) return Promise.resolve(false);
+    let check = this.checking.get(key);
+    if (!check) {
+      check = this.hashFile(digest).finally(() => this.checking.delete(key));
+      this.checking.set(key, check);
+    }
+    return check;
+  }
+
+  private async hashFile(digest: Digest): Promise<boolean> {
+    const key = digestKey(digest);
+    const hasher = await digest.fn.createHasher();
+    let size = 0;
+    try {
+      for await (const chunk of createReadStream(this.files.filePath(key), { highWaterMark: READ_CHUNK_BYTES })) {
+        hasher.update(chunk as Buffer);
+        size += (chunk as Buffer).byteLength;
+      }
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+      await this.files.remove(key);
+      return false;
+    }
+    const hash = hasher.digestHex();
+    // Written again meanwhile (a new upload replaces an unchecked file): that one was checked by its writer.
+    if (this.files.isVerified(key)) return true;
+    if (size === digest.sizeBytes && hash === digest.hash) {
+      this.files.markVerified(key);
+      return true;
+    }
+    await this.drop(key, size === digest.sizeBytes ? `its ${digest.fn.name} is ${hash}` : `it has ${size} bytes`);
+    return false;
+  }
+
+  private async drop(key: string, reason: string): Promise<void> {
+    this.onDamaged(key, `the stored blob file is damaged (${reason}); dropped`);
+    await this.files.remove(key);
   }
 
   /** Forgets a blob, as if evicted (for repairs and tests). */
@@ -128,8 +310,10 @@ export class DiskBlobStore implements BlobStore {
     if (!data) return undefined;
     try {
       await verifyBlob(digest, data, "stored blob");
+      this.log.markVerified(key);
       return data;
     } catch {
+      this.onDamaged(key, "the logged blob's bytes do not match its digest; dropped");
       this.log.remove(key);
       return undefined;
     }
@@ -138,8 +322,13 @@ export class DiskBlobStore implements BlobStore {
   async createWriter(digest: Digest): Promise<BlobWriter> {
     if (digest.sizeBytes <= this.logLimit) return new MemoryBlobWriter(digest, this);
     const temp = this.files.tempPath();
-    const handle = await open(temp, "wx");
-    return new DiskBlobWriter(digest, temp, handle, await digest.fn.createHasher(), this.files);
+    let handle: FileHandle;
+    try {
+      handle = await open(temp, "wx");
+    } catch (err) {
+      throw isDiskFull(err) ? this.diskFull(err, digest) : err;
+    }
+    return new DiskBlobWriter(digest, temp, handle, await digest.fn.createHasher(), this.files, this);
   }
 }
 
@@ -147,6 +336,11 @@ class DiskBlobWriter implements BlobWriter {
   written = 0;
   private done = false;
   private readonly inFlight: Promise<void>[] = [];
+  /** The one eviction this upload may cause when the disk is full: the bytes it freed. */
+  private roomMade: Promise<number> | undefined;
+  /** A flush started while the upload goes on, so that the one at commit finds little left to write. */
+  private earlyFlush: Promise<void> | undefined;
+  private unflushed = 0;
 
   constructor(
     readonly digest: Digest,
@@ -154,6 +348,7 @@ class DiskBlobWriter implements BlobWriter {
     private readonly handle: FileHandle,
     private readonly hasher: Hasher,
     private readonly files: LruDirectory,
+    private readonly store: DiskBlobStore,
   ) {}
 
   async write(chunk: Uint8Array): Promise<void> {
@@ -161,31 +356,79 @@ class DiskBlobWriter implements BlobWriter {
     this.hasher.update(chunk);
     // Positioned writes may overlap: the next chunk is received and hashed while
     // earlier ones reach the file. The caller must not reuse `chunk`'s memory.
-    const pending = writeFully(this.handle, chunk, this.written);
+    const pending = this.writeAt(chunk, this.written);
     pending.catch(() => {}); // awaited later (here or in settle); this only marks it handled meanwhile
     this.inFlight.push(pending);
     this.written += chunk.byteLength;
+    this.unflushed += chunk.byteLength;
+    if (this.unflushed >= EARLY_FLUSH_BYTES && !this.earlyFlush) {
+      // Only a head start for the disk: the flush at commit is the one that counts, so failures are ignored here.
+      this.unflushed = 0;
+      this.earlyFlush = this.handle
+        .datasync()
+        .catch(() => {})
+        .finally(() => {
+          this.earlyFlush = undefined;
+        });
+    }
     if (this.inFlight.length >= MAX_WRITES_IN_FLIGHT) await this.inFlight.shift();
+  }
+
+  /** One chunk; a full disk gets room made (the rest of the blob's worth) and one more try. */
+  private async writeAt(chunk: Uint8Array, position: number): Promise<void> {
+    try {
+      await writeFully(this.handle, chunk, position);
+    } catch (err) {
+      if (!isDiskFull(err)) throw err;
+      // Writes in flight fail together: the first makes room for the rest of the blob, the others wait for it.
+      this.roomMade ??= this.store.makeRoom(this.digest.sizeBytes - position);
+      if ((await this.roomMade) === 0) throw this.store.diskFull(err, this.digest);
+      await writeFully(this.handle, chunk, position).catch((again: unknown) => {
+        throw isDiskFull(again) ? this.store.diskFull(again, this.digest) : again;
+      });
+    }
   }
 
   async commit(): Promise<void> {
     if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "the upload already finished");
     this.done = true;
-    await this.settle();
+    try {
+      await this.settle(true);
+    } catch (err) {
+      await unlink(this.temp).catch(() => {});
+      throw isDiskFull(err) ? this.store.diskFull(err, this.digest) : err;
+    }
     const { digest } = this;
     const wrong = uploadMismatch(digest, this.written, () => this.hasher.digestHex());
     if (wrong) {
       await unlink(this.temp).catch(() => {});
       throw wrong;
     }
-    await this.files.commit(this.temp, digestKey(digest), digest.sizeBytes);
+    // An unchecked file of the same name (found at start) is replaced by this checked one.
+    const key = digestKey(digest);
+    if (this.files.has(key) && !this.files.isVerified(key)) await this.files.remove(key);
+    try {
+      await this.files.commit(this.temp, key, digest.sizeBytes);
+    } catch (err) {
+      // A new prefix directory may need a block of its own.
+      await unlink(this.temp).catch(() => {});
+      throw isDiskFull(err) ? this.store.diskFull(err, digest) : err;
+    }
   }
 
-  /** Waits for every write, then closes the file; the first write error is thrown. */
-  private async settle(): Promise<void> {
+  /**
+   * Waits for every write, flushes the file to disk when `durable`, then
+   * closes it; the first error is thrown.
+   */
+  private async settle(durable = false): Promise<void> {
     const results = await Promise.allSettled(this.inFlight.splice(0));
-    await this.handle.close();
+    await this.earlyFlush;
     const failed = results.find((r): r is PromiseRejectedResult => r.status === "rejected");
+    try {
+      if (!failed && durable) await this.handle.sync();
+    } finally {
+      await this.handle.close();
+    }
     if (failed) throw failed.reason;
   }
 

@@ -5,6 +5,7 @@ import { ConfigError, loadConfig } from "../config/config.js";
 import { openFarm } from "../farm/farm.js";
 import { createLogger } from "../log/log.js";
 import type { Property } from "../scheduler/platform.js";
+import { SERVER_UMASK } from "../store/private-dir.js";
 import { defaultWorkerCount } from "../worker/local-workers.js";
 import { startWorkerProcess } from "../worker/worker-process.js";
 import { collectProperty } from "./properties.js";
@@ -42,6 +43,7 @@ export function serveCommand(): Command {
           throw err;
         }
         const log = createLogger(config.logLevel);
+        process.umask(SERVER_UMASK);
         // Signals are handled from the start, so one that arrives while the farm starts still stops it cleanly.
         const stoppers: (() => Promise<void>)[] = [];
         let stopping = false;

@@ -4,6 +4,7 @@ import { Command, InvalidArgumentError } from "commander";
 import { type Config, ConfigError, loadConfig } from "../config/config.js";
 import { createLogger } from "../log/log.js";
 import type { Property } from "../scheduler/platform.js";
+import { WORKER_UMASK } from "../store/private-dir.js";
 import { defaultWorkerCount, startWorkers } from "../worker/local-workers.js";
 import { collectProperty } from "./properties.js";
 
@@ -33,6 +34,8 @@ export function workerCommand(): Command {
         logLevel: string;
       }) => {
         const log = createLogger(options.logLevel);
+        // Set, not inherited: `berth serve` (which starts local workers) runs with a stricter one.
+        process.umask(WORKER_UMASK);
         let config: Config;
         try {
           config = await loadConfig(options.config);

@@ -1,4 +1,4 @@
-import { mkdir, rm } from "node:fs/promises";
+import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { ActionCache } from "../ac/action-cache.js";
 import { CompletenessCheckingActionCache } from "../ac/completeness-checking-action-cache.js";
@@ -18,6 +18,7 @@ import type { Logger } from "../log/log.js";
 import { ResolvedImages } from "../registry/resolved-images.js";
 import { Scheduler } from "../scheduler/scheduler.js";
 import { LruDirectory } from "../store/lru-directory.js";
+import { openPrivateDir } from "../store/private-dir.js";
 
 /** Blobs up to this size may be held in memory: the Directory, Action and Command messages of builds. */
 const MEMORY_CACHED_BLOB_BYTES = 64 * 1024;
@@ -38,17 +39,29 @@ export interface Farm {
 
 /** Opens (or creates) the farm's storage below `config.dataDir`. */
 export async function openFarm(config: Config, log: Logger): Promise<Farm> {
-  await mkdir(config.dataDir, { recursive: true });
+  await openPrivateDir(config.dataDir);
   let casEvictions = 0;
   const onEvict = (key: string, size: number) => {
     casEvictions++;
     log.debug({ key, size }, "evicted blob");
   };
-  const disk = await DiskBlobStore.open(join(config.dataDir, "cas"), { maxBytes: config.cas.maxSizeBytes, onEvict });
+  const onDamaged = (key: string, reason: string) => log.warn({ key }, reason);
+  const disk = await DiskBlobStore.open(join(config.dataDir, "cas"), {
+    maxBytes: config.cas.maxSizeBytes,
+    onEvict,
+    onDamaged,
+  });
   const acFiles = await LruDirectory.open(join(config.dataDir, "ac"), {
     maxBytes: config.actionCache.maxSizeBytes,
     onEvict: (key) => log.debug({ key }, "evicted action result"),
   });
+  // Blob files an earlier run left are hashed in the background, so that requests rarely wait for a check.
+  const verifying = disk.verifyAll().then(
+    ({ checked, dropped }) => {
+      if (checked > 0) log.info({ checked, dropped }, "checked the blob files found at start");
+    },
+    (err: unknown) => log.warn({ err }, "checking the blob files found at start failed"),
+  );
   log.info(
     {
       casBlobs: disk.usage.count,
@@ -64,7 +77,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
           maxTotalBytes: config.cas.memoryCacheSizeBytes,
         })
       : disk;
-  const written = new WriteBehindActionCache(new DiskActionCache(acFiles), (digest, error) =>
+  const written = new WriteBehindActionCache(new DiskActionCache(acFiles, onDamaged), (digest, error) =>
     log.warn({ action: formatDigest(digest), err: error }, "an action result could not be stored"),
   );
   const ac = new CompletenessCheckingActionCache(written, cas, (digest, missing) =>
@@ -120,6 +133,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
       await uploads.close();
       await written.flush();
       disk.close();
+      await verifying;
     },
   };
 }

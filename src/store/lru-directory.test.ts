@@ -69,3 +69,16 @@ test("ranged reads return exactly the asked bytes", async () => {
   assert.equal(await read(10, 10), "");
   assert.equal(await store.openRead("absent", 0, 1, 4), undefined);
 });
+
+test("makeRoom evicts least recently used files, never the one kept, and reports the bytes freed", async () => {
+  const dir = join(root, "room");
+  const evicted: string[] = [];
+  const store = await LruDirectory.open(dir, { maxBytes: 10_000, onEvict: (key) => evicted.push(key) });
+  for (const key of ["a", "b", "c", "d"]) await store.writeFile(key, Buffer.alloc(100, 1));
+  assert.equal(await store.makeRoom(150, "a"), 200);
+  assert.deepEqual(evicted, ["b", "c"]);
+  assert.deepEqual((await readdir(join(dir, "files"))).sort(), ["a", "d"]);
+  assert.equal(store.usedBytes, 200);
+  assert.equal(await store.makeRoom(1000), 200);
+  assert.equal(store.count, 0);
+});

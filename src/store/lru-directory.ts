@@ -9,6 +9,12 @@ interface Entry {
   size: number;
   /** When the file's mtime was last moved forward, so restarts keep the LRU order. */
   touchedAt: number;
+  /**
+   * Written by this process (after the writer checked it), or checked by the
+   * owner since this process started. A file found on disk at start is not:
+   * a crash may have left it short or damaged.
+   */
+  verified: boolean;
 }
 
 export interface LruDirectoryOptions {
@@ -16,6 +22,13 @@ export interface LruDirectoryOptions {
   maxBytes: number;
   /** Called for each file evicted, for logs and metrics. */
   onEvict?: (key: string, size: number) => void;
+  /**
+   * The size a key's file must have, when its name says (a blob's digest):
+   * a file of another size found at start is removed, never indexed.
+   */
+  sizeOfKey?: (key: string) => number | undefined;
+  /** Called for each file removed at start because its size was wrong. */
+  onDamaged?: (key: string, reason: string) => void;
 }
 
 /** How long an access may go unrecorded on disk; the in-memory order is always exact. */
@@ -25,10 +38,13 @@ const MTIME_RESOLUTION_MS = 60_000;
  * A directory of immutable files addressed by relative keys, with an
  * in-memory index in least-recently-used order and a size cap.
  *
- * Files are written under `tmp/` and renamed into place, so a reader never
- * sees half a file; a crash leaves only temporaries, removed at the next
- * start. The index is rebuilt from the files' mtimes on start, which also
- * carry the LRU order across restarts.
+ * Files are written under `tmp/`, flushed to the disk (fsync) and renamed
+ * into place, and the directory holding the new name is flushed before the
+ * write is acknowledged: a reader never sees half a file, and a file
+ * acknowledged survives a crash of the machine. A crash leaves temporaries,
+ * removed at the next start. The index is rebuilt from the files' mtimes on
+ * start, which also carry the LRU order across restarts; files found then
+ * are marked unverified until their owner checks them (`markVerified`).
  */
 export class LruDirectory {
   private readonly entries = new Map<string, Entry>();
@@ -37,6 +53,8 @@ export class LruDirectory {
   /** Temporary names are this process's prefix and a counter: unique without asking for randomness each time. */
   private readonly tempPrefix = randomBytes(6).toString("hex");
   private tempCounter = 0;
+  /** Directory flushes not yet started, one per directory: renames in the same tick share one fsync. */
+  private readonly dirSyncs = new Map<string, Promise<void>>();
 
   private constructor(
     readonly root: string,
@@ -46,8 +64,8 @@ export class LruDirectory {
   static async open(root: string, options: LruDirectoryOptions): Promise<LruDirectory> {
     const store = new LruDirectory(root, options);
     await rm(join(root, "tmp"), { recursive: true, force: true });
-    await mkdir(join(root, "tmp"), { recursive: true });
-    await mkdir(join(root, "files"), { recursive: true });
+    await mkdir(join(root, "tmp"), { recursive: true, mode: 0o700 });
+    await mkdir(join(root, "files"), { recursive: true, mode: 0o700 });
     await store.loadIndex();
     return store;
   }
@@ -83,6 +101,22 @@ export class LruDirectory {
     return true;
   }
 
+  /** Whether the file was written or checked by this process (false also when it is not stored). */
+  isVerified(key: string): boolean {
+    return this.entries.get(key)?.verified === true;
+  }
+
+  /** Records that the owner checked the file's content. */
+  markVerified(key: string): void {
+    const entry = this.entries.get(key);
+    if (entry) entry.verified = true;
+  }
+
+  /** Keys of files not checked since this process started, least recently used first. */
+  unverifiedKeys(): string[] {
+    return [...this.entries].filter(([, entry]) => !entry.verified).map(([key]) => key);
+  }
+
   sizeOf(key: string): number | undefined {
     return this.entries.get(key)?.size;
   }
@@ -97,9 +131,10 @@ export class LruDirectory {
   }
 
   /**
-   * Moves a complete temporary file into place under `key`. Concurrent
-   * commits of the same key are safe: the content is the same, the last
-   * rename wins, and the index counts the file once.
+   * Moves a complete temporary file into place under `key`; the caller has
+   * flushed its content (FileHandle.sync). Returns once the new name is on
+   * disk too. Concurrent commits of the same key are safe: the content is the
+   * same, the last rename wins, and the index counts the file once.
    */
   async commit(tempPath: string, key: string, size: number): Promise<void> {
     if (size > this.options.maxBytes) {
@@ -112,19 +147,75 @@ export class LruDirectory {
     const target = this.filePath(key);
     await this.ensureDir(dirname(target));
     await rename(tempPath, target);
+    await this.syncDir(dirname(target));
     await this.record(key, size);
   }
 
-  /** Writes `data` under `key` atomically. */
+  /**
+   * Writes `data` under `key` atomically and durably. When the disk is full,
+   * least recently used files make room for it and the write is tried once more.
+   */
   async writeFile(key: string, data: Uint8Array): Promise<void> {
+    try {
+      await this.writeTemp(key, data);
+    } catch (err) {
+      if (!isDiskFull(err) || (await this.makeRoom(data.byteLength, key)) === 0) throw err;
+      await this.writeTemp(key, data);
+    }
+  }
+
+  private async writeTemp(key: string, data: Uint8Array): Promise<void> {
     const temp = this.tempPath();
     const handle = await open(temp, "wx");
     try {
       await handle.writeFile(data);
-    } finally {
-      await handle.close();
+      await handle.sync();
+    } catch (err) {
+      await handle.close().catch(() => {});
+      await unlink(temp).catch(() => {});
+      throw err;
     }
+    await handle.close();
     await this.commit(temp, key, data.byteLength);
+  }
+
+  /**
+   * Evicts least recently used files (never `keep`) until at least `bytes`
+   * are freed, for a write the disk had no room for. Returns the bytes freed.
+   */
+  async makeRoom(bytes: number, keep = ""): Promise<number> {
+    let freed = 0;
+    const victims: string[] = [];
+    for (const [key, entry] of this.entries) {
+      if (freed >= bytes) break;
+      if (key === keep) continue;
+      victims.push(key);
+      freed += entry.size;
+    }
+    for (const key of victims) {
+      const size = this.entries.get(key)?.size ?? 0;
+      this.forget(key);
+      this.options.onEvict?.(key, size);
+    }
+    await Promise.all(victims.map((key) => unlink(this.filePath(key)).catch(() => {})));
+    return freed;
+  }
+
+  /**
+   * Flushes a directory's entries (a rename into it) to disk. Renames made
+   * before the flush starts share it: it starts on the next turn of the event loop.
+   */
+  private syncDir(dir: string): Promise<void> {
+    const pending = this.dirSyncs.get(dir);
+    if (pending) return pending;
+    const sync = new Promise<void>((resolve, reject) => {
+      setImmediate(() => {
+        this.dirSyncs.delete(dir);
+        fsyncDirectory(dir).then(resolve, reject);
+      });
+    });
+    this.dirSyncs.set(dir, sync);
+    return sync;
   }
 
   /** Counts a file just renamed into place (once, however often it was written). */
@@ -134,7 +225,7 @@ export class LruDirectory {
       this.touch(key);
       return;
     }
-    this.entries.set(key, { size, touchedAt: Date.now() });
+    this.entries.set(key, { size, touchedAt: Date.now(), verified: true });
     this.totalBytes += size;
     await this.evict(key);
   }
@@ -207,7 +298,11 @@ export class LruDirectory {
 
   private async ensureDir(dir: string): Promise<void> {
     if (this.createdDirs.has(dir)) return;
-    await mkdir(dir, { recursive: true });
+    const first = await mkdir(dir, { recursive: true, mode: 0o700 });
+    // A new directory's own name must reach the disk before a file in it counts as stored.
+    if (first !== undefined) {
+      for (let made = dir; made.length >= first.length; made = dirname(made)) await this.syncDir(dirname(made));
+    }
     this.createdDirs.add(dir);
   }
 
@@ -232,11 +327,34 @@ export class LruDirectory {
     await walk(join(this.root, "files"), "");
     found.sort((a, b) => a.mtime - b.mtime);
     for (const { key, size, mtime } of found) {
-      this.entries.set(key, { size, touchedAt: mtime });
+      const expected = this.options.sizeOfKey?.(key);
+      if (expected !== undefined && expected !== size) {
+        // Cut short (or grown) by a crash: its name promises other bytes.
+        this.options.onDamaged?.(key, `the file has ${size} bytes, its name says ${expected}`);
+        await unlink(join(this.root, "files", key)).catch(() => {});
+        continue;
+      }
+      this.entries.set(key, { size, touchedAt: mtime, verified: false });
       this.totalBytes += size;
     }
     await this.evict("");
   }
+}
+
+/** fsync of a directory: makes the names created or renamed in it durable. */
+export async function fsyncDirectory(dir: string): Promise<void> {
+  const handle = await open(dir, "r");
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}
+
+/** The disk (or the user's quota) has no room left. */
+export function isDiskFull(err: unknown): boolean {
+  const code = (err as NodeJS.ErrnoException | undefined)?.code;
+  return code === "ENOSPC" || code === "EDQUOT";
 }
 
 function isNotFound(err: unknown): boolean {

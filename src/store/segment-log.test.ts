@@ -90,3 +90,33 @@ test("files in the directory that are not segments are left alone", async () => 
   assert.ok((await readdir(path)).includes("README"));
   reopened.close();
 });
+
+test("sync resolves once the appends before it are flushed; appends of one turn share one flush", async () => {
+  const path = dir();
+  const log = await SegmentLog.open(path, { maxBytes: 1 << 20, segmentBytes: 4096 });
+  for (let n = 0; n < 50; n++) log.put(`key-${n}`, value(n));
+  const flushes = Array.from({ length: 50 }, () => log.sync());
+  assert.ok(
+    flushes.every((f) => f === flushes[0]),
+    "one flush for every append of this turn",
+  );
+  await Promise.all(flushes);
+  log.put("later", value(1));
+  const next = log.sync();
+  assert.notEqual(next, flushes[0], "an append after a flush started waits for the next one");
+  await next;
+  log.close();
+});
+
+test("records found at open are unverified until the owner checks them; appended ones are verified", async () => {
+  const path = dir();
+  let log = await SegmentLog.open(path, { maxBytes: 1 << 20, segmentBytes: 1 << 16 });
+  log.put("a", value(1));
+  assert.equal(log.isVerified("a"), true);
+  log.close();
+  log = await SegmentLog.open(path, { maxBytes: 1 << 20, segmentBytes: 1 << 16 });
+  assert.equal(log.isVerified("a"), false);
+  log.markVerified("a");
+  assert.equal(log.isVerified("a"), true);
+  log.close();
+});

@@ -1,6 +1,10 @@
-import { closeSync, ftruncateSync, openSync, readSync, writeSync } from "node:fs";
+import { closeSync, fdatasync, ftruncateSync, openSync, readSync, writeSync } from "node:fs";
 import { mkdir, readdir, stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
+import { promisify } from "node:util";
+import { fsyncDirectory } from "./lru-directory.js";
+
+const fdatasyncAsync = promisify(fdatasync);
 
 export interface SegmentLogOptions {
   /** Segments are dropped, oldest first, once their files hold more than this. */
@@ -16,6 +20,8 @@ interface Location {
   /** Where the record's data starts in its segment file. */
   offset: number;
   size: number;
+  /** Appended by this process, or checked by the owner since it started (a crash may have damaged older ones). */
+  verified: boolean;
 }
 
 interface Segment {
@@ -43,12 +49,20 @@ const SEGMENT_NAME = /^([0-9]{10})\.log$/;
  * half of the segments is copied to the newest one, so what is used stays.
  * Writes and reads are synchronous: each is one system call on a small value
  * in the page cache, cheaper than a round trip through the thread pool.
+ * Durability is a group commit: `sync()` flushes every append made before it
+ * starts with one fdatasync per segment written, shared by all the callers
+ * waiting on it.
  */
 export class SegmentLog {
   private readonly index = new Map<string, Location>();
   private readonly segments = new Map<number, Segment>();
   private current: Segment | undefined;
   private totalBytes = 0;
+  /** Segments appended to since their last flush, and whether a new segment's name must be flushed too. */
+  private readonly dirty = new Set<Segment>();
+  private dirDirty = false;
+  /** The flush not yet started, which later appends may still join. */
+  private pendingSync: Promise<void> | undefined;
 
   private constructor(
     private readonly dir: string,
@@ -56,7 +70,7 @@ export class SegmentLog {
   ) {}
 
   static async open(dir: string, options: SegmentLogOptions): Promise<SegmentLog> {
-    await mkdir(dir, { recursive: true });
+    await mkdir(dir, { recursive: true, mode: 0o700 });
     const log = new SegmentLog(dir, options);
     const ids = (await readdir(dir))
       .map((name) => SEGMENT_NAME.exec(name)?.[1])
@@ -86,7 +100,7 @@ export class SegmentLog {
     if (!location) return false;
     if (this.isOld(location.segment)) {
       const data = this.read(location);
-      if (data) this.append(key, data);
+      if (data) this.copyForward(key, data, location.verified);
     }
     return true;
   }
@@ -96,14 +110,56 @@ export class SegmentLog {
     const location = this.index.get(key);
     if (!location) return undefined;
     const data = this.read(location);
-    if (data && this.isOld(location.segment)) this.append(key, data);
+    if (data && this.isOld(location.segment)) this.copyForward(key, data, location.verified);
     return data;
   }
 
-  /** Stores a value under `key`; a key already stored keeps its value. */
+  /**
+   * Stores a value under `key`; a key already stored keeps its value. It is
+   * readable at once, and on disk once a `sync()` called afterwards resolves.
+   */
   put(key: string, data: Uint8Array): void {
     if (this.index.has(key)) return;
     this.append(key, data);
+  }
+
+  /**
+   * Resolves once every value put before this call is on disk. Calls in the
+   * same turn of the event loop share one flush (a group commit).
+   */
+  sync(): Promise<void> {
+    if (this.pendingSync) return this.pendingSync;
+    const flush = new Promise<void>((resolve, reject) => {
+      setImmediate(() => {
+        this.pendingSync = undefined;
+        this.flush().then(resolve, reject);
+      });
+    });
+    this.pendingSync = flush;
+    return flush;
+  }
+
+  private async flush(): Promise<void> {
+    const segments = [...this.dirty];
+    this.dirty.clear();
+    const dirDirty = this.dirDirty;
+    this.dirDirty = false;
+    // An evicted segment's descriptor is closed: its records are gone anyway.
+    await Promise.all(
+      segments.filter((s) => this.segments.get(s.id) === s).map((s) => fdatasyncAsync(s.fd).catch(ignoreClosed)),
+    );
+    if (dirDirty) await fsyncDirectory(this.dir);
+  }
+
+  /** Whether the value was appended or checked by this process (false also when it is not stored). */
+  isVerified(key: string): boolean {
+    return this.index.get(key)?.verified === true;
+  }
+
+  /** Records that the owner checked the value's bytes. */
+  markVerified(key: string): void {
+    const location = this.index.get(key);
+    if (location) location.verified = true;
   }
 
   /** Forgets a value (its bytes stay in the segment until the segment goes). */
@@ -117,7 +173,17 @@ export class SegmentLog {
     this.current = undefined;
   }
 
-  private append(key: string, data: Uint8Array): void {
+  /** Keeps a used value away from eviction; when the disk is full it stays where it is. */
+  private copyForward(key: string, data: Buffer, verified: boolean): void {
+    try {
+      this.append(key, data, verified);
+    } catch {
+      // The old copy is still indexed and whole; it will be evicted sooner, that is all.
+    }
+  }
+
+  /** `verified`: false for a copy of a value nobody checked yet; the copy stays unchecked. */
+  private append(key: string, data: Uint8Array, verified = true): void {
     const keyBytes = Buffer.from(key, "utf8");
     const record = Buffer.allocUnsafe(HEADER_BYTES + keyBytes.byteLength + data.byteLength);
     record.writeUInt32BE(MAGIC, 0);
@@ -129,10 +195,17 @@ export class SegmentLog {
     if (!segment || segment.bytes + record.byteLength > this.options.segmentBytes) segment = this.startSegment();
     const at = segment.bytes;
     let written = 0;
-    while (written < record.byteLength) {
-      written += writeSync(segment.fd, record, written, record.byteLength - written, at + written);
+    try {
+      while (written < record.byteLength) {
+        written += writeSync(segment.fd, record, written, record.byteLength - written, at + written);
+      }
+    } catch (err) {
+      // A full disk: nothing of a partial record may stay behind the last whole one.
+      if (written > 0) ftruncateSync(segment.fd, at);
+      throw err;
     }
     segment.bytes += record.byteLength;
+    this.dirty.add(segment);
     this.totalBytes += record.byteLength;
     // Delete first, so that the key moves to the end of the map: its order is the order of use.
     this.index.delete(key);
@@ -140,6 +213,7 @@ export class SegmentLog {
       segment: segment.id,
       offset: at + HEADER_BYTES + keyBytes.byteLength,
       size: data.byteLength,
+      verified,
     });
     this.evict();
   }
@@ -169,6 +243,7 @@ export class SegmentLog {
     const segment = { id, fd, bytes: 0 };
     this.segments.set(id, segment);
     this.current = segment;
+    this.dirDirty = true;
     return segment;
   }
 
@@ -205,7 +280,7 @@ export class SegmentLog {
       readSync(fd, keyBytes, 0, keyLength, at + HEADER_BYTES);
       const key = keyBytes.toString("utf8");
       this.index.delete(key);
-      this.index.set(key, { segment: id, offset: at + HEADER_BYTES + keyLength, size: dataLength });
+      this.index.set(key, { segment: id, offset: at + HEADER_BYTES + keyLength, size: dataLength, verified: false });
       at = end;
     }
     if (at < size) ftruncateSync(fd, at);
@@ -218,4 +293,9 @@ export class SegmentLog {
   private segmentPath(id: number): string {
     return join(this.dir, `${String(id).padStart(10, "0")}.log`);
   }
+}
+
+/** A segment evicted (its descriptor closed) while its flush waited: its records are gone anyway. */
+function ignoreClosed(err: unknown): void {
+  if ((err as NodeJS.ErrnoException).code !== "EBADF") throw err;
 }

@@ -7,6 +7,7 @@ import { registryFromConfig } from "../execution/farm-registry.js";
 import type { Logger } from "../log/log.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import type { Property } from "../scheduler/platform.js";
+import { openPrivateDir } from "../store/private-dir.js";
 import { DirectoryCache } from "./directory-cache.js";
 import { ExpandedRoots } from "./expanded-roots.js";
 import { FileCache } from "./file-cache.js";
@@ -49,6 +50,8 @@ export function defaultWorkerCount(): number {
 
 /** Workers sharing one file cache and one connection to the CAS; `stop` ends them all. */
 export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop(): Promise<void> }> {
+  // The file cache, layers and action directories below are the worker's (root's) alone.
+  await openPrivateDir(options.workDir);
   const cache = await FileCache.open(join(options.workDir, "cache"), options.worker.fileCacheMaxSizeBytes);
   const cas = RemoteCas.connect(options.address);
   const owner = actionUser();
