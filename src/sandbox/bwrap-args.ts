@@ -15,6 +15,11 @@ export interface SandboxLayout {
   /** uid 0 inside the user namespace instead of the unprivileged user. */
   runAsRoot: boolean;
   statusFd: number;
+  /** Sizes of the private /tmp and /dev/shm tmpfs; 0: the kernel's default (half the memory). */
+  tmpSizeBytes: number;
+  shmSizeBytes: number;
+  /** What bwrap runs: the request's argv, or a program that reads it from elsewhere (see bubblewrap.ts). */
+  command: string[];
 }
 
 /** bwrap's command line: namespaces, then the mounts in order (later ones cover earlier ones), then the command. */
@@ -35,8 +40,15 @@ export function sandboxArgs(request: SandboxRequest, layout: SandboxLayout): str
     "/proc",
     "--dev",
     "/dev",
+    // Size-limited, so that filling them stops at the limit instead of at the worker's memory.
     "--perms",
     "1777",
+    ...size(layout.shmSizeBytes),
+    "--tmpfs",
+    "/dev/shm",
+    "--perms",
+    "1777",
+    ...size(layout.tmpSizeBytes),
     "--tmpfs",
     "/tmp",
     ...layout.hide.flatMap((dir) => ["--tmpfs", dir]),
@@ -50,6 +62,10 @@ export function sandboxArgs(request: SandboxRequest, layout: SandboxLayout): str
     "--clearenv",
   ];
   for (const { name, value } of request.env) args.push("--setenv", name, value);
-  args.push("--", ...request.argv);
+  args.push("--", ...layout.command);
   return args;
+}
+
+function size(bytes: number): string[] {
+  return bytes > 0 ? ["--size", String(bytes)] : [];
 }

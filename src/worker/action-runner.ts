@@ -207,6 +207,17 @@ export async function runAction(
         digestFunction: fn.wireValue,
       };
     }
+    if (run.limitReached) {
+      // Like a timeout: the action failed because of the farm's bound, not its own doing; its partial
+      // stdout and stderr stay in the result, and the result is not cached.
+      return {
+        leaseId,
+        status: { code: Code.RESOURCE_EXHAUSTED, message: run.limitReached.message, details: [] },
+        result,
+        inlineBlobs: inline,
+        digestFunction: fn.wireValue,
+      };
+    }
     return {
       leaseId,
       status: { code: Code.OK, message: "", details: [] },
