@@ -58,7 +58,7 @@ const DIRECT_ARGS_LIMIT = 8000;
 const ARGS_SHIM = [
   "/usr/bin/perl",
   "-e",
-  `open(my $f, "<&=", ${ARGS_FD}) or die "berth: descriptor ${ARGS_FD}: $!\n"; local $/ = "\0"; my @a = <$f>; ` +
+  `open(my $f, "<&=", ${ARGS_FD}) or die "berth: descriptor ${ARGS_FD}: $!\n"; local $/ = "\\0"; my @a = <$f>; ` +
     `close $f; chomp @a; { no warnings "exec"; exec { $a[0] } @a; } print STDERR "bwrap: execvp $a[0]: $!\n"; exit 127;`,
 ];
 /** Where the action sees its input root. */

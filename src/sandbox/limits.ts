@@ -13,6 +13,8 @@ export interface SandboxLimits {
 
 export type LimitName = keyof SandboxLimits;
 
+const NPROC_HEADROOM = 16;
+
 /** The configuration's defaults, for sandboxes made without a configuration (tests, tools). */
 export const DEFAULT_LIMITS: SandboxLimits = {
   maxProcesses: 4096,
@@ -43,7 +45,10 @@ export function limitSteps(limits: SandboxLimits, cgroup: SlotCgroup | undefined
     soft: value,
     hard: value,
   });
-  if (limits.maxProcesses > 0) steps.push(rlimit(RLIMIT.NPROC, limits.maxProcesses));
+  // With a pids cgroup, the rlimit is only a backstop a little above it, so that the cgroup, which counts
+  // its refusals, is the one an action meets.
+  const nproc = cgroup ? limits.maxProcesses + NPROC_HEADROOM : limits.maxProcesses;
+  if (limits.maxProcesses > 0) steps.push(rlimit(RLIMIT.NPROC, nproc));
   if (limits.maxFileSizeBytes > 0) steps.push(rlimit(RLIMIT.FSIZE, limits.maxFileSizeBytes));
   if (limits.maxOpenFiles > 0) steps.push(rlimit(RLIMIT.NOFILE, limits.maxOpenFiles));
   if (limits.maxMemoryBytes > 0 && !cgroup?.boundsMemory) steps.push(rlimit(RLIMIT.AS, limits.maxMemoryBytes));
