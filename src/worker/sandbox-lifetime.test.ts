@@ -82,7 +82,9 @@ test("a descriptor berth serve inherited does not reach an action", { skip: !isR
   }
 });
 
-test("killing the worker process and its launcher mid-action leaves no process of its sandbox", { skip: !isRoot }, async () => {
+test("killing the worker process and its launcher mid-action leaves no process of its sandbox", {
+  skip: !isRoot,
+}, async () => {
   const clients = connect(address);
   const digest = await uploadAction(clients, {
     args: ["/bin/sh", "-c", "setsid sleep 300 & sleep 300"],
