@@ -1,6 +1,8 @@
 import { join } from "node:path";
 import type { SandboxRequest } from "./sandbox.js";
 
+const NOBODY = 65534;
+
 /** What differs between sandboxes on the host's root and on an image's. */
 export interface SandboxLayout {
   /** The mount that makes "/": the host's root read-only, or a staged image root writable. */
@@ -26,7 +28,9 @@ export interface SandboxLayout {
 export function sandboxArgs(request: SandboxRequest, layout: SandboxLayout): string[] {
   const args = [
     "--unshare-user",
-    ...(layout.runAsRoot ? ["--uid", "0", "--gid", "0"] : []),
+    // Inside its user namespace the action is root, or nobody (65534) whatever host uid its slot has, so
+    // that it finds itself in the image's or the host's /etc/passwd.
+    ...(layout.runAsRoot ? ["--uid", "0", "--gid", "0"] : ["--uid", String(NOBODY), "--gid", String(NOBODY)]),
     "--unshare-pid",
     "--unshare-ipc",
     "--unshare-uts",
