@@ -1,5 +1,5 @@
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmdirSync, writeFileSync } from "node:fs";
-import { join } from "node:path";
+import { basename, dirname, join } from "node:path";
 
 /** What a slot's cgroup holds an action to; 0 leaves that resource unbounded. */
 export interface CgroupLimits {
@@ -114,9 +114,11 @@ function ownCgroups(): Map<string, string> {
 }
 
 function openV2(name: string, limits: CgroupLimits): SlotCgroup | undefined {
-  const own = ownCgroups().get("");
+  let own = ownCgroups().get("");
   const controllers = readOr(join(V2_ROOT, "cgroup.controllers"), "").split(/\s+/);
   if (own === undefined || !controllers.includes("memory") || !controllers.includes("pids")) return undefined;
+  // After the first slot, this process already sits in the leaf it made; the slots go beside it.
+  if (basename(own) === V2_WORKER_LEAF) own = dirname(own);
   const parent = join(V2_ROOT, own);
   const available = readOr(join(parent, "cgroup.controllers"), "").split(/\s+/);
   if (!available.includes("memory") || !available.includes("pids")) return undefined;
