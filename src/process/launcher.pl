@@ -238,6 +238,7 @@ sub private_network {
       my $flags = fcntl($ready_write, POSIX::F_GETFD(), 0);
       fcntl($ready_write, POSIX::F_SETFD(), $flags & ~POSIX::FD_CLOEXEC()) or die "fcntl: $!\n";
       open(STDOUT, '>', '/dev/null');
+      no warnings 'exec';
       exec { $slirp } $slirp, '--configure', '--mtu=65520', '--disable-host-loopback',
         '--ready-fd=' . fileno($ready_write), $target, 'tap0';
       die "cannot run $slirp: $!\n";

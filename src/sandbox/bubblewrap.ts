@@ -223,6 +223,13 @@ export class BubblewrapSandbox implements Sandbox {
       if (report.exitCode === undefined && killedFor === undefined) {
         // bwrap reports an exit code only for a command it managed to exec.
         const message = await readStart(request.stderrPath);
+        if (request.network && message.includes(`${LAUNCH_FAILED}slirp4netns`)) {
+          // The worker lacks what network access needs; another worker (or the operator) can fix that.
+          throw new StatusError(
+            Code.FAILED_PRECONDITION,
+            `network: this worker cannot give the action a network of its own: ${message.replaceAll(LAUNCH_FAILED, "").trim()}`,
+          );
+        }
         if (message.startsWith(LAUNCH_FAILED)) {
           throw new Error(
             `cannot start bubblewrap (${this.#bwrapPath}): ${message.slice(LAUNCH_FAILED.length).trim()}`,

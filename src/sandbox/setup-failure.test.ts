@@ -3,6 +3,7 @@ import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm } from "node:fs/pro
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { test } from "node:test";
+import { Code, StatusError } from "../status/status.js";
 import { BubblewrapSandbox } from "./bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup } from "./cgroups.js";
 
@@ -33,7 +34,15 @@ test("a sandbox whose set-up fails is an error naming the cause, and leaves no p
       stderrPath: join(dir, "stderr"),
       network: true,
     }),
-    /slirp4netns/,
+    (err: unknown) => {
+      assert.ok(err instanceof StatusError);
+      assert.equal(err.code, Code.FAILED_PRECONDITION);
+      assert.match(
+        err.message,
+        /network: this worker cannot give the action a network of its own: .*\/nonexistent\/slirp4netns/,
+      );
+      return true;
+    },
   );
   assert.deepEqual(await processesOf(UID), []);
   // And a sandbox of that slot still starts: nothing of the failed one is in its way.
