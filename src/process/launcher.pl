@@ -218,7 +218,9 @@ sub run_step {
 # A network namespace of its own, reaching outside only through slirp4netns (user-mode networking, run as
 # root outside the namespace): outbound TCP and UDP go through slirp4netns's sockets on the host, while
 # --disable-host-loopback refuses its gateway address (10.0.2.2), the way to the host's loopback, where the
-# farm's own ports listen. The namespace's own 127.0.0.1 is its own.
+# farm's own ports listen. The namespace's own 127.0.0.1 is its own. slirp4netns
+# parses the action's packets as root, so it confines itself (--enable-sandbox:
+# its own mount namespace with almost nothing in it; --enable-seccomp).
 sub private_network {
   my ($slirp) = @_;
   pipe(my $go_read, my $go_write) or die "pipe: $!\n";
@@ -239,7 +241,7 @@ sub private_network {
       fcntl($ready_write, POSIX::F_SETFD(), $flags & ~POSIX::FD_CLOEXEC()) or die "fcntl: $!\n";
       open(STDOUT, '>', '/dev/null');
       no warnings 'exec';
-      exec { $slirp } $slirp, '--configure', '--mtu=65520', '--disable-host-loopback',
+      exec { $slirp } $slirp, '--configure', '--mtu=65520', '--disable-host-loopback', '--enable-sandbox', '--enable-seccomp',
         '--ready-fd=' . fileno($ready_write), $target, 'tap0';
       die "cannot run $slirp: $!\n";
     };
