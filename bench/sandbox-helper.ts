@@ -6,10 +6,12 @@
  * Started with child_process.fork by bench/execution.ts; it answers each request on the IPC channel and times
  * the work itself, so the channel's own latency is not counted.
  */
+
 import { spawn } from "node:child_process";
 import { type FileHandle, open } from "node:fs/promises";
 import type { Readable } from "node:stream";
 import { BubblewrapSandbox, bwrapArgs } from "../src/sandbox/bubblewrap.js";
+import { DEFAULT_LIMITS } from "../src/sandbox/limits.js";
 import type { SandboxRequest } from "../src/sandbox/sandbox.js";
 
 export const NOBODY = 65534;
@@ -47,7 +49,8 @@ function rawArgs(root: string, argv: string[]): string[] {
     stdoutPath: "/dev/null",
     stderrPath: "/dev/null",
   };
-  return bwrapArgs(request, root, root, root);
+  const { tmpSizeBytes, shmSizeBytes } = DEFAULT_LIMITS;
+  return bwrapArgs(request, root, root, root, { tmpSizeBytes, shmSizeBytes, command: argv });
 }
 
 export function sandboxRequest(slot: SandboxSlot, argv: string[]): SandboxRequest {

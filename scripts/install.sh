@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(protobuf-compiler zstd bubblewrap attr)
+packages=(protobuf-compiler zstd bubblewrap attr slirp4netns)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(bazel-bootstrap gcc docker-registry apache2-utils umoci skopeo busybox-static debootstrap docker.io)
 fi

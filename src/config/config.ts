@@ -106,6 +106,37 @@ export const ConfigSchema = z
         fileCacheMaxSizeBytes: bytes.default(10 * 1024 ** 3),
         /** A worker's materialized roots of expanded images past this total are deleted, least recently used first. */
         expandedRootsMaxSizeBytes: bytes.default(20 * 1024 ** 3),
+        /**
+         * Executor slot n runs its actions as host uid and gid sandboxUidBase + n (no /etc/passwd entry needed):
+         * a range no local user or service uses, so one slot's processes are neither counted against, nor
+         * signalled by, another's. Two workers on one host need ranges that do not overlap.
+         */
+        sandboxUidBase: z
+          .number()
+          .int()
+          .min(1000)
+          .max(2 ** 32 - 2 ** 16)
+          .default(2_000_000_000),
+        /** Runs actions with network=external in a namespace of their own (never reaching the host's loopback). */
+        slirp4netnsPath: z.string().min(1).default("slirp4netns"),
+        /** Bounds of each action; 0 means unbounded. */
+        limits: z
+          .object({
+            /** Processes and threads of one action (a cgroup's pids.max, and RLIMIT_NPROC of the slot's uid). */
+            maxProcesses: z.number().int().nonnegative().default(4096),
+            /** Memory of one action, page cache and tmpfs included (a cgroup; RLIMIT_AS where there is none). */
+            maxMemoryBytes: bytes.default(8 * 1024 ** 3),
+            /** Size of the action's private /tmp (a tmpfs; its pages count as the action's memory). */
+            tmpSizeBytes: bytes.default(1024 ** 3),
+            /** Size of the action's private /dev/shm (a tmpfs). */
+            shmSizeBytes: bytes.default(64 * 1024 ** 2),
+            /** Largest file the action may write (RLIMIT_FSIZE), in its input root and elsewhere. */
+            maxFileSizeBytes: bytes.default(16 * 1024 ** 3),
+            /** Open file descriptors per process (RLIMIT_NOFILE). */
+            maxOpenFiles: z.number().int().nonnegative().default(65536),
+          })
+          .strict()
+          .prefault({}),
       })
       .strict()
       .prefault({}),

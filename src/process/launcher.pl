@@ -11,24 +11,42 @@
 # those calls directly. perl-base is part of every Debian system.
 #
 # Requests on stdin: a count, then that many fields, each ended by a NUL:
-#   id uid gid stdout stderr status nsteps step... argc argv... envc env...
+#   id uid gid stdout stderr status fd4 nsteps step... argc argv... envc env...
 # where a step is `private`, `mount SOURCE TARGET TYPE FLAGS DATA`,
-# `mkdir PATH` or `chdir PATH`, and uid -1 keeps root. Replies on stdout,
+# `mkdir PATH`, `chdir PATH`, `rlimit RESOURCE SOFT HARD`, `cgroup PROCSFILE`
+# or `netns SLIRP4NETNS`; uid -1 keeps root; fd4 is a file opened read-only
+# as descriptor 4, or empty for none. Replies on stdout,
 # one line each: `started ID PID`, `failed ID MESSAGE`,
 # `exited ID CODE SIGNAL`. When stdin closes (the worker is gone), every
-# sandbox still running is killed and the launcher exits.
+# sandbox still running is killed and the launcher exits; when the worker
+# dies, the kernel kills the launcher (PR_SET_PDEATHSIG) and, in turn, every
+# program it started.
 use strict;
 use warnings;
 use POSIX ();
 
-my ($SYS_MOUNT, $SYS_UNSHARE) = map { $_ + 0 } @ARGV;
-die "usage: launcher.pl SYS_mount SYS_unshare\n" unless $SYS_MOUNT && $SYS_UNSHARE;
+# The numbers of the system calls perl has no function for; they differ
+# between architectures, so launcher.ts passes them (x86_64: 165 272 302 157).
+my ($SYS_MOUNT, $SYS_UNSHARE, $SYS_PRLIMIT64, $SYS_PRCTL) = map { $_ + 0 } @ARGV;
+die "usage: launcher.pl SYS_mount SYS_unshare SYS_prlimit64 SYS_prctl\n"
+  unless $SYS_MOUNT && $SYS_UNSHARE && $SYS_PRLIMIT64 && $SYS_PRCTL;
 
 use constant CLONE_NEWNS => 0x00020000;
+use constant CLONE_NEWNET => 0x40000000;
 use constant MS_REC => 0x4000;
 use constant MS_PRIVATE => 0x40000;
+use constant PR_SET_PDEATHSIG => 1;
+use constant SIGKILL => 9;
 use constant LAUNCH_FAILED => 'berth launcher: ';
-use constant STEP_ARGS => { private => 0, mount => 5, mkdir => 1, chdir => 1 };
+use constant STEP_ARGS => { private => 0, mount => 5, mkdir => 1, chdir => 1, rlimit => 3, cgroup => 1, netns => 1 };
+
+# Descriptors the worker inherited from whoever started it (a shell, a
+# service manager, a test holding a file open) must reach no sandbox: every
+# one above stderr is closed before anything else happens.
+close_inherited_descriptors();
+# Dies with the worker, even when it is killed outright; its children follow
+# (see child()). A worker already gone before this call left us to init.
+die_with_parent();
 
 $| = 1;
 binmode STDIN;
@@ -85,7 +103,7 @@ sub take_request {
 
 sub launch {
   my @fields = @_;
-  my ($id, $uid, $gid, $stdout, $stderr, $status, $nsteps) = splice(@fields, 0, 7);
+  my ($id, $uid, $gid, $stdout, $stderr, $status, $fd4, $nsteps) = splice(@fields, 0, 8);
   my @steps;
   for (1 .. $nsteps) {
     my $kind = shift @fields;
@@ -101,7 +119,7 @@ sub launch {
     print "failed $id fork: $!\n";
   } elsif ($pid == 0) {
     $SIG{CHLD} = 'DEFAULT';
-    child($uid, $gid, $stdout, $stderr, $status, \@steps, \@argv, \@env);
+    child($uid, $gid, $stdout, $stderr, $status, $fd4, \@steps, \@argv, \@env);
   } else {
     $running{$pid} = $id;
     print "started $id $pid\n";
@@ -110,7 +128,8 @@ sub launch {
 
 # Never returns: execs the command or exits 126 with the reason on the stderr file.
 sub child {
-  my ($uid, $gid, $stdout, $stderr, $status, $steps, $argv, $env) = @_;
+  my ($uid, $gid, $stdout, $stderr, $status, $fd4, $steps, $argv, $env) = @_;
+  my $launcher = getppid();
   # Its own session and process group: one kill(-pid) reaches every process that has not left it, and the
   # sandbox has no controlling terminal.
   POSIX::setsid();
@@ -125,6 +144,15 @@ sub child {
   POSIX::dup2($err, 2);
   POSIX::dup2($info, 3);
   POSIX::close($_) for grep { $_ > 3 } $null, $out, $err, $info;
+  if ($fd4 ne '') {
+    # Opened as root, before the switch of user: the program reads it through the descriptor alone.
+    my $input = POSIX::open($fd4, POSIX::O_RDONLY());
+    POSIX::_exit(126) unless defined $input;
+    if ($input != 4) {
+      POSIX::dup2($input, 4);
+      POSIX::close($input);
+    }
+  }
   eval {
     run_step(@$_) for @$steps;
     if ($uid >= 0) {
@@ -134,6 +162,11 @@ sub child {
       die "could not become uid $uid\n" if $< != $uid || $> != $uid;
       die "could not drop the groups of root\n" if grep { $_ != $gid } split(' ', $)), split(' ', $();
     }
+    # The kernel clears the parent-death signal when the user changes, so it is set after that: when the
+    # launcher dies, so does the program (bwrap, whose --die-with-parent takes the sandbox along). A
+    # launcher gone before this point is seen through getppid.
+    die_with_parent();
+    die "the launcher is gone\n" if getppid() != $launcher;
     chdir '/' or die "chdir /: $!\n";
     %ENV = map { split /=/, $_, 2 } @$env;
     { no warnings 'exec'; exec { $argv->[0] } @$argv; }
@@ -158,5 +191,80 @@ sub run_step {
     mkdir($args[0], 0755) or $!{EEXIST} or die "mkdir $args[0]: $!\n";
   } elsif ($kind eq 'chdir') {
     chdir($args[0]) or die "chdir $args[0]: $!\n";
+  } elsif ($kind eq 'rlimit') {
+    # prlimit64(0, resource, &new, NULL) on this process: struct rlimit64 is two unsigned 64-bit numbers.
+    # Limits are lowered while still root, so the program cannot raise them again (only the soft one, up
+    # to the hard one). perl-base has no BSD::Resource, hence the system call.
+    # Limits are only ever lowered: raising a hard limit needs CAP_SYS_RESOURCE, which a worker in a
+    # container may lack, and a host's lower limit is the operator's choice.
+    my ($resource, $soft, $hard) = @args;
+    my $current = pack('QQ', 0, 0);
+    syscall($SYS_PRLIMIT64, 0, $resource + 0, 0, $current) == 0 or die "getrlimit($resource): $!\n";
+    my ($current_soft, $current_hard) = unpack('QQ', $current);
+    $hard = $current_hard if $current_hard < $hard;
+    $soft = $hard if $hard < $soft;
+    my $limit = pack('QQ', $soft, $hard);
+    syscall($SYS_PRLIMIT64, 0, $resource + 0, $limit, 0) == 0 or die "setrlimit($resource, $soft): $!\n";
+  } elsif ($kind eq 'cgroup') {
+    # Joining the cgroup before the exec puts every later process of the sandbox in it.
+    open(my $procs, '>', $args[0]) or die "open $args[0]: $!\n";
+    print $procs "$$\n" or die "write $args[0]: $!\n";
+    close($procs) or die "joining the cgroup $args[0]: $!\n";
+  } elsif ($kind eq 'netns') {
+    private_network(@args);
   }
+}
+
+# A network namespace of its own, reaching outside only through slirp4netns (user-mode networking, run as
+# root outside the namespace): outbound TCP and UDP go through slirp4netns's sockets on the host, while
+# --disable-host-loopback refuses its gateway address (10.0.2.2), the way to the host's loopback, where the
+# farm's own ports listen. The namespace's own 127.0.0.1 is its own. slirp4netns
+# parses the action's packets as root, so it confines itself (--enable-sandbox:
+# its own mount namespace with almost nothing in it; --enable-seccomp).
+sub private_network {
+  my ($slirp) = @_;
+  pipe(my $go_read, my $go_write) or die "pipe: $!\n";
+  pipe(my $ready_read, my $ready_write) or die "pipe: $!\n";
+  my $target = $$;
+  my $helper = fork;
+  die "fork: $!\n" unless defined $helper;
+  if ($helper == 0) {
+    eval {
+      close $go_write;
+      close $ready_read;
+      # Waits for the namespace to exist, staying in the host's.
+      sysread($go_read, my $byte, 1) == 1 or POSIX::_exit(0);
+      # slirp4netns lives as long as its parent, which becomes bwrap.
+      die_with_parent();
+      POSIX::_exit(0) if getppid() != $target;
+      my $flags = fcntl($ready_write, POSIX::F_GETFD(), 0);
+      fcntl($ready_write, POSIX::F_SETFD(), $flags & ~POSIX::FD_CLOEXEC()) or die "fcntl: $!\n";
+      open(STDOUT, '>', '/dev/null');
+      no warnings 'exec';
+      exec { $slirp } $slirp, '--configure', '--mtu=65520', '--disable-host-loopback', '--enable-sandbox', '--enable-seccomp',
+        '--ready-fd=' . fileno($ready_write), $target, 'tap0';
+      die "cannot run $slirp: $!\n";
+    };
+    print STDERR LAUNCH_FAILED, $@;
+    POSIX::_exit(126);
+  }
+  close $go_read;
+  close $ready_write;
+  syscall($SYS_UNSHARE, CLONE_NEWNET) == 0 or die "unshare(CLONE_NEWNET): $!\n";
+  syswrite($go_write, '1') == 1 or die "signalling slirp4netns: $!\n";
+  close $go_write;
+  sysread($ready_read, my $ready, 1) == 1 or die "slirp4netns ($slirp) did not set up the network\n";
+  close $ready_read;
+}
+
+sub die_with_parent {
+  syscall($SYS_PRCTL, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) == 0 or die "prctl(PR_SET_PDEATHSIG): $!\n";
+}
+
+sub close_inherited_descriptors {
+  opendir(my $dir, '/proc/self/fd') or die "opendir /proc/self/fd: $!\n";
+  my @open = grep { /^\d+$/ && $_ > 2 } readdir($dir);
+  my $own = fileno($dir);
+  closedir($dir);
+  POSIX::close($_) for grep { $_ != $own } @open;
 }

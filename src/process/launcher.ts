@@ -10,7 +10,16 @@ export type LaunchStep =
   | { kind: "private" }
   | { kind: "mount"; source: string; target: string; type: string; flags: number; data: string }
   | { kind: "mkdir"; path: string }
-  | { kind: "chdir"; path: string };
+  | { kind: "chdir"; path: string }
+  /** setrlimit(2) before the switch of user, so the program cannot raise the hard limit again. */
+  | { kind: "rlimit"; resource: number; soft: number; hard: number }
+  /** Joins the cgroup whose `cgroup.procs` file this is; everything the program starts stays in it. */
+  | { kind: "cgroup"; procsFile: string }
+  /** A network namespace of its own, reaching out through slirp4netns (never to the host's loopback). */
+  | { kind: "netns"; slirp4netnsPath: string };
+
+/** setrlimit(2) resource numbers, the same on every architecture Linux's generic headers cover (x86_64, arm64). */
+export const RLIMIT = { FSIZE: 1, CORE: 4, NPROC: 6, NOFILE: 7, AS: 9 } as const;
 
 export interface LaunchRequest {
   argv: string[];
@@ -22,6 +31,8 @@ export interface LaunchRequest {
   stdoutPath: string;
   stderrPath: string;
   fd3Path: string;
+  /** A file opened read-only as descriptor 4 (for bwrap's --args), if any. */
+  fd4Path?: string;
   steps: LaunchStep[];
 }
 
@@ -45,10 +56,12 @@ export const MS_BIND = 0x1000;
 
 const SCRIPT = fileURLToPath(new URL("./launcher.pl", import.meta.url));
 
-/** System call numbers perl's syscall() needs; they differ between architectures. */
-const SYSCALLS: Partial<Record<NodeJS.Architecture, { mount: number; unshare: number }>> = {
-  x64: { mount: 165, unshare: 272 },
-  arm64: { mount: 40, unshare: 97 },
+/** System call numbers perl's syscall() needs; they differ between architectures (asm/unistd_64.h, asm-generic). */
+const SYSCALLS: Partial<
+  Record<NodeJS.Architecture, { mount: number; unshare: number; prlimit64: number; prctl: number }>
+> = {
+  x64: { mount: 165, unshare: 272, prlimit64: 302, prctl: 157 },
+  arm64: { mount: 40, unshare: 97, prlimit64: 261, prctl: 167 },
 };
 
 interface Pending {
@@ -108,7 +121,8 @@ export class Launcher {
     if (this.#child) return this.#child;
     const numbers = SYSCALLS[process.arch];
     if (!numbers) throw new Error(`the sandbox launcher does not know the system calls of ${process.arch}`);
-    const child = spawn("perl", [SCRIPT, String(numbers.mount), String(numbers.unshare)], {
+    const syscalls = [numbers.mount, numbers.unshare, numbers.prlimit64, numbers.prctl].map(String);
+    const child = spawn("perl", [SCRIPT, ...syscalls], {
       stdio: ["pipe", "pipe", "pipe"],
     });
     this.#child = child;
@@ -172,6 +186,9 @@ function encode(request: LaunchRequest): string[] {
   const steps = request.steps.flatMap((step): string[] => {
     if (step.kind === "private") return ["private"];
     if (step.kind === "mount") return ["mount", step.source, step.target, step.type, String(step.flags), step.data];
+    if (step.kind === "rlimit") return ["rlimit", String(step.resource), String(step.soft), String(step.hard)];
+    if (step.kind === "cgroup") return ["cgroup", step.procsFile];
+    if (step.kind === "netns") return ["netns", step.slirp4netnsPath];
     return [step.kind, step.path];
   });
   const env = Object.entries(request.env).map(([name, value]) => `${name}=${value}`);
@@ -181,6 +198,7 @@ function encode(request: LaunchRequest): string[] {
     request.stdoutPath,
     request.stderrPath,
     request.fd3Path,
+    request.fd4Path ?? "",
     String(request.steps.length),
     ...steps,
     String(request.argv.length),

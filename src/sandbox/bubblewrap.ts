@@ -1,25 +1,66 @@
-import { readFileSync, readlinkSync, rmSync, type Stats, statSync } from "node:fs";
+import {
+  closeSync,
+  openSync,
+  readFileSync,
+  readlinkSync,
+  readSync,
+  rmSync,
+  type Stats,
+  statSync,
+  writeFileSync,
+} from "node:fs";
 import { open } from "node:fs/promises";
 import { constants } from "node:os";
 import { dirname, isAbsolute, relative, resolve, sep } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { LAUNCH_FAILED, type LaunchStep, sharedLauncher } from "../process/launcher.js";
+import { Code, StatusError } from "../status/status.js";
 import { sandboxArgs } from "./bwrap-args.js";
+import type { CgroupEvents, SlotCgroup } from "./cgroups.js";
 import { imageBwrapArgs, imageLaunchSteps, prepareImageMountPoints } from "./image-root.js";
+import { DEFAULT_LIMITS, describeLimit, type LimitName, limitSteps, type SandboxLimits } from "./limits.js";
 import type { Sandbox, SandboxRequest, SandboxResult } from "./sandbox.js";
 import { bindSteps, stagingSteps } from "./staging.js";
 
 export interface BubblewrapSandboxOptions {
   /** Default "bwrap", looked up in the worker's PATH. */
   bwrapPath?: string;
-  /** The unprivileged host user and group the action runs as; default 65534/65534 (nobody/nogroup). */
+  /**
+   * The unprivileged host user and group the action runs as; default 65534/65534 (nobody/nogroup). A worker
+   * gives each executor slot a uid of its own (worker.sandboxUidBase + slot): rlimits such as RLIMIT_NPROC
+   * count per uid, and a process can signal only processes of its own uid.
+   */
   uid?: number;
   gid?: number;
+  /** Bounds of each action; DEFAULT_LIMITS when absent. */
+  limits?: SandboxLimits;
+  /** The slot's cgroup, bounding memory and processes and reporting when they ran out (see cgroups.ts). */
+  cgroup?: SlotCgroup;
+  /** For actions with network access: default "slirp4netns", looked up in the worker's PATH. */
+  slirp4netnsPath?: string;
 }
 
 const NOBODY = 65534;
 const EXEC_FAILED = 127;
 const STATUS_FD = 3;
+/** The descriptor the argument shim reads the command line from. */
+const ARGS_FD = 4;
+/**
+ * bwrap refuses a command line of more than 9,000 arguments, its own options and the command's together
+ * (also through --args). Past this many, the command's arguments go in a file instead (see ARGS_SHIM).
+ */
+const DIRECT_ARGS_LIMIT = 8000;
+/**
+ * Run by bwrap in place of a long command: reads the NUL-separated command line from descriptor 4 (a file the
+ * launcher opened), closes it and execs it, with argv[0] looked up in the action's PATH as REAPI says. perl is
+ * part of every Debian system (perl-base); it is found on the host's root, which the sandbox shows read-only.
+ */
+const ARGS_SHIM = [
+  "/usr/bin/perl",
+  "-e",
+  `open(my $f, "<&=", ${ARGS_FD}) or die "berth: descriptor ${ARGS_FD}: $!\n"; local $/ = "\\0"; my @a = <$f>; ` +
+    `close $f; chomp @a; { no warnings "exec"; exec { $a[0] } @a; } print STDERR "bwrap: execvp $a[0]: $!\n"; exit 127;`,
+];
 /** Where the action sees its input root. */
 export const INPUT_ROOT_MOUNT = "/run/berth/execroot";
 /** Longest delay setTimeout accepts. */
@@ -41,19 +82,33 @@ export class BubblewrapSandbox implements Sandbox {
   readonly #gid: number;
   readonly #reachableParents = new Map<string, boolean>();
   readonly #launcher = sharedLauncher();
+  readonly #limits: SandboxLimits;
+  readonly #cgroup: SlotCgroup | undefined;
+  readonly #slirp4netnsPath: string;
 
   constructor(options: BubblewrapSandboxOptions = {}) {
     this.#bwrapPath = options.bwrapPath ?? "bwrap";
     this.#uid = options.uid ?? NOBODY;
     this.#gid = options.gid ?? NOBODY;
+    this.#limits = options.limits ?? DEFAULT_LIMITS;
+    this.#cgroup = options.cgroup;
+    this.#slirp4netnsPath = options.slirp4netnsPath ?? "slirp4netns";
   }
 
   async run(request: SandboxRequest): Promise<SandboxResult> {
     const { root, workDir } = await checkRequest(request);
+    const sizes = { tmpSizeBytes: this.#limits.tmpSizeBytes, shmSizeBytes: this.#limits.shmSizeBytes };
     if (request.image) {
+      if (request.argv.length > DIRECT_ARGS_LIMIT) {
+        // The argument shim needs the host's perl, which an image's root does not show.
+        throw new StatusError(
+          Code.INVALID_ARGUMENT,
+          `command.arguments: ${request.argv.length} arguments; an action in a container image may have at most ${DIRECT_ARGS_LIMIT}`,
+        );
+      }
       await prepareImageMountPoints(request.image);
-      const sandbox = imageBwrapArgs(request, request.image, relative(root, workDir), STATUS_FD);
-      return this.#execute(request, [this.#bwrapPath, ...sandbox], imageLaunchSteps(request.image, root));
+      const sandbox = imageBwrapArgs(request, request.image, relative(root, workDir), STATUS_FD, sizes);
+      return this.#execute(request, [this.#bwrapPath, ...sandbox], imageLaunchSteps(request.image, root), undefined);
     }
     // The action's user must reach the input root to bind it. When a directory above it is closed to that
     // user (a data directory under /root, say), root binds it first in a private mount namespace, at a
@@ -61,7 +116,10 @@ export class BubblewrapSandbox implements Sandbox {
     const direct = await this.#reachable(root);
     const source = direct ? root : INPUT_ROOT_MOUNT;
     const steps = direct ? [] : [...stagingSteps(), ...bindSteps(root, INPUT_ROOT_MOUNT)];
-    return this.#execute(request, [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir)], steps);
+    const longCommand = request.argv.length > DIRECT_ARGS_LIMIT;
+    const command = longCommand ? ARGS_SHIM : request.argv;
+    const argv = [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir, { ...sizes, command })];
+    return this.#execute(request, argv, steps, longCommand ? request.argv : undefined);
   }
 
   /** Whether the action's user can reach `root` through the directories above it. */
@@ -91,9 +149,24 @@ export class BubblewrapSandbox implements Sandbox {
     );
   }
 
-  async #execute(request: SandboxRequest, argv: string[], steps: LaunchStep[]): Promise<SandboxResult> {
+  async #execute(
+    request: SandboxRequest,
+    argv: string[],
+    sandboxSteps: LaunchStep[],
+    shimmedCommand: string[] | undefined,
+  ): Promise<SandboxResult> {
     // bwrap reports the sandbox's pid and the command's exit code on STATUS_FD, here a file beside stdout.
     const statusPath = `${request.stdoutPath}.bwrap-status`;
+    const argsPath = `${request.stdoutPath}.bwrap-args`;
+    if (shimmedCommand) writeFileSync(argsPath, `${shimmedCommand.join("\0")}\0`, { mode: 0o600 });
+    const steps: LaunchStep[] = [
+      // A network namespace of the action's own, made first: slirp4netns, its helper, stays out of the
+      // slot's cgroup and rlimits (an action's process bomb must not starve it).
+      ...(request.network ? [{ kind: "netns", slirp4netnsPath: this.#slirp4netnsPath } as const] : []),
+      ...sandboxSteps,
+      ...limitSteps(this.#limits, this.#cgroup),
+    ];
+    const before = this.#cgroup?.events();
     const startedAt = new Date();
     const launched = await this.#launcher
       .launch({
@@ -103,9 +176,11 @@ export class BubblewrapSandbox implements Sandbox {
         stdoutPath: request.stdoutPath,
         stderrPath: request.stderrPath,
         fd3Path: statusPath,
+        fd4Path: shimmedCommand ? argsPath : undefined,
         steps,
       })
       .catch((error: Error) => {
+        rmSync(argsPath, { force: true });
         throw new Error(`cannot start bubblewrap (${this.#bwrapPath}): ${error.message}`, { cause: error });
       });
 
@@ -138,6 +213,9 @@ export class BubblewrapSandbox implements Sandbox {
       if (report.childPid !== undefined && report.pidNamespace !== undefined) {
         await waitForSandboxEnd(report.childPid, report.pidNamespace);
       }
+      // Whatever the sandbox left (it should be nothing: its PID namespace ended with it) goes with the
+      // cgroup, also when bwrap never got as far as making that namespace.
+      this.#cgroup?.killAll();
       const completedAt = new Date();
 
       // A command killed by a signal already shows up as 128 + n in bwrap's own exit code.
@@ -145,6 +223,13 @@ export class BubblewrapSandbox implements Sandbox {
       if (report.exitCode === undefined && killedFor === undefined) {
         // bwrap reports an exit code only for a command it managed to exec.
         const message = await readStart(request.stderrPath);
+        if (request.network && message.includes(`${LAUNCH_FAILED}slirp4netns`)) {
+          // The worker lacks what network access needs; another worker (or the operator) can fix that.
+          throw new StatusError(
+            Code.FAILED_PRECONDITION,
+            `network: this worker cannot give the action a network of its own: ${message.replaceAll(LAUNCH_FAILED, "").trim()}`,
+          );
+        }
         if (message.startsWith(LAUNCH_FAILED)) {
           throw new Error(
             `cannot start bubblewrap (${this.#bwrapPath}): ${message.slice(LAUNCH_FAILED.length).trim()}`,
@@ -155,12 +240,75 @@ export class BubblewrapSandbox implements Sandbox {
         }
         exitCode = EXEC_FAILED;
       }
-      return { exitCode, timedOut: killedFor === "timeout", cancelled: killedFor === "cancel", startedAt, completedAt };
+      const limitReached =
+        exitCode === 0 || killedFor !== undefined
+          ? undefined
+          : reachedLimit(exitCode, before, this.#cgroup?.events(), request.stderrPath);
+      return {
+        exitCode,
+        timedOut: killedFor === "timeout",
+        cancelled: killedFor === "cancel",
+        startedAt,
+        completedAt,
+        ...(limitReached
+          ? { limitReached: { limit: limitReached, message: describeLimit(limitReached, this.#limits) } }
+          : {}),
+      };
     } finally {
       clearTimeout(timer);
       request.signal?.removeEventListener("abort", onAbort);
       rmSync(statusPath, { force: true });
+      if (shimmedCommand) rmSync(argsPath, { force: true });
     }
+  }
+
+  /** What the sandbox bounds each action to. */
+  get limits(): SandboxLimits {
+    return this.#limits;
+  }
+}
+
+const SIGXFSZ = 25;
+/** What tools print when a write finds no space, when a fork is refused, when a file is too large. */
+const NO_SPACE = "No space left on device";
+const FILE_TOO_LARGE = "File too large";
+
+/**
+ * The limit a failed action most likely ended at. The cgroup's counters are
+ * exact; the rest is read from how the command ended (SIGXFSZ) and from what
+ * tools print (the tmpfs sizes have no counter), so only an action that
+ * failed is ever blamed on a limit.
+ */
+function reachedLimit(
+  exitCode: number,
+  before: CgroupEvents | undefined,
+  after: CgroupEvents | undefined,
+  stderrPath: string,
+): LimitName | undefined {
+  if (before && after) {
+    if (after.oomKills > before.oomKills) return "maxMemoryBytes";
+    if (after.forkRefusals > before.forkRefusals) return "maxProcesses";
+  }
+  if (exitCode === 128 + SIGXFSZ) return "maxFileSizeBytes";
+  const stderr = readTail(stderrPath);
+  if (stderr.includes(FILE_TOO_LARGE)) return "maxFileSizeBytes";
+  if (stderr.includes(NO_SPACE)) return "tmpSizeBytes";
+  return undefined;
+}
+
+/** The last 64 KiB of a log file, where a tool's last complaint is. */
+function readTail(path: string): string {
+  let fd: number | undefined;
+  try {
+    fd = openSync(path, "r");
+    const size = statSync(path).size;
+    const buffer = Buffer.alloc(Math.min(size, 65536));
+    const read = readSync(fd, buffer, 0, buffer.length, size - buffer.length);
+    return buffer.toString("utf8", 0, read);
+  } catch {
+    return "";
+  } finally {
+    if (fd !== undefined) closeSync(fd);
   }
 }
 
@@ -183,8 +331,15 @@ async function checkRequest(request: SandboxRequest): Promise<{ root: string; wo
 }
 
 /** bwrap's command line for `request`, with `source` (the host path of `root`) bound at INPUT_ROOT_MOUNT. */
-export function bwrapArgs(request: SandboxRequest, source: string, root: string, workDir: string): string[] {
+export function bwrapArgs(
+  request: SandboxRequest,
+  source: string,
+  root: string,
+  workDir: string,
+  run: { tmpSizeBytes: number; shmSizeBytes: number; command: string[] },
+): string[] {
   return sandboxArgs(request, {
+    ...run,
     root: ["--ro-bind", "/", "/"],
     // The host's /run (sockets of system services, among them Docker's) is hidden; the input root is
     // bound there, at the same path whichever way it was reached.

@@ -1,6 +1,8 @@
 import { join } from "node:path";
 import type { SandboxRequest } from "./sandbox.js";
 
+const NOBODY = 65534;
+
 /** What differs between sandboxes on the host's root and on an image's. */
 export interface SandboxLayout {
   /** The mount that makes "/": the host's root read-only, or a staged image root writable. */
@@ -15,13 +17,20 @@ export interface SandboxLayout {
   /** uid 0 inside the user namespace instead of the unprivileged user. */
   runAsRoot: boolean;
   statusFd: number;
+  /** Sizes of the private /tmp and /dev/shm tmpfs; 0: the kernel's default (half the memory). */
+  tmpSizeBytes: number;
+  shmSizeBytes: number;
+  /** What bwrap runs: the request's argv, or a program that reads it from elsewhere (see bubblewrap.ts). */
+  command: string[];
 }
 
 /** bwrap's command line: namespaces, then the mounts in order (later ones cover earlier ones), then the command. */
 export function sandboxArgs(request: SandboxRequest, layout: SandboxLayout): string[] {
   const args = [
     "--unshare-user",
-    ...(layout.runAsRoot ? ["--uid", "0", "--gid", "0"] : []),
+    // Inside its user namespace the action is root, or nobody (65534) whatever host uid its slot has, so
+    // that it finds itself in the image's or the host's /etc/passwd.
+    ...(layout.runAsRoot ? ["--uid", "0", "--gid", "0"] : ["--uid", String(NOBODY), "--gid", String(NOBODY)]),
     "--unshare-pid",
     "--unshare-ipc",
     "--unshare-uts",
@@ -35,8 +44,15 @@ export function sandboxArgs(request: SandboxRequest, layout: SandboxLayout): str
     "/proc",
     "--dev",
     "/dev",
+    // Size-limited, so that filling them stops at the limit instead of at the worker's memory.
     "--perms",
     "1777",
+    ...size(layout.shmSizeBytes),
+    "--tmpfs",
+    "/dev/shm",
+    "--perms",
+    "1777",
+    ...size(layout.tmpSizeBytes),
     "--tmpfs",
     "/tmp",
     ...layout.hide.flatMap((dir) => ["--tmpfs", dir]),
@@ -50,6 +66,10 @@ export function sandboxArgs(request: SandboxRequest, layout: SandboxLayout): str
     "--clearenv",
   ];
   for (const { name, value } of request.env) args.push("--setenv", name, value);
-  args.push("--", ...request.argv);
+  args.push("--", ...layout.command);
   return args;
+}
+
+function size(bytes: number): string[] {
+  return bytes > 0 ? ["--size", String(bytes)] : [];
 }

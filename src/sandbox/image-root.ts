@@ -43,6 +43,7 @@ export function imageBwrapArgs(
   image: ImageRoot,
   workDirInRoot: string,
   statusFd: number,
+  sizes: { tmpSizeBytes: number; shmSizeBytes: number },
 ): string[] {
   return sandboxArgs(request, {
     root: ["--bind", STAGED_ROOTFS, "/"],
@@ -52,5 +53,7 @@ export function imageBwrapArgs(
     workDirInRoot,
     runAsRoot: image.runAsRoot,
     statusFd,
+    ...sizes,
+    command: request.argv,
   });
 }

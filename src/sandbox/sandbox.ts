@@ -1,3 +1,5 @@
+import type { LimitName } from "./limits.js";
+
 /**
  * Runs one build action's command in isolation (REAPI v2 worker semantics).
  *
@@ -57,6 +59,8 @@ export interface SandboxResult {
   exitCode: number;
   timedOut: boolean;
   cancelled: boolean;
+  /** A failed command that ran into one of the sandbox's limits: which, and a sentence naming its setting. */
+  limitReached?: { limit: LimitName; message: string };
   startedAt: Date;
   completedAt: Date;
 }

@@ -14,9 +14,10 @@ import {
   type ExecutedActionMetadata,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { Timestamp } from "../gen/google/protobuf/timestamp.js";
+import type { Status } from "../gen/google/rpc/status.js";
 import { mergeEnvironment } from "../image/environment.js";
 import { fileBlob, type LocalBlob } from "../merkle/local-tree.js";
-import type { Sandbox } from "../sandbox/sandbox.js";
+import type { Sandbox, SandboxResult } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError } from "../status/status.js";
 import { acceptAssignmentBlobs } from "./assignment-blobs.js";
@@ -27,7 +28,7 @@ import { failureStatus } from "./failure-status.js";
 import type { FileCache } from "./file-cache.js";
 import { type ActionImage, prepareActionImage, prepareExpandedImage } from "./image-root.js";
 import { materializeInputRoot, type TreeOwner } from "./input-root.js";
-import { collectOutputs, lstatOrUndefined, refusedOutputsError } from "./outputs.js";
+import { collectOutputs, lstatOrUndefined, type RefusedOutput, refusedOutputsError } from "./outputs.js";
 import type { RemoteCas } from "./remote-cas.js";
 import type { Trash } from "./trash.js";
 import type { WorkerImages } from "./worker-images.js";
@@ -208,34 +209,11 @@ export async function runAction(
       stderrDigest: stderr && { hash: stderr.hash, sizeBytes: stderr.sizeBytes },
       executionMetadata: metadata,
     };
-    if (run.timedOut) {
-      const seconds = timeoutMs / 1000;
-      return {
-        leaseId,
-        status: {
-          code: Code.DEADLINE_EXCEEDED,
-          message: `the action ran past its timeout of ${seconds} s and was killed`,
-          details: [],
-        },
-        result,
-        inlineBlobs: inline,
-        digestFunction: fn.wireValue,
-      };
-    }
-    if (refused.length > 0) {
-      // The command ran, so its result (logs, the other outputs) goes along for the client to see; a status
-      // other than OK keeps it out of the action cache.
-      return {
-        leaseId,
-        status: toRpcStatus(refusedOutputsError(refused)),
-        result,
-        inlineBlobs: inline,
-        digestFunction: fn.wireValue,
-      };
-    }
+    // A result that is not OK still goes along (logs, partial output, the other outputs) for the client to
+    // see; its status keeps it out of the action cache.
     return {
       leaseId,
-      status: { code: Code.OK, message: "", details: [] },
+      status: runStatus(run, refused, timeoutMs),
       result,
       inlineBlobs: inline,
       digestFunction: fn.wireValue,
@@ -362,4 +340,22 @@ function now(): Timestamp {
 function toTimestamp(date: Date): Timestamp {
   const ms = date.getTime();
   return { seconds: Math.floor(ms / 1000), nanos: (ms % 1000) * 1e6 };
+}
+
+/**
+ * Why a command that ran did not succeed as far as the farm is concerned: its timeout, a limit of the farm's
+ * (like a timeout, not the action's own doing), or outputs it named that lead out of its input root.
+ */
+function runStatus(run: SandboxResult, refused: readonly RefusedOutput[], timeoutMs: number): Status {
+  if (run.timedOut) {
+    const seconds = timeoutMs / 1000;
+    return {
+      code: Code.DEADLINE_EXCEEDED,
+      message: `the action ran past its timeout of ${seconds} s and was killed`,
+      details: [],
+    };
+  }
+  if (run.limitReached) return { code: Code.RESOURCE_EXHAUSTED, message: run.limitReached.message, details: [] };
+  if (refused.length > 0) return toRpcStatus(refusedOutputsError(refused));
+  return { code: Code.OK, message: "", details: [] };
 }

@@ -6,6 +6,7 @@ import { EXPANDED_IMAGE_CAPABILITY, IMAGE_CAPABILITY } from "../execution/action
 import { registryFromConfig } from "../execution/farm-registry.js";
 import type { Logger } from "../log/log.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
+import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
 import type { Property } from "../scheduler/platform.js";
 import { openPrivateDir } from "../store/private-dir.js";
 import { DirectoryCache } from "./directory-cache.js";
@@ -38,10 +39,15 @@ export interface WorkerPoolOptions {
   log: Logger;
 }
 
-/** The user actions run as: `nobody` when the worker can switch to it, else the worker's own. */
-export function actionUser(): TreeOwner {
+/**
+ * The user executor slot `slot` runs its actions as: uid and gid `uidBase + slot` when the worker can switch
+ * to it (as root), else the worker's own. A uid per slot, rather than one shared `nobody`, keeps one slot's
+ * processes out of another's RLIMIT_NPROC count and out of reach of its signals and ptrace.
+ */
+export function actionUser(slot: number, uidBase: number): TreeOwner {
   const root = process.getuid?.() === 0;
-  return root ? { uid: 65534, gid: 65534 } : { uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0 };
+  if (!root) return { uid: process.getuid?.() ?? 0, gid: process.getgid?.() ?? 0 };
+  return { uid: uidBase + slot, gid: uidBase + slot };
 }
 
 export function defaultWorkerCount(): number {
@@ -54,7 +60,6 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   await openPrivateDir(options.workDir);
   const cache = await FileCache.open(join(options.workDir, "cache"), options.worker.fileCacheMaxSizeBytes);
   const cas = RemoteCas.connect(options.address);
-  const owner = actionUser();
   // Mounting an image's overlay needs root; other workers run actions on the host's root only.
   const mountsOverlays = process.getuid?.() === 0 && options.runImages !== false;
   const images = mountsOverlays
@@ -80,10 +85,25 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   ];
   const directories = new DirectoryCache();
   const trash = await Trash.open(join(options.workDir, "trash"));
-  const sandbox = new BubblewrapSandbox({ uid: owner.uid, gid: owner.gid });
   const prefix = options.name ?? `${hostname()}-${process.pid}`;
+  const { limits, sandboxUidBase, slirp4netnsPath } = options.worker;
+  let warnedNoCgroup = false;
+  const cgroups: SlotCgroup[] = [];
   const workers = Array.from({ length: options.count }, (_, i) => {
     const workerName = `${prefix}-${i}`;
+    const owner = actionUser(i, sandboxUidBase);
+    const cgroup = openSlotCgroup(i, {
+      memoryBytes: limits.maxMemoryBytes,
+      processes: limits.maxProcesses,
+    });
+    if (cgroup) cgroups.push(cgroup);
+    if (!cgroup && !warnedNoCgroup) {
+      warnedNoCgroup = true;
+      options.log.warn(
+        "no writable cgroup with the memory and pids controllers: actions are bounded by rlimits only (RLIMIT_AS for memory)",
+      );
+    }
+    const sandbox = new BubblewrapSandbox({ uid: owner.uid, gid: owner.gid, limits, cgroup, slirp4netnsPath });
     return new Worker({
       hubAddress: options.address,
       workerName,
@@ -107,6 +127,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   return {
     stop: async () => {
       await Promise.all(workers.map((w) => w.stop()));
+      for (const cgroup of cgroups) removeSlotCgroup(cgroup);
       cas.close();
       await trash.drain();
     },

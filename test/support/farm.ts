@@ -78,13 +78,24 @@ export interface TestFarmOptions {
   runImages?: boolean;
 }
 
+let farmsStarted = 0;
+
+/**
+ * A range of 16 sandbox uids for one test farm: test files run in parallel processes, and farms sharing a
+ * slot's uid would share its RLIMIT_NPROC count.
+ */
+export function testUidBase(): number {
+  return 2_100_000_000 + (process.pid % 1_000_000) * 256 + (farmsStarted++ % 16) * 16;
+}
+
 export async function startTestFarm(
   settings: Record<string, unknown> = {},
   dataDir?: string,
   options: TestFarmOptions = {},
 ): Promise<TestFarm> {
   const dir = dataDir ?? (await mkdtemp(join(tmpdir(), "berth-test-")));
-  const config = parseConfig({ listen: "127.0.0.1:0", dataDir: dir, logLevel: "silent", ...settings });
+  const worker = { sandboxUidBase: testUidBase(), ...(settings.worker as Record<string, unknown> | undefined) };
+  const config = parseConfig({ listen: "127.0.0.1:0", dataDir: dir, logLevel: "silent", ...settings, worker });
   const log = silentLogger();
   const farm = await openFarm(config, log);
   const server: RunningServer = await startServer(farm, config, log);

@@ -6,6 +6,7 @@ import { FileCache } from "../../src/worker/file-cache.js";
 import { actionUser } from "../../src/worker/local-workers.js";
 import type { RemoteCas } from "../../src/worker/remote-cas.js";
 import { Trash } from "../../src/worker/trash.js";
+import { testUidBase } from "./farm.js";
 
 /**
  * What a worker gives runAction, built from the same real components a worker
@@ -17,7 +18,7 @@ export async function actionRunnerOptions(
   cas: RemoteCas,
   overrides: Partial<ActionRunnerOptions> = {},
 ): Promise<ActionRunnerOptions> {
-  const owner = actionUser();
+  const owner = actionUser(0, testUidBase());
   return {
     workerName: "test-worker",
     workDir: join(workDir, "actions"),
