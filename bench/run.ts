@@ -24,6 +24,7 @@ import { benchImageAction, benchImagePull } from "./images.js";
 import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
 import { renderMarkdown, type Section } from "./report.js";
+import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -44,6 +45,7 @@ const BENCHMARKS = {
   "images-pull": "Cold pull and unpack of a Debian image vs skopeo copy + umoci unpack",
   "images-action": "/bin/true in a cached image vs bubblewrap on the unpacked root and docker run",
   expand: "Expand mode: expansion vs tar -x, the second expansion, /bin/true vs mount mode",
+  safety: "Safety checks: blob verification after a restart, input tree limits and flushes vs the unchecked paths",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -209,6 +211,11 @@ async function main(): Promise<void> {
       expand: async () => {
         await execution?.server.stop();
         sections.push(await benchExpand(ctx));
+      },
+      // A server of its own (no workers), restarted on its data directory; the rest runs in this process.
+      safety: async () => {
+        await execution?.server.stop();
+        sections.push(await benchSafety(ctx));
       },
     };
     for (const [i, name] of only.entries()) {
