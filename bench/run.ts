@@ -3,8 +3,9 @@
  *
  * Starts `berth serve --workers 2` as a separate process on a temporary data directory, measures ByteStream
  * throughput, BatchUpdateBlobs, FindMissingBlobs, GetActionResult, the Execute round trip, execution
- * throughput, a Bazel build, a cold image pull and the per-action cost of running in an image against
- * references measured in the same run, prints a summary and rewrites
+ * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
+ * safety checks (blob verification after a restart, input tree limits, flushes) against references measured
+ * in the same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
 import { execFile } from "node:child_process";
@@ -24,6 +25,7 @@ import { benchImageAction, benchImagePull } from "./images.js";
 import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
 import { renderMarkdown, type Section } from "./report.js";
+import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
@@ -44,6 +46,7 @@ const BENCHMARKS = {
   "images-pull": "Cold pull and unpack of a Debian image vs skopeo copy + umoci unpack",
   "images-action": "/bin/true in a cached image vs bubblewrap on the unpacked root and docker run",
   expand: "Expand mode: expansion vs tar -x, the second expansion, /bin/true vs mount mode",
+  safety: "Safety checks: blob verification after a restart, input tree limits and flushes vs the unchecked paths",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -209,6 +212,11 @@ async function main(): Promise<void> {
       expand: async () => {
         await execution?.server.stop();
         sections.push(await benchExpand(ctx));
+      },
+      // A server of its own (no workers), restarted on its data directory; the rest runs in this process.
+      safety: async () => {
+        await execution?.server.stop();
+        sections.push(await benchSafety(ctx));
       },
     };
     for (const [i, name] of only.entries()) {

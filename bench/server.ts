@@ -24,6 +24,8 @@ export interface BenchServerOptions {
   workers?: number;
   /** images.mode; berth serve's default (mount) when unset. */
   imageMode?: "mount" | "expand";
+  /** Sees each line of the server's log (pino JSON), from the first. */
+  onLogLine?: (line: string) => void;
 }
 
 export async function startBenchServer(options: BenchServerOptions): Promise<BenchServer> {
@@ -36,7 +38,7 @@ export async function startBenchServer(options: BenchServerOptions): Promise<Ben
   // Node refuses --cpu-prof in NODE_OPTIONS, so a profiled server is started with the flag itself.
   const nodeFlags =
     options.cpuProfileDir === undefined ? [] : ["--cpu-prof", `--cpu-prof-dir=${options.cpuProfileDir}`];
-  const berth = await spawnBerth(args, nodeFlags);
+  const berth = await spawnBerth(args, nodeFlags, options.onLogLine);
   const clients = connect(berth.address);
   let stopping: Promise<void> | undefined;
   return {

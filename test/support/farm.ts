@@ -154,9 +154,15 @@ export interface ServerProcess {
  * Starts `node ARGS…` and resolves once a line of its standard output matches
  * `listening` (whose first group is the address).
  */
-export async function spawnListening(nodeArgs: string[], listening: RegExp, what: string): Promise<ServerProcess> {
+export async function spawnListening(
+  nodeArgs: string[],
+  listening: RegExp,
+  what: string,
+  onLine?: (line: string) => void,
+): Promise<ServerProcess> {
   const child = spawn(process.execPath, nodeArgs, { stdio: ["ignore", "pipe", "inherit"] });
   const lines = createInterface({ input: child.stdout as NodeJS.ReadableStream });
+  if (onLine) lines.on("line", onLine);
   const address = await new Promise<string>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`${what} did not start within 20 s`)), 20_000);
     child.once("exit", (code) => reject(new Error(`${what} exited with ${code} before listening`)));
@@ -180,11 +186,19 @@ export async function spawnListening(nodeArgs: string[], listening: RegExp, what
   };
 }
 
-/** `berth serve` on a free loopback port; `nodeFlags` go to node itself (e.g. --cpu-prof). */
-export function spawnBerth(args: string[] = [], nodeFlags: string[] = []): Promise<ServerProcess> {
+/**
+ * `berth serve` on a free loopback port; `nodeFlags` go to node itself (e.g. --cpu-prof); `onLine` sees each
+ * line of its log from the first.
+ */
+export function spawnBerth(
+  args: string[] = [],
+  nodeFlags: string[] = [],
+  onLine?: (line: string) => void,
+): Promise<ServerProcess> {
   return spawnListening(
     [...nodeFlags, BERTH_BIN, "serve", "--listen", "127.0.0.1:0", ...args],
     /berth listening on (\S+?)"/,
     "berth serve",
+    onLine,
   );
 }
