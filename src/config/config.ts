@@ -79,6 +79,8 @@ export const ConfigSchema = z
         maxAttempts: z.number().int().positive().default(3),
         /** How long WaitExecution and GetOperation still find a completed operation. */
         retainCompletedSeconds: z.number().nonnegative().default(600),
+        /** false: actions asking for a network (network=external, dockerNetwork=standard|bridge|host) are refused. */
+        allowNetwork: z.boolean().default(true),
       })
       .strict()
       .prefault({}),
@@ -88,6 +90,32 @@ export const ConfigSchema = z
         fileCacheMaxSizeBytes: bytes.default(10 * 1024 ** 3),
         /** A worker's materialized roots of expanded images past this total are deleted, least recently used first. */
         expandedRootsMaxSizeBytes: bytes.default(20 * 1024 ** 3),
+      })
+      .strict()
+      .prefault({}),
+    /** TLS on the gRPC port; without this section the port speaks plain HTTP/2 (keep it on loopback then). */
+    tls: z
+      .object({
+        /** PEM certificate chain and private key of the server. */
+        certFile: z.string().min(1),
+        keyFile: z.string().min(1),
+        /** PEM roots that client certificates are verified against (mTLS). */
+        clientCaFile: z.string().min(1).optional(),
+        /** true: a client without a certificate from clientCaFile cannot connect at all. */
+        requireClientCert: z.boolean().default(false),
+      })
+      .strict()
+      .refine((tls) => !tls.requireClientCert || tls.clientCaFile !== undefined, {
+        message: "requireClientCert needs clientCaFile (the roots client certificates are checked against)",
+        path: ["clientCaFile"],
+      })
+      .optional(),
+    auth: z
+      .object({
+        /** YAML/JSON file of client tokens (by SHA-256) and the instance names each may use; unset: no token needed. */
+        tokensFile: z.string().min(1).optional(),
+        /** Files each holding one more worker token (for `berth worker --token-file` on other hosts). */
+        workerTokenFiles: z.array(z.string().min(1)).default([]),
       })
       .strict()
       .prefault({}),

@@ -102,6 +102,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     imageMode: config.images.mode,
     inputRootPath: config.images.inputRootPath,
     expander,
+    allowNetwork: execution.allowNetwork,
   });
   return {
     cas,
