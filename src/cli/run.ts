@@ -1,5 +1,6 @@
 import { mkdir } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
+import type { ServiceError } from "@grpc/grpc-js";
 import { Command } from "commander";
 import { clientChannel } from "../auth/client-channel.js";
 import { type Digest, digestOf, parseDigest } from "../digest/digest.js";
@@ -16,6 +17,7 @@ import {
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { readLocalTree } from "../merkle/local-tree.js";
 import type { Property } from "../scheduler/platform.js";
+import { Code } from "../status/status.js";
 import { CHANNEL_OPTIONS, RemoteCas } from "../worker/remote-cas.js";
 import { type ConnectionFlags, connectionFrom, withConnectionOptions } from "./connection-options.js";
 import { collectProperty } from "./properties.js";
@@ -59,7 +61,14 @@ export function runCommand(): Command {
   return withConnectionOptions(command)
     .argument("<command...>", "the command and its arguments")
     .action(async (argv: string[], options: RunOptions) => {
-      process.exitCode = await run(argv, options);
+      process.exitCode = await run(argv, options).catch((err: unknown) => {
+        // A refused call (no or a wrong token, a TLS failure) is told in one line, not as a stack trace.
+        const { code, details } = err as Partial<ServiceError>;
+        if (typeof code !== "number") throw err;
+        const name = Object.entries(Code).find(([, value]) => value === code)?.[0] ?? `status ${code}`;
+        process.stderr.write(`berth run: ${name}: ${details ?? (err as Error).message}\n`);
+        return 1;
+      });
     });
 }
 
