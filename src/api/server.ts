@@ -174,7 +174,7 @@ async function accessPolicy(config: Config, workerTokenFile: string): Promise<Ac
     workers.add(secretDigest(await readTokenFile(file)), { name: `worker token ${file}`, instances: "*" });
   }
   const clients = config.auth.tokensFile === undefined ? undefined : await loadClientTokens(config.auth.tokensFile);
-  return new AccessPolicy(workers, clients);
+  return new AccessPolicy(workers, clients, new Set(config.auth.workerCertificateNames));
 }
 
 async function serverCredentials(tls: Config["tls"]): Promise<ServerCredentials> {

@@ -72,7 +72,9 @@ export function accessInterceptor(
           onReceiveMetadata: (metadata: Metadata, pass: (metadata: Metadata) => void) => {
             try {
               if (!rule) throw new StatusError(Code.UNIMPLEMENTED, `${method.path} is not a method of this farm`);
-              grant = rule.kind === "worker" ? policy.worker(metadata) : policy.client(metadata);
+              // Set only for a certificate grpc-js verified (mTLS); absent on plain connections and the socket.
+              const peer = call.getAuthContext().sslPeerCertificate;
+              grant = rule.kind === "worker" ? policy.worker(metadata, peer) : policy.client(metadata, peer);
             } catch (err) {
               return refuse(err);
             }

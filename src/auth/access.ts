@@ -1,3 +1,4 @@
+import type { PeerCertificate } from "node:tls";
 import type { Metadata } from "@grpc/grpc-js";
 import { Code, StatusError } from "../status/status.js";
 import { bearerToken, unauthenticated } from "./bearer.js";
@@ -22,6 +23,8 @@ export class AccessPolicy {
   constructor(
     private readonly workers: SecretTable<Grant>,
     private readonly clients: SecretTable<Grant> | undefined,
+    /** Common names of (verified) client certificates that make their holder a worker, without a token. */
+    private readonly workerCertificateNames: ReadonlySet<string> = new Set(),
   ) {}
 
   /** Whether client calls need a token at all. */
@@ -29,9 +32,13 @@ export class AccessPolicy {
     return this.clients !== undefined;
   }
 
-  /** A worker's call (WorkerHub): a worker secret, or UNAUTHENTICATED. */
-  worker(metadata: Metadata): Grant {
+  /** A worker's call (WorkerHub): a worker secret or a worker's certificate, or UNAUTHENTICATED. */
+  worker(metadata: Metadata, peer: PeerCertificate | undefined): Grant {
     const token = bearerToken(metadata);
+    if (token === undefined) {
+      const byCertificate = this.certifiedWorker(peer);
+      if (byCertificate) return byCertificate;
+    }
     if (token === undefined)
       throw unauthenticated("workers must present the farm's worker token (authorization: Bearer …)");
     const grant = this.workers.find(token);
@@ -40,16 +47,32 @@ export class AccessPolicy {
   }
 
   /** A client's call: its grant, or UNAUTHENTICATED when tokens are checked and it has no good one. */
-  client(metadata: Metadata): Grant {
+  client(metadata: Metadata, peer: PeerCertificate | undefined): Grant {
     if (!this.clients) return ANYONE;
     const token = bearerToken(metadata);
     if (token === undefined) {
+      const byCertificate = this.certifiedWorker(peer);
+      if (byCertificate) return byCertificate;
       throw unauthenticated("this farm needs a token: send the header authorization: Bearer TOKEN");
     }
     const grant = this.clients.find(token) ?? this.workers.find(token);
     if (!grant) throw unauthenticated("the token is not one this farm accepts");
     return grant;
   }
+
+  private certifiedWorker(peer: PeerCertificate | undefined): Grant | undefined {
+    const name = certifiedWorkerName(this.workerCertificateNames, peer);
+    return name === undefined ? undefined : { name: `worker certificate ${name}`, instances: "*" };
+  }
+}
+
+/**
+ * grpc-js hands over the peer's certificate only when it verified it against
+ * tls.clientCaFile (requireClientCert), so its subject can be believed.
+ */
+function certifiedWorkerName(names: ReadonlySet<string>, peer: PeerCertificate | undefined): string | undefined {
+  const name = peer?.subject?.CN;
+  return typeof name === "string" && names.has(name) ? name : undefined;
 }
 
 export function mayUse(grant: Grant, instanceName: string): boolean {

@@ -1,17 +1,23 @@
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
+import { once } from "node:events";
 import { mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
+import type { ServiceError } from "@grpc/grpc-js";
+import { execute, uploadAction } from "../../test/support/actions.js";
 import { sha256 } from "../../test/support/blobs.js";
 import { BERTH_BIN, startTestFarm, type TestFarm } from "../../test/support/farm.js";
+import { type HubMessage, WorkerHubClient } from "../gen/berth/worker/v1/worker.js";
 import {
   FindMissingBlobsRequest,
   FindMissingBlobsResponse,
   ServerCapabilities,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { Code } from "../status/status.js";
+import { clientChannel } from "./client-channel.js";
 
 const run = promisify(execFile);
 
@@ -63,6 +69,7 @@ async function makeCertificates(dir: string): Promise<void> {
   await issue("server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
   await issue("client", "ca", "extendedKeyUsage=clientAuth\n");
   await issue("rogue-client", "rogue-ca", "extendedKeyUsage=clientAuth\n");
+  await issue("worker-1", "ca", "extendedKeyUsage=clientAuth\n");
 }
 
 /** `berth run` as a user types it; resolves with its exit code and output (never rejects). */
@@ -242,5 +249,95 @@ describe("TLS without client certificates", () => {
     const answer = await pythonClient(farm.address, dir, false);
     assert.ok(answer.ok, answer.ok ? "" : answer.stderr);
     assert.deepEqual(answer.missing.missingBlobDigests, [answer.absent]);
+  });
+});
+
+describe("workers known by their certificate (auth.workerCertificateNames)", () => {
+  let farm: TestFarm;
+  const pool = [{ name: "pool", value: "certified" }];
+  before(async () => {
+    const tls = {
+      certFile: join(dir, "server.pem"),
+      keyFile: join(dir, "server.key"),
+      clientCaFile: join(dir, "ca.pem"),
+      requireClientCert: true,
+    };
+    farm = await startTestFarm({ tls, auth: { workerCertificateNames: ["worker-1"] } }, undefined, {
+      clientConnection: { tls: await pemSet("client") },
+    });
+  });
+  after(() => farm?.close());
+
+  const pemSet = async (name: string) => ({
+    ca: await readFile(join(dir, "ca.pem")),
+    cert: await readFile(join(dir, `${name}.pem`)),
+    key: await readFile(join(dir, `${name}.key`)),
+  });
+
+  /** Says hello on the hub with a certificate and no token; resolves with the first message or the error. */
+  const helloWith = async (certificate: string) => {
+    const channel = clientChannel({ address: farm.address, tls: await pemSet(certificate) });
+    const client = new WorkerHubClient(channel.target, channel.credentials, channel.options);
+    const stream = client.connect();
+    const outcome = await new Promise<{ message?: HubMessage; error?: ServiceError }>((resolve) => {
+      stream.on("data", (message: HubMessage) => resolve({ message }));
+      stream.on("error", (error: ServiceError) => resolve({ error }));
+      stream.write({ hello: { workerName: `by-cert-${Math.random()}`, properties: pool, slots: 1 } });
+    });
+    stream.cancel();
+    client.close();
+    return outcome;
+  };
+
+  test("a client certificate with a worker's name opens the hub without a token; another client certificate does not", async () => {
+    const worker = await helloWith("worker-1");
+    assert.ok(worker.message?.welcome, String(worker.error));
+    const client = await helloWith("client");
+    assert.equal(client.error?.code, Code.UNAUTHENTICATED, String(client.message));
+  });
+
+  test("berth worker with only --tls-cert joins over grpcs:// and runs an action", async () => {
+    const workDir = join(dir, "cert-worker");
+    const child = spawn(
+      process.execPath,
+      [
+        BERTH_BIN,
+        "worker",
+        "--scheduler",
+        `grpcs://${farm.address}`,
+        "--name",
+        "certified",
+        "--slots",
+        "1",
+        "--work-dir",
+        workDir,
+        "--property",
+        "pool=certified",
+        "--log-level",
+        "warn",
+        "--tls-ca",
+        join(dir, "ca.pem"),
+        "--tls-cert",
+        join(dir, "worker-1.pem"),
+        "--tls-key",
+        join(dir, "worker-1.key"),
+      ],
+      { stdio: ["ignore", "inherit", "inherit"] },
+    );
+    try {
+      const action = await uploadAction(farm.clients, {
+        args: ["echo", "certified"],
+        platform: pool,
+        salt: `${Math.random()}`,
+      });
+      const { response } = await execute(farm.clients, action);
+      assert.equal(response.status?.code ?? 0, Code.OK, response.status?.message);
+      assert.equal(response.result?.exitCode, 0);
+      assert.equal(response.result?.executionMetadata?.worker, "certified-0");
+    } finally {
+      const exited = once(child, "exit");
+      child.kill("SIGTERM");
+      await exited;
+    }
   });
 });

@@ -41,8 +41,11 @@ export function workerCommand(): Command {
       } & ConnectionFlags,
     ) => {
       const log = createLogger(options.logLevel);
-      if (options.tokenFile === undefined) {
-        process.stderr.write("berth worker: --token-file is required: the farm accepts only workers with its token\n");
+      if (options.tokenFile === undefined && options.tlsCert === undefined) {
+        process.stderr.write(
+          "berth worker: give --token-file (or --tls-cert for a farm that knows its workers by certificate): " +
+            "the farm accepts only workers it knows\n",
+        );
         process.exit(2);
       }
       let config: Config;

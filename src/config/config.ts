@@ -116,6 +116,8 @@ export const ConfigSchema = z
         tokensFile: z.string().min(1).optional(),
         /** Files each holding one more worker token (for `berth worker --token-file` on other hosts). */
         workerTokenFiles: z.array(z.string().min(1)).default([]),
+        /** Common names of client certificates (from tls.clientCaFile) that make their holder a worker without a token. */
+        workerCertificateNames: z.array(z.string().min(1)).default([]),
       })
       .strict()
       .prefault({}),
@@ -157,7 +159,12 @@ export const ConfigSchema = z
       .strict()
       .prefault({}),
   })
-  .strict();
+  .strict()
+  .refine((config) => config.auth.workerCertificateNames.length === 0 || config.tls?.requireClientCert === true, {
+    message:
+      "workers can be known by their certificate only when tls.requireClientCert is true (with tls.clientCaFile)",
+    path: ["auth", "workerCertificateNames"],
+  });
 
 export type Config = z.infer<typeof ConfigSchema>;
 
