@@ -17,6 +17,7 @@ import { toServiceError } from "./grpc-status.js";
 import { logFailure } from "./handlers.js";
 import type { InstanceNames } from "./instance-names.js";
 import { toWireOperation } from "./operations.js";
+import { registryCredentialsFrom } from "./registry-credentials-header.js";
 
 export interface ExecutionServiceOptions {
   maxInlineBytes: number;
@@ -69,7 +70,7 @@ export function executionService(
       const request = call.request;
       (async () => {
         instances.check(request.instanceName);
-        const operation = executor.execute(request);
+        const operation = executor.execute(request, { registryCredentials: registryCredentialsFrom(call.metadata) });
         const fn = operation.actionDigest.fn;
         follow(call, operation, async (response) =>
           response.result

@@ -11,9 +11,11 @@ import {
   type PullImageRequest,
 } from "../gen/berth/image/v1/image.js";
 import type { Logger } from "../log/log.js";
+import { normalizeRegistryKey } from "../registry/credentials.js";
 import { toServiceError } from "./grpc-status.js";
 import { logFailure } from "./handlers.js";
 import type { InstanceNames } from "./instance-names.js";
+import { registryCredentialsFrom } from "./registry-credentials-header.js";
 
 const PROGRESS_INTERVAL_MS = 200;
 
@@ -39,7 +41,9 @@ export function imagesService(
       (async () => {
         instances.check(call.request.instanceName);
         const image = await admitRequestedImage(policy, call.request.reference);
-        const tree = await expander.expand(call.request.instanceName, SHA256, image, undefined, (progress) => {
+        // Credentials for a private registry come in a header only: this request has no Command to carry them.
+        const credentials = registryCredentialsFrom(call.metadata).get(normalizeRegistryKey(image.registry));
+        const tree = await expander.expand(call.request.instanceName, SHA256, image, credentials, (progress) => {
           // Progress comes per chunk of every layer; a few messages a second are enough for a bar.
           if (Date.now() - sentAt < PROGRESS_INTERVAL_MS) return;
           sentAt = Date.now();

@@ -1,5 +1,12 @@
+import { chmod, readFile, rm } from "node:fs/promises";
 import type { Http2Server, ServerHttp2Session } from "node:http2";
+import { join } from "node:path";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
+import { AccessPolicy, type Grant } from "../auth/access.js";
+import { accessInterceptor } from "../auth/access-interceptor.js";
+import { loadClientTokens } from "../auth/client-tokens.js";
+import { SecretTable, secretDigest } from "../auth/secrets.js";
+import { ensureWorkerToken, readTokenFile, workerTokenPath } from "../auth/token-file.js";
 import type { Config } from "../config/config.js";
 import { ImagePulls } from "../execution/image-pulls.js";
 import type { Farm } from "../farm/farm.js";
@@ -28,6 +35,14 @@ import { workerHubService } from "./worker-hub-service.js";
 export interface RunningServer {
   /** HOST:PORT actually bound (the port is chosen by the OS when the configured one is 0). */
   readonly address: string;
+  /**
+   * Where this host's own workers connect: the TCP address, or with TLS on a
+   * Unix socket in the data directory (root only), so they need neither a
+   * certificate nor a name the server's certificate covers.
+   */
+  readonly workerAddress: string;
+  /** The file holding the secret this farm's own workers present. */
+  readonly workerTokenFile: string;
   close(): Promise<void>;
 }
 
@@ -58,10 +73,17 @@ export function widenReceiveWindows(server: Server, bytes = RECEIVE_WINDOW_BYTES
 const MESSAGE_OVERHEAD_BYTES = 8 * 1024 * 1024;
 
 export async function startServer(farm: Farm, config: Config, log: Logger): Promise<RunningServer> {
+  const workerTokenFile = workerTokenPath(config.dataDir);
+  const access = await accessPolicy(config, workerTokenFile);
   const server = new Server({
     "grpc.max_receive_message_length": config.cas.maxBatchTotalSizeBytes + MESSAGE_OVERHEAD_BYTES,
     "grpc.max_send_message_length": config.cas.maxBatchTotalSizeBytes + MESSAGE_OVERHEAD_BYTES,
-    interceptors: [refuseMalformedRequests],
+    // In order of the request's events: a request that does not decode is refused before its instance name
+    // is read; the caller's credentials (in the metadata, which comes first) are checked before either.
+    interceptors: [
+      refuseMalformedRequests,
+      accessInterceptor(access, (name) => farm.scheduler.getOperation(name)?.instanceName, log),
+    ],
   });
   // Every service's requests are deserialized without throwing, so bad input is INVALID_ARGUMENT, never INTERNAL.
   const addService: Server["addService"] = (service, implementation) =>
@@ -115,15 +137,30 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
     ),
   );
 
-  const port = await new Promise<number>((resolve, reject) => {
-    server.bindAsync(config.listen, ServerCredentials.createInsecure(), (err, bound) =>
-      err ? reject(err) : resolve(bound),
-    );
-  });
-  widenReceiveWindows(server);
+  const bind = (address: string, credentials: ServerCredentials) =>
+    new Promise<number>((resolve, reject) => {
+      server.bindAsync(address, credentials, (err, bound) => (err ? reject(err) : resolve(bound)));
+    });
+  const port = await bind(config.listen, await serverCredentials(config.tls));
   const host = config.listen.slice(0, config.listen.lastIndexOf(":"));
+  let workerAddress = `${host}:${port}`;
+  if (config.tls) {
+    const socket = join(config.dataDir, "worker.sock");
+    await rm(socket, { force: true });
+    await bind(`unix:${socket}`, ServerCredentials.createInsecure());
+    await chmod(socket, 0o600);
+    workerAddress = `unix:${socket}`;
+  }
+  widenReceiveWindows(server);
+  log.info(
+    { tls: config.tls !== undefined, clientTokens: access.checksClients },
+    `gRPC port: ${config.tls ? "TLS" : "plain"}${config.tls?.requireClientCert ? " with client certificates" : ""}, ` +
+      `${access.checksClients ? "client tokens checked" : "no client token needed"}, worker token required`,
+  );
   return {
     address: `${host}:${port}`,
+    workerAddress,
+    workerTokenFile,
     close: () =>
       new Promise<void>((resolve) => {
         const force = setTimeout(() => server.forceShutdown(), 5000);
@@ -133,4 +170,28 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
         });
       }),
   };
+}
+
+/** The farm's own worker secret (made on first start), the operator's extra ones, and the client tokens file. */
+async function accessPolicy(config: Config, workerTokenFile: string): Promise<AccessPolicy> {
+  const workers = new SecretTable<Grant>();
+  workers.add(secretDigest(await ensureWorkerToken(workerTokenFile)), {
+    name: "the farm's own workers",
+    instances: "*",
+  });
+  for (const file of config.auth.workerTokenFiles) {
+    workers.add(secretDigest(await readTokenFile(file)), { name: `worker token ${file}`, instances: "*" });
+  }
+  const clients = config.auth.tokensFile === undefined ? undefined : await loadClientTokens(config.auth.tokensFile);
+  return new AccessPolicy(workers, clients, new Set(config.auth.workerCertificateNames));
+}
+
+async function serverCredentials(tls: Config["tls"]): Promise<ServerCredentials> {
+  if (!tls) return ServerCredentials.createInsecure();
+  const [cert, key, clientCa] = await Promise.all([
+    readFile(tls.certFile),
+    readFile(tls.keyFile),
+    tls.clientCaFile === undefined ? undefined : readFile(tls.clientCaFile),
+  ]);
+  return ServerCredentials.createSsl(clientCa ?? null, [{ cert_chain: cert, private_key: key }], tls.requireClientCert);
 }

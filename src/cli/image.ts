@@ -1,5 +1,6 @@
-import { credentials, type ServiceError } from "@grpc/grpc-js";
+import type { ServiceError } from "@grpc/grpc-js";
 import { Command } from "commander";
+import { clientChannel } from "../auth/client-channel.js";
 import {
   type ExpandImageProgress,
   ImagePullState,
@@ -7,9 +8,10 @@ import {
   type PullImageProgress,
 } from "../gen/berth/image/v1/image.js";
 import { Code } from "../status/status.js";
+import { type ConnectionFlags, connectionFrom, withConnectionOptions } from "./connection-options.js";
 import { type PullFigures, renderPullProgress, StatusLine } from "./progress-bar.js";
 
-interface PullOptions {
+interface PullOptions extends ConnectionFlags {
   server: string;
   instance: string;
 }
@@ -41,10 +43,11 @@ function imageSubcommand(
   description: string,
   run: (reference: string, options: PullOptions) => Promise<number>,
 ): Command {
-  return new Command(name)
+  const command = new Command(name)
     .description(description)
-    .option("--server <host:port>", "the farm's gRPC address", "127.0.0.1:8980")
-    .option("--instance <name>", "REAPI instance name", "")
+    .option("--server <host:port>", "the farm's gRPC address; grpcs://HOST:PORT for TLS", "127.0.0.1:8980")
+    .option("--instance <name>", "REAPI instance name", "");
+  return withConnectionOptions(command)
     .argument("<ref>", "the image, as in the container-image property (docker:// optional)")
     .action(async (reference: string, options: PullOptions) => {
       process.exitCode = await run(reference, options);
@@ -53,7 +56,7 @@ function imageSubcommand(
 
 /** Follows the expansion with a bar on a terminal, then prints `HASH/SIZE` of the root directory. */
 async function expand(reference: string, options: PullOptions): Promise<number> {
-  const client = new ImagesClient(options.server, credentials.createInsecure());
+  const client = await imagesClient(options);
   const line = process.stderr.isTTY ? new StatusLine(process.stderr) : undefined;
   let last: ExpandImageProgress | undefined;
   try {
@@ -87,7 +90,7 @@ async function expand(reference: string, options: PullOptions): Promise<number> 
  * The exit code is 0 only when every worker has the image.
  */
 async function pull(reference: string, options: PullOptions): Promise<number> {
-  const client = new ImagesClient(options.server, credentials.createInsecure());
+  const client = await imagesClient(options);
   const workers = new Map<string, ImagePullState>();
   const line = process.stderr.isTTY ? new StatusLine(process.stderr) : undefined;
   try {
@@ -147,4 +150,9 @@ function outcomeOf(progress: ImagePullState): string {
 function messageOf(err: unknown): string {
   const details = (err as Partial<ServiceError>).details;
   return typeof details === "string" && details !== "" ? details : (err as Error).message;
+}
+
+async function imagesClient(options: PullOptions): Promise<ImagesClient> {
+  const channel = clientChannel(await connectionFrom(options.server, options));
+  return new ImagesClient(channel.target, channel.credentials, channel.options);
 }

@@ -1,7 +1,8 @@
 import { mkdir } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
-import { credentials } from "@grpc/grpc-js";
+import type { ServiceError } from "@grpc/grpc-js";
 import { Command } from "commander";
+import { clientChannel } from "../auth/client-channel.js";
 import { type Digest, digestOf, parseDigest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
 import {
@@ -16,10 +17,12 @@ import {
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { readLocalTree } from "../merkle/local-tree.js";
 import type { Property } from "../scheduler/platform.js";
+import { Code } from "../status/status.js";
 import { CHANNEL_OPTIONS, RemoteCas } from "../worker/remote-cas.js";
+import { type ConnectionFlags, connectionFrom, withConnectionOptions } from "./connection-options.js";
 import { collectProperty } from "./properties.js";
 
-interface RunOptions {
+interface RunOptions extends ConnectionFlags {
   server: string;
   input?: string;
   platform: Property[];
@@ -30,10 +33,10 @@ interface RunOptions {
 }
 
 export function runCommand(): Command {
-  return new Command("run")
+  const command = new Command("run")
     .description("run one command on a farm: upload a directory, execute remotely, print its output, fetch its outputs")
     .usage("[options] -- COMMAND [ARGS...]")
-    .option("--server <host:port>", "the farm's gRPC address", "127.0.0.1:8980")
+    .option("--server <host:port>", "the farm's gRPC address; grpcs://HOST:PORT for TLS", "127.0.0.1:8980")
     .option("--input <dir>", "directory uploaded as the input root (default: an empty one)")
     .option(
       "--platform <key=value>",
@@ -54,17 +57,26 @@ export function runCommand(): Command {
       [],
     )
     .option("--timeout <seconds>", "the action's timeout")
-    .option("--instance-name <name>", "REAPI instance name", "")
+    .option("--instance-name <name>", "REAPI instance name", "");
+  return withConnectionOptions(command)
     .argument("<command...>", "the command and its arguments")
     .action(async (argv: string[], options: RunOptions) => {
-      process.exitCode = await run(argv, options);
+      process.exitCode = await run(argv, options).catch((err: unknown) => {
+        // A refused call (no or a wrong token, a TLS failure) is told in one line, not as a stack trace.
+        const { code, details } = err as Partial<ServiceError>;
+        if (typeof code !== "number") throw err;
+        const name = Object.entries(Code).find(([, value]) => value === code)?.[0] ?? `status ${code}`;
+        process.stderr.write(`berth run: ${name}: ${details ?? (err as Error).message}\n`);
+        return 1;
+      });
     });
 }
 
 async function run(argv: string[], options: RunOptions): Promise<number> {
   const fn = SHA256;
-  const cas = RemoteCas.connect(options.server).withInstance(options.instanceName);
-  const execution = new ExecutionClient(options.server, credentials.createInsecure(), CHANNEL_OPTIONS);
+  const channel = clientChannel(await connectionFrom(options.server, options), CHANNEL_OPTIONS);
+  const cas = RemoteCas.connect(channel).withInstance(options.instanceName);
+  const execution = new ExecutionClient(channel.target, channel.credentials, channel.options);
   try {
     // Without --input the input root is the empty Directory, whose encoding is the empty blob.
     const tree = options.input

@@ -1,6 +1,8 @@
 import { join } from "node:path";
 import { Command } from "commander";
 import { startServer } from "../api/server.js";
+import { TokensFileError } from "../auth/client-tokens.js";
+import { TokenFileError } from "../auth/token-file.js";
 import { ConfigError, loadConfig } from "../config/config.js";
 import { openFarm } from "../farm/farm.js";
 import { createLogger } from "../log/log.js";
@@ -59,13 +61,22 @@ export function serveCommand(): Command {
 
         const farm = await openFarm(config, log);
         stoppers.push(() => farm.close());
-        const server = await startServer(farm, config, log);
+        let server: Awaited<ReturnType<typeof startServer>>;
+        try {
+          server = await startServer(farm, config, log);
+        } catch (err) {
+          if (!(err instanceof TokenFileError || err instanceof TokensFileError)) throw err;
+          process.stderr.write(`berth: ${err.message}\n`);
+          await farm.close();
+          process.exit(2);
+        }
         stoppers.push(() => server.close());
         if (stopping) return;
         const slots = options.workers ?? defaultWorkerCount();
         if (slots > 0) {
           const workers = startWorkerProcess({
-            address: server.address,
+            address: server.workerAddress,
+            tokenFile: server.workerTokenFile,
             slots,
             workDir: join(config.dataDir, "worker"),
             properties: options.property,

@@ -97,6 +97,8 @@ export const ConfigSchema = z
           })
           .strict()
           .prefault({}),
+        /** false: actions asking for a network (network=external, dockerNetwork=standard|bridge|host) are refused. */
+        allowNetwork: z.boolean().default(true),
       })
       .strict()
       .prefault({}),
@@ -137,6 +139,34 @@ export const ConfigSchema = z
           })
           .strict()
           .prefault({}),
+      })
+      .strict()
+      .prefault({}),
+    /** TLS on the gRPC port; without this section the port speaks plain HTTP/2 (keep it on loopback then). */
+    tls: z
+      .object({
+        /** PEM certificate chain and private key of the server. */
+        certFile: z.string().min(1),
+        keyFile: z.string().min(1),
+        /** PEM roots that client certificates are verified against (mTLS). */
+        clientCaFile: z.string().min(1).optional(),
+        /** true: a client without a certificate from clientCaFile cannot connect at all. */
+        requireClientCert: z.boolean().default(false),
+      })
+      .strict()
+      .refine((tls) => !tls.requireClientCert || tls.clientCaFile !== undefined, {
+        message: "requireClientCert needs clientCaFile (the roots client certificates are checked against)",
+        path: ["clientCaFile"],
+      })
+      .optional(),
+    auth: z
+      .object({
+        /** YAML/JSON file of client tokens (by SHA-256) and the instance names each may use; unset: no token needed. */
+        tokensFile: z.string().min(1).optional(),
+        /** Files each holding one more worker token (for `berth worker --token-file` on other hosts). */
+        workerTokenFiles: z.array(z.string().min(1)).default([]),
+        /** Common names of client certificates (from tls.clientCaFile) that make their holder a worker without a token. */
+        workerCertificateNames: z.array(z.string().min(1)).default([]),
       })
       .strict()
       .prefault({}),
@@ -186,7 +216,12 @@ export const ConfigSchema = z
       .strict()
       .prefault({}),
   })
-  .strict();
+  .strict()
+  .refine((config) => config.auth.workerCertificateNames.length === 0 || config.tls?.requireClientCert === true, {
+    message:
+      "workers can be known by their certificate only when tls.requireClientCert is true (with tls.clientCaFile)",
+    path: ["auth", "workerCertificateNames"],
+  });
 
 export type Config = z.infer<typeof ConfigSchema>;
 

@@ -40,6 +40,8 @@ export interface ActionPlatform {
   /** From the action's own properties; never logged or stored by Berth. */
   credentials: RegistryCredentials | undefined;
   network: boolean;
+  /** The property that asks for the network (network=external, dockerNetwork=standard|bridge|host), if one does. */
+  networkProperty: Property | undefined;
   runAsRoot: boolean;
   /** The action's own choice of image mode, when it makes one. */
   imageMode: ImageMode | undefined;
@@ -91,8 +93,15 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     );
   }
 
-  const dockerNetwork = oneOf(DOCKER_NETWORK, single(DOCKER_NETWORK), ["off", "none", "standard"]);
+  // "bridge" and "host" are other farms' names (BuildBuddy's, Docker's) for a network of the action's own.
+  const dockerNetwork = oneOf(DOCKER_NETWORK, single(DOCKER_NETWORK), ["off", "none", "standard", "bridge", "host"]);
   const network = oneOf(NETWORK, single(NETWORK), ["off", "none", "external"]);
+  const networkProperty =
+    network === "external"
+      ? { name: NETWORK, value: network }
+      : dockerNetwork === "standard" || dockerNetwork === "bridge" || dockerNetwork === "host"
+        ? { name: DOCKER_NETWORK, value: dockerNetwork }
+        : undefined;
   const runAsRoot = oneOf(DOCKER_RUN_AS_ROOT, single(DOCKER_RUN_AS_ROOT), ["true", "false"]);
   const imageMode = oneOf(IMAGE_MODE, single(IMAGE_MODE), ["mount", "expand"]) as ImageMode | undefined;
 
@@ -102,7 +111,8 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     required,
     image,
     credentials: username !== undefined && password !== undefined ? { username, password } : undefined,
-    network: dockerNetwork === "standard" || network === "external",
+    network: networkProperty !== undefined,
+    networkProperty,
     runAsRoot: runAsRoot === "true",
     imageMode,
   };

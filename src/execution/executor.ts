@@ -11,6 +11,7 @@ import {
   type ExecuteResponse,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { ImageReference } from "../image/reference.js";
+import { type Credentials, normalizeRegistryKey } from "../registry/credentials.js";
 import type { Operation } from "../scheduler/operation.js";
 import { formatProperty, type Property } from "../scheduler/platform.js";
 import { type ExecutionJob, failure, type Scheduler, type WorkerOutcome } from "../scheduler/scheduler.js";
@@ -29,6 +30,7 @@ import { type ExpandedAction, expandedAction } from "./expanded-action.js";
 import type { ImagePolicy } from "./image-policy.js";
 import { inputTreeBlobs } from "./input-blobs.js";
 import { checkInputTree } from "./input-tree.js";
+import { refuseNetwork } from "./network-policy.js";
 
 export interface ExecutorOptions {
   /** Timeout of actions that set none. */
@@ -43,7 +45,17 @@ export interface ExecutorOptions {
   expander: ImageExpander | undefined;
   /** Input trees past these are refused before the action is queued. */
   inputLimits: InputTreeLimits;
+  /** false: actions asking for a network are refused (execution.allowNetwork). */
+  allowNetwork: boolean;
 }
+
+/** What the caller sent beside the request (its headers), never stored. */
+export interface ExecuteContext {
+  /** Registry credentials from x-berth-registry-credentials, by registry host. */
+  registryCredentials: ReadonlyMap<string, Credentials>;
+}
+
+const NO_CONTEXT: ExecuteContext = { registryCredentials: new Map() };
 
 /**
  * The Execute front end: answers from the action cache when it can, checks
@@ -65,18 +77,23 @@ export class Executor {
    * CACHE_CHECK stage; the cache lookup and the checks of the action follow
    * in the background and move the operation on.
    */
-  execute(request: ExecuteRequest): Operation {
+  execute(request: ExecuteRequest, context: ExecuteContext = NO_CONTEXT): Operation {
     const fn = resolveDigestFunction(request.digestFunction, request.actionDigest?.hash);
     const actionDigest = parseDigest(fn, request.actionDigest, "action_digest");
     const operation = this.scheduler.open(request.instanceName, actionDigest);
-    this.start(operation, fn, request).catch((err: unknown) => {
+    this.start(operation, fn, request, context).catch((err: unknown) => {
       const error = err instanceof StatusError ? err : new StatusError(Code.INTERNAL, (err as Error).message);
       operation.complete(failure(error.code, error.message, toRpcStatus(error).details));
     });
     return operation;
   }
 
-  private async start(operation: Operation, fn: DigestFunction, request: ExecuteRequest): Promise<void> {
+  private async start(
+    operation: Operation,
+    fn: DigestFunction,
+    request: ExecuteRequest,
+    context: ExecuteContext,
+  ): Promise<void> {
     const { instanceName } = request;
     const actionDigest = operation.actionDigest;
     if (!request.skipCacheLookup) {
@@ -92,7 +109,8 @@ export class Executor {
         return;
       }
     }
-    const job = await this.prepare(fn, instanceName, actionDigest, request.executionPolicy?.priority ?? 0);
+    const priority = request.executionPolicy?.priority ?? 0;
+    const job = await this.prepare(fn, instanceName, actionDigest, priority, context);
     this.scheduler.submit(job, operation);
   }
 
@@ -116,6 +134,7 @@ export class Executor {
     instanceName: string,
     actionDigest: Digest,
     priority: number,
+    context: ExecuteContext,
   ): Promise<ExecutionJob> {
     const actionBytes = await this.cas.get(actionDigest);
     if (!actionBytes) throw missingBlobs([`blobs/${formatDigest(actionDigest)}`]);
@@ -134,6 +153,13 @@ export class Executor {
     await checkInputTree(fn, this.cas, inputRootDigest, this.options.inputLimits);
     const timeoutMs = this.timeoutOf(action);
     const platform = readActionPlatform(platformOf(action, command));
+    if (!this.options.allowNetwork) refuseNetwork(platform);
+    // Credentials from the caller's header for the image's registry win over any in the action's properties.
+    const headerCredentials =
+      platform.image && context.registryCredentials.get(normalizeRegistryKey(platform.image.registry));
+    if (headerCredentials) {
+      platform.credentials = { username: headerCredentials.username, password: headerCredentials.password };
+    }
     const image = platform.image && (await this.images.admit(platform.image, platform.credentials));
     const job = {
       instanceName,
@@ -146,6 +172,7 @@ export class Executor {
       timeoutMs,
       doNotCache: action.doNotCache,
       queuedAt: new Date(),
+      registryCredentials: headerCredentials || undefined,
     };
     if (image && (platform.imageMode ?? this.options.imageMode) === "expand") {
       // Checked before the expansion, which may download gigabytes for nothing.

@@ -303,7 +303,7 @@ describe("the worker checks the tree again", () => {
       { workers: 0 },
     );
     workers = await startWorkers({
-      address: farm.address,
+      connection: { address: farm.address, token: farm.workerToken },
       images: farm.config.images,
       worker: farm.config.worker,
       runImages: false,
@@ -341,7 +341,7 @@ describe("the worker checks the tree again", () => {
     const longDir = join(farm.config.dataDir, ...Array.from({ length: 8 }, (_, i) => `${i}`.repeat(200)));
     await mkdir(longDir, { recursive: true });
     const longWorkers = await startWorkers({
-      address: farm.address,
+      connection: { address: farm.address, token: farm.workerToken },
       images: farm.config.images,
       worker: farm.config.worker,
       runImages: false,

@@ -11,6 +11,7 @@ import {
   ExecutionStage_Value,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { Status } from "../gen/google/rpc/status.js";
+import type { Credentials } from "../registry/credentials.js";
 import { Code } from "../status/status.js";
 import { Operation } from "./operation.js";
 import { type Property, unmetProperty } from "./platform.js";
@@ -29,6 +30,8 @@ export interface ExecutionJob {
   expandedImage?: ExpandedImage;
   /** Parts of the input tree the worker gets with the assignment (Assignment.input_directories, input_files). */
   inputBlobs?: { directories: readonly StoredBlob[]; files: readonly StoredBlob[] };
+  /** Credentials for the image's registry from the client's request header (never from the CAS); kept in memory only. */
+  registryCredentials?: Credentials;
   /** Lower runs sooner, as REAPI's ExecutionPolicy.priority. */
   priority: number;
   timeoutMs: number;
@@ -155,7 +158,9 @@ export class Scheduler {
   /** Queues `job` for `operation` (one from open(), or a new one), joining an identical job in flight. */
   submit(job: ExecutionJob, operation = this.open(job.instanceName, job.actionDigest)): Operation {
     if (operation.done) return operation; // cancelled while its cache lookup ran
-    const key = `${job.instanceName}\0${digestKey(job.actionDigest)}`;
+    // Runs with different registry credentials are different runs: one caller's pull must not serve another.
+    const identity = job.registryCredentials?.fingerprint() ?? "";
+    const key = `${job.instanceName}\0${digestKey(job.actionDigest)}\0${identity}`;
     const existing = job.doNotCache ? undefined : this.inFlight.get(key);
     if (existing && !existing.job.doNotCache) {
       existing.operations.add(operation);
@@ -359,6 +364,10 @@ export class Scheduler {
       expandedImage: job.expandedImage,
       inputDirectories: (job.inputBlobs?.directories ?? []).map(wireBlob),
       inputFiles: (job.inputBlobs?.files ?? []).map(wireBlob),
+      registryCredentials: job.registryCredentials && {
+        username: job.registryCredentials.username,
+        password: job.registryCredentials.password,
+      },
       timeout: { seconds: Math.floor(job.timeoutMs / 1000), nanos: (job.timeoutMs % 1000) * 1e6 },
       queuedTimestamp: {
         seconds: Math.floor(job.queuedAt.getTime() / 1000),

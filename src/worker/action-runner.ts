@@ -109,6 +109,8 @@ export async function runAction(
       );
     }
     const platform = readActionPlatform(platformOf(action, command));
+    // Credentials the client sent in a header (through the hub) take the place of any in the action.
+    if (assignment.registryCredentials) platform.credentials = assignment.registryCredentials;
     if (command.workingDirectory !== "") checkRelativePath(command.workingDirectory, "command.working_directory");
     // From here on the working directory is relative to the input root the worker lays out: in expand mode
     // that is the client's part of the tree, below the image's input_root_path.

@@ -1,5 +1,6 @@
 import { availableParallelism, hostname } from "node:os";
 import { join } from "node:path";
+import { type ConnectionOptions, clientChannel } from "../auth/client-channel.js";
 import type { InputTreeLimits } from "../cas/tree-limits.js";
 import type { Config } from "../config/config.js";
 import { EXPANDED_IMAGE_CAPABILITY, IMAGE_CAPABILITY } from "../execution/action-platform.js";
@@ -13,14 +14,14 @@ import { DirectoryCache } from "./directory-cache.js";
 import { ExpandedRoots } from "./expanded-roots.js";
 import { FileCache } from "./file-cache.js";
 import type { TreeOwner } from "./input-root.js";
-import { RemoteCas } from "./remote-cas.js";
+import { CHANNEL_OPTIONS, RemoteCas } from "./remote-cas.js";
 import { Trash } from "./trash.js";
 import { Worker } from "./worker.js";
 import { WorkerImages } from "./worker-images.js";
 
 export interface WorkerPoolOptions {
-  /** The farm to join (scheduler and CAS). */
-  address: string;
+  /** The farm to join (scheduler and CAS), with the worker token every call carries. */
+  connection: ConnectionOptions;
   /** How many workers, each running one action at a time. */
   count: number;
   /** Below it: the shared file cache and each action's directory. */
@@ -59,7 +60,8 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   // The file cache, layers and action directories below are the worker's (root's) alone.
   await openPrivateDir(options.workDir);
   const cache = await FileCache.open(join(options.workDir, "cache"), options.worker.fileCacheMaxSizeBytes);
-  const cas = RemoteCas.connect(options.address);
+  const hub = clientChannel(options.connection, CHANNEL_OPTIONS);
+  const cas = RemoteCas.connect(hub);
   // Mounting an image's overlay needs root; other workers run actions on the host's root only.
   const mountsOverlays = process.getuid?.() === 0 && options.runImages !== false;
   const images = mountsOverlays
@@ -105,7 +107,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     }
     const sandbox = new BubblewrapSandbox({ uid: owner.uid, gid: owner.gid, limits, cgroup, slirp4netnsPath });
     return new Worker({
-      hubAddress: options.address,
+      hub,
       workerName,
       properties,
       slots: 1,

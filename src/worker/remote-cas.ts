@@ -2,7 +2,8 @@ import { randomUUID } from "node:crypto";
 import { createReadStream } from "node:fs";
 import { open, readFile, rename, unlink } from "node:fs/promises";
 import { Readable } from "node:stream";
-import { type ChannelCredentials, credentials, type ServiceError } from "@grpc/grpc-js";
+import type { ServiceError } from "@grpc/grpc-js";
+import { type ClientChannel, clientChannel } from "../auth/client-channel.js";
 import { type Digest, formatDigest } from "../digest/digest.js";
 import { formatReadResourceName, formatWriteResourceName } from "../digest/resource-name.js";
 import {
@@ -42,10 +43,13 @@ export class RemoteCas {
     private readonly instanceName: string,
   ) {}
 
-  static connect(address: string, creds: ChannelCredentials = credentials.createInsecure()): RemoteCas {
+  /** A plain address, or a channel (TLS, token) from clientChannel(). */
+  static connect(to: string | ClientChannel): RemoteCas {
+    const { target, credentials, options } =
+      typeof to === "string" ? clientChannel({ address: to }, CHANNEL_OPTIONS) : to;
     return new RemoteCas(
-      new ContentAddressableStorageClient(address, creds, CHANNEL_OPTIONS),
-      new ByteStreamClient(address, creds, CHANNEL_OPTIONS),
+      new ContentAddressableStorageClient(target, credentials, options),
+      new ByteStreamClient(target, credentials, options),
       "",
     );
   }

@@ -35,6 +35,9 @@ function startWorker(name: string): ChildProcess {
       "worker",
       "--scheduler",
       farm.address,
+      // The farm's own worker token, which `berth serve` made in its data directory.
+      "--token-file",
+      join(dir, "data", "worker-token"),
       "--name",
       name,
       "--slots",

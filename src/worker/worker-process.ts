@@ -7,6 +7,8 @@ import type { Property } from "../scheduler/platform.js";
 export interface WorkerProcessOptions {
   /** The farm to join (scheduler and CAS). */
   address: string;
+  /** The farm's worker token file, which the child reads (a secret is never put on a command line). */
+  tokenFile: string;
   /** Actions the process runs at once. */
   slots: number;
   workDir: string;
@@ -38,6 +40,8 @@ export function startWorkerProcess(options: WorkerProcessOptions): { stop(): Pro
     "worker",
     "--scheduler",
     options.address,
+    "--token-file",
+    options.tokenFile,
     "--slots",
     String(options.slots),
     "--work-dir",

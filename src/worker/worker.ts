@@ -1,5 +1,6 @@
 import { setTimeout as sleep } from "node:timers/promises";
-import { type ClientDuplexStream, credentials } from "@grpc/grpc-js";
+import type { ClientDuplexStream } from "@grpc/grpc-js";
+import type { ClientChannel } from "../auth/client-channel.js";
 import type { ImagePullState } from "../gen/berth/image/v1/image.js";
 import { type HubMessage, type ImagePull, WorkerHubClient, type WorkerMessage } from "../gen/berth/worker/v1/worker.js";
 import type { Logger } from "../log/log.js";
@@ -7,15 +8,14 @@ import type { Property } from "../scheduler/platform.js";
 import { OK_STATUS, toRpcStatus } from "../status/rpc-status.js";
 import { Code, StatusError, toStatusError } from "../status/status.js";
 import { type ActionRunnerOptions, failedCompletion, runAction } from "./action-runner.js";
-import { CHANNEL_OPTIONS } from "./remote-cas.js";
 import type { PullProgress } from "./worker-images.js";
 
 /** Progress of an image pull is reported at most this often (plus the final report). */
 const PULL_PROGRESS_INTERVAL_MS = 200;
 
 export interface WorkerOptions extends ActionRunnerOptions {
-  /** The farm's gRPC address (scheduler and CAS alike). */
-  hubAddress: string;
+  /** The farm's gRPC port (scheduler and CAS alike), with the worker's token (and TLS settings). */
+  hub: ClientChannel;
   properties: Property[];
   slots: number;
   log: Logger;
@@ -33,7 +33,7 @@ export class Worker {
   private stopped = false;
 
   constructor(private readonly options: WorkerOptions) {
-    this.client = new WorkerHubClient(options.hubAddress, credentials.createInsecure(), CHANNEL_OPTIONS);
+    this.client = new WorkerHubClient(options.hub.target, options.hub.credentials, options.hub.options);
   }
 
   /** Connects, and keeps reconnecting with backoff until stop(). */
@@ -56,7 +56,7 @@ export class Worker {
       await this.session().catch((err: unknown) => {
         this.options.log.warn(
           { err },
-          `worker ${this.options.workerName}: connection to ${this.options.hubAddress} lost`,
+          `worker ${this.options.workerName}: connection to ${this.options.hub.target} lost`,
         );
       });
       if (this.stopped) break;
@@ -91,7 +91,7 @@ export class Worker {
       clearInterval(this.heartbeat);
       this.heartbeat = setInterval(() => stream.write({ heartbeat: { leaseIds: [...this.running.keys()] } }), ms);
       this.heartbeat.unref();
-      this.options.log.info(`worker ${this.options.workerName} connected to ${this.options.hubAddress}`);
+      this.options.log.info(`worker ${this.options.workerName} connected to ${this.options.hub.target}`);
     }
     if (message.cancellation) this.running.get(message.cancellation.leaseId)?.abort();
     if (message.imagePull) void this.pullImage(stream, message.imagePull);

@@ -4,8 +4,9 @@ import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { credentials } from "@grpc/grpc-js";
 import { type RunningServer, startServer } from "../../src/api/server.js";
+import { type ConnectionOptions, clientChannel } from "../../src/auth/client-channel.js";
+import { readTokenFile } from "../../src/auth/token-file.js";
 import { type Config, parseConfig } from "../../src/config/config.js";
 import { type Farm, openFarm } from "../../src/farm/farm.js";
 import {
@@ -16,7 +17,7 @@ import {
 } from "../../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { ByteStreamClient } from "../../src/gen/google/bytestream/bytestream.js";
 import { OperationsClient } from "../../src/gen/google/longrunning/operations.js";
-import { silentLogger } from "../../src/log/log.js";
+import { type Logger, silentLogger } from "../../src/log/log.js";
 import { startWorkers } from "../../src/worker/local-workers.js";
 
 /** Real gRPC clients of every service, connected to one address. */
@@ -37,14 +38,15 @@ const CHANNEL_OPTIONS = {
   "grpc-node.flow_control_window": 1024 * 1024,
 };
 
-export function connect(address: string): Clients {
-  const creds = credentials.createInsecure();
-  const cas = new ContentAddressableStorageClient(address, creds, CHANNEL_OPTIONS);
-  const byteStream = new ByteStreamClient(address, creds, CHANNEL_OPTIONS);
-  const ac = new ActionCacheClient(address, creds, CHANNEL_OPTIONS);
-  const capabilities = new CapabilitiesClient(address, creds, CHANNEL_OPTIONS);
-  const execution = new ExecutionClient(address, creds, CHANNEL_OPTIONS);
-  const operations = new OperationsClient(address, creds, CHANNEL_OPTIONS);
+/** Clients of every service; `as` adds a token, headers or TLS (as `berth run` would send them). */
+export function connect(address: string, as: Omit<ConnectionOptions, "address"> = {}): Clients {
+  const { target, credentials, options } = clientChannel({ ...as, address }, CHANNEL_OPTIONS);
+  const cas = new ContentAddressableStorageClient(target, credentials, options);
+  const byteStream = new ByteStreamClient(target, credentials, options);
+  const ac = new ActionCacheClient(target, credentials, options);
+  const capabilities = new CapabilitiesClient(target, credentials, options);
+  const execution = new ExecutionClient(target, credentials, options);
+  const operations = new OperationsClient(target, credentials, options);
   return {
     execution,
     operations,
@@ -61,6 +63,8 @@ export function connect(address: string): Clients {
 /** A farm in this process on a free loopback port, with a fresh data directory. */
 export interface TestFarm {
   readonly address: string;
+  /** The server's own worker secret (DATA/worker-token), which its workers present. */
+  readonly workerToken: string;
   readonly config: Config;
   readonly clients: Clients;
   readonly farm: Farm;
@@ -76,6 +80,10 @@ export interface TestFarmOptions {
   properties?: { name: string; value: string }[];
   /** false: the workers run no container images (by default they do, when the tests run as root). */
   runImages?: boolean;
+  /** What `clients` present (a token, TLS roots); none by default. */
+  clientConnection?: Omit<ConnectionOptions, "address">;
+  /** Where the farm logs (silent by default). */
+  log?: Logger;
 }
 
 let farmsStarted = 0;
@@ -96,14 +104,15 @@ export async function startTestFarm(
   const dir = dataDir ?? (await mkdtemp(join(tmpdir(), "berth-test-")));
   const worker = { sandboxUidBase: testUidBase(), ...(settings.worker as Record<string, unknown> | undefined) };
   const config = parseConfig({ listen: "127.0.0.1:0", dataDir: dir, logLevel: "silent", ...settings, worker });
-  const log = silentLogger();
+  const log = options.log ?? silentLogger();
   const farm = await openFarm(config, log);
   const server: RunningServer = await startServer(farm, config, log);
-  const clients = connect(server.address);
+  const workerToken = await readTokenFile(server.workerTokenFile);
+  const clients = connect(server.address, options.clientConnection);
   const workers =
     (options.workers ?? 0) > 0
       ? await startWorkers({
-          address: server.address,
+          connection: { address: server.workerAddress, token: workerToken },
           images: config.images,
           worker: config.worker,
           inputLimits: config.execution.inputLimits,
@@ -123,6 +132,7 @@ export async function startTestFarm(
   };
   return {
     address: server.address,
+    workerToken,
     config,
     clients,
     farm,
