@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { after, before, test } from "node:test";
+import { after, before, type TestContext, test } from "node:test";
 import { execute, readBlob, uploadAction } from "../../test/support/actions.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { MEDIA_TYPES, makeLayer } from "../../test/support/layers.js";
@@ -66,7 +66,7 @@ async function run(args: string[], options: { salt: string; image?: string; outp
 const fillForever = (dir: string) =>
   `mkdir -p ${dir}; i=0; while :; do i=$((i+1)); dd if=/dev/zero of=${dir}/f$i bs=1048576 count=1 2>/dev/null || exit 3; echo $i; sleep 0.05; done`;
 
-function assertStoppedAtDiskBytes(filled: Awaited<ReturnType<typeof run>>) {
+function assertStoppedAtDiskBytes(t: TestContext, filled: Awaited<ReturnType<typeof run>>) {
   assert.equal(filled.code, Code.RESOURCE_EXHAUSTED, `${filled.message}\n${filled.stderr}`);
   assert.match(filled.message, /disk limit of 33554432 bytes \(worker\.limits\.diskBytes\)/);
   assert.equal(filled.exitCode, 137);
@@ -74,18 +74,19 @@ function assertStoppedAtDiskBytes(filled: Awaited<ReturnType<typeof run>>) {
   const written = Number(filled.stdout.trim().split("\n").at(-1)) * MiB;
   assert.ok(written > LIMITS.diskBytes, `stopped at ${written} bytes, before its limit`);
   assert.ok(written <= LIMITS.diskBytes + SLACK, `it wrote ${written} bytes before it was stopped`);
+  t.diagnostic(`stopped after writing ${written / MiB} MiB (limit ${LIMITS.diskBytes / MiB} MiB)`);
 }
 
-test("an action filling its input root with 1 MiB files is stopped past diskBytes, named in its result", async () => {
-  assertStoppedAtDiskBytes(await run(["/bin/bash", "-c", fillForever("fill")], { salt: "host fill" }));
+test("an action filling its input root with 1 MiB files is stopped past diskBytes, named in its result", async (t) => {
+  assertStoppedAtDiskBytes(t, await run(["/bin/bash", "-c", fillForever("fill")], { salt: "host fill" }));
 });
 
 test("an action filling its image's own layer (mount mode) is stopped past diskBytes, named in its result", {
   skip: !isRoot,
-}, async () => {
+}, async (t) => {
   // Outside the input root: /workspace/fill lives in the overlay's upper layer.
   const filled = await run(["sh", "-c", fillForever("/workspace/fill")], { salt: "image fill", image: busybox });
-  assertStoppedAtDiskBytes(filled);
+  assertStoppedAtDiskBytes(t, filled);
 });
 
 test("an action creating 200,000 empty files is stopped past diskEntries, named in its result", async () => {
