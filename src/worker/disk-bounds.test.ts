@@ -21,6 +21,8 @@ const WRITE_RATE = 20 * MiB;
 const SLACK = 2 * WRITE_RATE;
 const isRoot = process.getuid?.() === 0;
 let farm: TestFarm;
+/** The same bounds with images expanded on the server (each action still gets an overlay layer of its own). */
+let expandFarm: TestFarm | undefined;
 let registry: TestRegistry | undefined;
 let busybox = "";
 
@@ -35,29 +37,33 @@ before(async () => {
       { blob: tar, diffId, mediaType: MEDIA_TYPES.none },
     ]);
     busybox = await registry.push(image, "team/workspace", "1");
+    expandFarm = await startTestFarm({ worker: { limits: LIMITS }, images: { mode: "expand" } }, undefined, {
+      workers: 1,
+    });
   }
 });
 after(async () => {
-  await farm?.close();
+  await Promise.all([farm?.close(), expandFarm?.close()]);
   await registry?.stop();
 });
 
-async function run(args: string[], options: { salt: string; image?: string; outputFiles?: string[] }) {
-  const digest = await uploadAction(farm.clients, {
+async function run(args: string[], options: { salt: string; image?: string; outputFiles?: string[]; on?: TestFarm }) {
+  const { clients } = options.on ?? farm;
+  const digest = await uploadAction(clients, {
     args,
     salt: options.salt,
     timeoutSeconds: 60,
     outputFiles: options.outputFiles,
     platform: options.image ? [{ name: "container-image", value: `docker://${options.image}` }] : [],
   });
-  const { response } = await execute(farm.clients, digest, { skipCacheLookup: true });
+  const { response } = await execute(clients, digest, { skipCacheLookup: true });
   return {
     code: response.status?.code ?? Code.OK,
     message: response.status?.message ?? "",
     exitCode: response.result?.exitCode,
     outputs: response.result?.outputFiles ?? [],
-    stdout: await readBlob(farm.clients, response.result?.stdoutDigest),
-    stderr: await readBlob(farm.clients, response.result?.stderrDigest),
+    stdout: await readBlob(clients, response.result?.stdoutDigest),
+    stderr: await readBlob(clients, response.result?.stderrDigest),
   };
 }
 
@@ -81,13 +87,19 @@ test("an action filling its input root with 1 MiB files is stopped past diskByte
   assertStoppedAtDiskBytes(t, await run(["/bin/bash", "-c", fillForever("fill")], { salt: "host fill" }));
 });
 
-test("an action filling its image's own layer (mount mode) is stopped past diskBytes, named in its result", {
-  skip: !isRoot,
-}, async (t) => {
-  // Outside the input root: /workspace/fill lives in the overlay's upper layer.
-  const filled = await run(["sh", "-c", fillForever("/workspace/fill")], { salt: "image fill", image: busybox });
-  assertStoppedAtDiskBytes(t, filled);
-});
+for (const mode of ["mount", "expand"] as const) {
+  test(`an action filling its image's own layer (${mode} mode) is stopped past diskBytes, named in its result`, {
+    skip: !isRoot,
+  }, async (t) => {
+    // Outside the input root: /workspace/fill lives in the overlay's upper layer.
+    const filled = await run(["sh", "-c", fillForever("/workspace/fill")], {
+      salt: `image fill ${mode}`,
+      image: busybox,
+      on: mode === "expand" ? expandFarm : farm,
+    });
+    assertStoppedAtDiskBytes(t, filled);
+  });
+}
 
 test("an action creating 200,000 empty files is stopped past diskEntries, named in its result", async () => {
   const script = "mkdir many; for ((i = 0; i < 200000; i++)); do : > many/e$i; done; echo all 200000 made";
