@@ -136,6 +136,14 @@ export const ConfigSchema = z
             maxFileSizeBytes: bytes.default(16 * 1024 ** 3),
             /** Open file descriptors per process (RLIMIT_NOFILE). */
             maxOpenFiles: z.number().int().nonnegative().default(65536),
+            /**
+             * Bytes the action keeps on disk: its own files in its input root and its image's upper layer,
+             * sampled from 1 s of run time on (an action past it is killed); shorter actions are bounded by
+             * maxFileSizeBytes per file only.
+             */
+            diskBytes: bytes.default(64 * 1024 ** 3),
+            /** Files, directories and other entries the action keeps on disk, counted with diskBytes. */
+            diskEntries: z.number().int().nonnegative().default(4_000_000),
           })
           .strict()
           .prefault({}),

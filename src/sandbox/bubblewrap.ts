@@ -17,6 +17,8 @@ import { LAUNCH_FAILED, type LaunchStep, sharedLauncher } from "../process/launc
 import { Code, StatusError } from "../status/status.js";
 import { sandboxArgs } from "./bwrap-args.js";
 import type { CgroupEvents, SlotCgroup } from "./cgroups.js";
+import { DiskMonitor } from "./disk-monitor.js";
+import type { WritableArea } from "./disk-usage.js";
 import { imageBwrapArgs, imageLaunchSteps, prepareImageMountPoints } from "./image-root.js";
 import { DEFAULT_LIMITS, describeLimit, type LimitName, limitSteps, type SandboxLimits } from "./limits.js";
 import type { Sandbox, SandboxRequest, SandboxResult } from "./sandbox.js";
@@ -68,7 +70,7 @@ const MAX_TIMER_MS = 2 ** 31 - 1;
 /** A process stuck in uninterruptible sleep can outlive SIGKILL; don't block the worker forever on it. */
 const REAP_LIMIT_MS = 10_000;
 
-type KillReason = "timeout" | "cancel";
+type KillReason = "timeout" | "cancel" | "disk";
 
 /**
  * Runs the command with bubblewrap, started as an unprivileged host user: bubblewrap then creates the user
@@ -108,7 +110,10 @@ export class BubblewrapSandbox implements Sandbox {
       }
       await prepareImageMountPoints(request.image);
       const sandbox = imageBwrapArgs(request, request.image, relative(root, workDir), STATUS_FD, sizes);
-      return this.#execute(request, [this.#bwrapPath, ...sandbox], imageLaunchSteps(request.image, root), undefined);
+      // What the action writes to the image lands in its upper layer, whoever owned the file it changed.
+      const areas = [{ dir: root, owner: this.#uid }, { dir: request.image.upperDir }];
+      const steps = imageLaunchSteps(request.image, root);
+      return this.#execute(request, [this.#bwrapPath, ...sandbox], steps, undefined, areas);
     }
     // The action's user must reach the input root to bind it. When a directory above it is closed to that
     // user (a data directory under /root, say), root binds it first in a private mount namespace, at a
@@ -119,7 +124,8 @@ export class BubblewrapSandbox implements Sandbox {
     const longCommand = request.argv.length > DIRECT_ARGS_LIMIT;
     const command = longCommand ? ARGS_SHIM : request.argv;
     const argv = [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir, { ...sizes, command })];
-    return this.#execute(request, argv, steps, longCommand ? request.argv : undefined);
+    const areas = [{ dir: root, owner: this.#uid }];
+    return this.#execute(request, argv, steps, longCommand ? request.argv : undefined, areas);
   }
 
   /** Whether the action's user can reach `root` through the directories above it. */
@@ -154,6 +160,7 @@ export class BubblewrapSandbox implements Sandbox {
     argv: string[],
     sandboxSteps: LaunchStep[],
     shimmedCommand: string[] | undefined,
+    writableAreas: WritableArea[],
   ): Promise<SandboxResult> {
     // bwrap reports the sandbox's pid and the command's exit code on STATUS_FD, here a file beside stdout.
     const statusPath = `${request.stdoutPath}.bwrap-status`;
@@ -204,6 +211,11 @@ export class BubblewrapSandbox implements Sandbox {
     const onAbort = () => kill("cancel");
     request.signal?.addEventListener("abort", onAbort, { once: true });
     if (request.signal?.aborted) onAbort();
+    const disk = new DiskMonitor({
+      areas: writableAreas,
+      bounds: { bytes: this.#limits.diskBytes, entries: this.#limits.diskEntries },
+      onExceeded: () => kill("disk"),
+    });
 
     try {
       const exit = await launched.exited;
@@ -217,6 +229,7 @@ export class BubblewrapSandbox implements Sandbox {
       // cgroup, also when bwrap never got as far as making that namespace.
       this.#cgroup?.killAll();
       const completedAt = new Date();
+      const diskLimit = await disk.finish();
 
       // A command killed by a signal already shows up as 128 + n in bwrap's own exit code.
       let exitCode = exit.code ?? 128 + (exit.signal ?? constants.signals.SIGKILL);
@@ -240,10 +253,12 @@ export class BubblewrapSandbox implements Sandbox {
         }
         exitCode = EXEC_FAILED;
       }
+      // A disk bound passed is named even when the command then exited 0: what it left is over the limit.
       const limitReached =
-        exitCode === 0 || killedFor !== undefined
+        diskLimit ??
+        (exitCode === 0 || killedFor !== undefined
           ? undefined
-          : reachedLimit(exitCode, before, this.#cgroup?.events(), request.stderrPath);
+          : reachedLimit(exitCode, before, this.#cgroup?.events(), request.stderrPath));
       return {
         exitCode,
         timedOut: killedFor === "timeout",
@@ -255,6 +270,7 @@ export class BubblewrapSandbox implements Sandbox {
           : {}),
       };
     } finally {
+      disk.stop();
       clearTimeout(timer);
       request.signal?.removeEventListener("abort", onAbort);
       rmSync(statusPath, { force: true });

@@ -16,6 +16,8 @@ const LIMITS: SandboxLimits = {
   shmSizeBytes: 1024 ** 2,
   maxFileSizeBytes: 3 * 1024 ** 2,
   maxOpenFiles: 200,
+  diskBytes: 0,
+  diskEntries: 0,
 };
 
 /** A sandbox without a cgroup: what a host without a writable memory and pids cgroup gets. */

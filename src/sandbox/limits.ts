@@ -9,6 +9,9 @@ export interface SandboxLimits {
   shmSizeBytes: number;
   maxFileSizeBytes: number;
   maxOpenFiles: number;
+  /** What the action keeps on disk: its own files in its input root, and its image's upper layer (disk-monitor.ts). */
+  diskBytes: number;
+  diskEntries: number;
 }
 
 export type LimitName = keyof SandboxLimits;
@@ -23,6 +26,8 @@ export const DEFAULT_LIMITS: SandboxLimits = {
   shmSizeBytes: 64 * 1024 ** 2,
   maxFileSizeBytes: 16 * 1024 ** 3,
   maxOpenFiles: 65536,
+  diskBytes: 64 * 1024 ** 3,
+  diskEntries: 4_000_000,
 };
 
 /**
@@ -76,5 +81,9 @@ export function describeLimit(limit: LimitName, limits: SandboxLimits): string {
       );
     case "maxOpenFiles":
       return `the action reached its limit of ${value} open files per process (${key})`;
+    case "diskBytes":
+      return `the action wrote more than its disk limit of ${value} bytes (${key}) and was stopped`;
+    case "diskEntries":
+      return `the action created more than its limit of ${value} files and directories on disk (${key}) and was stopped`;
   }
 }
