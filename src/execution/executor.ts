@@ -24,6 +24,7 @@ import {
   platformOf,
   readActionPlatform,
 } from "./action-platform.js";
+import { CheckedDirectories, DEFAULT_CHECKED_DIRECTORIES } from "./checked-directories.js";
 import { checkCommand } from "./command-check.js";
 import { type ExpandedAction, expandedAction } from "./expanded-action.js";
 import type { ImagePolicy } from "./image-policy.js";
@@ -43,6 +44,8 @@ export interface ExecutorOptions {
   expander: ImageExpander | undefined;
   /** Input trees past these are refused before the action is queued. */
   inputLimits: InputTreeLimits;
+  /** Directory messages whose check is remembered across Executes (0: none); DEFAULT_CHECKED_DIRECTORIES unless set. */
+  checkedDirectoryCacheEntries?: number;
 }
 
 /**
@@ -52,13 +55,20 @@ export interface ExecutorOptions {
  * operation with a status in ExecuteResponse, as REAPI asks.
  */
 export class Executor {
+  /** Directory messages earlier Executes checked, so that trees sharing most of theirs cost a lookup each. */
+  private readonly checkedDirectories: CheckedDirectories;
+
   constructor(
     private readonly cas: BlobStore,
     private readonly ac: ActionCache,
     private readonly scheduler: Scheduler,
     private readonly images: ImagePolicy,
     private readonly options: ExecutorOptions,
-  ) {}
+  ) {
+    this.checkedDirectories = new CheckedDirectories(
+      options.checkedDirectoryCacheEntries ?? DEFAULT_CHECKED_DIRECTORIES,
+    );
+  }
 
   /**
    * Validates the request and returns its operation at once, in the
@@ -131,7 +141,7 @@ export class Executor {
     const command = decode(Command, commandBytes as Buffer, "command");
     checkCommand(command);
     // Before anything is queued or laid out: a hostile tree costs the server a bounded read, and no worker.
-    await checkInputTree(fn, this.cas, inputRootDigest, this.options.inputLimits);
+    await checkInputTree(fn, this.cas, inputRootDigest, this.options.inputLimits, this.checkedDirectories);
     const timeoutMs = this.timeoutOf(action);
     const platform = readActionPlatform(platformOf(action, command));
     const image = platform.image && (await this.images.admit(platform.image, platform.credentials));

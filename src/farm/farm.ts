@@ -119,6 +119,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     inputRootPath: config.images.inputRootPath,
     expander,
     inputLimits: execution.inputLimits,
+    checkedDirectoryCacheEntries: execution.checkedDirectoryCacheEntries,
   });
   return {
     cas,
