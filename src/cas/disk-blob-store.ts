@@ -30,14 +30,17 @@ async function hashFileInto(handle: FileHandle, hasher: Hasher, expected: number
     if (bytesRead === 0) return size;
     size += bytesRead;
     if (size > expected) return size;
-    reading = handle.read(buffers[(i + 1) % 2] as Buffer, 0, chunk, size);
+    // A short read of a regular file is its end: no read more just to be told so (a small blob costs one).
+    const more = bytesRead === chunk;
+    if (more) reading = handle.read(buffers[(i + 1) % 2] as Buffer, 0, chunk, size);
     try {
       // The read above fills the other buffer; this one is reused only after update() returned.
       hasher.update(buffer.subarray(0, bytesRead));
     } catch (err) {
-      await reading.catch(() => {});
+      if (more) await reading.catch(() => {});
       throw err;
     }
+    if (!more) return size;
   }
 }
 
