@@ -8,6 +8,7 @@ import { isDiskFull, LruDirectory } from "../store/lru-directory.js";
 import { SegmentLog } from "../store/segment-log.js";
 import type { BlobStore, BlobWriter, PutOptions } from "./blob-store.js";
 import { isEmptyBlob } from "./empty-blob.js";
+import { type FileHash, HashThread } from "./hash-thread.js";
 
 /** Read chunk size: large enough for throughput, well under gRPC's 4 MiB message limit. */
 const READ_CHUNK_BYTES = 1024 * 1024;
@@ -63,9 +64,10 @@ const EARLY_FLUSH_BYTES = 32 * 1024 * 1024;
 const VERIFY_CONCURRENCY = 4;
 
 /**
- * Blob files the background check at start hashes at once. Two keep the
- * disk busy while the other file's chunk is hashed, and leave two of libuv's
- * four threads (and, on a 2-core host, a core) to requests.
+ * Blob files the background check at start has in hand at once. It hashes
+ * them on one thread of its own (a core at most, so a 2-core host keeps one
+ * for requests); two keep that thread's queue from running dry while the
+ * event loop takes in an answer.
  */
 const BACKGROUND_VERIFY_CONCURRENCY = 2;
 
@@ -113,6 +115,8 @@ const LOG_SHARE = 0.25;
 export class DiskBlobStore implements BlobStore {
   /** Checks of unverified blob files under way, so concurrent requests share one. */
   private readonly checking = new Map<string, Promise<boolean>>();
+  /** Where the background check hashes, off the event loop. */
+  private readonly hashThread = new HashThread();
   private closed = false;
 
   /** `logLimit`: blobs up to this size go to the log (0: none do). `dir`: where the store lives, for messages. */
@@ -152,9 +156,9 @@ export class DiskBlobStore implements BlobStore {
 
   /**
    * Checks every blob file found at start, most recently used first (the
-   * likeliest to be asked for next), a couple at a time: a background task;
-   * requests check what they need themselves, sooner. Resolves when done or
-   * when the store closes.
+   * likeliest to be asked for next), on the hash thread: a background task,
+   * off the event loop; requests check what they need themselves, sooner.
+   * Resolves when done or when the store closes.
    */
   async verifyAll(): Promise<{ checked: number; dropped: number }> {
     const keys = this.files.unverifiedKeys().reverse();
@@ -166,7 +170,7 @@ export class DiskBlobStore implements BlobStore {
         const digest = digestOfKey(keys[next++] as string);
         if (!digest) continue;
         checked++;
-        if (!(await this.checkFile(digest))) dropped++;
+        if (!(await this.checkFile(digest, true))) dropped++;
       }
     };
     await Promise.all(Array.from({ length: BACKGROUND_VERIFY_CONCURRENCY }, lane));
@@ -182,6 +186,7 @@ export class DiskBlobStore implements BlobStore {
   close(): void {
     this.closed = true;
     this.log.close();
+    void this.hashThread.close();
   }
 
   async findMissing(digests: readonly Digest[]): Promise<Digest[]> {
@@ -292,36 +297,38 @@ export class DiskBlobStore implements BlobStore {
    * Hashes an unchecked blob file: true (and marked checked) when it is the
    * blob its name says; otherwise it is removed. Concurrent calls share one check.
    */
-  private checkFile(digest: Digest): Promise<boolean> {
+  private checkFile(digest: Digest, onThread = false): Promise<boolean> {
     const key = digestKey(digest);
     if (this.files.isVerified(key)) return Promise.resolve(true);
     if (!this.files.has(key)) return Promise.resolve(false);
     let check = this.checking.get(key);
     if (!check) {
-      check = this.hashFile(digest).finally(() => this.checking.delete(key));
+      check = this.hashFile(digest, onThread).finally(() => this.checking.delete(key));
       this.checking.set(key, check);
     }
     return check;
   }
 
-  private async hashFile(digest: Digest): Promise<boolean> {
+  /**
+   * `onThread`: on the hash thread (the background check), so that requests
+   * never wait behind it on the event loop; a request's own check hashes
+   * here, sooner than behind the thread's queue.
+   */
+  private async hashFile(digest: Digest, onThread: boolean): Promise<boolean> {
     const key = digestKey(digest);
-    const hasher = await digest.fn.createHasher();
-    let handle: FileHandle;
-    try {
-      handle = await open(this.files.filePath(key), "r");
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    let result: FileHash | undefined;
+    if (onThread && !this.closed && HashThread.supports(digest.fn.name)) {
+      // A thread that failed (it should not) leaves the file to the event loop.
+      result = await this.hashThread
+        .hashFile(this.files.filePath(key), digest.fn.name, digest.sizeBytes)
+        .catch(() => undefined);
+    }
+    result ??= await this.hashHere(digest);
+    if (result === "ENOENT") {
       await this.files.remove(key);
       return false;
     }
-    let size = 0;
-    try {
-      size = await hashFileInto(handle, hasher, digest.sizeBytes);
-    } finally {
-      await handle.close();
-    }
-    const hash = hasher.digestHex();
+    const { hash, size } = result;
     // Written again meanwhile (a new upload replaces an unchecked file): that one was checked by its writer.
     if (this.files.isVerified(key)) return true;
     if (size === digest.sizeBytes && hash === digest.hash) {
@@ -330,6 +337,24 @@ export class DiskBlobStore implements BlobStore {
     }
     await this.drop(key, size === digest.sizeBytes ? `its ${digest.fn.name} is ${hash}` : `it has ${size} bytes`);
     return false;
+  }
+
+  /** Hashes a blob file on the event loop, a chunk at a time. */
+  private async hashHere(digest: Digest): Promise<FileHash> {
+    const hasher = await digest.fn.createHasher();
+    let handle: FileHandle;
+    try {
+      handle = await open(this.files.filePath(digestKey(digest)), "r");
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+      return "ENOENT";
+    }
+    try {
+      const size = await hashFileInto(handle, hasher, digest.sizeBytes);
+      return { hash: hasher.digestHex(), size };
+    } finally {
+      await handle.close();
+    }
   }
 
   private async drop(key: string, reason: string): Promise<void> {
