@@ -1,4 +1,3 @@
-import { createReadStream } from "node:fs";
 import { type FileHandle, open, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { Readable } from "node:stream";
@@ -9,12 +8,42 @@ import { isDiskFull, LruDirectory } from "../store/lru-directory.js";
 import { SegmentLog } from "../store/segment-log.js";
 import type { BlobStore, BlobWriter, PutOptions } from "./blob-store.js";
 import { isEmptyBlob } from "./empty-blob.js";
+import { type FileHash, HashThread } from "./hash-thread.js";
 
 /** Read chunk size: large enough for throughput, well under gRPC's 4 MiB message limit. */
 const READ_CHUNK_BYTES = 1024 * 1024;
 
 /** Enough overlap to keep the disk busy while the next chunks arrive, bounded in memory. */
 const MAX_WRITES_IN_FLIGHT = 4;
+
+/**
+ * Feeds the file behind `handle` to `hasher`, the next chunk read while one
+ * is hashed (reads go to libuv's threads, hashing happens here); returns the
+ * bytes read. Stops a chunk past `expected`: a longer file is wrong anyway.
+ */
+async function hashFileInto(handle: FileHandle, hasher: Hasher, expected: number): Promise<number> {
+  const chunk = Math.max(1, Math.min(HASH_CHUNK_BYTES, expected + 1));
+  const buffers = [Buffer.allocUnsafe(chunk), Buffer.allocUnsafe(chunk)];
+  let size = 0;
+  let reading = handle.read(buffers[0] as Buffer, 0, chunk, 0);
+  for (let i = 0; ; i++) {
+    const { bytesRead, buffer } = await reading;
+    if (bytesRead === 0) return size;
+    size += bytesRead;
+    if (size > expected) return size;
+    // A short read of a regular file is its end: no read more just to be told so (a small blob costs one).
+    const more = bytesRead === chunk;
+    if (more) reading = handle.read(buffers[(i + 1) % 2] as Buffer, 0, chunk, size);
+    try {
+      // The read above fills the other buffer; this one is reused only after update() returned.
+      hasher.update(buffer.subarray(0, bytesRead));
+    } catch (err) {
+      if (more) await reading.catch(() => {});
+      throw err;
+    }
+    if (!more) return size;
+  }
+}
 
 async function writeFully(handle: FileHandle, chunk: Uint8Array, position: number): Promise<void> {
   let offset = 0;
@@ -33,6 +62,17 @@ const EARLY_FLUSH_BYTES = 32 * 1024 * 1024;
 
 /** Blob files checked at once when many unchecked ones are asked for (FindMissingBlobs after a restart). */
 const VERIFY_CONCURRENCY = 4;
+
+/**
+ * Blob files the background check at start has in hand at once. It hashes
+ * them on one thread of its own (a core at most, so a 2-core host keeps one
+ * for requests); two keep that thread's queue from running dry while the
+ * event loop takes in an answer.
+ */
+const BACKGROUND_VERIFY_CONCURRENCY = 2;
+
+/** Bytes read at a time when a blob file is hashed: each read is one system call, two are in flight per file. */
+const HASH_CHUNK_BYTES = 1024 * 1024;
 
 /** Blobs up to this size go to the segment log; larger ones get a file each. */
 export const LOGGED_BLOB_BYTES = 64 * 1024;
@@ -75,6 +115,8 @@ const LOG_SHARE = 0.25;
 export class DiskBlobStore implements BlobStore {
   /** Checks of unverified blob files under way, so concurrent requests share one. */
   private readonly checking = new Map<string, Promise<boolean>>();
+  /** Where the background check hashes, off the event loop. */
+  private readonly hashThread = new HashThread();
   private closed = false;
 
   /** `logLimit`: blobs up to this size go to the log (0: none do). `dir`: where the store lives, for messages. */
@@ -114,20 +156,24 @@ export class DiskBlobStore implements BlobStore {
 
   /**
    * Checks every blob file found at start, most recently used first (the
-   * likeliest to be asked for next), one at a time: a background task;
-   * requests check what they need themselves, sooner. Resolves when done or
-   * when the store closes.
+   * likeliest to be asked for next), on the hash thread: a background task,
+   * off the event loop; requests check what they need themselves, sooner.
+   * Resolves when done or when the store closes.
    */
   async verifyAll(): Promise<{ checked: number; dropped: number }> {
+    const keys = this.files.unverifiedKeys().reverse();
+    let next = 0;
     let checked = 0;
     let dropped = 0;
-    for (const key of this.files.unverifiedKeys().reverse()) {
-      if (this.closed) break;
-      const digest = digestOfKey(key);
-      if (!digest) continue;
-      checked++;
-      if (!(await this.checkFile(digest))) dropped++;
-    }
+    const lane = async (): Promise<void> => {
+      while (!this.closed && next < keys.length) {
+        const digest = digestOfKey(keys[next++] as string);
+        if (!digest) continue;
+        checked++;
+        if (!(await this.checkFile(digest, true))) dropped++;
+      }
+    };
+    await Promise.all(Array.from({ length: BACKGROUND_VERIFY_CONCURRENCY }, lane));
     return { checked, dropped };
   }
 
@@ -140,6 +186,7 @@ export class DiskBlobStore implements BlobStore {
   close(): void {
     this.closed = true;
     this.log.close();
+    void this.hashThread.close();
   }
 
   async findMissing(digests: readonly Digest[]): Promise<Digest[]> {
@@ -250,33 +297,38 @@ export class DiskBlobStore implements BlobStore {
    * Hashes an unchecked blob file: true (and marked checked) when it is the
    * blob its name says; otherwise it is removed. Concurrent calls share one check.
    */
-  private checkFile(digest: Digest): Promise<boolean> {
+  private checkFile(digest: Digest, onThread = false): Promise<boolean> {
     const key = digestKey(digest);
     if (this.files.isVerified(key)) return Promise.resolve(true);
     if (!this.files.has(key)) return Promise.resolve(false);
     let check = this.checking.get(key);
     if (!check) {
-      check = this.hashFile(digest).finally(() => this.checking.delete(key));
+      check = this.hashFile(digest, onThread).finally(() => this.checking.delete(key));
       this.checking.set(key, check);
     }
     return check;
   }
 
-  private async hashFile(digest: Digest): Promise<boolean> {
+  /**
+   * `onThread`: on the hash thread (the background check), so that requests
+   * never wait behind it on the event loop; a request's own check hashes
+   * here, sooner than behind the thread's queue.
+   */
+  private async hashFile(digest: Digest, onThread: boolean): Promise<boolean> {
     const key = digestKey(digest);
-    const hasher = await digest.fn.createHasher();
-    let size = 0;
-    try {
-      for await (const chunk of createReadStream(this.files.filePath(key), { highWaterMark: READ_CHUNK_BYTES })) {
-        hasher.update(chunk as Buffer);
-        size += (chunk as Buffer).byteLength;
-      }
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    let result: FileHash | undefined;
+    if (onThread && !this.closed && HashThread.supports(digest.fn.name)) {
+      // A thread that failed (it should not) leaves the file to the event loop.
+      result = await this.hashThread
+        .hashFile(this.files.filePath(key), digest.fn.name, digest.sizeBytes)
+        .catch(() => undefined);
+    }
+    result ??= await this.hashHere(digest);
+    if (result === "ENOENT") {
       await this.files.remove(key);
       return false;
     }
-    const hash = hasher.digestHex();
+    const { hash, size } = result;
     // Written again meanwhile (a new upload replaces an unchecked file): that one was checked by its writer.
     if (this.files.isVerified(key)) return true;
     if (size === digest.sizeBytes && hash === digest.hash) {
@@ -285,6 +337,24 @@ export class DiskBlobStore implements BlobStore {
     }
     await this.drop(key, size === digest.sizeBytes ? `its ${digest.fn.name} is ${hash}` : `it has ${size} bytes`);
     return false;
+  }
+
+  /** Hashes a blob file on the event loop, a chunk at a time. */
+  private async hashHere(digest: Digest): Promise<FileHash> {
+    const hasher = await digest.fn.createHasher();
+    let handle: FileHandle;
+    try {
+      handle = await open(this.files.filePath(digestKey(digest)), "r");
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+      return "ENOENT";
+    }
+    try {
+      const size = await hashFileInto(handle, hasher, digest.sizeBytes);
+      return { hash: hasher.digestHex(), size };
+    } finally {
+      await handle.close();
+    }
   }
 
   private async drop(key: string, reason: string): Promise<void> {
@@ -300,14 +370,23 @@ export class DiskBlobStore implements BlobStore {
   }
 
   /**
-   * A logged blob, checked against its digest: a segment written before a
-   * crash may hold bytes that never reached the disk. A blob that fails is
-   * forgotten, as if it had been evicted.
+   * A logged blob, checked against its digest the first time this process
+   * reads it: a segment written before a crash may hold bytes that never
+   * reached the disk. A blob that fails is forgotten, as if it had been
+   * evicted. Once checked (or appended by this process) a record is served
+   * without hashing again: records are never rewritten in place (the log
+   * only appends, and a value used again is copied forward with its flag),
+   * the segment files are open to root only in a 0700 data directory, and a
+   * record damaged under a running farm by root or the disk itself is outside
+   * what the store promises (as for blob files: checked again at the next
+   * start).
    */
   private async fromLog(digest: Digest): Promise<Buffer | undefined> {
     const key = digestKey(digest);
     const data = this.log.get(key);
     if (!data) return undefined;
+    // The size still guards against a record the index maps to the wrong bytes.
+    if (this.log.isVerified(key) && data.byteLength === digest.sizeBytes) return data;
     try {
       await verifyBlob(digest, data, "stored blob");
       this.log.markVerified(key);

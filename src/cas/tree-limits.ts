@@ -71,15 +71,36 @@ export function inputLimitExceeded(limit: keyof InputTreeLimits, limits: InputTr
   });
 }
 
-interface Measure {
-  entries: number;
-  depth: number;
-  bytes: number;
-  pathBytes: number;
+/** What the subtree below one Directory expands to, and where its longest path goes. */
+export interface SubtreeTotals {
+  readonly entries: number;
+  readonly depth: number;
+  readonly bytes: number;
+  readonly pathBytes: number;
   /** The child directory on the longest path (index into directories), -1 when the longest is a file or link. */
-  longestChild: number;
-  longestName: string;
+  readonly longestChild: number;
+  readonly longestName: string;
 }
+
+/**
+ * A Directory measured before (Directory messages are content-addressed, so
+ * its totals hold for good): its totals and its child directories' digests,
+ * in the order of its `directories`.
+ */
+export interface MeasuredSubtree {
+  readonly totals: SubtreeTotals;
+  readonly children: readonly { readonly digest: Digest }[];
+}
+
+/** Subtrees measured before, and who wants to hear of the ones measured now. */
+export interface TreeMeasureMemo {
+  /** A subtree measured before: it is neither looked up nor walked into. */
+  known?: (key: string) => MeasuredSubtree | undefined;
+  /** Called with each Directory measured now (all of them valid and acyclic), before any limit is compared. */
+  onMeasured?: (key: string, totals: SubtreeTotals) => void;
+}
+
+type Measure = { -readonly [K in keyof SubtreeTotals]: SubtreeTotals[K] };
 
 /**
  * Measures the tree at `root` whose Directory messages `lookup` returns (all
@@ -96,8 +117,9 @@ export function checkTreeLimits(
   root: Digest,
   lookup: (key: string) => Directory | undefined,
   limits: InputTreeLimits,
+  memo: TreeMeasureMemo = {},
 ): TreeTotals {
-  const measured = new Map<string, Measure>();
+  const measured = new Map<string, SubtreeTotals>();
   const onStack = new Set<string>();
   const stack: { digest: Digest; key: string; expanded: boolean }[] = [
     { digest: root, key: digestKey(root), expanded: false },
@@ -105,6 +127,12 @@ export function checkTreeLimits(
   while (stack.length > 0) {
     const top = stack[stack.length - 1] as (typeof stack)[number];
     if (measured.has(top.key)) {
+      stack.pop();
+      continue;
+    }
+    const prior = memo.known?.(top.key);
+    if (prior) {
+      measured.set(top.key, prior.totals);
       stack.pop();
       continue;
     }
@@ -126,9 +154,11 @@ export function checkTreeLimits(
     }
     stack.pop();
     onStack.delete(top.key);
-    measured.set(top.key, measure(fn, directory, measured));
+    const totals = measure(fn, directory, measured);
+    measured.set(top.key, totals);
+    memo.onMeasured?.(top.key, totals);
   }
-  const totals = measured.get(digestKey(root)) as Measure;
+  const totals = measured.get(digestKey(root)) as SubtreeTotals;
   if (totals.depth > limits.maxDepth) {
     throw inputLimitExceeded("maxDepth", limits, `is ${totals.depth} directories deep`);
   }
@@ -139,7 +169,7 @@ export function checkTreeLimits(
     throw inputLimitExceeded("maxTotalBytes", limits, `expands to ${describeCount(totals.bytes)} bytes of files`);
   }
   if (totals.pathBytes > MAX_INPUT_PATH_BYTES) {
-    const path = longestPath(fn, root, lookup, measured);
+    const path = longestPath(fn, root, lookup, measured, memo);
     throw invalidArgument(
       `input path ${path.length > 200 ? `${path.slice(0, 100)}…${path.slice(-100)}` : path}`,
       `is ${totals.pathBytes} bytes long; this farm lays out paths of at most ${MAX_INPUT_PATH_BYTES} bytes`,
@@ -148,7 +178,7 @@ export function checkTreeLimits(
   return { entries: totals.entries, depth: totals.depth, bytes: totals.bytes, pathBytes: totals.pathBytes };
 }
 
-function measure(fn: DigestFunction, directory: Directory, measured: ReadonlyMap<string, Measure>): Measure {
+function measure(fn: DigestFunction, directory: Directory, measured: ReadonlyMap<string, SubtreeTotals>): Measure {
   const m: Measure = { entries: 0, depth: 0, bytes: 0, pathBytes: 0, longestChild: -1, longestName: "" };
   const leaf = (name: string) => {
     const bytes = Buffer.byteLength(name);
@@ -169,7 +199,7 @@ function measure(fn: DigestFunction, directory: Directory, measured: ReadonlyMap
     leaf(link.name);
   }
   for (const [i, child] of directory.directories.entries()) {
-    const below = measured.get(digestKey(parseDigest(fn, child.digest, "directory"))) as Measure;
+    const below = measured.get(digestKey(parseDigest(fn, child.digest, "directory"))) as SubtreeTotals;
     m.entries += 1 + below.entries;
     m.bytes += below.bytes;
     m.depth = Math.max(m.depth, 1 + below.depth);
@@ -183,21 +213,34 @@ function measure(fn: DigestFunction, directory: Directory, measured: ReadonlyMap
   return m;
 }
 
-/** The longest path below `root`, followed down the children measure() chose. */
+/**
+ * The longest path below `root`, followed down the children measure() chose
+ * (and, below a subtree measured before, the children it chose then).
+ */
 function longestPath(
   fn: DigestFunction,
   root: Digest,
   lookup: (key: string) => Directory | undefined,
-  measured: ReadonlyMap<string, Measure>,
+  measured: ReadonlyMap<string, SubtreeTotals>,
+  memo: TreeMeasureMemo,
 ): string {
   const parts: string[] = [];
   let key = digestKey(root);
   for (;;) {
-    const m = measured.get(key) as Measure;
+    const prior = memo.known?.(key);
+    const m = measured.get(key) ?? prior?.totals;
+    if (!m) {
+      // Below a remembered subtree whose own children were forgotten since: the path is cut short.
+      parts.push("…");
+      break;
+    }
     parts.push(m.longestName);
     if (m.longestChild < 0) break;
-    const child = (lookup(key) as Directory).directories[m.longestChild];
-    key = digestKey(parseDigest(fn, child?.digest, "directory"));
+    const child = prior
+      ? prior.children[m.longestChild]?.digest
+      : parseDigest(fn, lookup(key)?.directories[m.longestChild]?.digest, "directory");
+    if (!child) break;
+    key = digestKey(child);
   }
   return parts.join("/");
 }

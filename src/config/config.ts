@@ -4,6 +4,7 @@ import { isAbsolute, join, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
 import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
+import { DEFAULT_CHECKED_DIRECTORIES } from "../execution/checked-directories.js";
 import { DEFAULT_IMAGE_LIMITS } from "../image/image-limits.js";
 
 const UNITS: Record<string, number> = {
@@ -99,6 +100,8 @@ export const ConfigSchema = z
           .prefault({}),
         /** false: actions asking for a network (network=external, dockerNetwork=standard|bridge|host) are refused. */
         allowNetwork: z.boolean().default(true),
+        /** Directory messages whose input-tree check is remembered across Executes (0: none). */
+        checkedDirectoryCacheEntries: z.number().int().nonnegative().default(DEFAULT_CHECKED_DIRECTORIES),
       })
       .strict()
       .prefault({}),

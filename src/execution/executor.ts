@@ -25,6 +25,7 @@ import {
   platformOf,
   readActionPlatform,
 } from "./action-platform.js";
+import { CheckedDirectories, DEFAULT_CHECKED_DIRECTORIES } from "./checked-directories.js";
 import { checkCommand } from "./command-check.js";
 import { type ExpandedAction, expandedAction } from "./expanded-action.js";
 import type { ImagePolicy } from "./image-policy.js";
@@ -47,6 +48,8 @@ export interface ExecutorOptions {
   inputLimits: InputTreeLimits;
   /** false: actions asking for a network are refused (execution.allowNetwork). */
   allowNetwork: boolean;
+  /** Directory messages whose check is remembered across Executes (0: none); DEFAULT_CHECKED_DIRECTORIES unless set. */
+  checkedDirectoryCacheEntries?: number;
 }
 
 /** What the caller sent beside the request (its headers), never stored. */
@@ -64,13 +67,20 @@ const NO_CONTEXT: ExecuteContext = { registryCredentials: new Map() };
  * operation with a status in ExecuteResponse, as REAPI asks.
  */
 export class Executor {
+  /** Directory messages earlier Executes checked, so that trees sharing most of theirs cost a lookup each. */
+  private readonly checkedDirectories: CheckedDirectories;
+
   constructor(
     private readonly cas: BlobStore,
     private readonly ac: ActionCache,
     private readonly scheduler: Scheduler,
     private readonly images: ImagePolicy,
     private readonly options: ExecutorOptions,
-  ) {}
+  ) {
+    this.checkedDirectories = new CheckedDirectories(
+      options.checkedDirectoryCacheEntries ?? DEFAULT_CHECKED_DIRECTORIES,
+    );
+  }
 
   /**
    * Validates the request and returns its operation at once, in the
@@ -150,7 +160,7 @@ export class Executor {
     const command = decode(Command, commandBytes as Buffer, "command");
     checkCommand(command);
     // Before anything is queued or laid out: a hostile tree costs the server a bounded read, and no worker.
-    await checkInputTree(fn, this.cas, inputRootDigest, this.options.inputLimits);
+    await checkInputTree(fn, this.cas, inputRootDigest, this.options.inputLimits, this.checkedDirectories);
     const timeoutMs = this.timeoutOf(action);
     const platform = readActionPlatform(platformOf(action, command));
     if (!this.options.allowNetwork) refuseNetwork(platform);

@@ -1,10 +1,17 @@
 import type { BlobStore } from "../cas/blob-store.js";
 import { checkDirectory } from "../cas/directory-tree.js";
-import { checkTreeLimits, type InputTreeLimits, inputLimitExceeded, type TreeTotals } from "../cas/tree-limits.js";
+import {
+  checkTreeLimits,
+  type InputTreeLimits,
+  inputLimitExceeded,
+  type SubtreeTotals,
+  type TreeTotals,
+} from "../cas/tree-limits.js";
 import { type Digest, digestKey, formatDigest, parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { Code, invalidArgument, missingBlobs, StatusError } from "../status/status.js";
+import type { CheckedDirectories, CheckedDirectory } from "./checked-directories.js";
 
 /** Directory messages read from the CAS at once. */
 const READ_CONCURRENCY = 64;
@@ -18,14 +25,27 @@ const READ_CONCURRENCY = 64;
  * FAILED_PRECONDITION naming the limit and its configuration key. Reading
  * stops as soon as the distinct messages or the levels pass their limits, so
  * a hostile tree costs at most maxDirectoryBlobs reads.
+ *
+ * With `checked`, Directory messages an earlier call accepted are neither
+ * read nor checked again: their children come from the memory, their
+ * subtree's totals too, and only their presence is asked of the CAS (in one
+ * findMissing, which also counts them as used), so a Directory evicted since
+ * is still reported missing. Every limit is still compared with the whole
+ * tree's totals: a remembered subtree only saves the work below it.
  */
 export async function checkInputTree(
   fn: DigestFunction,
   cas: BlobStore,
   root: Digest,
   limits: InputTreeLimits,
+  checked?: CheckedDirectories,
 ): Promise<TreeTotals> {
   const directories = new Map<string, Directory>();
+  // The children of each Directory read now, parsed, to remember them once the whole tree passed.
+  const childrenRead = new Map<string, { name: string; digest: Digest }[]>();
+  // Remembered directories met in this tree: their blobs' presence is asked for at the end.
+  const known = new Map<string, CheckedDirectory>();
+  const knownDigests: Digest[] = [];
   const seen = new Set<string>([digestKey(root)]);
   // The first path each directory was found at, to name it in refusals.
   const paths = new Map<string, string>([[digestKey(root), ""]]);
@@ -39,8 +59,40 @@ export async function checkInputTree(
       throw inputLimitExceeded("maxDepth", limits, `is more than ${limits.maxDepth} directories deep`);
     }
     const next: Digest[] = [];
-    for (let at = 0; at < level.length; at += READ_CONCURRENCY) {
-      const batch = level.slice(at, at + READ_CONCURRENCY);
+    const visit = (path: string, ownEntries: number, children: readonly { name: string; digest: Digest }[]) => {
+      distinctEntries += ownEntries;
+      if (distinctEntries > limits.maxEntries) {
+        throw inputLimitExceeded("maxEntries", limits, `has more than ${limits.maxEntries} entries`);
+      }
+      for (const child of children) {
+        const key = digestKey(child.digest);
+        if (seen.has(key)) continue;
+        seen.add(key);
+        paths.set(key, path === "" ? child.name : `${path}/${child.name}`);
+        if (seen.size > limits.maxDirectoryBlobs) {
+          throw inputLimitExceeded(
+            "maxDirectoryBlobs",
+            limits,
+            `has more than ${limits.maxDirectoryBlobs} distinct Directory messages`,
+          );
+        }
+        next.push(child.digest);
+      }
+    };
+    const toRead: Digest[] = [];
+    for (const digest of level) {
+      const key = digestKey(digest);
+      const remembered = checked?.get(key);
+      if (!remembered) {
+        toRead.push(digest);
+        continue;
+      }
+      known.set(key, remembered);
+      knownDigests.push(digest);
+      visit(paths.get(key) ?? "", remembered.ownEntries, remembered.children);
+    }
+    for (let at = 0; at < toRead.length; at += READ_CONCURRENCY) {
+      const batch = toRead.slice(at, at + READ_CONCURRENCY);
       const read = await Promise.all(batch.map((digest) => cas.get(digest)));
       for (const [i, bytes] of read.entries()) {
         const digest = batch[i] as Digest;
@@ -48,39 +100,47 @@ export async function checkInputTree(
           missing.push(digest);
           continue;
         }
-        const path = paths.get(digestKey(digest)) ?? "";
+        const key = digestKey(digest);
+        const path = paths.get(key) ?? "";
         const directory = atPath(path, () => {
           const decoded = decodeDirectory(bytes, digest);
           checkDirectory(decoded, digest);
           return decoded;
         });
-        directories.set(digestKey(digest), directory);
-        distinctEntries += directory.files.length + directory.directories.length + directory.symlinks.length;
-        if (distinctEntries > limits.maxEntries) {
-          throw inputLimitExceeded("maxEntries", limits, `has more than ${limits.maxEntries} entries`);
-        }
-        for (const [j, child] of directory.directories.entries()) {
-          const field = `directory ${formatDigest(digest)} directories[${j}].digest`;
-          const childDigest = parseDigest(fn, child.digest, field);
-          const key = digestKey(childDigest);
-          if (seen.has(key)) continue;
-          seen.add(key);
-          paths.set(key, path === "" ? child.name : `${path}/${child.name}`);
-          if (seen.size > limits.maxDirectoryBlobs) {
-            throw inputLimitExceeded(
-              "maxDirectoryBlobs",
-              limits,
-              `has more than ${limits.maxDirectoryBlobs} distinct Directory messages`,
-            );
-          }
-          next.push(childDigest);
-        }
+        directories.set(key, directory);
+        const children = directory.directories.map((child, j) => ({
+          name: child.name,
+          digest: parseDigest(fn, child.digest, `directory ${formatDigest(digest)} directories[${j}].digest`),
+        }));
+        if (checked) childrenRead.set(key, children);
+        visit(path, ownEntriesOf(directory), children);
       }
     }
     level = next;
   }
+  if (knownDigests.length > 0) missing.push(...(await cas.findMissing(knownDigests)));
   if (missing.length > 0) throw missingBlobs(missing.map((d) => `blobs/${formatDigest(d)}`));
-  return checkTreeLimits(fn, root, (key) => directories.get(key), limits);
+  const measured = new Map<string, SubtreeTotals>();
+  const totals = checkTreeLimits(fn, root, (key) => directories.get(key), limits, {
+    known: (key) => known.get(key),
+    onMeasured: checked ? (key, subtree) => measured.set(key, subtree) : undefined,
+  });
+  // Only once the whole tree passed: every Directory measured now was read, valid and acyclic.
+  if (checked) {
+    for (const [key, subtree] of measured) {
+      const directory = directories.get(key) as Directory;
+      checked.remember(key, {
+        totals: subtree,
+        children: childrenRead.get(key) ?? [],
+        ownEntries: ownEntriesOf(directory),
+      });
+    }
+  }
+  return totals;
+}
+
+function ownEntriesOf(directory: Directory): number {
+  return directory.files.length + directory.directories.length + directory.symlinks.length;
 }
 
 /** Runs `check`, naming the input directory at `path` in an INVALID_ARGUMENT it throws. */
