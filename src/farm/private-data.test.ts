@@ -6,7 +6,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { promisify } from "node:util";
-import { execute, readBlob, uploadAction, uploadBlobs } from "../../test/support/actions.js";
+import { byteStreamUpload, execute, readBlob, uploadAction, uploadBlobs } from "../../test/support/actions.js";
 import { randomBlob } from "../../test/support/blobs.js";
 import { type Clients, connect, type ServerProcess, spawnBerth } from "../../test/support/farm.js";
 
@@ -50,22 +50,9 @@ async function asNobody(command: string[]): Promise<{ code: number; output: stri
   }
 }
 
-async function upload(blob: { data: Buffer; digest: { hash: string; sizeBytes: number } }): Promise<void> {
-  await new Promise<void>((resolve, reject) => {
-    const call = clients.byteStream.write((err) => (err ? reject(err) : resolve()));
-    call.write({
-      resourceName: `uploads/${randomUUID()}/blobs/${blob.digest.hash}/${blob.digest.sizeBytes}`,
-      writeOffset: 0,
-      finishWrite: true,
-      data: blob.data,
-    });
-    call.end();
-  });
-}
-
 test("the data directory is root's alone under an open parent: an action and a local user read nothing of it, and the action still reads its inputs", async () => {
   const secret = randomBlob(200_000);
-  await upload(secret);
+  await byteStreamUpload(clients, secret);
   // A Command with a registry password, say: a small blob, in the log.
   await uploadBlobs(clients, [randomBlob(300)]);
   const blobPath = join(data, "cas", "files", "sha256", secret.digest.hash.slice(0, 2), `${secret.digest.hash}-200000`);

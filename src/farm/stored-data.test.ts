@@ -1,10 +1,10 @@
 import assert from "node:assert/strict";
-import { randomUUID } from "node:crypto";
 import { mkdtemp, open, readdir, readFile, rm, truncate, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import type { ServiceError } from "@grpc/grpc-js";
+import { byteStreamUpload } from "../../test/support/actions.js";
 import { randomBlob, type WireDigest } from "../../test/support/blobs.js";
 import { type Clients, startTestFarm } from "../../test/support/farm.js";
 import { collect, unaryCall } from "../../test/support/rpc.js";
@@ -20,19 +20,6 @@ after(async () => {
 });
 
 type Blob = { data: Buffer; digest: WireDigest };
-
-async function byteStreamUpload(clients: Clients, blob: Blob): Promise<void> {
-  await new Promise<void>((resolve, reject) => {
-    const call = clients.byteStream.write((err) => (err ? reject(err) : resolve()));
-    call.write({
-      resourceName: `uploads/${randomUUID()}/blobs/${blob.digest.hash}/${blob.digest.sizeBytes}`,
-      writeOffset: 0,
-      finishWrite: true,
-      data: blob.data,
-    });
-    call.end();
-  });
-}
 
 async function batchUpload(clients: Clients, blobs: Blob[]): Promise<number[]> {
   const response = await unaryCall(clients.cas.batchUpdateBlobs.bind(clients.cas), {

@@ -6,9 +6,9 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
 import { after, before, test } from "node:test";
-import { setTimeout as sleep } from "node:timers/promises";
 import { execute, readBlob, uploadAction } from "../../test/support/actions.js";
 import { BERTH_BIN, connect, testUidBase } from "../../test/support/farm.js";
+import { waitFor } from "../../test/support/wait.js";
 import { Code } from "../status/status.js";
 
 /**
@@ -165,13 +165,4 @@ function alive(pid: number, start: string): boolean {
   } catch {
     return false;
   }
-}
-
-async function waitFor<T>(what: string, probe: () => Promise<T | undefined>): Promise<T> {
-  for (let i = 0; i < 200; i++) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    await sleep(50);
-  }
-  throw new Error(`timed out waiting for ${what}`);
 }

@@ -4,10 +4,10 @@ import { chmod, mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
-import { setTimeout as sleep } from "node:timers/promises";
 import { promisify } from "node:util";
 import { execute, readBlob, uploadAction } from "../../test/support/actions.js";
 import { connect, type ServerProcess, spawnBerth } from "../../test/support/farm.js";
+import { waitFor } from "../../test/support/wait.js";
 
 const run = promisify(execFile);
 let dir: string;
@@ -39,15 +39,6 @@ async function alive(pid: number): Promise<boolean> {
   } catch {
     return false;
   }
-}
-
-async function waitFor<T>(what: string, probe: () => Promise<T | undefined>): Promise<T> {
-  for (let i = 0; i < 200; i++) {
-    const value = await probe();
-    if (value !== undefined) return value;
-    await sleep(50);
-  }
-  throw new Error(`timed out waiting for ${what}`);
 }
 
 async function runEcho(word: string): Promise<string> {

@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import {
   Action,
   Command,
@@ -195,4 +196,18 @@ export async function readBlob(clients: Clients, digest: WireDigest | undefined)
     digestFunction: 0,
   });
   return response.responses[0]?.data.toString() ?? "";
+}
+
+/** Uploads one blob with a single ByteStream.Write request, as a client with a small blob does. */
+export async function byteStreamUpload(clients: Clients, blob: { data: Buffer; digest: WireDigest }): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    const call = clients.byteStream.write((err) => (err ? reject(err) : resolve()));
+    call.write({
+      resourceName: `uploads/${randomUUID()}/blobs/${blob.digest.hash}/${blob.digest.sizeBytes}`,
+      writeOffset: 0,
+      finishWrite: true,
+      data: blob.data,
+    });
+    call.end();
+  });
 }
