@@ -45,8 +45,9 @@ function parsePids(text: string): number[] {
  * the file systems of `dirs` (the action's areas): the walk of the areas sees
  * names only, and `exec 3>big; rm big; cat /dev/zero >&3` has none. Each
  * inode counts once (dev + inode), whichever process or descriptor holds it,
- * as allocated blocks. Files elsewhere are not counted: /tmp and /dev/shm are
- * tmpfs of bounded size, pipes and memfds are memory.
+ * as allocated blocks. Only files on the areas' file systems and on the
+ * action's root (an image's overlay) count: /tmp and /dev/shm are tmpfs of
+ * bounded size, pipes and memfds are memory.
  *
  * A deleted file is one with no link left (st_nlink 0), read through the
  * target of /proc/PID/fd/N, which stat follows to the open inode even
@@ -62,11 +63,11 @@ export async function measureOpenDeletedFiles(
 ): Promise<DiskUsage> {
   const usage: DiskUsage = { bytes: 0, entries: 0 };
   if (pids.length === 0 || signal?.aborted) return usage;
-  const devices = new Set<string>();
-  for (const dir of dirs) {
-    const info = await stat(dir).catch(() => undefined);
-    if (info) devices.add(String(info.dev));
-  }
+  // An image's upper layer is written through the overlay, whose files show the overlay's device, not the
+  // upper layer's: the overlay is the action's root, so its processes' roots name that device.
+  const roots = pids.map((pid) => `/proc/${pid}/root`);
+  const infos = await Promise.all([...dirs, ...roots].map((path) => stat(path).catch(() => undefined)));
+  const devices = new Set(infos.flatMap((info) => (info ? [String(info.dev)] : [])));
   const fdDirs = pids.map((pid) => `/proc/${pid}/fd`);
   const child = spawn(
     "find",

@@ -150,6 +150,24 @@ test("the exact attack, `exec 3>big; rm big; head -c 300M /dev/zero >&3`, kept o
   assert.doesNotMatch(hidden.stdout, /held/);
 });
 
+for (const mode of ["mount", "expand"] as const) {
+  test(`an action holding a deleted file open in its image's own layer (${mode} mode) is stopped past diskBytes`, {
+    skip: !isRoot,
+  }, async () => {
+    // Written through the overlay: the open file is the upper layer's, on the data directory's file system.
+    const script =
+      "exec 3>/workspace/big; rm /workspace/big; head -c 314572800 /dev/zero >&3; echo wrote; sleep 5; echo held";
+    const hidden = await run(["sh", "-c", script], {
+      salt: `image deleted but open ${mode}`,
+      image: busybox,
+      on: mode === "expand" ? expandFarm : farm,
+    });
+    assert.equal(hidden.code, Code.RESOURCE_EXHAUSTED, `${hidden.message}\n${hidden.stderr}`);
+    assert.match(hidden.message, /worker\.limits\.diskBytes/);
+    assert.doesNotMatch(hidden.stdout, /held/);
+  });
+}
+
 test("an action keeping a small deleted file open for seconds succeeds", async () => {
   const script = "exec 3>small; rm small; head -c 1048576 /dev/zero >&3; sleep 2.5; echo done";
   const fine = await run(["/bin/bash", "-c", script], { salt: "small deleted but open" });
