@@ -142,7 +142,7 @@ test("an action writing 300 MiB to a file it deleted but keeps open is stopped p
   assert.equal(hidden.stdout, "");
 });
 
-test("the exact attack, `exec 3>big; rm big; head -c 300M /dev/zero >&3`, kept open, is stopped", async () => {
+test("`exec 3>big; rm big; head -c 300M /dev/zero >&3`, with the descriptor then held, is stopped", async () => {
   const script = "exec 3>big; rm big; head -c 300M /dev/zero >&3; echo wrote; sleep 5; echo held";
   const hidden = await run(["/bin/bash", "-c", script], { salt: "deleted but open, at once" });
   assert.equal(hidden.code, Code.RESOURCE_EXHAUSTED, `${hidden.message}\n${hidden.stderr}`);
