@@ -21,6 +21,7 @@ import { DiskMonitor } from "./disk-monitor.js";
 import type { WritableArea } from "./disk-usage.js";
 import { imageBwrapArgs, imageLaunchSteps, prepareImageMountPoints } from "./image-root.js";
 import { DEFAULT_LIMITS, describeLimit, type LimitName, limitSteps, type SandboxLimits } from "./limits.js";
+import { cgroupProcesses, uidProcesses } from "./open-deleted-files.js";
 import type { Sandbox, SandboxRequest, SandboxResult } from "./sandbox.js";
 import { bindSteps, stagingSteps } from "./staging.js";
 
@@ -214,6 +215,8 @@ export class BubblewrapSandbox implements Sandbox {
     const disk = new DiskMonitor({
       areas: writableAreas,
       bounds: { bytes: this.#limits.diskBytes, entries: this.#limits.diskEntries },
+      // Every cgroup.procs file of the slot lists the same processes (v1 has one per hierarchy).
+      processes: this.#cgroup?.procsFiles[0] ? cgroupProcesses(this.#cgroup.procsFiles[0]) : uidProcesses(this.#uid),
       onExceeded: () => kill("disk"),
     });
 

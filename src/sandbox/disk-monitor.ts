@@ -1,4 +1,5 @@
-import { type DiskBounds, measureDiskUsage, type WritableArea } from "./disk-usage.js";
+import { type DiskBounds, type DiskUsage, measureDiskUsage, type WritableArea } from "./disk-usage.js";
+import { measureOpenDeletedFiles, type ProcessLister } from "./open-deleted-files.js";
 
 export type DiskLimitName = "diskBytes" | "diskEntries";
 
@@ -7,6 +8,11 @@ export interface DiskMonitorOptions {
   areas: readonly WritableArea[];
   /** worker.limits.diskBytes and diskEntries (0: unbounded). */
   bounds: DiskBounds;
+  /**
+   * The action's processes: files they hold open after deleting them count too (see open-deleted-files.ts).
+   * Absent: only what the areas' names hold counts.
+   */
+  processes?: ProcessLister;
   /** Called once, while the action runs, when a sample finds it past a bound: the caller kills it. */
   onExceeded: (limit: DiskLimitName) => void;
 }
@@ -77,18 +83,35 @@ export class DiskMonitor {
     this.#sampled = true;
     const start = Date.now();
     try {
-      const { bounds } = this.#options;
-      const usage = await measureDiskUsage(this.#options.areas, bounds, this.#abort.signal);
+      const usage = await this.#measure(this.#abort.signal);
       if (this.#abort.signal.aborted) return undefined;
-      if (bounds.bytes > 0 && usage.bytes > bounds.bytes) return "diskBytes";
-      if (bounds.entries > 0 && usage.entries > bounds.entries) return "diskEntries";
-      return undefined;
+      return this.#passed(usage);
     } catch (error) {
       this.#error = error as Error;
       return undefined;
     } finally {
       this.#lastWalkMs = Date.now() - start;
     }
+  }
+
+  /** What the areas hold, and, unless that is already too much, the files the action holds open but deleted. */
+  async #measure(signal?: AbortSignal): Promise<DiskUsage> {
+    const { areas, bounds, processes } = this.#options;
+    const usage = await measureDiskUsage(areas, bounds, signal);
+    if (processes === undefined || signal?.aborted || this.#passed(usage) !== undefined) return usage;
+    const open = await measureOpenDeletedFiles(
+      await processes(),
+      areas.map((area) => area.dir),
+      signal,
+    );
+    return { bytes: usage.bytes + open.bytes, entries: usage.entries + open.entries };
+  }
+
+  #passed(usage: DiskUsage): DiskLimitName | undefined {
+    const { bounds } = this.#options;
+    if (bounds.bytes > 0 && usage.bytes > bounds.bytes) return "diskBytes";
+    if (bounds.entries > 0 && usage.entries > bounds.entries) return "diskEntries";
+    return undefined;
   }
 
   /** Stops sampling without a last walk (the sandbox failed; there is no result to give). */
@@ -114,10 +137,9 @@ export class DiskMonitor {
     await inFlight;
     if (this.#exceeded !== undefined) return this.#exceeded;
     if (!ranLongEnough) return undefined;
-    const { bounds, areas } = this.#options;
-    const usage = await measureDiskUsage(areas, bounds);
-    if (bounds.bytes > 0 && usage.bytes > bounds.bytes) return "diskBytes";
-    if (bounds.entries > 0 && usage.entries > bounds.entries) return "diskEntries";
+    // The action's processes have ended by now: only its names are left to count.
+    const limit = this.#passed(await measureDiskUsage(this.#options.areas, this.#options.bounds));
+    if (limit !== undefined) return limit;
     if (this.#error) throw this.#error;
     return undefined;
   }

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { chmod, chown, link, mkdir, mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -8,6 +8,7 @@ import { promisify } from "node:util";
 import { BubblewrapSandbox } from "./bubblewrap.js";
 import { measureDiskUsage } from "./disk-usage.js";
 import { DEFAULT_LIMITS } from "./limits.js";
+import { measureOpenDeletedFiles, uidProcesses } from "./open-deleted-files.js";
 
 const isRoot = process.getuid?.() === 0;
 /** A uid of this test's own. */
@@ -88,4 +89,47 @@ test("the sandbox stops an action past diskBytes, not one whose inputs alone are
   assert.equal(writer.limitReached?.limit, "diskBytes");
   assert.equal(writer.exitCode, 137);
   assert.match(writer.limitReached?.message ?? "", /16777216 bytes \(worker\.limits\.diskBytes\)/);
+});
+
+test("a file deleted but held open counts once, by its blocks, and only on the areas' file system", {
+  skip: !isRoot,
+}, async (t) => {
+  const dir = await tempDir(t);
+  await chown(dir, UID, UID);
+  // As the slot's uid: 8 MiB written to a deleted file held on two descriptors, 1 MiB to a deleted file of
+  // /dev/shm (a tmpfs, bounded by its size), and a deleted file of a hard link that still has a name.
+  const script = `cd ${dir} && exec 3>big 4<big && rm big && head -c 8388608 /dev/zero >&3 &&
+    exec 5>/dev/shm/berth-test-$$ && rm /dev/shm/berth-test-$$ && head -c 1048576 /dev/zero >&5 &&
+    exec 6>named && ln named other && rm named && echo ready && sleep 30`;
+  const holder = spawn("/bin/bash", ["-c", script], { uid: UID, gid: UID, stdio: ["ignore", "pipe", "inherit"] });
+  t.after(() => holder.kill("SIGKILL"));
+  await new Promise((resolve) => holder.stdout.once("data", resolve));
+  const pids = await uidProcesses(UID)();
+  assert.ok(pids.includes(holder.pid ?? -1), `${pids} lists the holder ${holder.pid}`);
+  assert.deepEqual(await measureOpenDeletedFiles(pids, [dir]), { bytes: 8 * MiB, entries: 1 });
+  // The walk of names sees none of it: only the directory and the linked file's remaining name.
+  const named = await measureDiskUsage([{ dir, owner: UID }], { bytes: 0, entries: 0 });
+  assert.equal(named.entries, 2);
+  assert.ok(named.bytes < MiB, `${named.bytes}`);
+});
+
+test("the sandbox without a cgroup stops an action holding a deleted file past diskBytes", {
+  skip: !isRoot,
+}, async (t) => {
+  const sandbox = new BubblewrapSandbox({ uid: UID, gid: UID, limits: { ...DEFAULT_LIMITS, diskBytes: 16 * MiB } });
+  const dir = await tempDir(t);
+  const inputRoot = join(dir, "input");
+  await mkdir(inputRoot);
+  await chown(inputRoot, UID, UID);
+  const held = await sandbox.run({
+    inputRoot,
+    workingDirectory: "",
+    argv: ["/bin/bash", "-c", "exec 3>big; rm big; head -c 104857600 /dev/zero >&3; echo wrote; sleep 10; echo held"],
+    env: [{ name: "PATH", value: "/usr/bin:/bin" }],
+    timeoutMs: 60_000,
+    stdoutPath: join(dir, "stdout"),
+    stderrPath: join(dir, "stderr"),
+  });
+  assert.equal(held.limitReached?.limit, "diskBytes");
+  assert.equal(held.exitCode, 137);
 });

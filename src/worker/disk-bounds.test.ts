@@ -129,3 +129,47 @@ test("an action within its share runs for seconds, sampled, and succeeds with it
     ["total"],
   );
 });
+
+test("an action writing 300 MiB to a file it deleted but keeps open is stopped past diskBytes", async () => {
+  // No name in the input root for the walk to find: only the descriptor holds the file. Paced so the write
+  // outlasts the first sample; at full speed the final check would see nothing (the descriptor is closed by then).
+  const script =
+    "exec 3>big; rm big; for i in $(seq 300); do head -c 1048576 /dev/zero >&3 || exit 3; sleep 0.02; done; echo wrote all";
+  const hidden = await run(["/bin/bash", "-c", script], { salt: "deleted but open" });
+  assert.equal(hidden.code, Code.RESOURCE_EXHAUSTED, `${hidden.message}\n${hidden.stderr}`);
+  assert.match(hidden.message, /disk limit of 33554432 bytes \(worker\.limits\.diskBytes\)/);
+  assert.equal(hidden.exitCode, 137);
+  assert.equal(hidden.stdout, "");
+});
+
+test("`exec 3>big; rm big; head -c 300M /dev/zero >&3`, with the descriptor then held, is stopped", async () => {
+  const script = "exec 3>big; rm big; head -c 300M /dev/zero >&3; echo wrote; sleep 5; echo held";
+  const hidden = await run(["/bin/bash", "-c", script], { salt: "deleted but open, at once" });
+  assert.equal(hidden.code, Code.RESOURCE_EXHAUSTED, `${hidden.message}\n${hidden.stderr}`);
+  assert.match(hidden.message, /worker\.limits\.diskBytes/);
+  assert.doesNotMatch(hidden.stdout, /held/);
+});
+
+for (const mode of ["mount", "expand"] as const) {
+  test(`an action holding a deleted file open in its image's own layer (${mode} mode) is stopped past diskBytes`, {
+    skip: !isRoot,
+  }, async () => {
+    // Written through the overlay: the open file is the upper layer's, on the data directory's file system.
+    const script =
+      "exec 3>/workspace/big; rm /workspace/big; head -c 314572800 /dev/zero >&3; echo wrote; sleep 5; echo held";
+    const hidden = await run(["sh", "-c", script], {
+      salt: `image deleted but open ${mode}`,
+      image: busybox,
+      on: mode === "expand" ? expandFarm : farm,
+    });
+    assert.equal(hidden.code, Code.RESOURCE_EXHAUSTED, `${hidden.message}\n${hidden.stderr}`);
+    assert.match(hidden.message, /worker\.limits\.diskBytes/);
+    assert.doesNotMatch(hidden.stdout, /held/);
+  });
+}
+
+test("an action keeping a small deleted file open for seconds succeeds", async () => {
+  const script = "exec 3>small; rm small; head -c 1048576 /dev/zero >&3; sleep 2.5; echo done";
+  const fine = await run(["/bin/bash", "-c", script], { salt: "small deleted but open" });
+  assert.deepEqual([fine.code, fine.exitCode, fine.stdout, fine.stderr], [Code.OK, 0, "done\n", ""], fine.message);
+});
