@@ -1,10 +1,11 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
+import type { ServiceError } from "@grpc/grpc-js";
 import { execute, readBlob, uploadAction, uploadBlobs } from "../../test/support/actions.js";
 import { directoryBlob, sha256, type WireDigest } from "../../test/support/blobs.js";
 import { type Clients, startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { uploadLargeBlob } from "../../test/support/large-blobs.js";
-import { unpackDetails } from "../../test/support/rpc.js";
+import { collect, statusDetails, unpackDetails } from "../../test/support/rpc.js";
 import { Action, Command } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { silentLogger } from "../log/log.js";
 import { Code } from "../status/status.js";
@@ -105,6 +106,34 @@ describe("blobs too large to be an Action, a Command or a Directory are refused 
       /^input directory "src\/big" \(.*\) is a blob of 209715200 bytes.*\(execution\.inputLimits\.maxDirectoryBytes\)$/,
       "execution.inputLimits.maxDirectoryBytes",
     );
+  });
+
+  test("GetTree of a 200 MiB root, or of a tree naming it, is FAILED_PRECONDITION naming inputLimits.maxDirectoryBytes", async () => {
+    const parent = directoryBlob({ directories: [{ name: "big", digest: huge.digest }] });
+    await uploadBlobs(farm.clients, [parent]);
+    for (const [rootDigest, what] of [
+      [huge.digest, "root_digest"],
+      [parent.digest, "a Directory below root_digest"],
+    ] as const) {
+      const started = Date.now();
+      await assert.rejects(
+        collect(
+          farm.clients.cas.getTree({ instanceName: "", rootDigest, pageSize: 0, pageToken: "", digestFunction: 0 }),
+        ),
+        (err: ServiceError) => {
+          assert.equal(err.code, Code.FAILED_PRECONDITION, err.message);
+          assert.match(
+            err.details,
+            new RegExp(
+              `^${what} \\(.*\\) is a blob of 209715200 bytes.*\\(execution\\.inputLimits\\.maxDirectoryBytes\\)$`,
+            ),
+          );
+          assert.equal(statusDetails(err).preconditionFailure?.violations[0]?.type, "MESSAGE_SIZE_LIMIT");
+          return true;
+        },
+      );
+      assert.ok(Date.now() - started < 1500, `took ${Date.now() - started} ms`);
+    }
   });
 
   test("a 3 MiB Command (20,000 output paths) is under the limit and runs; so does the next action", async () => {
