@@ -21,6 +21,8 @@ export interface InputTreeLimits {
   maxDirectoryBlobs: number;
   /** Bytes of one Directory message: a larger one is refused before it is read. */
   maxDirectoryBytes: number;
+  /** Bytes of the distinct Directory messages summed: what checking or laying out the tree holds in memory. */
+  maxTotalDirectoryBytes: number;
 }
 
 /**
@@ -31,7 +33,8 @@ export interface InputTreeLimits {
  * 200 MB of a worker's memory. 256 levels is far past real trees and far
  * below what Linux's PATH_MAX allows. 64 GiB is more input than any worker
  * disk this farm targets would hold for one action. A Directory of 100,000
- * files is about 10 MiB.
+ * files is about 10 MiB; 1,000,000 entries with long names are about 250 MB
+ * of Directory messages.
  */
 export const DEFAULT_INPUT_TREE_LIMITS: InputTreeLimits = {
   maxEntries: 1_000_000,
@@ -39,6 +42,7 @@ export const DEFAULT_INPUT_TREE_LIMITS: InputTreeLimits = {
   maxTotalBytes: 64 * 1024 ** 3,
   maxDirectoryBlobs: 250_000,
   maxDirectoryBytes: 16 * 1024 * 1024,
+  maxTotalDirectoryBytes: 256 * 1024 * 1024,
 };
 
 /** The configuration key of each limit, named in refusals so an operator knows what to raise. */
@@ -48,6 +52,7 @@ export const INPUT_TREE_LIMIT_KEYS: Record<keyof InputTreeLimits, string> = {
   maxTotalBytes: "execution.inputLimits.maxTotalBytes",
   maxDirectoryBlobs: "execution.inputLimits.maxDirectoryBlobs",
   maxDirectoryBytes: "execution.inputLimits.maxDirectoryBytes",
+  maxTotalDirectoryBytes: "execution.inputLimits.maxTotalDirectoryBytes",
 };
 
 /**

@@ -98,6 +98,8 @@ export const ConfigSchema = z
             maxDirectoryBlobs: z.number().int().positive().default(DEFAULT_INPUT_TREE_LIMITS.maxDirectoryBlobs),
             /** Bytes of one Directory message; a larger one is refused before it is read (server and workers). */
             maxDirectoryBytes: bytes.default(DEFAULT_INPUT_TREE_LIMITS.maxDirectoryBytes),
+            /** Bytes of the tree's distinct Directory messages summed; refused before they are read. */
+            maxTotalDirectoryBytes: bytes.default(DEFAULT_INPUT_TREE_LIMITS.maxTotalDirectoryBytes),
           })
           .strict()
           .prefault({}),

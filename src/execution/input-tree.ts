@@ -56,6 +56,19 @@ export async function checkInputTree(
   const missing: Digest[] = [];
   // Each distinct Directory appears at least once in the expanded tree: past maxEntries here, reading can stop.
   let distinctEntries = 0;
+  // Bytes of the distinct Directory messages, from their digests: past the limit, nothing more is read.
+  let directoryBytes = 0;
+  const countDirectory = (digest: Digest) => {
+    directoryBytes += digest.sizeBytes;
+    if (directoryBytes > limits.maxTotalDirectoryBytes) {
+      throw inputLimitExceeded(
+        "maxTotalDirectoryBytes",
+        limits,
+        `has more than ${limits.maxTotalDirectoryBytes} bytes of Directory messages`,
+      );
+    }
+  };
+  countDirectory(root);
   let level: Digest[] = [root];
   for (let depth = 0; level.length > 0; depth++) {
     // The shortest path to a directory is never longer than the deepest: past the limit here is past it for good.
@@ -80,6 +93,7 @@ export async function checkInputTree(
             `has more than ${limits.maxDirectoryBlobs} distinct Directory messages`,
           );
         }
+        countDirectory(child.digest);
         next.push(child.digest);
       }
     };

@@ -212,3 +212,51 @@ describe("a worker refuses a Directory over its own maxDirectoryBytes before rea
     assert.equal(await readBlob(farm.clients, ran.response.result?.stdoutDigest), "after\n");
   });
 });
+
+describe("a tree of many large Directory messages", () => {
+  let farm: TestFarm;
+  before(async () => {
+    farm = await startTestFarm({ execution: { inputLimits: { maxTotalDirectoryBytes: "1MiB" } } }, undefined, {
+      workers: 0,
+    });
+  });
+  after(() => farm.close());
+
+  test("is refused naming inputLimits.maxTotalDirectoryBytes, before anything is queued", async () => {
+    // 40 distinct Directory messages of 100 KB each (padded with a node property), side by side: 4 MB.
+    const file = Buffer.from("f\n");
+    const children = Array.from({ length: 40 }, (_, i) =>
+      directoryBlob({
+        files: [
+          {
+            name: "f",
+            digest: sha256(file),
+            isExecutable: false,
+            nodeProperties: {
+              properties: [{ name: `pad${i}`, value: "x".repeat(100_000) }],
+              mtime: undefined,
+              unixMode: undefined,
+            },
+          },
+        ],
+      }),
+    );
+    const root = directoryBlob({
+      directories: children.map((child, i) => ({ name: `d${String(i).padStart(2, "0")}`, digest: child.digest })),
+    });
+    const command = commandBlob({ arguments: ["true"] });
+    await uploadBlobs(farm.clients, [{ digest: sha256(file), data: file }, ...children.slice(0, 20)]);
+    await uploadBlobs(farm.clients, children.slice(20));
+    const action = await uploadRawAction(farm.clients, command, root.digest, [root]);
+    const { response, updates } = await execute(farm.clients, action, { skipCacheLookup: true });
+    assert.equal(response.status?.code, Code.FAILED_PRECONDITION, response.status?.message);
+    assert.match(
+      response.status?.message ?? "",
+      /^the input root has more than 1048576 bytes of Directory messages, more than this farm's limit of 1048576 \(execution\.inputLimits\.maxTotalDirectoryBytes\)$/,
+    );
+    const violation = unpackDetails(response.status as never).preconditionFailure?.violations[0];
+    assert.equal(violation?.type, "INPUT_TREE_LIMIT");
+    assert.equal(violation?.subject, "execution.inputLimits.maxTotalDirectoryBytes");
+    assert.ok(!updates.some((u) => u.stage === 2 || u.stage === 3), "the action was queued");
+  });
+});

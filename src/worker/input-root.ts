@@ -270,6 +270,8 @@ async function fetchDirectories(
   const found = new Map<string, Directory>();
   // The first path each directory was found at, to name it in refusals.
   const paths = new Map<string, string>([[digestKey(root), ""]]);
+  // Bytes of the distinct Directory messages, from their digests, counted before they are read.
+  let directoryBytes = root.sizeBytes;
   let level: Digest[] = [root];
   for (let depth = 0; level.length > 0; depth++) {
     if (depth > limits.maxDepth) {
@@ -295,6 +297,14 @@ async function fetchDirectories(
         const parent = paths.get(digestKey(digest)) ?? "";
         if (!paths.has(key)) paths.set(key, parent === "" ? child.name : `${parent}/${child.name}`);
       }
+    }
+    for (const digest of next.values()) directoryBytes += digest.sizeBytes;
+    if (directoryBytes > limits.maxTotalDirectoryBytes) {
+      throw inputLimitExceeded(
+        "maxTotalDirectoryBytes",
+        limits,
+        `has more than ${limits.maxTotalDirectoryBytes} bytes of Directory messages`,
+      );
     }
     if (found.size + next.size > limits.maxDirectoryBlobs) {
       throw inputLimitExceeded(
