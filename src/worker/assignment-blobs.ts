@@ -41,7 +41,7 @@ export async function acceptAssignmentBlobs(
       try {
         const directory = Directory.decode(blob.data);
         checkDirectory(directory, digest);
-        directories.set(digestKey(digest), directory);
+        directories.set(digestKey(digest), directory, blob.data.byteLength);
       } catch {
         // Fetched and checked again from the CAS, where the error is reported.
       }

@@ -264,7 +264,7 @@ async function fetchDirectories(
       const bytes = Directory.encode(directory).finish();
       // Left to be read on its own below, where its size is refused with the limit's name.
       if (bytes.byteLength > limits.maxDirectoryBytes) continue;
-      known.set(digestKey(await digestOf(fn, bytes)), directory);
+      known.set(digestKey(await digestOf(fn, bytes)), directory, bytes.byteLength);
     }
   }
   const found = new Map<string, Directory>();
@@ -355,7 +355,7 @@ async function readDirectories(
       );
     }
     checkDirectory(directory, digest);
-    known.set(digestKey(digest), directory);
+    known.set(digestKey(digest), directory, bytes.byteLength);
     read.set(digestKey(digest), directory);
   }
   return read;
