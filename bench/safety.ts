@@ -8,7 +8,7 @@ import { MemoryCachedBlobStore } from "../src/cas/memory-cached-blob-store.js";
 import { DEFAULT_INPUT_TREE_LIMITS } from "../src/cas/tree-limits.js";
 import { type Digest, digestKey, parseDigest } from "../src/digest/digest.js";
 import { SHA256 } from "../src/digest/functions.js";
-import { CheckedDirectories, DEFAULT_CHECKED_DIRECTORIES } from "../src/execution/checked-directories.js";
+import { CheckedDirectories, DEFAULT_CHECKED_DIRECTORY_BYTES } from "../src/execution/checked-directories.js";
 import { checkInputTree } from "../src/execution/input-tree.js";
 import {
   DigestFunction_Value,
@@ -341,8 +341,8 @@ async function treeRounds(ctx: BenchContext): Promise<TreeResult[]> {
     const leaves = Math.ceil(files / FILES_PER_DIRECTORY);
     trees.push({ files, root, variants, directories: 1 + Math.ceil(leaves / DIRECTORIES_PER_GROUP) + leaves });
   }
-  // As Execute keeps it (execution.checkedDirectoryCacheEntries' default), shared by every tree.
-  const checked = new CheckedDirectories(DEFAULT_CHECKED_DIRECTORIES);
+  // As Execute keeps it (execution.checkedDirectoryCacheBytes' default), shared by every tree.
+  const checked = new CheckedDirectories(DEFAULT_CHECKED_DIRECTORY_BYTES);
   const check = async (root: Digest, files: number, memory?: CheckedDirectories) => {
     const totals = await checkInputTree(SHA256, store, root, DEFAULT_INPUT_TREE_LIMITS, memory);
     if (totals.entries < files) throw new Error(`checkInputTree counted ${totals.entries} entries, not ${files}+`);
@@ -533,7 +533,7 @@ export async function benchSafety(ctx: BenchContext): Promise<Section> {
         "time as the check reads them), with no name check and no limits. The two alternate; each round runs " +
         `each side about ${(TREE_WORK_PER_ROUND / 1000).toFixed(0)},000 files' worth per tree, after ` +
         `${TREE_WARMUP} warm-up runs. Those are first checks: no memory of checked directories. With the ` +
-        "memory Execute keeps (src/execution/checked-directories.ts, `execution.checkedDirectoryCacheEntries`' " +
+        "memory Execute keeps (src/execution/checked-directories.ts, `execution.checkedDirectoryCacheBytes`' " +
         "default), shared by all trees and filled by one check of each, the same tree is checked again, and " +
         "then a tree never seen that differs from it in one leaf directory (one more file: three new " +
         "Directory messages, a different variant each run), as many times as the first checks.",

@@ -21,6 +21,8 @@ import type { InstanceNames } from "./instance-names.js";
 
 export interface CasServiceOptions {
   maxBatchTotalSizeBytes: number;
+  /** GetTree refuses, unread, a Directory larger than this (execution.inputLimits.maxDirectoryBytes). */
+  maxDirectoryBytes: number;
 }
 
 const DEFAULT_TREE_PAGE_SIZE = 1000;
@@ -103,7 +105,7 @@ export function casService(
     }),
 
     getTree: (call: ServerWritableStream<GetTreeRequest, GetTreeResponse>) => {
-      streamTree(call, cas, instances).catch((err: unknown) => {
+      streamTree(call, cas, instances, options.maxDirectoryBytes).catch((err: unknown) => {
         logFailure(log, "GetTree", err);
         call.emit("error", toServiceError(err));
       });
@@ -129,6 +131,7 @@ async function streamTree(
   call: ServerWritableStream<GetTreeRequest, GetTreeResponse>,
   cas: BlobStore,
   instances: InstanceNames,
+  maxDirectoryBytes: number,
 ): Promise<void> {
   const request = call.request;
   instances.check(request.instanceName);
@@ -139,7 +142,7 @@ async function streamTree(
   const pageSize = request.pageSize === 0 ? DEFAULT_TREE_PAGE_SIZE : Math.min(request.pageSize, DEFAULT_TREE_PAGE_SIZE);
   // As the protocol says, the page a token names and every page after it are streamed.
   for (;;) {
-    const page = await readTreePage(cas, root, offset, pageSize, MAX_TREE_PAGE_BYTES);
+    const page = await readTreePage(cas, root, offset, pageSize, MAX_TREE_PAGE_BYTES, maxDirectoryBytes);
     const nextPageToken = page.nextOffset === undefined ? "" : formatPageToken(page.nextOffset);
     const writable = call.write({ directories: page.directories, nextPageToken });
     if (page.nextOffset === undefined) break;

@@ -104,7 +104,15 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
   );
   addService(
     ContentAddressableStorageService,
-    casService(farm.cas, instances, { maxBatchTotalSizeBytes: config.cas.maxBatchTotalSizeBytes }, log),
+    casService(
+      farm.cas,
+      instances,
+      {
+        maxBatchTotalSizeBytes: config.cas.maxBatchTotalSizeBytes,
+        maxDirectoryBytes: config.execution.inputLimits.maxDirectoryBytes,
+      },
+      log,
+    ),
   );
   addService(FastByteStreamService, byteStreamService(farm.cas, farm.uploads, instances, log));
   addService(

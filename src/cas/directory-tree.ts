@@ -2,6 +2,8 @@ import { type Digest, digestKey, formatDigest, parseDigest } from "../digest/dig
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { invalidArgument, notFound } from "../status/status.js";
 import type { BlobStore } from "./blob-store.js";
+import { checkMessageSize } from "./message-size.js";
+import { DEFAULT_INPUT_TREE_LIMITS, INPUT_TREE_LIMIT_KEYS } from "./tree-limits.js";
 
 export interface TreePage {
   directories: Directory[];
@@ -14,6 +16,8 @@ export interface TreePage {
  * directory once. Subtrees missing from the CAS are left out, as the
  * protocol asks; a missing root is NOT_FOUND. A page ends after `pageSize`
  * directories or `maxBytes` of encoded directories, whichever comes first.
+ * A Directory whose digest says it is over `maxDirectoryBytes` is refused
+ * (FAILED_PRECONDITION naming the limit) before it is read.
  */
 export async function readTreePage(
   cas: BlobStore,
@@ -21,6 +25,7 @@ export async function readTreePage(
   offset: number,
   pageSize: number,
   maxBytes: number,
+  maxDirectoryBytes = DEFAULT_INPUT_TREE_LIMITS.maxDirectoryBytes,
 ): Promise<TreePage> {
   const seen = new Set<string>([digestKey(root)]);
   const queue: Digest[] = [root];
@@ -29,6 +34,8 @@ export async function readTreePage(
   let pageBytes = 0;
   for (let head = 0; head < queue.length; head++) {
     const digest = queue[head] as Digest;
+    const what = head === 0 ? "root_digest" : "a Directory below root_digest";
+    checkMessageSize(digest, maxDirectoryBytes, what, INPUT_TREE_LIMIT_KEYS.maxDirectoryBytes);
     const bytes = await cas.get(digest);
     if (!bytes) {
       if (head === 0) throw notFound(`root directory ${formatDigest(root)} is not in the CAS`);

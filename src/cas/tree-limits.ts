@@ -19,6 +19,10 @@ export interface InputTreeLimits {
   maxTotalBytes: number;
   /** Distinct Directory messages, each read and checked once. */
   maxDirectoryBlobs: number;
+  /** Bytes of one Directory message: a larger one is refused before it is read. */
+  maxDirectoryBytes: number;
+  /** Bytes of the distinct Directory messages summed: what checking or laying out the tree holds in memory. */
+  maxTotalDirectoryBytes: number;
 }
 
 /**
@@ -28,13 +32,17 @@ export interface InputTreeLimits {
  * 1,000,000 entries still lay out in well under a minute and plan in about
  * 200 MB of a worker's memory. 256 levels is far past real trees and far
  * below what Linux's PATH_MAX allows. 64 GiB is more input than any worker
- * disk this farm targets would hold for one action.
+ * disk this farm targets would hold for one action. A Directory of 100,000
+ * files is about 10 MiB; 1,000,000 entries with long names are about 250 MB
+ * of Directory messages.
  */
 export const DEFAULT_INPUT_TREE_LIMITS: InputTreeLimits = {
   maxEntries: 1_000_000,
   maxDepth: 256,
   maxTotalBytes: 64 * 1024 ** 3,
   maxDirectoryBlobs: 250_000,
+  maxDirectoryBytes: 16 * 1024 * 1024,
+  maxTotalDirectoryBytes: 256 * 1024 * 1024,
 };
 
 /** The configuration key of each limit, named in refusals so an operator knows what to raise. */
@@ -43,6 +51,8 @@ export const INPUT_TREE_LIMIT_KEYS: Record<keyof InputTreeLimits, string> = {
   maxDepth: "execution.inputLimits.maxDepth",
   maxTotalBytes: "execution.inputLimits.maxTotalBytes",
   maxDirectoryBlobs: "execution.inputLimits.maxDirectoryBlobs",
+  maxDirectoryBytes: "execution.inputLimits.maxDirectoryBytes",
+  maxTotalDirectoryBytes: "execution.inputLimits.maxTotalDirectoryBytes",
 };
 
 /**

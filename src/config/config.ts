@@ -3,8 +3,9 @@ import { homedir } from "node:os";
 import { isAbsolute, join, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
+import { DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/message-size.js";
 import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
-import { DEFAULT_CHECKED_DIRECTORIES } from "../execution/checked-directories.js";
+import { DEFAULT_CHECKED_DIRECTORY_BYTES } from "../execution/checked-directories.js";
 import { DEFAULT_IMAGE_LIMITS } from "../image/image-limits.js";
 
 const UNITS: Record<string, number> = {
@@ -95,13 +96,21 @@ export const ConfigSchema = z
             maxTotalBytes: bytes.default(DEFAULT_INPUT_TREE_LIMITS.maxTotalBytes),
             /** Distinct Directory messages. */
             maxDirectoryBlobs: z.number().int().positive().default(DEFAULT_INPUT_TREE_LIMITS.maxDirectoryBlobs),
+            /** Bytes of one Directory message; a larger one is refused before it is read (server and workers). */
+            maxDirectoryBytes: bytes.default(DEFAULT_INPUT_TREE_LIMITS.maxDirectoryBytes),
+            /** Bytes of the tree's distinct Directory messages summed; refused before they are read. */
+            maxTotalDirectoryBytes: bytes.default(DEFAULT_INPUT_TREE_LIMITS.maxTotalDirectoryBytes),
           })
           .strict()
           .prefault({}),
         /** false: actions asking for a network (network=external, dockerNetwork=standard|bridge|host) are refused. */
         allowNetwork: z.boolean().default(true),
-        /** Directory messages whose input-tree check is remembered across Executes (0: none). */
-        checkedDirectoryCacheEntries: z.number().int().nonnegative().default(DEFAULT_CHECKED_DIRECTORIES),
+        /** Estimated heap bytes of input-tree checks remembered across Executes (0: none). */
+        checkedDirectoryCacheBytes: bytes.default(DEFAULT_CHECKED_DIRECTORY_BYTES),
+        /** Bytes of an Action blob; a larger one is refused before it is read. */
+        maxActionBytes: bytes.default(DEFAULT_MAX_ACTION_BYTES),
+        /** Bytes of a Command blob; a larger one is refused before it is read. */
+        maxCommandBytes: bytes.default(DEFAULT_MAX_COMMAND_BYTES),
       })
       .strict()
       .prefault({}),

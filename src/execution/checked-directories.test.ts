@@ -7,15 +7,16 @@ import { after, before, describe, test } from "node:test";
 import { execute, uploadBlobs } from "../../test/support/actions.js";
 import { directoryBlob, sha256, type WireDigest } from "../../test/support/blobs.js";
 import { type Clients, startTestFarm, type TestFarm } from "../../test/support/farm.js";
+import { uploadLargeBlob } from "../../test/support/large-blobs.js";
 import { unaryCall, unpackDetails } from "../../test/support/rpc.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { DiskBlobStore } from "../cas/disk-blob-store.js";
 import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
-import { type Digest, parseDigest } from "../digest/digest.js";
+import { type Digest, digestKey, parseDigest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
-import { Action, Command, type Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { Action, Command, Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { Code, StatusError } from "../status/status.js";
-import { CheckedDirectories } from "./checked-directories.js";
+import { CheckedDirectories, DEFAULT_CHECKED_DIRECTORY_BYTES } from "./checked-directories.js";
 import { checkInputTree } from "./input-tree.js";
 
 interface Blob {
@@ -154,6 +155,80 @@ describe("Directory messages checked by an earlier Execute", () => {
   });
 });
 
+describe("the memory of checked directories under a client sending wide roots", () => {
+  let farm: TestFarm;
+  before(async () => {
+    farm = await startTestFarm({ execution: { checkedDirectoryCacheBytes: "16MiB" } }, undefined, { workers: 0 });
+  });
+  after(() => farm.close());
+
+  const empty = directoryBlob({});
+  /** A root Directory of `count` child directories, all the empty Directory: 2 distinct blobs, every limit met. */
+  const wideRoot = (count: number, prefix: string) =>
+    directoryBlob({
+      directories: Array.from({ length: count }, (_, i) => ({
+        name: `${prefix}${String(i).padStart(6, "0")}`,
+        digest: empty.digest,
+      })),
+    });
+  /** Executes an action on `root` that no worker could run: the tree is checked in full, then refused. */
+  const check = async (root: Blob, salt: string) => {
+    const command = Buffer.from(Command.encode(Command.fromPartial({ arguments: ["true"] })).finish());
+    const action = Buffer.from(
+      Action.encode(
+        Action.fromPartial({
+          commandDigest: sha256(command),
+          inputRootDigest: root.digest,
+          salt: Buffer.from(salt),
+          platform: { properties: [{ name: "pool", value: "nowhere" }] },
+        }),
+      ).finish(),
+    );
+    await uploadLargeBlob(farm.clients, root);
+    await uploadBlobs(farm.clients, [
+      empty,
+      { digest: sha256(command), data: command },
+      { digest: sha256(action), data: action },
+    ]);
+    return (await execute(farm.clients, sha256(action))).response;
+  };
+
+  test("never holds more than its cap of bytes, and still checks every tree", async () => {
+    const memory = farm.farm.executor.checkedDirectories;
+    const cap = 16 * 1024 * 1024;
+    assert.equal(memory.capacityBytes, cap);
+    // 150,000 children (12 MB of Directory, under maxDirectoryBytes): ~30 MB to remember, not remembered at all.
+    for (const prefix of ["p", "q"]) {
+      const response = await check(wideRoot(150_000, prefix), `wide-${prefix}`);
+      assert.equal(response.status?.code, Code.FAILED_PRECONDITION, response.status?.message);
+      assert.match(response.status?.message ?? "", /pool=nowhere/, "checked in full, then refused for its platform");
+      assert.ok(memory.bytes <= cap, `${memory.bytes} bytes remembered`);
+    }
+    assert.ok(memory.bytes < 1024 * 1024, `a 150,000-child root was remembered: ${memory.bytes} bytes`);
+    // 30 roots of 3,000 children (~600 KB each to remember, ~18 MB together): the oldest are forgotten.
+    let remembered = 0;
+    for (let i = 0; i < 30; i++) {
+      const response = await check(wideRoot(3_000, `r${i}-`), `mid-${i}`);
+      assert.match(response.status?.message ?? "", /pool=nowhere/, response.status?.message);
+      assert.ok(memory.bytes <= cap, `${memory.bytes} bytes remembered after root ${i}`);
+      remembered = Math.max(remembered, memory.bytes);
+    }
+    assert.ok(remembered > cap / 2, `only ${remembered} bytes were ever remembered`);
+    assert.ok(memory.size < 31, `${memory.size} directories remembered: none was forgotten`);
+
+    // Still checked: a wide root seen before passes again; one with a bad name among 150,000 is refused naming it.
+    const again = await check(wideRoot(150_000, "p"), "wide-p-again");
+    assert.match(again.status?.message ?? "", /pool=nowhere/, again.status?.message);
+    const bad = wideRoot(150_000, "p");
+    const decoded = Directory.decode(bad.data);
+    (decoded.directories[149_999] as { name: string }).name = "..";
+    const data = Buffer.from(Directory.encode(decoded).finish());
+    const refused = await check({ digest: sha256(data), data }, "wide-bad");
+    assert.equal(refused.status?.code, Code.INVALID_ARGUMENT, refused.status?.message);
+    assert.match(refused.status?.message ?? "", /the input root.*"\.\."/);
+  });
+});
+
 describe("a checked Directory evicted from the CAS", () => {
   let farm: TestFarm;
   before(async () => {
@@ -255,7 +330,7 @@ describe("checkInputTree with a memory of checked directories", () => {
     };
     const first = await put(treeOf("one"));
     const second = await put(treeOf("two"));
-    const checked = new CheckedDirectories(1000);
+    const checked = new CheckedDirectories(DEFAULT_CHECKED_DIRECTORY_BYTES);
 
     const cold = counting();
     const totals = await checkInputTree(SHA256, cold.cas, first, DEFAULT_INPUT_TREE_LIMITS, checked);
@@ -273,16 +348,21 @@ describe("checkInputTree with a memory of checked directories", () => {
     assert.deepEqual(changedTotals, await checkInputTree(SHA256, store, second, DEFAULT_INPUT_TREE_LIMITS));
   });
 
-  test("a memory of one directory still forgets the oldest and checks what it forgot", async () => {
-    const { lib, blobs } = sharedLibrary(3, 2);
+  test("a small memory forgets the least recently used and checks again what it forgot", async () => {
+    // 200 leaves of about 340 bytes each cannot all fit in 32 KiB; lib (200 children, ~40 KB) is over 1/16 of it.
+    const { lib, blobs } = sharedLibrary(200, 1);
     const root = await put([...blobs, directoryBlob({ directories: [{ name: "lib", digest: lib.digest }] })]);
-    const checked = new CheckedDirectories(1);
-    await checkInputTree(SHA256, store, root, DEFAULT_INPUT_TREE_LIMITS, checked);
-    assert.equal(checked.size, 1);
+    const checked = new CheckedDirectories(32 * 1024);
+    const totals = await checkInputTree(SHA256, store, root, DEFAULT_INPUT_TREE_LIMITS, checked);
+    assert.ok(checked.bytes <= 32 * 1024, `${checked.bytes} bytes`);
+    assert.ok(checked.size > 10 && checked.size < 200, `${checked.size} remembered`);
     const again = counting();
-    await checkInputTree(SHA256, again.cas, root, DEFAULT_INPUT_TREE_LIMITS, checked);
-    assert.ok(again.reads() >= 4, `read ${again.reads()}`);
+    assert.deepEqual(await checkInputTree(SHA256, again.cas, root, DEFAULT_INPUT_TREE_LIMITS, checked), totals);
+    // lib was never remembered, and the leaves forgotten are read again.
+    assert.ok(again.reads() >= 2, `read ${again.reads()}`);
+    assert.ok(checked.bytes <= 32 * 1024, `${checked.bytes} bytes`);
     // A store that lost the remembered root's blob: MISSING, from the memory's presence check.
+    assert.ok(checked.get(digestKey(root)), "the root, checked last, is remembered");
     await store.remove(root);
     await assert.rejects(
       checkInputTree(SHA256, store, root, DEFAULT_INPUT_TREE_LIMITS, checked),

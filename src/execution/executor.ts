@@ -1,5 +1,6 @@
 import type { ActionCache } from "../ac/action-cache.js";
 import type { BlobStore } from "../cas/blob-store.js";
+import { checkMessageSize, DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/message-size.js";
 import type { InputTreeLimits } from "../cas/tree-limits.js";
 import { type Digest, formatDigest, parseDigest, resolveDigestFunction } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
@@ -25,7 +26,7 @@ import {
   platformOf,
   readActionPlatform,
 } from "./action-platform.js";
-import { CheckedDirectories, DEFAULT_CHECKED_DIRECTORIES } from "./checked-directories.js";
+import { CheckedDirectories, DEFAULT_CHECKED_DIRECTORY_BYTES } from "./checked-directories.js";
 import { checkCommand } from "./command-check.js";
 import { type ExpandedAction, expandedAction } from "./expanded-action.js";
 import type { ImagePolicy } from "./image-policy.js";
@@ -48,8 +49,12 @@ export interface ExecutorOptions {
   inputLimits: InputTreeLimits;
   /** false: actions asking for a network are refused (execution.allowNetwork). */
   allowNetwork: boolean;
-  /** Directory messages whose check is remembered across Executes (0: none); DEFAULT_CHECKED_DIRECTORIES unless set. */
-  checkedDirectoryCacheEntries?: number;
+  /** Estimated heap bytes of Directory checks remembered across Executes (0: none); DEFAULT_CHECKED_DIRECTORY_BYTES unless set. */
+  checkedDirectoryCacheBytes?: number;
+  /** Larger Action blobs are refused unread; DEFAULT_MAX_ACTION_BYTES unless set. */
+  maxActionBytes?: number;
+  /** Larger Command blobs are refused unread; DEFAULT_MAX_COMMAND_BYTES unless set. */
+  maxCommandBytes?: number;
 }
 
 /** What the caller sent beside the request (its headers), never stored. */
@@ -68,7 +73,7 @@ const NO_CONTEXT: ExecuteContext = { registryCredentials: new Map() };
  */
 export class Executor {
   /** Directory messages earlier Executes checked, so that trees sharing most of theirs cost a lookup each. */
-  private readonly checkedDirectories: CheckedDirectories;
+  readonly checkedDirectories: CheckedDirectories;
 
   constructor(
     private readonly cas: BlobStore,
@@ -78,7 +83,7 @@ export class Executor {
     private readonly options: ExecutorOptions,
   ) {
     this.checkedDirectories = new CheckedDirectories(
-      options.checkedDirectoryCacheEntries ?? DEFAULT_CHECKED_DIRECTORIES,
+      options.checkedDirectoryCacheBytes ?? DEFAULT_CHECKED_DIRECTORY_BYTES,
     );
   }
 
@@ -146,11 +151,16 @@ export class Executor {
     priority: number,
     context: ExecuteContext,
   ): Promise<ExecutionJob> {
+    // Before reading: a digest states its blob's size, and a huge blob would be read whole into memory.
+    const maxActionBytes = this.options.maxActionBytes ?? DEFAULT_MAX_ACTION_BYTES;
+    checkMessageSize(actionDigest, maxActionBytes, "action_digest", "execution.maxActionBytes");
     const actionBytes = await this.cas.get(actionDigest);
     if (!actionBytes) throw missingBlobs([`blobs/${formatDigest(actionDigest)}`]);
     const action = decode(Action, actionBytes, "action");
     const commandDigest = parseDigest(fn, action.commandDigest, "action.command_digest");
     const inputRootDigest = parseDigest(fn, action.inputRootDigest, "action.input_root_digest");
+    const maxCommandBytes = this.options.maxCommandBytes ?? DEFAULT_MAX_COMMAND_BYTES;
+    checkMessageSize(commandDigest, maxCommandBytes, "action.command_digest", "execution.maxCommandBytes");
     const [commandBytes, missingRoot] = await Promise.all([
       this.cas.get(commandDigest),
       this.cas.findMissing([inputRootDigest]),

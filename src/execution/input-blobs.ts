@@ -46,15 +46,24 @@ export async function inputTreeBlobs(
   let budget = limits.maxTotalBytes;
   let level: Digest[] = [root];
   while (level.length > 0 && directories.length < limits.maxDirectories) {
-    const room = limits.maxDirectories - directories.length;
-    const read = await Promise.all(level.slice(0, room).map((digest) => cas.get(digest)));
+    // Chosen by the sizes their digests state, before reading: no more than the budget is ever read.
+    const wanted: Digest[] = [];
+    let wantedBytes = 0;
+    for (const digest of level) {
+      if (wanted.length >= limits.maxDirectories - directories.length) break;
+      if (wantedBytes + digest.sizeBytes > budget) continue;
+      wanted.push(digest);
+      wantedBytes += digest.sizeBytes;
+    }
+    if (wanted.length === 0) break;
+    const read = await Promise.all(wanted.map((digest) => cas.get(digest)));
     const next: Digest[] = [];
     for (const [i, data] of read.entries()) {
       if (data === undefined || data.byteLength > budget) continue;
       const directory = decodeDirectory(data);
       if (directory === undefined) continue;
       budget -= data.byteLength;
-      directories.push({ digest: level[i] as Digest, data });
+      directories.push({ digest: wanted[i] as Digest, data });
       for (const file of directory.files) {
         const digest = digestOrUndefined(fn, file.digest);
         if (digest && digest.sizeBytes > 0 && digest.sizeBytes <= limits.maxFileBytes) {

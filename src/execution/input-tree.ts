@@ -1,7 +1,9 @@
 import type { BlobStore } from "../cas/blob-store.js";
 import { checkDirectory } from "../cas/directory-tree.js";
+import { blobBatches, checkMessageSize, MAX_DIRECTORY_BYTES_IN_FLIGHT } from "../cas/message-size.js";
 import {
   checkTreeLimits,
+  INPUT_TREE_LIMIT_KEYS,
   type InputTreeLimits,
   inputLimitExceeded,
   type SubtreeTotals,
@@ -13,7 +15,7 @@ import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_executi
 import { Code, invalidArgument, missingBlobs, StatusError } from "../status/status.js";
 import type { CheckedDirectories, CheckedDirectory } from "./checked-directories.js";
 
-/** Directory messages read from the CAS at once. */
+/** Directory messages read from the CAS at once (and at most MAX_DIRECTORY_BYTES_IN_FLIGHT bytes of them). */
 const READ_CONCURRENCY = 64;
 
 /**
@@ -24,7 +26,9 @@ const READ_CONCURRENCY = 64;
  * once), a malformed one or a bad name INVALID_ARGUMENT naming it, a limit
  * FAILED_PRECONDITION naming the limit and its configuration key. Reading
  * stops as soon as the distinct messages or the levels pass their limits, so
- * a hostile tree costs at most maxDirectoryBlobs reads.
+ * a hostile tree costs at most maxDirectoryBlobs reads; a Directory whose
+ * digest says it is over maxDirectoryBytes is refused before it is read, and
+ * at most MAX_DIRECTORY_BYTES_IN_FLIGHT bytes are read at once.
  *
  * With `checked`, Directory messages an earlier call accepted are neither
  * read nor checked again: their children come from the memory, their
@@ -52,6 +56,19 @@ export async function checkInputTree(
   const missing: Digest[] = [];
   // Each distinct Directory appears at least once in the expanded tree: past maxEntries here, reading can stop.
   let distinctEntries = 0;
+  // Bytes of the distinct Directory messages, from their digests: past the limit, nothing more is read.
+  let directoryBytes = 0;
+  const countDirectory = (digest: Digest) => {
+    directoryBytes += digest.sizeBytes;
+    if (directoryBytes > limits.maxTotalDirectoryBytes) {
+      throw inputLimitExceeded(
+        "maxTotalDirectoryBytes",
+        limits,
+        `has more than ${limits.maxTotalDirectoryBytes} bytes of Directory messages`,
+      );
+    }
+  };
+  countDirectory(root);
   let level: Digest[] = [root];
   for (let depth = 0; level.length > 0; depth++) {
     // The shortest path to a directory is never longer than the deepest: past the limit here is past it for good.
@@ -76,6 +93,7 @@ export async function checkInputTree(
             `has more than ${limits.maxDirectoryBlobs} distinct Directory messages`,
           );
         }
+        countDirectory(child.digest);
         next.push(child.digest);
       }
     };
@@ -91,8 +109,11 @@ export async function checkInputTree(
       knownDigests.push(digest);
       visit(paths.get(key) ?? "", remembered.ownEntries, remembered.children);
     }
-    for (let at = 0; at < toRead.length; at += READ_CONCURRENCY) {
-      const batch = toRead.slice(at, at + READ_CONCURRENCY);
+    for (const digest of toRead) {
+      const path = paths.get(digestKey(digest)) ?? "";
+      checkMessageSize(digest, limits.maxDirectoryBytes, describePath(path), INPUT_TREE_LIMIT_KEYS.maxDirectoryBytes);
+    }
+    for (const batch of blobBatches(toRead, READ_CONCURRENCY, MAX_DIRECTORY_BYTES_IN_FLIGHT)) {
       const read = await Promise.all(batch.map((digest) => cas.get(digest)));
       for (const [i, bytes] of read.entries()) {
         const digest = batch[i] as Digest;
@@ -149,10 +170,13 @@ function atPath<T>(path: string, check: () => T): T {
     return check();
   } catch (err) {
     if (!(err instanceof StatusError) || err.code !== Code.INVALID_ARGUMENT) throw err;
-    const where =
-      path === "" ? "the input root" : `input directory "${path.length > 200 ? `…${path.slice(-200)}` : path}"`;
-    throw new StatusError(Code.INVALID_ARGUMENT, `${where}: ${err.message}`, err.details);
+    throw new StatusError(Code.INVALID_ARGUMENT, `${describePath(path)}: ${err.message}`, err.details);
   }
+}
+
+/** The input directory at `path` as refusals name it. */
+function describePath(path: string): string {
+  return path === "" ? "the input root" : `input directory "${path.length > 200 ? `…${path.slice(-200)}` : path}"`;
 }
 
 function decodeDirectory(bytes: Buffer, digest: Digest): Directory {

@@ -120,7 +120,9 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     expander,
     inputLimits: execution.inputLimits,
     allowNetwork: execution.allowNetwork,
-    checkedDirectoryCacheEntries: execution.checkedDirectoryCacheEntries,
+    checkedDirectoryCacheBytes: execution.checkedDirectoryCacheBytes,
+    maxActionBytes: execution.maxActionBytes,
+    maxCommandBytes: execution.maxCommandBytes,
   });
   return {
     cas,

@@ -2,7 +2,7 @@ import { mkdirSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
 import { isAbsolute, join, normalize, posix } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
-import type { InputTreeLimits } from "../cas/tree-limits.js";
+import { DEFAULT_INPUT_TREE_LIMITS, type InputTreeLimits } from "../cas/tree-limits.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
 import { type DigestFunction, digestFunctionByWire } from "../digest/functions.js";
 import { platformOf, readActionPlatform } from "../execution/action-platform.js";
@@ -136,7 +136,8 @@ export async function runAction(
           ? prepareActionImage(assignment.containerImage, platform, options.images, options.inputRootPath, base)
           : undefined;
     const layingOut = (async () => {
-      const files = await acceptAssignmentBlobs(fn, assignment, options.directories);
+      const maxDirectoryBytes = (options.inputLimits ?? DEFAULT_INPUT_TREE_LIMITS).maxDirectoryBytes;
+      const files = await acceptAssignmentBlobs(fn, assignment, options.directories, maxDirectoryBytes);
       const clientRoot = expanded
         ? await expandedInputRoot(fn, rootDigest, expanded, cas, options.directories)
         : rootDigest;

@@ -1,4 +1,5 @@
 import { checkDirectory } from "../cas/directory-tree.js";
+import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import { type Digest, digestKey, digestOf, parseDigest, sameDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import type { Assignment } from "../gen/berth/worker/v1/worker.js";
@@ -11,12 +12,16 @@ import type { DirectoryCache } from "./directory-cache.js";
  * the worker's directory cache, and file contents are returned by digest key
  * for the file cache to write instead of fetching them. They are a hint, so
  * a blob that does not match its digest or does not decode is dropped, and
- * the worker fetches it from the CAS as if it had not come.
+ * the worker fetches it from the CAS as if it had not come. So is a
+ * Directory of more than `maxDirectoryBytes` (the worker's
+ * inputLimits.maxDirectoryBytes): fetching it is refused with the limit's
+ * name, and neither hashing nor decoding it costs the worker anything first.
  */
 export async function acceptAssignmentBlobs(
   fn: DigestFunction,
   assignment: Pick<Assignment, "inputDirectories" | "inputFiles">,
   directories: DirectoryCache,
+  maxDirectoryBytes = DEFAULT_INPUT_TREE_LIMITS.maxDirectoryBytes,
 ): Promise<Map<string, Buffer>> {
   type Blob = Assignment["inputFiles"][number];
   const named = (blob: Blob) => {
@@ -30,12 +35,13 @@ export async function acceptAssignmentBlobs(
   await Promise.all(
     assignment.inputDirectories.map(async (blob) => {
       const digest = named(blob);
+      if (!digest || blob.data.byteLength > maxDirectoryBytes) return;
       // A Directory the worker already holds (the common case for all but the deepest levels) is not hashed.
-      if (!digest || directories.get(digestKey(digest)) || !(await matches(blob, digest))) return;
+      if (directories.get(digestKey(digest)) || !(await matches(blob, digest))) return;
       try {
         const directory = Directory.decode(blob.data);
         checkDirectory(directory, digest);
-        directories.set(digestKey(digest), directory);
+        directories.set(digestKey(digest), directory, blob.data.byteLength);
       } catch {
         // Fetched and checked again from the CAS, where the error is reported.
       }

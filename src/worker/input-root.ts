@@ -2,9 +2,11 @@ import { chmodSync, chownSync, copyFileSync, linkSync, mkdirSync, statSync, syml
 import { chmod, chown, copyFile, link, mkdir, stat, symlink } from "node:fs/promises";
 import { join } from "node:path";
 import { checkDirectory } from "../cas/directory-tree.js";
+import { blobBatches, checkMessageSize, MAX_DIRECTORY_BYTES_IN_FLIGHT } from "../cas/message-size.js";
 import {
   checkTreeLimits,
   DEFAULT_INPUT_TREE_LIMITS,
+  INPUT_TREE_LIMIT_KEYS,
   type InputTreeLimits,
   inputLimitExceeded,
 } from "../cas/tree-limits.js";
@@ -229,10 +231,15 @@ function linkOrCopySync(cached: string, path: string): void {
  * remembered there); an absent one is FAILED_PRECONDITION with a MISSING
  * violation.
  */
-export async function readDirectory(digest: Digest, cas: RemoteCas, known: DirectoryCache): Promise<Directory> {
+export async function readDirectory(
+  digest: Digest,
+  cas: RemoteCas,
+  known: DirectoryCache,
+  limits: InputTreeLimits = DEFAULT_INPUT_TREE_LIMITS,
+): Promise<Directory> {
   const cached = known.get(digestKey(digest));
   if (cached) return cached;
-  const read = await readDirectories([digest], cas, known);
+  const read = await readDirectories([digest], cas, known, limits, new Map());
   return read.get(digestKey(digest)) as Directory;
 }
 
@@ -254,11 +261,17 @@ async function fetchDirectories(
 ): Promise<Map<string, Directory>> {
   if (wholeTree || !known.get(digestKey(root))) {
     for (const directory of await cas.getTree(root)) {
-      const digest = await digestOf(fn, Directory.encode(directory).finish());
-      known.set(digestKey(digest), directory);
+      const bytes = Directory.encode(directory).finish();
+      // Left to be read on its own below, where its size is refused with the limit's name.
+      if (bytes.byteLength > limits.maxDirectoryBytes) continue;
+      known.set(digestKey(await digestOf(fn, bytes)), directory, bytes.byteLength);
     }
   }
   const found = new Map<string, Directory>();
+  // The first path each directory was found at, to name it in refusals.
+  const paths = new Map<string, string>([[digestKey(root), ""]]);
+  // Bytes of the distinct Directory messages, from their digests, counted before they are read.
+  let directoryBytes = root.sizeBytes;
   let level: Digest[] = [root];
   for (let depth = 0; level.length > 0; depth++) {
     if (depth > limits.maxDepth) {
@@ -270,15 +283,28 @@ async function fetchDirectories(
       if (directory) found.set(digestKey(digest), directory);
       else absent.push(digest);
     }
-    for (const [key, directory] of await readDirectories(absent, cas, known)) found.set(key, directory);
+    for (const [key, directory] of await readDirectories(absent, cas, known, limits, paths)) {
+      found.set(key, directory);
+    }
     const next = new Map<string, Digest>();
     for (const digest of level) {
       const directory = found.get(digestKey(digest)) as Directory;
       for (const child of directory.directories) {
         const childDigest = parseDigest(fn, child.digest, `directory ${child.name}`);
         const key = digestKey(childDigest);
-        if (!found.has(key)) next.set(key, childDigest);
+        if (found.has(key) || next.has(key)) continue;
+        next.set(key, childDigest);
+        const parent = paths.get(digestKey(digest)) ?? "";
+        if (!paths.has(key)) paths.set(key, parent === "" ? child.name : `${parent}/${child.name}`);
       }
+    }
+    for (const digest of next.values()) directoryBytes += digest.sizeBytes;
+    if (directoryBytes > limits.maxTotalDirectoryBytes) {
+      throw inputLimitExceeded(
+        "maxTotalDirectoryBytes",
+        limits,
+        `has more than ${limits.maxTotalDirectoryBytes} bytes of Directory messages`,
+      );
     }
     if (found.size + next.size > limits.maxDirectoryBlobs) {
       throw inputLimitExceeded(
@@ -292,15 +318,30 @@ async function fetchDirectories(
   return found;
 }
 
-/** Reads, checks and remembers Directory messages in one batch; any absent one is MISSING. */
+/**
+ * Reads, checks and remembers Directory messages, at most
+ * MAX_DIRECTORY_BYTES_IN_FLIGHT bytes at once; any absent one is MISSING,
+ * and one over maxDirectoryBytes is refused before anything is read.
+ */
 async function readDirectories(
   digests: readonly Digest[],
   cas: RemoteCas,
   known: DirectoryCache,
+  limits: InputTreeLimits,
+  paths: ReadonlyMap<string, string>,
 ): Promise<Map<string, Directory>> {
   const read = new Map<string, Directory>();
   if (digests.length === 0) return read;
-  const blobs = await cas.readBlobs(digests);
+  for (const digest of digests) {
+    const path = paths.get(digestKey(digest)) ?? "";
+    const what =
+      path === "" ? "the input root" : `input directory "${path.length > 200 ? `…${path.slice(-200)}` : path}"`;
+    checkMessageSize(digest, limits.maxDirectoryBytes, what, INPUT_TREE_LIMIT_KEYS.maxDirectoryBytes);
+  }
+  const blobs = new Map<Digest, Buffer>();
+  for (const batch of blobBatches(digests, Number.POSITIVE_INFINITY, MAX_DIRECTORY_BYTES_IN_FLIGHT)) {
+    for (const [digest, bytes] of await cas.readBlobs(batch)) blobs.set(digest, bytes);
+  }
   const missing = digests.filter((d) => !blobs.has(d));
   if (missing.length > 0) throw missingBlobs(describeMissing(missing));
   for (const [digest, bytes] of blobs) {
@@ -314,7 +355,7 @@ async function readDirectories(
       );
     }
     checkDirectory(directory, digest);
-    known.set(digestKey(digest), directory);
+    known.set(digestKey(digest), directory, bytes.byteLength);
     read.set(digestKey(digest), directory);
   }
   return read;
