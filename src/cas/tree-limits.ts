@@ -41,7 +41,9 @@ export const DEFAULT_INPUT_TREE_LIMITS: InputTreeLimits = {
   maxDepth: 256,
   maxTotalBytes: 64 * 1024 ** 3,
   maxDirectoryBlobs: 250_000,
-  maxDirectoryBytes: 16 * 1024 * 1024,
+  // Below cas.maxBatchTotalSizeBytes' default (4032 KiB): workers fetch Directory messages through GetTree and
+  // BatchReadBlobs, whose responses that caps, so a larger one could pass Execute and never reach a worker.
+  maxDirectoryBytes: 4000 * 1024,
   maxTotalDirectoryBytes: 256 * 1024 * 1024,
 };
 

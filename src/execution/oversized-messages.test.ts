@@ -94,7 +94,7 @@ describe("blobs too large to be an Action, a Command or a Directory are refused 
     await assertRefused(
       farm.clients,
       action,
-      /^the input root \(.*\) is a blob of 209715200 bytes, more than this farm's limit of 16777216 bytes .*\(execution\.inputLimits\.maxDirectoryBytes\)$/,
+      /^the input root \(.*\) is a blob of 209715200 bytes, more than this farm's limit of 4096000 bytes .*\(execution\.inputLimits\.maxDirectoryBytes\)$/,
       "execution.inputLimits.maxDirectoryBytes",
     );
     const src = directoryBlob({ directories: [{ name: "big", digest: huge.digest }] });
@@ -177,7 +177,7 @@ describe("a worker refuses a Directory over its own maxDirectoryBytes before rea
 
   test("a valid 17 MiB Directory the server accepted is FAILED_PRECONDITION on the worker, which serves the next action", async () => {
     const file = Buffer.from("padded\n");
-    // One file whose node properties carry 17 MiB: a valid Directory, over the worker's default 16 MiB.
+    // One file whose node properties carry 17 MiB: a valid Directory, over the worker's default 4000 KiB.
     const big = directoryBlob({
       files: [
         {
@@ -203,7 +203,7 @@ describe("a worker refuses a Directory over its own maxDirectoryBytes before rea
     assert.equal(response.status?.code, Code.FAILED_PRECONDITION, response.status?.message);
     assert.match(
       response.status?.message ?? "",
-      /input directory "big" \(.*\) is a blob of 178\d{5} bytes, more than this farm's limit of 16777216 bytes .*\(execution\.inputLimits\.maxDirectoryBytes\)/,
+      /input directory "big" \(.*\) is a blob of 178\d{5} bytes, more than this farm's limit of 4096000 bytes .*\(execution\.inputLimits\.maxDirectoryBytes\)/,
     );
 
     const echo = await uploadAction(farm.clients, { args: ["/bin/sh", "-c", "echo after"], salt: "after-big" });
