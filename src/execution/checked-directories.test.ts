@@ -158,7 +158,13 @@ describe("Directory messages checked by an earlier Execute", () => {
 describe("the memory of checked directories under a client sending wide roots", () => {
   let farm: TestFarm;
   before(async () => {
-    farm = await startTestFarm({ execution: { checkedDirectoryCacheBytes: "16MiB" } }, undefined, { workers: 0 });
+    // Roots of 150,000 children are 12 MB Directory messages: allowed here, as an operator may (the default
+    // keeps them below what a worker can fetch in one batch).
+    farm = await startTestFarm(
+      { execution: { checkedDirectoryCacheBytes: "16MiB", inputLimits: { maxDirectoryBytes: "16MiB" } } },
+      undefined,
+      { workers: 0 },
+    );
   });
   after(() => farm.close());
 
