@@ -220,6 +220,26 @@ test("slirp4netns writes nothing to a networked action's stderr and holds none o
   assert.equal(result.stderr, "own\n");
 });
 
+test("a masked secret file cannot be read inside the sandbox on the host root, even where its modes would allow it", async (t) => {
+  const ws = await workspace(t);
+  // Outside /tmp and /run, which the sandbox covers anyway; readable by anyone, as a careless operator left it.
+  const hostDir = await mkdtemp("/var/tmp/berth-masked-");
+  t.after(() => rm(hostDir, { recursive: true, force: true }));
+  await chmod(hostDir, 0o755);
+  const secret = join(hostDir, "worker.token");
+  await writeFile(secret, "s3cret\n", { mode: 0o644 });
+  const gone = join(hostDir, "removed.token");
+  const read = ["sh", "-c", `cat ${secret} 2>&1; echo "[$?]"`];
+
+  assert.equal((await run(ws, read)).stdout, "s3cret\n[0]\n", "control: unmasked, the file is readable");
+  const masking = new BubblewrapSandbox({ maskedFiles: [secret, gone] });
+  const request: SandboxRequest = { ...baseRequest(ws), argv: read };
+  const result = await masking.run(request);
+  assert.equal(result.exitCode, 0);
+  // /dev/null bound over it, on a nodev mount: opening it is refused, whatever the file's own modes.
+  assert.equal(await readFile(request.stdoutPath, "utf8"), `cat: ${secret}: Permission denied\n[1]\n`);
+});
+
 test("own PID namespace", async (t) => {
   const ws = await workspace(t);
   // pid 1 is bubblewrap's reaper.

@@ -9,7 +9,7 @@ import {
   statSync,
   writeFileSync,
 } from "node:fs";
-import { open } from "node:fs/promises";
+import { lstat, open } from "node:fs/promises";
 import { constants } from "node:os";
 import { dirname, isAbsolute, relative, resolve, sep } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -40,6 +40,12 @@ export interface BubblewrapSandboxOptions {
   cgroup?: SlotCgroup;
   /** For actions with network access: default "slirp4netns", looked up in the worker's PATH. */
   slirp4netnsPath?: string;
+  /**
+   * Host files that hold the farm's secrets (worker tokens, TLS keys, …): on the host root, /dev/null is
+   * bound over each, on a nodev mount, so the action cannot open them at all (EACCES). They are private to
+   * root already (auth/private-file.ts); this is a second wall.
+   */
+  maskedFiles?: readonly string[];
 }
 
 const NOBODY = 65534;
@@ -87,6 +93,7 @@ export class BubblewrapSandbox implements Sandbox {
   readonly #limits: SandboxLimits;
   readonly #cgroup: SlotCgroup | undefined;
   readonly #slirp4netnsPath: string;
+  readonly #maskedFiles: readonly string[];
 
   constructor(options: BubblewrapSandboxOptions = {}) {
     this.#bwrapPath = options.bwrapPath ?? "bwrap";
@@ -95,6 +102,7 @@ export class BubblewrapSandbox implements Sandbox {
     this.#limits = options.limits ?? DEFAULT_LIMITS;
     this.#cgroup = options.cgroup;
     this.#slirp4netnsPath = options.slirp4netnsPath ?? "slirp4netns";
+    this.#maskedFiles = options.maskedFiles ?? [];
   }
 
   async run(request: SandboxRequest): Promise<SandboxResult> {
@@ -123,7 +131,8 @@ export class BubblewrapSandbox implements Sandbox {
     const steps = direct ? [] : [...stagingSteps(), ...bindSteps(root, INPUT_ROOT_MOUNT)];
     const longCommand = request.argv.length > DIRECT_ARGS_LIMIT;
     const command = longCommand ? ARGS_SHIM : request.argv;
-    const argv = [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir, { ...sizes, command })];
+    const masked = await existingFiles(this.#maskedFiles);
+    const argv = [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir, { ...sizes, command, masked })];
     const areas = [{ dir: root, owner: this.#uid }];
     return this.#execute(request, argv, steps, longCommand ? request.argv : undefined, areas);
   }
@@ -352,11 +361,13 @@ export function bwrapArgs(
   source: string,
   root: string,
   workDir: string,
-  run: { tmpSizeBytes: number; shmSizeBytes: number; command: string[] },
+  run: { tmpSizeBytes: number; shmSizeBytes: number; command: string[]; masked?: readonly string[] },
 ): string[] {
+  const { masked = [], ...sizesAndCommand } = run;
   return sandboxArgs(request, {
-    ...run,
-    root: ["--ro-bind", "/", "/"],
+    ...sizesAndCommand,
+    // bwrap binds onto an existing file only (the host root is read-only): see existingFiles.
+    root: ["--ro-bind", "/", "/", ...masked.flatMap((path) => ["--ro-bind", "/dev/null", path])],
     // The host's /run (sockets of system services, among them Docker's) is hidden; the input root is
     // bound there, at the same path whichever way it was reached.
     hide: ["/run"],
@@ -441,4 +452,14 @@ async function readStart(path: string): Promise<string> {
   } finally {
     await handle.close();
   }
+}
+
+/** The masked files that exist now: bwrap could not make a mount point for one that is gone. */
+async function existingFiles(paths: readonly string[]): Promise<string[]> {
+  const found: string[] = [];
+  for (const path of paths) {
+    const info = await lstat(path).catch(() => undefined);
+    if (info?.isFile()) found.push(path);
+  }
+  return found;
 }
