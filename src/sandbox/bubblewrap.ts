@@ -131,7 +131,7 @@ export class BubblewrapSandbox implements Sandbox {
     const steps = direct ? [] : [...stagingSteps(), ...bindSteps(root, INPUT_ROOT_MOUNT)];
     const longCommand = request.argv.length > DIRECT_ARGS_LIMIT;
     const command = longCommand ? ARGS_SHIM : request.argv;
-    const masked = await existingFiles(this.#maskedFiles);
+    const masked = await this.#maskable(this.#maskedFiles);
     const argv = [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir, { ...sizes, command, masked })];
     const areas = [{ dir: root, owner: this.#uid }];
     return this.#execute(request, argv, steps, longCommand ? request.argv : undefined, areas);
@@ -153,6 +153,26 @@ export class BubblewrapSandbox implements Sandbox {
       this.#reachableParents.set(above, known);
     }
     return known;
+  }
+
+  /**
+   * The secret files an action could open: those that exist (bwrap cannot make a mount point on the read-only
+   * root) below directories the action's user may search. bwrap, running as that user, could not reach the
+   * others to cover them, and the action cannot reach them either (a data directory is 0700).
+   */
+  async #maskable(paths: readonly string[]): Promise<string[]> {
+    const found: string[] = [];
+    for (const path of paths) {
+      const info = await lstat(path).catch(() => undefined);
+      if (!info?.isFile()) continue;
+      let reachable = true;
+      for (let dir = dirname(path); reachable; dir = dirname(dir)) {
+        reachable = await this.#searchable(dir).catch(() => false);
+        if (dir === dirname(dir)) break;
+      }
+      if (reachable) found.push(path);
+    }
+    return found;
   }
 
   async #searchable(dir: string): Promise<boolean> {
@@ -366,7 +386,7 @@ export function bwrapArgs(
   const { masked = [], ...sizesAndCommand } = run;
   return sandboxArgs(request, {
     ...sizesAndCommand,
-    // bwrap binds onto an existing file only (the host root is read-only): see existingFiles.
+    // bwrap binds onto an existing file only (the host root is read-only): see BubblewrapSandbox.#maskable.
     root: ["--ro-bind", "/", "/", ...masked.flatMap((path) => ["--ro-bind", "/dev/null", path])],
     // The host's /run (sockets of system services, among them Docker's) is hidden; the input root is
     // bound there, at the same path whichever way it was reached.
@@ -452,14 +472,4 @@ async function readStart(path: string): Promise<string> {
   } finally {
     await handle.close();
   }
-}
-
-/** The masked files that exist now: bwrap could not make a mount point for one that is gone. */
-async function existingFiles(paths: readonly string[]): Promise<string[]> {
-  const found: string[] = [];
-  for (const path of paths) {
-    const info = await lstat(path).catch(() => undefined);
-    if (info?.isFile()) found.push(path);
-  }
-  return found;
 }
