@@ -3,10 +3,10 @@ import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { once } from "node:events";
 import { chmod, chown, mkdir, mkdtemp, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
-import { execute, uploadAction } from "../../test/support/actions.js";
+import { execute, readBlob, uploadAction } from "../../test/support/actions.js";
 import { BERTH_BIN, connect, spawnBerth } from "../../test/support/farm.js";
 import { waitFor } from "../../test/support/wait.js";
 import { Code } from "../status/status.js";
@@ -170,11 +170,18 @@ describe("berth worker --token-file", { skip: !isRoot }, () => {
   let token: string;
   let farm: Awaited<ReturnType<typeof spawnBerth>>;
   before(async () => {
-    token = await secretFile("remote-worker.token", `${newSecret()}\n`, 0o600);
+    // Where an operator keeps it (/etc/berth), in a directory anyone may search, outside the sandbox's own /tmp.
+    const etc = await mkdtemp("/var/tmp/berth-etc-");
+    await chmod(etc, 0o755);
+    token = join(etc, "worker.token");
+    await writeFile(token, `${newSecret()}\n`, { mode: 0o600 });
     const config = await configFile("remote-config.json", { auth: { workerTokenFiles: [token] } });
     farm = await spawnBerth(serveArgs(config, join(dir, "data-remote")).slice(3));
   });
-  after(() => farm.stop());
+  after(async () => {
+    await farm.stop();
+    await rm(dirname(token), { recursive: true, force: true });
+  });
 
   const workerArgs = () => [
     "worker",
@@ -194,7 +201,7 @@ describe("berth worker --token-file", { skip: !isRoot }, () => {
     "warn",
   ];
 
-  test("a token file others could read is refused, naming it; at 0600 the worker joins and runs an action", async () => {
+  test("a token file others could read is refused, naming it; at 0600 the worker joins, and its actions find /dev/null in its place", async () => {
     await chmod(token, 0o644);
     assertRefused(await berth(workerArgs()), token, GROUP_OR_OTHERS);
 
@@ -204,7 +211,7 @@ describe("berth worker --token-file", { skip: !isRoot }, () => {
     const clients = connect(farm.address);
     try {
       const action = await uploadAction(clients, {
-        args: ["echo", "joined"],
+        args: ["stat", "-c", "%F", token],
         platform: [{ name: "pool", value: "remote" }],
         salt: `${Math.random()}`,
       });
@@ -215,6 +222,8 @@ describe("berth worker --token-file", { skip: !isRoot }, () => {
       });
       assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
       assert.equal(response.result?.executionMetadata?.worker, "remote-0");
+      // Masked (a second wall behind its mode): the action finds a device node, which it cannot open.
+      assert.equal(await readBlob(clients, response.result?.stdoutDigest), "character special file\n");
     } finally {
       clients.close();
       const exited = once(child, "exit");
