@@ -43,7 +43,10 @@ interface Outcome {
 /** Runs `berth ARGS…` to its end (never rejects). */
 async function berth(args: string[]): Promise<Outcome> {
   try {
-    const { stdout, stderr } = await exec(process.execPath, [BERTH_BIN, ...args], { timeout: 30_000 });
+    const { stdout, stderr } = await exec(process.execPath, [BERTH_BIN, ...args], {
+      timeout: 30_000,
+      killSignal: "SIGKILL",
+    });
     return { code: 0, stdout, stderr };
   } catch (err) {
     const failed = err as { code: number | string; stdout: string; stderr: string };
