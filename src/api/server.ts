@@ -5,6 +5,7 @@ import { Server, ServerCredentials } from "@grpc/grpc-js";
 import { AccessPolicy, type Grant } from "../auth/access.js";
 import { accessInterceptor } from "../auth/access-interceptor.js";
 import { loadClientTokens } from "../auth/client-tokens.js";
+import { readPrivateFile } from "../auth/private-file.js";
 import { SecretTable, secretDigest } from "../auth/secrets.js";
 import { ensureWorkerToken, readTokenFile, workerTokenPath } from "../auth/token-file.js";
 import type { Config } from "../config/config.js";
@@ -198,7 +199,7 @@ async function serverCredentials(tls: Config["tls"]): Promise<ServerCredentials>
   if (!tls) return ServerCredentials.createInsecure();
   const [cert, key, clientCa] = await Promise.all([
     readFile(tls.certFile),
-    readFile(tls.keyFile),
+    readPrivateFile(tls.keyFile, "tls.keyFile"),
     tls.clientCaFile === undefined ? undefined : readFile(tls.clientCaFile),
   ]);
   return ServerCredentials.createSsl(clientCa ?? null, [{ cert_chain: cert, private_key: key }], tls.requireClientCert);

@@ -9,6 +9,7 @@ import {
   Metadata,
 } from "@grpc/grpc-js";
 import { AUTHORIZATION } from "./bearer.js";
+import { readPrivateFileSync } from "./private-file.js";
 
 /** PEM material for a TLS connection to a farm. */
 export interface ClientTls {
@@ -81,7 +82,11 @@ export function readClientTls(files: { ca?: string; cert?: string; key?: string 
     throw new Error("--tls-cert and --tls-key go together");
   }
   const read = (path: string | undefined) => (path === undefined ? undefined : readFileSync(path));
-  return { ca: read(files.ca), cert: read(files.cert), key: read(files.key) };
+  return {
+    ca: read(files.ca),
+    cert: read(files.cert),
+    key: files.key === undefined ? undefined : readPrivateFileSync(files.key, "the --tls-key file"),
+  };
 }
 
 /** `NAME=VALUE` of a --header option. */

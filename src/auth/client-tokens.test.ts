@@ -45,6 +45,7 @@ describe("clients are who they say: bearer tokens per instance name", () => {
         `  - { name: team-a, sha256: ${hex(TEAM_A)}, instances: ["team-a"] }`,
         `  - { name: admin, sha256: ${hex(ADMIN)}, instances: ["*"] }`,
       ].join("\n"),
+      { mode: 0o600 },
     );
     farm = await startTestFarm({ auth: { tokensFile } }, undefined, { workers: 1 });
     anonymous = farm.clients;

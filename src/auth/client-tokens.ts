@@ -1,13 +1,15 @@
-import { readFile } from "node:fs/promises";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
 import type { Grant } from "./access.js";
+import { PrivateFileError, readPrivateFile } from "./private-file.js";
 import { SecretTable } from "./secrets.js";
 
 /**
  * The file `auth.tokensFile` names. Tokens are listed by their SHA-256, not
  * in clear: the file is configuration (copied, backed up, read by config
- * tools), and a hash of a random token is useless to whoever reads it.
+ * tools), and a hash of a random token is useless to whoever reads it. It
+ * must still be private (0600, see private-file.ts): a token chosen by a
+ * person can be guessed from its hash offline, and the list tells who exists.
  *
  *   tokens:
  *     - name: ci                 # shown in logs instead of the token
@@ -38,8 +40,9 @@ export class TokensFileError extends Error {}
 export async function loadClientTokens(path: string): Promise<SecretTable<Grant>> {
   let raw: unknown;
   try {
-    raw = parseYaml(await readFile(path, "utf8"));
+    raw = parseYaml((await readPrivateFile(path, "auth.tokensFile")).toString("utf8"));
   } catch (err) {
+    if (err instanceof PrivateFileError) throw err;
     throw new TokensFileError(`cannot read auth.tokensFile ${path}: ${(err as Error).message}`);
   }
   return clientTokenTable(raw, path);

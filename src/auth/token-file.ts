@@ -1,6 +1,7 @@
 import { randomUUID } from "node:crypto";
-import { link, lstat, open, readFile, unlink } from "node:fs/promises";
+import { link, lstat, open, unlink } from "node:fs/promises";
 import { join } from "node:path";
+import { PrivateFileError, readPrivateFile } from "./private-file.js";
 import { newSecret } from "./secrets.js";
 
 /** Where `berth serve` keeps the secret its own workers present: below the data directory, root only. */
@@ -8,7 +9,7 @@ export function workerTokenPath(dataDir: string): string {
   return join(dataDir, "worker-token");
 }
 
-export class TokenFileError extends Error {}
+export class TokenFileError extends PrivateFileError {}
 
 /**
  * The farm's worker secret: read from `path` when it exists, created there
@@ -42,32 +43,35 @@ export async function ensureWorkerToken(path: string): Promise<string> {
   }
 }
 
-/** The server's own token file, refused when others could read it (the secret may have leaked). */
+/** The server's own token file, refused unless private (see private-file.ts): the secret may have leaked. */
 async function readOwnTokenFile(path: string): Promise<string | undefined> {
-  let info: Awaited<ReturnType<typeof lstat>>;
   try {
-    info = await lstat(path);
+    await lstat(path);
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === "ENOENT") return undefined;
     throw err;
   }
-  if (!info.isFile()) throw new TokenFileError(`${path} is not a regular file; remove it to have a new one made`);
-  if ((info.mode & 0o077) !== 0) {
+  try {
+    return await readTokenFile(path);
+  } catch (err) {
+    if (!(err instanceof PrivateFileError)) throw err;
     throw new TokenFileError(
-      `${path} is readable by others (mode ${(info.mode & 0o777).toString(8)}): its secret may have leaked; ` +
-        "remove it to have a new one made (then restart remote workers with the new file), or chmod 600 it",
+      `${err.message}; or remove it to have a new one made (then restart remote workers with the new file)`,
     );
   }
-  return readTokenFile(path);
 }
 
-/** A token file as `berth worker --token-file` and `berth run --token-file` read it: the token, one line. */
+/**
+ * A worker token file, as `auth.workerTokenFiles`, `berth worker --token-file` and `berth run --token-file` read
+ * it: the token, one line, in a file private to the user Berth runs as.
+ */
 export async function readTokenFile(path: string): Promise<string> {
   let text: string;
   try {
-    text = await readFile(path, "utf8");
+    text = (await readPrivateFile(path, "the token file")).toString("utf8");
   } catch (err) {
-    throw new TokenFileError(`cannot read the token file ${path}: ${(err as Error).message}`);
+    if (!(err instanceof PrivateFileError)) throw err;
+    throw new TokenFileError(err.message);
   }
   const token = text.trim();
   if (token === "" || /\s/.test(token)) {

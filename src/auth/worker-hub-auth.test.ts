@@ -142,7 +142,7 @@ describe("the farm's worker token", () => {
       await chmod(path, 0o644);
       await assert.rejects(farm.restart(), (err: Error) => {
         assert.ok(err instanceof TokenFileError, String(err));
-        assert.match(err.message, /worker-token is readable by others \(mode 644\)/);
+        assert.match(err.message, /worker-token is open to group or others \(mode 644\).*chmod 600 /);
         return true;
       });
     } finally {

@@ -1,6 +1,7 @@
 import type { ServiceError } from "@grpc/grpc-js";
 import { Command } from "commander";
 import { clientChannel } from "../auth/client-channel.js";
+import { PrivateFileError } from "../auth/private-file.js";
 import {
   type ExpandImageProgress,
   ImagePullState,
@@ -50,7 +51,11 @@ function imageSubcommand(
   return withConnectionOptions(command)
     .argument("<ref>", "the image, as in the container-image property (docker:// optional)")
     .action(async (reference: string, options: PullOptions) => {
-      process.exitCode = await run(reference, options);
+      process.exitCode = await run(reference, options).catch((err: unknown) => {
+        if (!(err instanceof PrivateFileError)) throw err;
+        process.stderr.write(`berth image ${name}: ${err.message}\n`);
+        return 2;
+      });
     });
 }
 

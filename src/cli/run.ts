@@ -3,6 +3,7 @@ import { dirname, resolve } from "node:path";
 import type { ServiceError } from "@grpc/grpc-js";
 import { Command } from "commander";
 import { clientChannel } from "../auth/client-channel.js";
+import { PrivateFileError } from "../auth/private-file.js";
 import { type Digest, digestOf, parseDigest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
 import {
@@ -62,6 +63,10 @@ export function runCommand(): Command {
     .argument("<command...>", "the command and its arguments")
     .action(async (argv: string[], options: RunOptions) => {
       process.exitCode = await run(argv, options).catch((err: unknown) => {
+        if (err instanceof PrivateFileError) {
+          process.stderr.write(`berth run: ${err.message}\n`);
+          return 2;
+        }
         // A refused call (no or a wrong token, a TLS failure) is told in one line, not as a stack trace.
         const { code, details } = err as Partial<ServiceError>;
         if (typeof code !== "number") throw err;

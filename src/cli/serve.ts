@@ -2,7 +2,7 @@ import { join } from "node:path";
 import { Command } from "commander";
 import { startServer } from "../api/server.js";
 import { TokensFileError } from "../auth/client-tokens.js";
-import { TokenFileError } from "../auth/token-file.js";
+import { PrivateFileError } from "../auth/private-file.js";
 import { ConfigError, loadConfig } from "../config/config.js";
 import { openFarm } from "../farm/farm.js";
 import { createLogger } from "../log/log.js";
@@ -65,7 +65,7 @@ export function serveCommand(): Command {
         try {
           server = await startServer(farm, config, log);
         } catch (err) {
-          if (!(err instanceof TokenFileError || err instanceof TokensFileError)) throw err;
+          if (!(err instanceof PrivateFileError || err instanceof TokensFileError)) throw err;
           process.stderr.write(`berth: ${err.message}\n`);
           await farm.close();
           process.exit(2);

@@ -2,7 +2,7 @@ import { homedir } from "node:os";
 import { join } from "node:path";
 import { Command, InvalidArgumentError } from "commander";
 import type { ConnectionOptions } from "../auth/client-channel.js";
-import { TokenFileError } from "../auth/token-file.js";
+import { PrivateFileError, secretFilePaths } from "../auth/private-file.js";
 import { type Config, ConfigError, loadConfig } from "../config/config.js";
 import { createLogger } from "../log/log.js";
 import type { Property } from "../scheduler/platform.js";
@@ -57,7 +57,7 @@ export function workerCommand(): Command {
         config = await loadConfig(options.config);
         connection = await connectionFrom(options.scheduler, options);
       } catch (err) {
-        if (!(err instanceof ConfigError || err instanceof TokenFileError || isFileError(err))) throw err;
+        if (!(err instanceof ConfigError || err instanceof PrivateFileError || isFileError(err))) throw err;
         process.stderr.write(`berth: ${(err as Error).message}\n`);
         process.exit(2);
       }
@@ -70,6 +70,8 @@ export function workerCommand(): Command {
         images: config.images,
         worker: config.worker,
         inputLimits: config.execution.inputLimits,
+        // Started by `berth serve`, the worker has the farm's configuration and masks the server's secrets too.
+        maskedFiles: secretFilePaths(config, options.config, options),
         log,
       });
       log.info(`berth worker joined ${options.scheduler}`);

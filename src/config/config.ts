@@ -1,8 +1,9 @@
-import { readFile } from "node:fs/promises";
+import { lstat, readFile } from "node:fs/promises";
 import { homedir } from "node:os";
 import { isAbsolute, join, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
+import { checkPrivateFile, PrivateFileError } from "../auth/private-file.js";
 import { DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/message-size.js";
 import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import { DEFAULT_CHECKED_DIRECTORY_BYTES } from "../execution/checked-directories.js";
@@ -270,7 +271,38 @@ export async function loadConfig(file: string | undefined, overrides: ConfigOver
     }
   }
   const merged = { ...(raw as object), ...definedOnly(overrides) };
-  return parseConfig(merged, file ?? "the command line");
+  const config = parseConfig(merged, file ?? "the command line");
+  await refuseExposedSecrets(config, file);
+  return config;
+}
+
+/**
+ * A configuration holding registry passwords, and the Docker config it names, must be private like every
+ * other secret (see auth/private-file.ts): on the host root, actions read whatever their uid may.
+ */
+async function refuseExposedSecrets(config: Config, file: string | undefined): Promise<void> {
+  try {
+    if (file !== undefined && Object.keys(config.images.credentials).length > 0) {
+      await checkPrivateFile(file, "the config file (it holds images.credentials)");
+    }
+    const dockerConfig = config.images.dockerConfig;
+    if (dockerConfig !== undefined && (await exists(dockerConfig))) {
+      await checkPrivateFile(dockerConfig, "images.dockerConfig");
+    }
+  } catch (err) {
+    if (err instanceof PrivateFileError) throw new ConfigError(err.message);
+    throw err;
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await lstat(path);
+    return true;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === "ENOENT") return false;
+    throw err;
+  }
 }
 
 export function parseConfig(raw: unknown, source = "configuration"): Config {

@@ -239,7 +239,16 @@ sub private_network {
       POSIX::_exit(0) if getppid() != $target;
       my $flags = fcntl($ready_write, POSIX::F_GETFD(), 0);
       fcntl($ready_write, POSIX::F_SETFD(), $flags & ~POSIX::FD_CLOEXEC()) or die "fcntl: $!\n";
-      open(STDOUT, '>', '/dev/null');
+      # The action's descriptors (its stdout and stderr files, the status file, the argument file) are not
+      # slirp4netns's business: its chatter ("sent tapfd=…") must not become the action's (cached) stderr,
+      # and it must hold nothing of the action's open. It keeps /dev/null and the ready pipe only; a failure
+      # to start shows as the launcher's "did not set up the network".
+      my $null = POSIX::open('/dev/null', POSIX::O_RDWR());
+      defined $null or die "open /dev/null: $!\n";
+      for my $fd (0, 1, 2) {
+        defined POSIX::dup2($null, $fd) or die "dup2: $!\n";
+      }
+      close_inherited_descriptors(fileno($ready_write));
       no warnings 'exec';
       exec { $slirp } $slirp, '--configure', '--mtu=65520', '--disable-host-loopback', '--enable-sandbox', '--enable-seccomp',
         '--ready-fd=' . fileno($ready_write), $target, 'tap0';
@@ -261,9 +270,11 @@ sub die_with_parent {
   syscall($SYS_PRCTL, PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0) == 0 or die "prctl(PR_SET_PDEATHSIG): $!\n";
 }
 
+# Closes every descriptor above stderr but those given.
 sub close_inherited_descriptors {
+  my %keep = map { $_ => 1 } @_;
   opendir(my $dir, '/proc/self/fd') or die "opendir /proc/self/fd: $!\n";
-  my @open = grep { /^\d+$/ && $_ > 2 } readdir($dir);
+  my @open = grep { /^\d+$/ && $_ > 2 && !$keep{$_} } readdir($dir);
   my $own = fileno($dir);
   closedir($dir);
   POSIX::close($_) for grep { $_ != $own } @open;

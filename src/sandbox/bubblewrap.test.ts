@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
-import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { chmod, chown, mkdir, mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from "node:fs/promises";
 import { createServer, type Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -192,6 +192,52 @@ test("no network unless requested", async (t) => {
     network: true,
   });
   assert.equal(networkedInterfaces.stdout, "lo\ntap0\n");
+});
+
+test("slirp4netns writes nothing to a networked action's stderr and holds none of its files", async (t) => {
+  const ws = await workspace(t);
+  const running = run(ws, ["sh", "-c", "echo own >&2; sleep 3"], { network: true });
+  // The sandbox's bwrap names the input root on its command line; slirp4netns names bwrap's pid (its target).
+  const bwraps = await waitForProcesses(new RegExp(`^bwrap .*${ws.inputRoot}`), 1);
+  const targets = new Set(bwraps.map((bwrap) => String(bwrap.pid)));
+  let slirp: HostProcess | undefined;
+  for (let i = 0; i < 200 && slirp === undefined; i++) {
+    slirp = (await processes(/^slirp4netns /)).find((p) => targets.has(p.command.split(" ").at(-2) ?? ""));
+    if (slirp === undefined) await sleep(10);
+  }
+  assert.ok(slirp, "the action's slirp4netns is running");
+  const held = new Map<number, string>();
+  for (const fd of await readdir(`/proc/${slirp.pid}/fd`)) {
+    held.set(Number(fd), await readlink(`/proc/${slirp.pid}/fd/${fd}`).catch(() => "(gone)"));
+  }
+  for (const fd of [0, 1, 2]) assert.equal(held.get(fd), "/dev/null", `slirp4netns's descriptor ${fd}`);
+  for (const [fd, target] of held) {
+    assert.ok(!target.startsWith(ws.dir), `slirp4netns holds the action's ${target} as descriptor ${fd}`);
+    assert.ok(fd <= 2 || !/^\/(?!dev\/net\/tun$)/.test(target), `slirp4netns holds ${target} as descriptor ${fd}`);
+  }
+  const result = await running;
+  assert.equal(result.exitCode, 0);
+  assert.equal(result.stderr, "own\n");
+});
+
+test("a masked secret file cannot be read inside the sandbox on the host root, even where its modes would allow it", async (t) => {
+  const ws = await workspace(t);
+  // Outside /tmp and /run, which the sandbox covers anyway; readable by anyone, as a careless operator left it.
+  const hostDir = await mkdtemp("/var/tmp/berth-masked-");
+  t.after(() => rm(hostDir, { recursive: true, force: true }));
+  await chmod(hostDir, 0o755);
+  const secret = join(hostDir, "worker.token");
+  await writeFile(secret, "s3cret\n", { mode: 0o644 });
+  const gone = join(hostDir, "removed.token");
+  const read = ["sh", "-c", `cat ${secret} 2>&1; echo "[$?]"`];
+
+  assert.equal((await run(ws, read)).stdout, "s3cret\n[0]\n", "control: unmasked, the file is readable");
+  const masking = new BubblewrapSandbox({ maskedFiles: [secret, gone] });
+  const request: SandboxRequest = { ...baseRequest(ws), argv: read };
+  const result = await masking.run(request);
+  assert.equal(result.exitCode, 0);
+  // /dev/null bound over it, on a nodev mount: opening it is refused, whatever the file's own modes.
+  assert.equal(await readFile(request.stdoutPath, "utf8"), `cat: ${secret}: Permission denied\n[1]\n`);
 });
 
 test("own PID namespace", async (t) => {

@@ -9,7 +9,7 @@ import {
   statSync,
   writeFileSync,
 } from "node:fs";
-import { open } from "node:fs/promises";
+import { lstat, open } from "node:fs/promises";
 import { constants } from "node:os";
 import { dirname, isAbsolute, relative, resolve, sep } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -41,6 +41,12 @@ export interface BubblewrapSandboxOptions {
   cgroup?: SlotCgroup;
   /** For actions with network access: default "slirp4netns", looked up in the worker's PATH. */
   slirp4netnsPath?: string;
+  /**
+   * Host files that hold the farm's secrets (worker tokens, TLS keys, …): on the host root, /dev/null is
+   * bound over each, on a nodev mount, so the action cannot open them at all (EACCES). They are private to
+   * root already (auth/private-file.ts); this is a second wall.
+   */
+  maskedFiles?: readonly string[];
 }
 
 const NOBODY = 65534;
@@ -88,6 +94,7 @@ export class BubblewrapSandbox implements Sandbox {
   readonly #limits: SandboxLimits;
   readonly #cgroup: SlotCgroup | undefined;
   readonly #slirp4netnsPath: string;
+  readonly #maskedFiles: readonly string[];
 
   constructor(options: BubblewrapSandboxOptions = {}) {
     this.#bwrapPath = options.bwrapPath ?? "bwrap";
@@ -96,6 +103,7 @@ export class BubblewrapSandbox implements Sandbox {
     this.#limits = options.limits ?? DEFAULT_LIMITS;
     this.#cgroup = options.cgroup;
     this.#slirp4netnsPath = options.slirp4netnsPath ?? "slirp4netns";
+    this.#maskedFiles = options.maskedFiles ?? [];
   }
 
   async run(request: SandboxRequest): Promise<SandboxResult> {
@@ -124,7 +132,8 @@ export class BubblewrapSandbox implements Sandbox {
     const steps = direct ? [] : [...stagingSteps(), ...bindSteps(root, INPUT_ROOT_MOUNT)];
     const longCommand = request.argv.length > DIRECT_ARGS_LIMIT;
     const command = longCommand ? ARGS_SHIM : request.argv;
-    const argv = [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir, { ...sizes, command })];
+    const masked = await this.#maskable(this.#maskedFiles);
+    const argv = [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir, { ...sizes, command, masked })];
     const areas = [{ dir: root, owner: this.#uid }];
     return this.#execute(request, argv, steps, longCommand ? request.argv : undefined, areas);
   }
@@ -145,6 +154,26 @@ export class BubblewrapSandbox implements Sandbox {
       this.#reachableParents.set(above, known);
     }
     return known;
+  }
+
+  /**
+   * The secret files an action could open: those that exist (bwrap cannot make a mount point on the read-only
+   * root) below directories the action's user may search. bwrap, running as that user, could not reach the
+   * others to cover them, and the action cannot reach them either (a data directory is 0700).
+   */
+  async #maskable(paths: readonly string[]): Promise<string[]> {
+    const found: string[] = [];
+    for (const path of paths) {
+      const info = await lstat(path).catch(() => undefined);
+      if (!info?.isFile()) continue;
+      let reachable = true;
+      for (let dir = dirname(path); reachable; dir = dirname(dir)) {
+        reachable = await this.#searchable(dir).catch(() => false);
+        if (dir === dirname(dir)) break;
+      }
+      if (reachable) found.push(path);
+    }
+    return found;
   }
 
   async #searchable(dir: string): Promise<boolean> {
@@ -355,11 +384,13 @@ export function bwrapArgs(
   source: string,
   root: string,
   workDir: string,
-  run: { tmpSizeBytes: number; shmSizeBytes: number; command: string[] },
+  run: { tmpSizeBytes: number; shmSizeBytes: number; command: string[]; masked?: readonly string[] },
 ): string[] {
+  const { masked = [], ...sizesAndCommand } = run;
   return sandboxArgs(request, {
-    ...run,
-    root: ["--ro-bind", "/", "/"],
+    ...sizesAndCommand,
+    // bwrap binds onto an existing file only (the host root is read-only): see BubblewrapSandbox.#maskable.
+    root: ["--ro-bind", "/", "/", ...masked.flatMap((path) => ["--ro-bind", "/dev/null", path])],
     // The host's /run (sockets of system services, among them Docker's) is hidden; the input root is
     // bound there, at the same path whichever way it was reached.
     hide: ["/run"],

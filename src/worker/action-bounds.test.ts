@@ -107,6 +107,8 @@ test("an action with network=external cannot reach the farm's own gRPC port", { 
   assert.equal(probe.code, Code.OK, probe.message);
   // It has a network (slirp4netns's tap0), just not the farm.
   assert.equal(probe.stdout, "1\n");
+  // Its stderr (cached with the result) is its own: slirp4netns's "sent tapfd=… for tap0" went to /dev/null.
+  assert.equal(probe.stderr, "");
 });
 
 test("a command of 20,000 arguments (1 MB) runs", async () => {

@@ -37,6 +37,8 @@ export interface WorkerPoolOptions {
   runImages?: boolean;
   /** Prefix of the workers' names. */
   name?: string;
+  /** Files holding secrets, shown empty to actions on the host root (see BubblewrapSandboxOptions). */
+  maskedFiles?: readonly string[];
   log: Logger;
 }
 
@@ -105,7 +107,14 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
         "no writable cgroup with the memory and pids controllers: actions are bounded by rlimits only (RLIMIT_AS for memory)",
       );
     }
-    const sandbox = new BubblewrapSandbox({ uid: owner.uid, gid: owner.gid, limits, cgroup, slirp4netnsPath });
+    const sandbox = new BubblewrapSandbox({
+      uid: owner.uid,
+      gid: owner.gid,
+      limits,
+      cgroup,
+      slirp4netnsPath,
+      maskedFiles: options.maskedFiles,
+    });
     return new Worker({
       hub,
       workerName,

@@ -31,7 +31,9 @@ describe("Bazel 4.2.3 with a bearer token (auth.tokensFile)", { timeout: 300_000
       'genrule(name = "hello", outs = ["hello.txt"], cmd = "echo built with a token > $@")\n',
     );
     const sha = createHash("sha256").update(TOKEN).digest("hex");
-    await writeFile(join(root, "tokens.yaml"), `tokens:\n  - { name: bazel-ci, sha256: ${sha}, instances: [""] }\n`);
+    await writeFile(join(root, "tokens.yaml"), `tokens:\n  - { name: bazel-ci, sha256: ${sha}, instances: [""] }\n`, {
+      mode: 0o600,
+    });
     await writeFile(join(root, "berth.yaml"), `auth:\n  tokensFile: ${join(root, "tokens.yaml")}\n`);
     berth = await spawnBerth([
       "--data-dir",
