@@ -13,8 +13,8 @@
 # Requests on stdin: a count, then that many fields, each ended by a NUL:
 #   id uid gid stdout stderr status fd4 nsteps step... argc argv... envc env...
 # where a step is `private`, `mount SOURCE TARGET TYPE FLAGS DATA`,
-# `mkdir PATH`, `chdir PATH`, `rlimit RESOURCE SOFT HARD`, `cgroup PROCSFILE`
-# or `netns SLIRP4NETNS`; uid -1 keeps root; fd4 is a file opened read-only
+# `mkdir PATH`, `chdir PATH`, `rlimit RESOURCE SOFT HARD`, `cgroup PROCSFILE`,
+# `netns SLIRP4NETNS` or `oom_score_adj VALUE`; uid -1 keeps root; fd4 is a file opened read-only
 # as descriptor 4, or empty for none. Replies on stdout,
 # one line each: `started ID PID`, `failed ID MESSAGE`,
 # `exited ID CODE SIGNAL`. When stdin closes (the worker is gone), every
@@ -38,7 +38,7 @@ use constant MS_PRIVATE => 0x40000;
 use constant PR_SET_PDEATHSIG => 1;
 use constant SIGKILL => 9;
 use constant LAUNCH_FAILED => 'berth launcher: ';
-use constant STEP_ARGS => { private => 0, mount => 5, mkdir => 1, chdir => 1, rlimit => 3, cgroup => 1, netns => 1 };
+use constant STEP_ARGS => { private => 0, mount => 5, mkdir => 1, chdir => 1, rlimit => 3, cgroup => 1, netns => 1, oom_score_adj => 1 };
 
 # Descriptors the worker inherited from whoever started it (a shell, a
 # service manager, a test holding a file open) must reach no sandbox: every
@@ -212,6 +212,10 @@ sub run_step {
     close($procs) or die "joining the cgroup $args[0]: $!\n";
   } elsif ($kind eq 'netns') {
     private_network(@args);
+  } elsif ($kind eq 'oom_score_adj') {
+    open(my $adj, '>', '/proc/self/oom_score_adj') or die "open /proc/self/oom_score_adj: $!\n";
+    print $adj "$args[0]\n";
+    close($adj) or die "setting oom_score_adj to $args[0]: $!\n";
   }
 }
 

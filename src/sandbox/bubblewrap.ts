@@ -13,7 +13,7 @@ import { lstat, open } from "node:fs/promises";
 import { constants } from "node:os";
 import { dirname, isAbsolute, relative, resolve, sep } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
-import { LAUNCH_FAILED, type LaunchStep, sharedLauncher } from "../process/launcher.js";
+import { LAUNCH_FAILED, Launcher, type LaunchStep, sharedLauncher } from "../process/launcher.js";
 import { Code, StatusError } from "../status/status.js";
 import { sandboxArgs } from "./bwrap-args.js";
 import type { CgroupEvents, SlotCgroup } from "./cgroups.js";
@@ -21,7 +21,7 @@ import { DiskMonitor } from "./disk-monitor.js";
 import type { WritableArea } from "./disk-usage.js";
 import { imageBwrapArgs, imageLaunchSteps, prepareImageMountPoints } from "./image-root.js";
 import { DEFAULT_LIMITS, describeLimit, type LimitName, limitSteps, type SandboxLimits } from "./limits.js";
-import { cgroupProcesses, uidProcesses } from "./open-deleted-files.js";
+import { cgroupProcesses, type ProcessLister, uidProcesses } from "./open-deleted-files.js";
 import type { Sandbox, SandboxRequest, SandboxResult } from "./sandbox.js";
 import { bindSteps, stagingSteps } from "./staging.js";
 
@@ -90,7 +90,8 @@ export class BubblewrapSandbox implements Sandbox {
   readonly #uid: number;
   readonly #gid: number;
   readonly #reachableParents = new Map<string, boolean>();
-  readonly #launcher = sharedLauncher();
+  /** For a slot with a cgroup, a launcher of its own living in it; else the process's shared one. */
+  readonly #launcher: Launcher;
   readonly #limits: SandboxLimits;
   readonly #cgroup: SlotCgroup | undefined;
   readonly #slirp4netnsPath: string;
@@ -102,6 +103,7 @@ export class BubblewrapSandbox implements Sandbox {
     this.#gid = options.gid ?? NOBODY;
     this.#limits = options.limits ?? DEFAULT_LIMITS;
     this.#cgroup = options.cgroup;
+    this.#launcher = options.cgroup ? new Launcher({ cgroupProcsFiles: options.cgroup.procsFiles }) : sharedLauncher();
     this.#slirp4netnsPath = options.slirp4netnsPath ?? "slirp4netns";
     this.#maskedFiles = options.maskedFiles ?? [];
   }
@@ -196,16 +198,19 @@ export class BubblewrapSandbox implements Sandbox {
     const statusPath = `${request.stdoutPath}.bwrap-status`;
     const argsPath = `${request.stdoutPath}.bwrap-args`;
     if (shimmedCommand) writeFileSync(argsPath, `${shimmedCommand.join("\0")}\0`, { mode: 0o600 });
+    // A network namespace of the action's own is made first: slirp4netns, its helper, stays out of the
+    // slot's cgroup and rlimits (an action's process bomb must not starve it), so such an action is started
+    // by the shared launcher, outside the cgroup, and joins the cgroup itself.
+    const launcher = request.network ? sharedLauncher() : this.#launcher;
+    const launcherInCgroup = launcher.cgroupProcsFiles.length > 0;
     const steps: LaunchStep[] = [
-      // A network namespace of the action's own, made first: slirp4netns, its helper, stays out of the
-      // slot's cgroup and rlimits (an action's process bomb must not starve it).
       ...(request.network ? [{ kind: "netns", slirp4netnsPath: this.#slirp4netnsPath } as const] : []),
       ...sandboxSteps,
-      ...limitSteps(this.#limits, this.#cgroup),
+      ...limitSteps(this.#limits, this.#cgroup, { launcherInCgroup }),
     ];
     const before = this.#cgroup?.events();
     const startedAt = new Date();
-    const launched = await this.#launcher
+    const launched = await launcher
       .launch({
         argv,
         env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
@@ -245,7 +250,9 @@ export class BubblewrapSandbox implements Sandbox {
       areas: writableAreas,
       bounds: { bytes: this.#limits.diskBytes, entries: this.#limits.diskEntries },
       // Every cgroup.procs file of the slot lists the same processes (v1 has one per hierarchy).
-      processes: this.#cgroup?.procsFiles[0] ? cgroupProcesses(this.#cgroup.procsFiles[0]) : uidProcesses(this.#uid),
+      processes: this.#cgroup?.procsFiles[0]
+        ? this.#actionProcesses(cgroupProcesses(this.#cgroup.procsFiles[0]))
+        : uidProcesses(this.#uid),
       onExceeded: () => kill("disk"),
     });
 
@@ -259,7 +266,7 @@ export class BubblewrapSandbox implements Sandbox {
       }
       // Whatever the sandbox left (it should be nothing: its PID namespace ended with it) goes with the
       // cgroup, also when bwrap never got as far as making that namespace.
-      this.#cgroup?.killAll();
+      this.#cgroup?.killAll(this.#launcher.pid);
       const completedAt = new Date();
       const diskLimit = await disk.finish();
 
@@ -308,6 +315,11 @@ export class BubblewrapSandbox implements Sandbox {
       rmSync(statusPath, { force: true });
       if (shimmedCommand) rmSync(argsPath, { force: true });
     }
+  }
+
+  /** The cgroup's processes but the slot's launcher. */
+  #actionProcesses(all: ProcessLister): ProcessLister {
+    return async () => (await all()).filter((pid) => pid !== this.#launcher.pid);
   }
 
   /** What the sandbox bounds each action to. */

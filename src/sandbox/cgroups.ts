@@ -29,8 +29,8 @@ export interface SlotCgroup {
   /** Whether it bounds memory (else the sandbox falls back to RLIMIT_AS). */
   readonly boundsMemory: boolean;
   events(): CgroupEvents;
-  /** SIGKILLs every process still in it. */
-  killAll(): void;
+  /** SIGKILLs every process still in it but `spared` (the slot's launcher, which lives in it). */
+  killAll(spared?: number): void;
 }
 
 const V2_ROOT = "/sys/fs/cgroup";
@@ -148,15 +148,17 @@ function openV2(name: string, limits: CgroupLimits): SlotCgroup | undefined {
       oomKills: counter(join(dir, "memory.events"), "oom_kill"),
       forkRefusals: counter(join(dir, "pids.events"), "max"),
     }),
-    killAll: () => {
-      // cgroup.kill (Linux 5.14) kills atomically, new forks included; older kernels get one signal per process.
-      if (!tryWrite(join(dir, "cgroup.kill"), "1")) killListed(join(dir, "cgroup.procs"));
+    killAll: (spared) => {
+      // cgroup.kill (Linux 5.14) kills atomically, new forks included, but spares nothing; older kernels, and a
+      // cgroup holding its launcher, get one signal per process.
+      if (spared !== undefined || !tryWrite(join(dir, "cgroup.kill"), "1"))
+        killListed(join(dir, "cgroup.procs"), spared);
     },
   };
   writeFileSync(join(dir, "memory.max"), limits.memoryBytes > 0 ? String(limits.memoryBytes) : "max");
   // Without swap the limit is one of memory; with it an action would page instead of ending.
   tryWrite(join(dir, "memory.swap.max"), "0");
-  writeFileSync(join(dir, "pids.max"), limits.processes > 0 ? String(limits.processes) : "max");
+  writeFileSync(join(dir, "pids.max"), pidsMax(limits));
   return cgroup;
 }
 
@@ -184,9 +186,9 @@ function openV1(name: string, limits: CgroupLimits): SlotCgroup | undefined {
       oomKills: counter(join(memory, "memory.oom_control"), "oom_kill"),
       forkRefusals: counter(join(pids, "pids.events"), "max"),
     }),
-    killAll: () => {
-      killListed(join(pids, "cgroup.procs"));
-      killListed(join(memory, "cgroup.procs"));
+    killAll: (spared) => {
+      killListed(join(pids, "cgroup.procs"), spared);
+      killListed(join(memory, "cgroup.procs"), spared);
     },
   };
   const memoryLimit = limits.memoryBytes > 0 ? String(limits.memoryBytes) : "-1";
@@ -194,8 +196,13 @@ function openV1(name: string, limits: CgroupLimits): SlotCgroup | undefined {
   // memory+swap, when the kernel accounts swap: equal to the memory limit, so no swap at all. It must not
   // be below memory.limit_in_bytes, which is why it is written second.
   tryWrite(join(memory, "memory.memsw.limit_in_bytes"), memoryLimit);
-  writeFileSync(join(pids, "pids.max"), limits.processes > 0 ? String(limits.processes) : "max");
+  writeFileSync(join(pids, "pids.max"), pidsMax(limits));
   return cgroup;
+}
+
+/** The slot's launcher lives in its cgroup (see process/launcher.ts): one task more than the action's own. */
+function pidsMax(limits: CgroupLimits): string {
+  return limits.processes > 0 ? String(limits.processes + 1) : "max";
 }
 
 /** Kills what is left in a slot's cgroup and removes it, when its worker stops. */
@@ -219,10 +226,14 @@ function counter(path: string, name: string): number {
   return 0;
 }
 
-function killListed(procsFile: string): void {
+function killListed(procsFile: string, spared?: number): void {
   // A process may fork while we kill; a few rounds catch what a bounded cgroup can start.
   for (let round = 0; round < 5; round++) {
-    const pids = readOr(procsFile, "").split("\n").filter(Boolean).map(Number);
+    const pids = readOr(procsFile, "")
+      .split("\n")
+      .filter(Boolean)
+      .map(Number)
+      .filter((pid) => pid !== spared);
     if (pids.length === 0) return;
     for (const pid of pids) {
       try {

@@ -30,6 +30,9 @@ export const DEFAULT_LIMITS: SandboxLimits = {
   diskEntries: 4_000_000,
 };
 
+/** The highest: an action is the OOM killer's first choice. */
+const ACTION_OOM_SCORE_ADJ = 1000;
+
 /**
  * The launcher's steps that put the action inside its bounds before bwrap
  * starts: the slot's cgroup, then rlimits set while still root (the action,
@@ -42,8 +45,17 @@ export const DEFAULT_LIMITS: SandboxLimits = {
  * and programs reserving large address ranges (sanitizers, some JVMs) need a
  * larger value.
  */
-export function limitSteps(limits: SandboxLimits, cgroup: SlotCgroup | undefined): LaunchStep[] {
-  const steps: LaunchStep[] = (cgroup?.procsFiles ?? []).map((procsFile) => ({ kind: "cgroup", procsFile }));
+export function limitSteps(
+  limits: SandboxLimits,
+  cgroup: SlotCgroup | undefined,
+  where: { launcherInCgroup: boolean },
+): LaunchStep[] {
+  // A launcher living in the slot's cgroup forks the action into it already (see process/launcher.ts).
+  const join = cgroup && !where.launcherInCgroup ? cgroup.procsFiles : [];
+  const steps: LaunchStep[] = join.map((procsFile) => ({ kind: "cgroup", procsFile }));
+  // When memory runs out, in the slot's cgroup or on the host, the kernel kills an action's process first,
+  // never the launcher that shares the cgroup, the worker or the server.
+  steps.push({ kind: "oomScoreAdj", value: ACTION_OOM_SCORE_ADJ });
   const rlimit = (resource: number, value: number): LaunchStep => ({
     kind: "rlimit",
     resource,
