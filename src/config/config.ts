@@ -104,8 +104,13 @@ export const ConfigSchema = z
           })
           .strict()
           .prefault({}),
-        /** false: actions asking for a network (network=external, dockerNetwork=standard|bridge|host) are refused. */
+        /** false: actions asking for a network (network=external|on, dockerNetwork=standard|bridge|host) are refused. */
         allowNetwork: z.boolean().default(true),
+        /**
+         * Instance names whose actions run with their input root as "/" (as in a chroot: BuildStream 2,
+         * buildbox-run, recc), not on the worker's root with the input root at /run/berth/execroot.
+         */
+        inputRootAsRoot: z.array(z.string()).default([]),
         /** Estimated heap bytes of input-tree checks remembered across Executes (0: none). */
         checkedDirectoryCacheBytes: bytes.default(DEFAULT_CHECKED_DIRECTORY_BYTES),
         /** Bytes of an Action blob; a larger one is refused before it is read. */
