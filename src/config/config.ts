@@ -247,6 +247,17 @@ export const ConfigSchema = z
     message:
       "workers can be known by their certificate only when tls.requireClientCert is true (with tls.clientCaFile)",
     path: ["auth", "workerCertificateNames"],
+  })
+  .superRefine((config, ctx) => {
+    const served = config.instanceNames;
+    const unserved = config.execution.inputRootAsRoot.filter((name) => served.length > 0 && !served.includes(name));
+    if (unserved.length > 0) {
+      ctx.addIssue({
+        code: "custom",
+        message: `${unserved.map((n) => JSON.stringify(n)).join(", ")} not in instanceNames, which the farm serves alone`,
+        path: ["execution", "inputRootAsRoot"],
+      });
+    }
   });
 
 export type Config = z.infer<typeof ConfigSchema>;

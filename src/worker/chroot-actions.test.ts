@@ -13,6 +13,7 @@ import {
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { unaryCall, unpackDetails } from "../../test/support/rpc.js";
 import { file, symlink } from "../../test/support/trees.js";
+import { ConfigError, parseConfig } from "../config/config.js";
 import type { ExecuteResponse } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { Code } from "../status/status.js";
 
@@ -418,4 +419,13 @@ describe("a chroot action's paths never lead to the host", () => {
     assert.equal(response.status?.code, Code.INVALID_ARGUMENT, response.status?.message);
     assert.match(response.status?.message ?? "", /is not a relative path inside the input root/);
   });
+});
+
+test("execution.inputRootAsRoot naming an instance the farm does not serve is a configuration error naming it", () => {
+  assert.throws(
+    () => parseConfig({ instanceNames: ["main"], execution: { inputRootAsRoot: ["main", "bst"] } }),
+    (err: unknown) =>
+      err instanceof ConfigError && /execution\.inputRootAsRoot: "bst" not in instanceNames/.test(err.message),
+  );
+  assert.deepEqual(parseConfig({ execution: { inputRootAsRoot: ["bst"] } }).execution.inputRootAsRoot, ["bst"]);
 });
