@@ -155,14 +155,22 @@ describe("a BuildStream 2 action under an instance in execution.inputRootAsRoot"
     assert.equal(fileIn(buildDir, "hello.c"), "int main(void) { return 0; }\n");
   });
 
-  test("a writable whole root is one output, ../../..; without unixUID the action is root in its namespace", async () => {
+  test("a writable whole root is one output, ../../..; without unixUID the action is root in its namespace, and powerless", async () => {
     const response = await executeAsBuildStream(
       farm.clients,
       CHROOT,
-      build(`mkdir -p ${INSTALL_DIR} && id -u > ${INSTALL_DIR}/uid && id -g >> ${INSTALL_DIR}/uid`, {
-        readWrite: undefined,
-        config: LINUX_X86_64,
-      }),
+      build(
+        [
+          `mkdir -p ${INSTALL_DIR} && id -u > ${INSTALL_DIR}/uid && id -g >> ${INSTALL_DIR}/uid`,
+          // Root in name only: no capability, and the input files stay read-only.
+          `grep CapEff /proc/self/status > ${INSTALL_DIR}/caps`,
+          "if echo changed >> /etc/passwd || chmod 666 /etc/passwd || mount -t tmpfs x /tmp; then exit 9; fi",
+        ].join("\n"),
+        {
+          readWrite: undefined,
+          config: LINUX_X86_64,
+        },
+      ),
     );
     ok(response);
     assert.equal(response.result?.exitCode, 0, await stderrOf(response));
@@ -172,6 +180,8 @@ describe("a BuildStream 2 action under an instance in execution.inputRootAsRoot"
     );
     const root = await outputDirectory(response, "../../..");
     assert.equal(fileIn(root, "buildstream-install/uid"), "0\n0\n");
+    assert.equal(fileIn(root, "buildstream-install/caps"), "CapEff:\t0000000000000000\n");
+    assert.equal(fileIn(root, "etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nbuilder:x:1000:1000:builder:/:/bin/sh\n");
     assert.deepEqual(root.get("bin/sh"), { symlink: "busybox" });
     assert.equal(fileIn(root, "buildstream/project/element/hello.c"), "int main(void) { return 0; }\n");
   });
