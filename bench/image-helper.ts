@@ -107,12 +107,12 @@ async function handle(request: ImageHelperRequest): Promise<ImageHelperReply> {
       timeoutMs: 60_000,
       stdoutPath: join(dir, "stdout"),
       stderrPath: join(dir, "stderr"),
-      image: {
+      root: {
+        kind: "overlay",
         overlayOptions: overlay.options,
         overlayCwd: overlay.cwd,
         upperDir: upper,
         inputRootPath: INPUT_ROOT_MOUNT,
-        runAsRoot: false,
       },
     });
     const took = elapsedMs(start);

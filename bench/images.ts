@@ -109,7 +109,7 @@ const PULL_WHERE =
 
 const ACTION_WHERE =
   "before bwrap, the launcher (src/process/launcher.pl) forks, enters a private mount namespace, mounts the " +
-  "overlay and binds the input root (src/sandbox/image-root.ts), and becomes uid 65534. " +
+  "overlay and binds the input root (src/sandbox/overlay-root.ts), and becomes uid 65534. " +
   OVERLAY_SYNC;
 
 export async function benchImagePull(ctx: BenchContext): Promise<Section> {
@@ -331,7 +331,7 @@ export async function benchImageAction(ctx: BenchContext): Promise<Section> {
         "operation has arrived; each response is checked (status OK, exit code 0, not from the cache, ImageUsed " +
         "in auxiliary_metadata). Each run pins the cached image (the tag's resolution is trusted for " +
         "tagRefreshSeconds, 300 s), makes the action's overlay upper and work directories, lays out the empty " +
-        "input root, mounts the overlay in a private mount namespace and runs bwrap on it (src/sandbox/image-root.ts), " +
+        "input root, mounts the overlay in a private mount namespace and runs bwrap on it (src/sandbox/overlay-root.ts), " +
         "then writes the action cache entry.",
       "Reference (the floor): bubblewrap run directly on the unpacked root, as the issue defines it, spawned as " +
         "uid 65534: `bwrap --unshare-user --unshare-pid --unshare-ipc --unshare-uts --unshare-cgroup-try " +

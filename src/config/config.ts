@@ -104,8 +104,13 @@ export const ConfigSchema = z
           })
           .strict()
           .prefault({}),
-        /** false: actions asking for a network (network=external, dockerNetwork=standard|bridge|host) are refused. */
+        /** false: actions asking for a network (network=external|on, dockerNetwork=standard|bridge|host) are refused. */
         allowNetwork: z.boolean().default(true),
+        /**
+         * Instance names whose actions run with their input root as "/" (as in a chroot: BuildStream 2,
+         * buildbox-run, recc), not on the worker's root with the input root at /run/berth/execroot.
+         */
+        inputRootAsRoot: z.array(z.string()).default([]),
         /** Estimated heap bytes of input-tree checks remembered across Executes (0: none). */
         checkedDirectoryCacheBytes: bytes.default(DEFAULT_CHECKED_DIRECTORY_BYTES),
         /** Bytes of an Action blob; a larger one is refused before it is read. */
@@ -242,6 +247,17 @@ export const ConfigSchema = z
     message:
       "workers can be known by their certificate only when tls.requireClientCert is true (with tls.clientCaFile)",
     path: ["auth", "workerCertificateNames"],
+  })
+  .superRefine((config, ctx) => {
+    const served = config.instanceNames;
+    const unserved = config.execution.inputRootAsRoot.filter((name) => served.length > 0 && !served.includes(name));
+    if (unserved.length > 0) {
+      ctx.addIssue({
+        code: "custom",
+        message: `${unserved.map((n) => JSON.stringify(n)).join(", ")} not in instanceNames, which the farm serves alone`,
+        path: ["execution", "inputRootAsRoot"],
+      });
+    }
   });
 
 export type Config = z.infer<typeof ConfigSchema>;

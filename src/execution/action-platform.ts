@@ -9,6 +9,11 @@ export const REGISTRY_PASSWORD = "container-registry-password";
 const DOCKER_NETWORK = "dockerNetwork";
 const NETWORK = "network";
 const DOCKER_RUN_AS_ROOT = "dockerRunAsRoot";
+/** The ids the action has inside its user namespace (BuildStream's, buildbox-run's and Buildbarn's names). */
+const UNIX_UID = "unixUID";
+const UNIX_GID = "unixGID";
+/** The largest id accepted: bwrap and the kernel's id maps take them as signed 32-bit numbers. */
+const MAX_ID = 2 ** 31 - 1;
 /** Berth's own: how this action's image is honoured, overriding the farm's images.mode. */
 export const IMAGE_MODE = "berth-image-mode";
 
@@ -40,9 +45,12 @@ export interface ActionPlatform {
   /** From the action's own properties; never logged or stored by Berth. */
   credentials: RegistryCredentials | undefined;
   network: boolean;
-  /** The property that asks for the network (network=external, dockerNetwork=standard|bridge|host), if one does. */
+  /** The property that asks for the network (network=external|on, dockerNetwork=standard|bridge|host), if one does. */
   networkProperty: Property | undefined;
   runAsRoot: boolean;
+  /** unixUID and unixGID: the ids the action asks to have inside its sandbox; never the host's. */
+  unixUid: number | undefined;
+  unixGid: number | undefined;
   /** The action's own choice of image mode, when it makes one. */
   imageMode: ImageMode | undefined;
 }
@@ -55,6 +63,8 @@ const INTERPRETED = new Set([
   NETWORK,
   DOCKER_RUN_AS_ROOT,
   IMAGE_MODE,
+  UNIX_UID,
+  UNIX_GID,
 ]);
 
 /**
@@ -95,15 +105,24 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
 
   // "bridge" and "host" are other farms' names (BuildBuddy's, Docker's) for a network of the action's own.
   const dockerNetwork = oneOf(DOCKER_NETWORK, single(DOCKER_NETWORK), ["off", "none", "standard", "bridge", "host"]);
-  const network = oneOf(NETWORK, single(NETWORK), ["off", "none", "external"]);
+  // "on" is BuildStream's (and buildbox-run's) request for a network.
+  const network = oneOf(NETWORK, single(NETWORK), ["off", "none", "external", "on"]);
   const networkProperty =
-    network === "external"
+    network === "external" || network === "on"
       ? { name: NETWORK, value: network }
       : dockerNetwork === "standard" || dockerNetwork === "bridge" || dockerNetwork === "host"
         ? { name: DOCKER_NETWORK, value: dockerNetwork }
         : undefined;
   const runAsRoot = oneOf(DOCKER_RUN_AS_ROOT, single(DOCKER_RUN_AS_ROOT), ["true", "false"]);
   const imageMode = oneOf(IMAGE_MODE, single(IMAGE_MODE), ["mount", "expand"]) as ImageMode | undefined;
+  const unixUid = unixId(UNIX_UID, single(UNIX_UID));
+  const unixGid = unixId(UNIX_GID, single(UNIX_GID));
+  if (runAsRoot === "true" && ((unixUid ?? 0) !== 0 || (unixGid ?? 0) !== 0)) {
+    throw invalidArgument(
+      `platform property ${DOCKER_RUN_AS_ROOT}`,
+      `asks for root, and ${UNIX_UID}/${UNIX_GID} for ${unixUid ?? 0}/${unixGid ?? 0}; give one of them`,
+    );
+  }
 
   const required = properties.filter((p) => !INTERPRETED.has(p.name)).map((p) => ({ name: p.name, value: p.value }));
   if (image) required.push(IMAGE_CAPABILITY);
@@ -114,6 +133,8 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     network: networkProperty !== undefined,
     networkProperty,
     runAsRoot: runAsRoot === "true",
+    unixUid,
+    unixGid,
     imageMode,
   };
 }
@@ -124,6 +145,19 @@ function oneOf(name: string, value: string | undefined, allowed: string[]): stri
     `platform property ${name}`,
     `"${value}" is not one of ${allowed.map((a) => `"${a}"`).join(", ")}`,
   );
+}
+
+/** A user or group id: a decimal number from 0 to 2^31 - 1. */
+function unixId(name: string, value: string | undefined): number | undefined {
+  if (value === undefined) return undefined;
+  const id = /^[0-9]{1,10}$/.test(value) ? Number(value) : Number.NaN;
+  if (!(id <= MAX_ID)) {
+    throw invalidArgument(
+      `platform property ${name}`,
+      `"${value}" is not a user or group id (a decimal number from 0 to ${MAX_ID})`,
+    );
+  }
+  return id;
 }
 
 /** The platform a client sent: REAPI 2.2 moved it to the Action; older clients (Bazel 4) set it on the Command. */

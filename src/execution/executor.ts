@@ -20,6 +20,7 @@ import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, missingBlobs, StatusError } from "../status/status.js";
 import {
   type ActionPlatform,
+  CONTAINER_IMAGE,
   EXPANDED_IMAGE_CAPABILITY,
   IMAGE_CAPABILITY,
   type ImageMode,
@@ -49,6 +50,8 @@ export interface ExecutorOptions {
   inputLimits: InputTreeLimits;
   /** false: actions asking for a network are refused (execution.allowNetwork). */
   allowNetwork: boolean;
+  /** Instance names whose actions run with their input root as "/" (execution.inputRootAsRoot); none unless set. */
+  inputRootAsRoot?: readonly string[];
   /** Estimated heap bytes of Directory checks remembered across Executes (0: none); DEFAULT_CHECKED_DIRECTORY_BYTES unless set. */
   checkedDirectoryCacheBytes?: number;
   /** Larger Action blobs are refused unread; DEFAULT_MAX_ACTION_BYTES unless set. */
@@ -180,6 +183,8 @@ export class Executor {
     if (headerCredentials) {
       platform.credentials = { username: headerCredentials.username, password: headerCredentials.password };
     }
+    const inputRootAsRoot = this.options.inputRootAsRoot?.includes(instanceName) ?? false;
+    if (inputRootAsRoot && platform.image) throw imageWithInputRootAsRoot(instanceName, platform.image);
     const image = platform.image && (await this.images.admit(platform.image, platform.credentials));
     const job = {
       instanceName,
@@ -193,6 +198,7 @@ export class Executor {
       doNotCache: action.doNotCache,
       queuedAt: new Date(),
       registryCredentials: headerCredentials || undefined,
+      inputRootAsRoot,
     };
     if (image && (platform.imageMode ?? this.options.imageMode) === "expand") {
       // Checked before the expansion, which may download gigabytes for nothing.
@@ -246,6 +252,19 @@ function decode<T>(type: { decode(bytes: Uint8Array): T }, bytes: Buffer, what: 
   } catch (err) {
     throw invalidArgument(what, `is not a valid ${what} message: ${(err as Error).message}`);
   }
+}
+
+/**
+ * An image cannot be the root of an action whose root is its input root:
+ * the image's files belong in the input root (BuildStream stages its
+ * sysroot there), or the action in an instance that runs images.
+ */
+function imageWithInputRootAsRoot(instanceName: string, image: ImageReference): StatusError {
+  return invalidArgument(
+    `platform property ${CONTAINER_IMAGE}`,
+    `"${image}": instance "${instanceName}" runs actions with their input root as / (execution.inputRootAsRoot), ` +
+      "so no image can be their root; put the image's files in the input root, or use another instance name",
+  );
 }
 
 function unsatisfiable(unmet: Property, image: ImageReference | undefined): StatusError {

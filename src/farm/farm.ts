@@ -120,6 +120,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
     expander,
     inputLimits: execution.inputLimits,
     allowNetwork: execution.allowNetwork,
+    inputRootAsRoot: execution.inputRootAsRoot,
     checkedDirectoryCacheBytes: execution.checkedDirectoryCacheBytes,
     maxActionBytes: execution.maxActionBytes,
     maxCommandBytes: execution.maxCommandBytes,

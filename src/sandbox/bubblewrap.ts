@@ -15,13 +15,15 @@ import { dirname, isAbsolute, relative, resolve, sep } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { LAUNCH_FAILED, Launcher, type LaunchStep, sharedLauncher } from "../process/launcher.js";
 import { Code, StatusError } from "../status/status.js";
-import { sandboxArgs } from "./bwrap-args.js";
+import { HOST_ROOT } from "./action-root.js";
+import { DEFAULT_USER, sandboxArgs } from "./bwrap-args.js";
 import type { CgroupEvents, SlotCgroup } from "./cgroups.js";
 import { DiskMonitor } from "./disk-monitor.js";
 import type { WritableArea } from "./disk-usage.js";
-import { imageBwrapArgs, imageLaunchSteps, prepareImageMountPoints } from "./image-root.js";
+import { inputRootAsRootSetup } from "./input-root-as-root.js";
 import { DEFAULT_LIMITS, describeLimit, type LimitName, limitSteps, type SandboxLimits } from "./limits.js";
 import { cgroupProcesses, type ProcessLister, uidProcesses } from "./open-deleted-files.js";
+import { overlayRootSetup } from "./overlay-root.js";
 import type { Sandbox, SandboxRequest, SandboxResult } from "./sandbox.js";
 import { bindSteps, stagingSteps } from "./staging.js";
 
@@ -109,22 +111,32 @@ export class BubblewrapSandbox implements Sandbox {
   }
 
   async run(request: SandboxRequest): Promise<SandboxResult> {
-    const { root, workDir } = await checkRequest(request);
+    const actionRoot = request.root ?? HOST_ROOT;
+    // In a chroot the working directory is looked up by the kernel inside it; on the host a path through the
+    // client's absolute symlinks would lead elsewhere (the worker checked it inside the input root).
+    const { root, workDir } = await checkRequest(request, actionRoot.kind !== "input-root");
     const sizes = { tmpSizeBytes: this.#limits.tmpSizeBytes, shmSizeBytes: this.#limits.shmSizeBytes };
-    if (request.image) {
+    if (actionRoot.kind !== "host") {
       if (request.argv.length > DIRECT_ARGS_LIMIT) {
-        // The argument shim needs the host's perl, which an image's root does not show.
+        // The argument shim needs the host's perl, which no other root shows.
         throw new StatusError(
           Code.INVALID_ARGUMENT,
-          `command.arguments: ${request.argv.length} arguments; an action in a container image may have at most ${DIRECT_ARGS_LIMIT}`,
+          `command.arguments: ${request.argv.length} arguments; an action whose root is not the host's ` +
+            `(a container image, or its input root) may have at most ${DIRECT_ARGS_LIMIT}`,
         );
       }
-      await prepareImageMountPoints(request.image);
-      const sandbox = imageBwrapArgs(request, request.image, relative(root, workDir), STATUS_FD, sizes);
-      // What the action writes to the image lands in its upper layer, whoever owned the file it changed.
-      const areas = [{ dir: root, owner: this.#uid }, { dir: request.image.upperDir }];
-      const steps = imageLaunchSteps(request.image, root);
-      return this.#execute(request, [this.#bwrapPath, ...sandbox], steps, undefined, areas);
+      const setup =
+        actionRoot.kind === "overlay" ? await overlayRootSetup(actionRoot, root) : inputRootAsRootSetup(root);
+      const args = sandboxArgs(request, {
+        ...setup.layout,
+        workDirInRoot: relative(root, workDir),
+        user: request.user ?? DEFAULT_USER,
+        statusFd: STATUS_FD,
+        ...sizes,
+        command: request.argv,
+      });
+      const areas = [{ dir: root, owner: this.#uid }, ...setup.areas];
+      return this.#execute(request, [this.#bwrapPath, ...args], setup.steps, undefined, areas);
     }
     // The action's user must reach the input root to bind it. When a directory above it is closed to that
     // user (a data directory under /root, say), root binds it first in a private mount namespace, at a
@@ -372,7 +384,7 @@ function readTail(path: string): string {
   }
 }
 
-async function checkRequest(request: SandboxRequest): Promise<{ root: string; workDir: string }> {
+async function checkRequest(request: SandboxRequest, statWorkDir: boolean): Promise<{ root: string; workDir: string }> {
   if (!isAbsolute(request.inputRoot)) throw new Error(`input root ${request.inputRoot} is not an absolute path`);
   const root = resolve(request.inputRoot);
   const workDir = resolve(root, request.workingDirectory);
@@ -385,7 +397,7 @@ async function checkRequest(request: SandboxRequest): Promise<{ root: string; wo
   if (strings.some((s) => s.includes("\0"))) throw new Error("argv and env must not contain NUL characters");
   const badName = request.env.find(({ name }) => name === "" || name.includes("="));
   if (badName) throw new Error(`invalid environment variable name ${JSON.stringify(badName.name)}`);
-  const isDirectory = statOrUndefined(workDir)?.isDirectory() ?? false;
+  const isDirectory = !statWorkDir || (statOrUndefined(workDir)?.isDirectory() ?? false);
   if (!isDirectory) throw new Error(`working directory ${request.workingDirectory} does not exist in the input root`);
   return { root, workDir };
 }
@@ -409,7 +421,7 @@ export function bwrapArgs(
     inputSource: source,
     inputMount: INPUT_ROOT_MOUNT,
     workDirInRoot: relative(root, workDir),
-    runAsRoot: false,
+    user: request.user ?? DEFAULT_USER,
     statusFd: STATUS_FD,
   });
 }

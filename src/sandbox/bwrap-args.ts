@@ -1,21 +1,25 @@
 import { join } from "node:path";
-import type { SandboxRequest } from "./sandbox.js";
+import type { SandboxRequest, SandboxUser } from "./sandbox.js";
 
-const NOBODY = 65534;
+/** Who the action is inside its user namespace unless told: nobody, whatever host uid its slot has. */
+export const DEFAULT_USER: SandboxUser = { uid: 65534, gid: 65534 };
 
-/** What differs between sandboxes on the host's root and on an image's. */
+/** What differs between sandboxes on the action's kinds of root (see action-root.ts). */
 export interface SandboxLayout {
-  /** The mount that makes "/": the host's root read-only, or a staged image root writable. */
+  /** The mounts that make "/": the host's root read-only, or a staged overlay or input root writable. */
   root: string[];
   /** Directories covered by an empty tmpfs. */
   hide: string[];
-  /** Where bwrap finds the input root, and where the action sees it. */
-  inputSource: string;
+  /**
+   * Where bwrap finds the input root, bound last at `inputMount`; undefined when the root mount already is
+   * the input root (`inputMount` is then "/").
+   */
+  inputSource: string | undefined;
   inputMount: string;
   /** The working directory, relative to the input root. */
   workDirInRoot: string;
-  /** uid 0 inside the user namespace instead of the unprivileged user. */
-  runAsRoot: boolean;
+  /** The ids inside the user namespace. */
+  user: SandboxUser;
   statusFd: number;
   /** Sizes of the private /tmp and /dev/shm tmpfs; 0: the kernel's default (half the memory). */
   tmpSizeBytes: number;
@@ -28,9 +32,12 @@ export interface SandboxLayout {
 export function sandboxArgs(request: SandboxRequest, layout: SandboxLayout): string[] {
   const args = [
     "--unshare-user",
-    // Inside its user namespace the action is root, or nobody (65534) whatever host uid its slot has, so
-    // that it finds itself in the image's or the host's /etc/passwd.
-    ...(layout.runAsRoot ? ["--uid", "0", "--gid", "0"] : ["--uid", String(NOBODY), "--gid", String(NOBODY)]),
+    // The ids the action sees (nobody by default, so that it finds itself in the image's or the host's
+    // /etc/passwd); on the host it stays its slot's unprivileged uid whatever they are.
+    "--uid",
+    String(layout.user.uid),
+    "--gid",
+    String(layout.user.gid),
     "--unshare-pid",
     "--unshare-ipc",
     "--unshare-uts",
@@ -58,9 +65,7 @@ export function sandboxArgs(request: SandboxRequest, layout: SandboxLayout): str
     ...layout.hide.flatMap((dir) => ["--tmpfs", dir]),
     // The input root comes last so that nothing can hide it, notably the private /tmp when the input root
     // lives under the host's /tmp (bwrap creates its mount point in the tmpfs).
-    "--bind",
-    layout.inputSource,
-    layout.inputMount,
+    ...(layout.inputSource === undefined ? [] : ["--bind", layout.inputSource, layout.inputMount]),
     "--chdir",
     join(layout.inputMount, layout.workDirInRoot),
     "--clearenv",

@@ -1,3 +1,4 @@
+import type { ActionRoot } from "./action-root.js";
 import type { LimitName } from "./limits.js";
 
 /**
@@ -31,24 +32,18 @@ export interface SandboxRequest {
   network?: boolean;
   /** Aborting it kills the action (cancellation). */
   signal?: AbortSignal;
-  /** Run with a container image's filesystem as the root instead of the host's (read-only) root. */
-  image?: ImageRoot;
+  /** What the action sees as "/" (see action-root.ts); the host's root, read-only, when absent. */
+  root?: ActionRoot;
+  /**
+   * The user and group ids the action has inside its user namespace (what `id` says, what owns the files it
+   * makes as it sees them); nobody (65534) when absent. On the host it is always the slot's unprivileged uid.
+   */
+  user?: SandboxUser;
 }
 
-/**
- * An image as the action's root: an overlay of its unpacked layers with a
- * writable upper layer of the action's own, so the layers never change.
- */
-export interface ImageRoot {
-  /** The overlay's options (mount -o), from src/image/overlay.ts, and the directory to mount from. */
-  overlayOptions: string;
-  overlayCwd: string;
-  /** The overlay's upper directory (also named in the options); the sandbox makes its mount points there. */
-  upperDir: string;
-  /** Where the input root appears inside the image (absolute); the command starts there plus its working directory. */
-  inputRootPath: string;
-  /** root (uid 0) inside the sandbox's user namespace instead of the unprivileged user; still unprivileged on the host. */
-  runAsRoot: boolean;
+export interface SandboxUser {
+  uid: number;
+  gid: number;
 }
 
 export interface SandboxResult {

@@ -28,6 +28,8 @@ export interface ExecutionJob {
   containerImage: string;
   /** In expand mode: the image's tree the (rewritten) action's input root is built on, instead of containerImage. */
   expandedImage?: ExpandedImage;
+  /** The input root is the action's "/" (execution.inputRootAsRoot); never with an image. */
+  inputRootAsRoot?: boolean;
   /** Parts of the input tree the worker gets with the assignment (Assignment.input_directories, input_files). */
   inputBlobs?: { directories: readonly StoredBlob[]; files: readonly StoredBlob[] };
   /** Credentials for the image's registry from the client's request header (never from the CAS); kept in memory only. */
@@ -362,6 +364,7 @@ export class Scheduler {
       command: job.command,
       containerImage: job.containerImage,
       expandedImage: job.expandedImage,
+      inputRootAsRoot: job.inputRootAsRoot ?? false,
       inputDirectories: (job.inputBlobs?.directories ?? []).map(wireBlob),
       inputFiles: (job.inputBlobs?.files ?? []).map(wireBlob),
       registryCredentials: job.registryCredentials && {

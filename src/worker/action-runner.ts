@@ -5,7 +5,7 @@ import { checkRelativePath } from "../ac/validate-result.js";
 import { DEFAULT_INPUT_TREE_LIMITS, type InputTreeLimits } from "../cas/tree-limits.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
 import { type DigestFunction, digestFunctionByWire } from "../digest/functions.js";
-import { platformOf, readActionPlatform } from "../execution/action-platform.js";
+import { type ActionPlatform, platformOf, readActionPlatform } from "../execution/action-platform.js";
 import type { Assignment, Completion, ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import {
   type ActionResult,
@@ -17,7 +17,9 @@ import type { Timestamp } from "../gen/google/protobuf/timestamp.js";
 import type { Status } from "../gen/google/rpc/status.js";
 import { mergeEnvironment } from "../image/environment.js";
 import { fileBlob, type LocalBlob } from "../merkle/local-tree.js";
-import type { Sandbox, SandboxResult } from "../sandbox/sandbox.js";
+import { type ActionRoot, HOST_ROOT, INPUT_ROOT_AS_ROOT } from "../sandbox/action-root.js";
+import { DEFAULT_USER } from "../sandbox/bwrap-args.js";
+import type { Sandbox, SandboxResult, SandboxUser } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError } from "../status/status.js";
 import { acceptAssignmentBlobs } from "./assignment-blobs.js";
@@ -101,6 +103,11 @@ export async function runAction(
     if (expanded && assignment.containerImage) {
       throw invalidArgument("assignment", "names both a container image and an expanded image");
     }
+    // The input root is the action's "/": its absolute paths are paths in it (see contained-path.ts).
+    const chroot = assignment.inputRootAsRoot;
+    if (chroot && (expanded || assignment.containerImage)) {
+      throw invalidArgument("assignment", "names an image for an action whose input root is its root");
+    }
     const { expandedRoots } = options;
     if (expanded && !expandedRoots) {
       throw new StatusError(
@@ -131,7 +138,7 @@ export async function runAction(
     // The image is pulled or materialized (if it must be) while the input root is laid out.
     const pulling =
       expanded && expandedRoots
-        ? prepareExpandedImage(fn, expanded, platform, expandedRoots, base, cas, options.cache, options.directories)
+        ? prepareExpandedImage(fn, expanded, expandedRoots, base, cas, options.cache, options.directories)
         : assignment.containerImage
           ? prepareActionImage(assignment.containerImage, platform, options.images, options.inputRootPath, base)
           : undefined;
@@ -160,14 +167,15 @@ export async function runAction(
     if (laidOut.status === "rejected") throw laidOut.reason;
     if (pulled.status === "rejected") throw pulled.reason;
     // One view of the root before the command runs; collectOutputs takes another after it.
-    const before = new ContainedRoot(inputRoot);
-    checkWorkingDirectory(before, workingDirectory);
+    const before = new ContainedRoot(inputRoot, { chroot });
+    checkWorkingDirectory(before, workingDirectory, chroot);
     makeOutputParents(before, workingDirectory, command, options.owner);
     metadata.inputFetchCompletedTimestamp = now();
 
     const stdoutPath = join(base, "stdout");
     const stderrPath = join(base, "stderr");
     const timeoutMs = assignment.timeout ? assignment.timeout.seconds * 1000 + assignment.timeout.nanos / 1e6 : 0;
+    const root: ActionRoot = image?.root ?? (chroot ? INPUT_ROOT_AS_ROOT : HOST_ROOT);
     const run = await options.sandbox.run({
       inputRoot,
       workingDirectory,
@@ -178,7 +186,8 @@ export async function runAction(
       stderrPath,
       signal,
       network: platform.network,
-      image: image?.root,
+      root,
+      user: sandboxUser(platform, root),
     });
     metadata.executionStartTimestamp = toTimestamp(run.startedAt);
     metadata.executionCompletedTimestamp = toTimestamp(run.completedAt);
@@ -186,10 +195,8 @@ export async function runAction(
 
     metadata.outputUploadStartTimestamp = now();
     // Read only now that nothing of the action runs (see contained-path.ts).
-    const outputs = await collectOutputs(fn, command, inputRoot, workingDirectory, {
-      blobBytes: INLINE_BLOB_LIMIT,
-      totalBytes: INLINE_TOTAL_LIMIT,
-    });
+    const keep = { blobBytes: INLINE_BLOB_LIMIT, totalBytes: INLINE_TOTAL_LIMIT };
+    const outputs = await collectOutputs(fn, command, inputRoot, workingDirectory, keep, { chroot });
     const stdoutBlob = await logBlob(fn, stdoutPath);
     const stderrBlob = await logBlob(fn, stderrPath);
     const uploads = [...outputs.uploads];
@@ -295,17 +302,34 @@ async function splitInline(
 }
 
 /**
+ * The ids the action has in its user namespace: unixUID/unixGID when it
+ * names them; else root where the root is its own (in a chroot, as
+ * BuildStream expects when it names none; in an image with
+ * dockerRunAsRoot=true), nobody on the host's root and in images.
+ */
+function sandboxUser(platform: ActionPlatform, root: ActionRoot): SandboxUser {
+  const asRoot = root.kind === "input-root" || (root.kind === "overlay" && platform.runAsRoot);
+  const fallback = asRoot ? { uid: 0, gid: 0 } : DEFAULT_USER;
+  return { uid: platform.unixUid ?? fallback.uid, gid: platform.unixGid ?? fallback.gid };
+}
+
+/**
  * The working directory (relative to the client's input root, also in
  * expand mode) must stay inside the input root: every output is
  * relative to it, and the sandbox's checks of it run as root on the host.
  * A symlink on its way that leads out (which only the input root can hold,
- * before the command runs) is INVALID_ARGUMENT naming the field.
+ * before the command runs) is INVALID_ARGUMENT naming the field, as is, in
+ * a chroot, one that leads to no directory.
  */
-function checkWorkingDirectory(root: ContainedRoot, workingDirectory: string): void {
+function checkWorkingDirectory(root: ContainedRoot, workingDirectory: string, chroot: boolean): void {
   if (workingDirectory === "") return;
   const found = root.resolve(workingDirectory, true);
   if (found.kind === "outside") {
     throw invalidArgument("command.working_directory", `"${workingDirectory}" ${found.reason}`);
+  }
+  // In a chroot the sandbox leaves the look-up to the kernel, inside the root (see BubblewrapSandbox.run).
+  if (chroot && !(found.kind === "present" && found.stats.isDirectory())) {
+    throw invalidArgument("command.working_directory", `"${workingDirectory}" is not a directory of the input root`);
   }
 }
 

@@ -21,6 +21,18 @@ import type { TreeOwner } from "./input-root.js";
 /** As the kernel's MAXSYMLINKS: more links than this on one path is a loop. */
 const MAX_SYMLINKS = 40;
 
+/**
+ * What the action's absolute paths mean. Usually the input root is a
+ * directory of a larger file system (the host's, an image's): an absolute
+ * symlink, or ".." from the root, leads out of it. With `chroot` the input
+ * root is the action's "/": an absolute target starts again from the root,
+ * and ".." from the root stays there, as the kernel resolves them for the
+ * action; nothing leads out.
+ */
+export interface ContainedRootOptions {
+  chroot?: boolean;
+}
+
 /** Where a path leads, inside the root. */
 export type ContainedPath =
   /** Something is there: `hostPath` is made of real directories, and `stats` is lstat's of its last component. */
@@ -40,7 +52,14 @@ export class ContainedRoot {
   /** Paths below the root (joined with "/") known to be real directories. */
   readonly #realDirectories = new Set<string>();
 
-  constructor(readonly root: string) {}
+  readonly #chroot: boolean;
+
+  constructor(
+    readonly root: string,
+    options: ContainedRootOptions = {},
+  ) {
+    this.#chroot = options.chroot ?? false;
+  }
 
   /**
    * Resolves `path` (relative, "/"-separated, e.g. a working directory and
@@ -51,7 +70,7 @@ export class ContainedRoot {
    * command's end and its result: each would otherwise wait for the thread pool.
    */
   resolve(path: string, followLast = false): ContainedPath {
-    const walk = new Walk(this.root, path);
+    const walk = new Walk(this.root, path, this.#chroot);
     for (;;) {
       const step = walk.next();
       if (!step) return { kind: "absent" };
@@ -83,7 +102,7 @@ export class ContainedRoot {
    * file system); the output is then refused when collected.
    */
   makeDirectories(path: string, owner: TreeOwner | undefined): void {
-    const walk = new Walk(this.root, path);
+    const walk = new Walk(this.root, path, this.#chroot);
     for (;;) {
       const step = walk.next();
       if (step?.kind !== "component") return;
@@ -132,6 +151,8 @@ class Walk {
   constructor(
     readonly root: string,
     path: string,
+    /** The root is "/" (see ContainedRootOptions). */
+    readonly chroot: boolean,
   ) {
     this.#pending = components(path).reverse();
   }
@@ -141,8 +162,8 @@ class Walk {
     while (!this.#done) {
       const name = this.#pending.pop();
       if (name === "..") {
-        if (this.#at.length === 0) return this.#outside("climbs above the input root");
-        this.#at.pop();
+        if (this.#at.length > 0) this.#at.pop();
+        else if (!this.chroot) return this.#outside("climbs above the input root");
       }
       if (name === undefined || (name === ".." && this.#pending.length === 0)) {
         // The path ends in the directory entered last (the root, for an empty path).
@@ -168,8 +189,12 @@ class Walk {
     this.#via = link;
     if (++this.#links > MAX_SYMLINKS) return this.#outside(`passes more than ${MAX_SYMLINKS} symbolic links`);
     if (target.startsWith("/")) {
-      this.#done = true;
-      return { kind: "outside", reason: `leads out of the input root through ${link}, an absolute path` };
+      if (!this.chroot) {
+        this.#done = true;
+        return { kind: "outside", reason: `leads out of the input root through ${link}, an absolute path` };
+      }
+      // The root's own "/": the walk starts again from there.
+      this.#at.length = 0;
     }
     this.#pending.push(...components(target).reverse());
     // A link in the last place (followed only when asked) leads on to its target.

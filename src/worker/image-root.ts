@@ -8,7 +8,7 @@ import type { ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import type { Any } from "../gen/google/protobuf/any.js";
 import { makeUpperDirectories, type UpperDirectory } from "../image/open-directories.js";
 import { overlayMountArgs, writeLayerLinks } from "../image/overlay.js";
-import type { ImageRoot } from "../sandbox/sandbox.js";
+import type { OverlayRoot } from "../sandbox/action-root.js";
 import { Code, StatusError } from "../status/status.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import type { ExpandedRoots } from "./expanded-roots.js";
@@ -18,7 +18,7 @@ import type { WorkerImages } from "./worker-images.js";
 
 /** An action's image, ready for the sandbox. */
 export interface ActionImage {
-  root: ImageRoot;
+  root: OverlayRoot;
   /** The image's Env, to which the command's variables are added. */
   env: string[];
   /** ExecutedActionMetadata.auxiliary_metadata entry saying which image ran. */
@@ -33,7 +33,7 @@ export interface ActionImage {
  */
 export async function prepareActionImage(
   reference: string,
-  platform: ActionPlatform,
+  platform: Pick<ActionPlatform, "credentials">,
   images: WorkerImages | undefined,
   inputRootPath: string,
   base: string,
@@ -42,7 +42,7 @@ export async function prepareActionImage(
   const image = await images.prepare(reference, platform.credentials);
   try {
     return {
-      root: await overlayImageRoot(image.layerDirs, image.upperDirectories, base, inputRootPath, platform.runAsRoot),
+      root: await overlayImageRoot(image.layerDirs, image.upperDirectories, base, inputRootPath),
       env: image.env,
       used: imageUsed(String(image.reference), image.manifestDigest),
       release: image.release,
@@ -62,7 +62,6 @@ export async function prepareActionImage(
 export async function prepareExpandedImage(
   fn: DigestFunction,
   expanded: ExpandedImage,
-  platform: ActionPlatform,
   roots: ExpandedRoots,
   base: string,
   cas: RemoteCas,
@@ -73,13 +72,7 @@ export async function prepareExpandedImage(
   const acquired = await roots.acquire(fn, baseRoot, cas, files, directories);
   try {
     return {
-      root: await overlayImageRoot(
-        [acquired.dir],
-        acquired.upperDirectories,
-        base,
-        expanded.inputRootPath,
-        platform.runAsRoot,
-      ),
+      root: await overlayImageRoot([acquired.dir], acquired.upperDirectories, base, expanded.inputRootPath),
       env: [],
       used: imageUsed(expanded.reference, expanded.manifestDigest),
       release: acquired.release,
@@ -102,15 +95,14 @@ async function overlayImageRoot(
   upperDirectories: readonly UpperDirectory[],
   base: string,
   inputRootPath: string,
-  runAsRoot: boolean,
-): Promise<ImageRoot> {
+): Promise<OverlayRoot> {
   const upperDir = join(base, "upper");
   const workDir = join(base, "work");
   await Promise.all([mkdir(upperDir), mkdir(workDir)]);
   await makeUpperDirectories(upperDir, upperDirectories);
   const overlay = overlayMountArgs(layerDirs, upperDir, workDir, join(base, "layers"));
   await writeLayerLinks(overlay);
-  return { overlayOptions: overlay.options, overlayCwd: overlay.cwd, upperDir, inputRootPath, runAsRoot };
+  return { kind: "overlay", overlayOptions: overlay.options, overlayCwd: overlay.cwd, upperDir, inputRootPath };
 }
 
 /** The auxiliary_metadata entry (berth.image.v1.ImageUsed) saying which image an action ran in. */

@@ -10,7 +10,7 @@ import {
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { fileBlob, readLocalTree } from "../merkle/local-tree.js";
 import { Code, StatusError } from "../status/status.js";
-import { ContainedRoot } from "./contained-path.js";
+import { ContainedRoot, type ContainedRootOptions } from "./contained-path.js";
 import type { UploadSource } from "./remote-cas.js";
 
 /** The outputs of one action, and what must be uploaded for them. */
@@ -63,6 +63,8 @@ export async function collectOutputs(
   inputRoot: string,
   workingDirectory: string,
   keep: KeepInMemory,
+  /** How the action's absolute paths are read: `chroot` when its input root is its "/". */
+  rootOptions: ContainedRootOptions = {},
 ): Promise<CollectedOutputs> {
   let kept = 0;
   const out: CollectedOutputs = {
@@ -90,7 +92,7 @@ export async function collectOutputs(
         })),
       ];
   // Made now: what the command did to the tree since the parents were made is seen afresh.
-  const root = new ContainedRoot(inputRoot);
+  const root = new ContainedRoot(inputRoot, rootOptions);
   for (const { path, kind, field } of requested) {
     const found = root.resolve(workingDirectory === "" ? path : `${workingDirectory}/${path}`);
     if (found.kind === "absent") continue;
