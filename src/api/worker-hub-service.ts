@@ -102,8 +102,9 @@ async function storeInlineBlobs(cas: BlobStore, completion: Completion): Promise
     completion.inlineBlobs.map(async (blob, i) => {
       const field = `completion.inline_blobs[${i}]`;
       const digest = parseDigest(fn, blob.digest, `${field}.digest`);
-      // BlobStore.put verifies the data against its digest before storing it.
-      await cas.put(digest, blob.data);
+      // BlobStore.put verifies the data against its digest before storing it. Outputs are flushed in the
+      // background, as the action cache entry naming them is (see PutOptions.durable).
+      await cas.put(digest, blob.data, { durable: false });
     }),
   );
 }

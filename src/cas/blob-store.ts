@@ -25,6 +25,13 @@ export interface PutOptions {
   hashedByCaller?: boolean;
   /** One of many blobs imported at once (an image's files): not worth a place in a memory cache. */
   bulk?: boolean;
+  /**
+   * false: the put may return before the blob is flushed to disk (it is readable at once, and flushed in the
+   * background). Only for blobs nobody was promised durability for: an action's outputs, named by an action
+   * cache entry that is itself written behind (ac/write-behind-action-cache.ts); a crash loses both, and a
+   * surviving entry whose blob is lost is a miss. Clients' uploads are always flushed first.
+   */
+  durable?: boolean;
 }
 
 /** A blob being uploaded in pieces; it becomes visible only after commit(). */

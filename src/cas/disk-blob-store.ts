@@ -253,25 +253,29 @@ export class DiskBlobStore implements BlobStore {
     if (this.log.isVerified(key) && this.log.touch(key)) return;
     if (this.files.isVerified(key) && this.files.touch(key)) return;
     // Stored but never checked (found at start): the new bytes replace it, checked.
+    const durable = options?.durable ?? true;
     try {
-      await this.store(key, data);
+      await this.store(key, data, durable);
     } catch (err) {
       if (!isDiskFull(err)) throw err;
       // Room made at the expense of the least recently used blob files, and one more try.
       if ((await this.files.makeRoom(data.byteLength, key)) === 0) throw this.diskFull(err, digest);
       try {
-        await this.store(key, data);
+        await this.store(key, data, durable);
       } catch (again) {
         throw isDiskFull(again) ? this.diskFull(again, digest) : again;
       }
     }
   }
 
-  private async store(key: string, data: Uint8Array): Promise<void> {
+  private async store(key: string, data: Uint8Array, durable: boolean): Promise<void> {
     if (data.byteLength <= this.logLimit) {
       this.log.remove(key);
       this.log.put(key, data);
-      await this.log.sync();
+      const flushed = this.log.sync();
+      if (durable) await flushed;
+      // Not flushed is what a crash would lose anyway, with the write-behind entry naming it.
+      else flushed.catch(() => {});
     } else {
       if (this.files.has(key)) await this.files.remove(key);
       await this.files.writeFile(key, data);
