@@ -146,10 +146,19 @@ const HEADLINES: Record<RefusalKind, string> = {
   authorization: "authorization failed for",
 };
 
+/** Longest text kept of what a client chose (a method path, an instance name): a record stays one line. */
+const MAX_CLIENT_TEXT = 256;
+
+function bounded(text: string): string {
+  return text.length > MAX_CLIENT_TEXT ? `${text.slice(0, MAX_CLIENT_TEXT)}…` : text;
+}
+
 function writeRecord(log: Logger, refusal: Refusal): void {
-  const { kind, method, instanceName, peer, code } = refusal;
+  const { kind, peer, code } = refusal;
   const secrets = callSecrets(refusal.metadata);
   const clean = (text: string) => redactCredentials(text, secrets);
+  const method = bounded(refusal.method);
+  const instanceName = refusal.instanceName === undefined ? undefined : bounded(refusal.instanceName);
   const reason = clean(refusal.message);
   const status = CODE_NAMES.get(code) ?? String(code);
   const client = readRequestMetadata(refusal.metadata);
