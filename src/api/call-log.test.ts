@@ -210,6 +210,12 @@ describe("what an operator sees: every refused call is logged once, with who ask
       { what: "network", request: executeRequest(network), code: Code.FAILED_PRECONDITION, reason: /network/ },
       { what: "image policy", request: executeRequest(foreignImage), code: Code.PERMISSION_DENIED, reason: /allowed/ },
       {
+        what: "a request that does not decode (size_bytes of 2^62)",
+        request: { ...executeRequest({ hash: missing.hash, sizeBytes: 2 ** 62 }), instanceName: "unread" },
+        code: Code.INVALID_ARGUMENT,
+        reason: /not a valid Execute request/,
+      },
+      {
         what: "reserved instance name",
         request: { ...executeRequest(missing), instanceName: "a/blobs" },
         code: Code.INVALID_ARGUMENT,
@@ -223,11 +229,9 @@ describe("what an operator sees: every refused call is logged once, with who ask
       });
       const answered = outcome?.error?.code ?? outcome?.response?.status?.code;
       assert.equal(answered, code, `${what}: ${outcome?.error?.details ?? outcome?.response?.status?.message}`);
-      const record = assertOneRecord(
-        records,
-        { kind: "execution", method: EXECUTE, instanceName: request.instanceName, code },
-        LEVEL.info,
-      );
+      // A request that does not decode names no instance the log could believe.
+      const instanceName = request.instanceName === "unread" ? undefined : request.instanceName;
+      const record = assertOneRecord(records, { kind: "execution", method: EXECUTE, instanceName, code }, LEVEL.info);
       assert.match(record.reason as string, reason, what);
       assert.equal((record.client as { targetId?: string }).targetId, "//pkg:scratch", what);
     }
