@@ -18,7 +18,8 @@ interface MalformedRequest {
   readonly [REFUSAL]: StatusError;
 }
 
-function isMalformed(message: unknown): message is MalformedRequest {
+/** Whether a deserialized request is the marker of one that did not decode. */
+export function isMalformed(message: unknown): message is MalformedRequest {
   return typeof message === "object" && message !== null && REFUSAL in message;
 }
 

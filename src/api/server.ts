@@ -3,7 +3,7 @@ import type { Http2Server, ServerHttp2Session } from "node:http2";
 import { join } from "node:path";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
 import { AccessPolicy, type Grant } from "../auth/access.js";
-import { accessInterceptor } from "../auth/access-interceptor.js";
+import { accessInterceptor, requestInstanceName } from "../auth/access-interceptor.js";
 import { loadClientTokens } from "../auth/client-tokens.js";
 import { readPrivateFile } from "../auth/private-file.js";
 import { SecretTable, secretDigest } from "../auth/secrets.js";
@@ -24,13 +24,15 @@ import type { Logger } from "../log/log.js";
 import { actionCacheService } from "./action-cache-service.js";
 import { FastByteStreamService } from "./bytestream-codec.js";
 import { byteStreamService } from "./bytestream-service.js";
+import { callLogInterceptor } from "./call-log.js";
 import { capabilitiesService } from "./capabilities-service.js";
 import { casService } from "./cas-service.js";
 import { executionService } from "./execution-service.js";
 import { imagesService } from "./images-service.js";
 import { InstanceNames } from "./instance-names.js";
-import { guardDeserializers, refuseMalformedRequests } from "./malformed-requests.js";
+import { guardDeserializers, isMalformed, refuseMalformedRequests } from "./malformed-requests.js";
 import { operationsService } from "./operations-service.js";
+import { routeUnknownMethods } from "./unknown-methods.js";
 import { workerHubService } from "./worker-hub-service.js";
 
 export interface RunningServer {
@@ -76,14 +78,19 @@ const MESSAGE_OVERHEAD_BYTES = 8 * 1024 * 1024;
 export async function startServer(farm: Farm, config: Config, log: Logger): Promise<RunningServer> {
   const workerTokenFile = workerTokenPath(config.dataDir);
   const access = await accessPolicy(config, workerTokenFile);
+  const operationInstance = (name: string) => farm.scheduler.getOperation(name)?.instanceName;
   const server = new Server({
     "grpc.max_receive_message_length": config.cas.maxBatchTotalSizeBytes + MESSAGE_OVERHEAD_BYTES,
     "grpc.max_send_message_length": config.cas.maxBatchTotalSizeBytes + MESSAGE_OVERHEAD_BYTES,
-    // In order of the request's events: a request that does not decode is refused before its instance name
-    // is read; the caller's credentials (in the metadata, which comes first) are checked before either.
+    // In order of the request's events: the call log sees the call first and its answer last, whoever gives
+    // it; a request that does not decode is refused before its instance name is read; the caller's
+    // credentials (in the metadata, which comes first) are checked before either.
     interceptors: [
+      callLogInterceptor(log, (path, request) =>
+        isMalformed(request) ? undefined : requestInstanceName(path, request, operationInstance),
+      ),
       refuseMalformedRequests,
-      accessInterceptor(access, (name) => farm.scheduler.getOperation(name)?.instanceName, log),
+      accessInterceptor(access, operationInstance, log),
     ],
   });
   // Every service's requests are deserialized without throwing, so bad input is INVALID_ARGUMENT, never INTERNAL.
@@ -145,6 +152,9 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
       log,
     ),
   );
+
+  // Calls of methods no service offers pass through the interceptors too (and so reach the call log).
+  routeUnknownMethods(server);
 
   const bind = (address: string, credentials: ServerCredentials) =>
     new Promise<number>((resolve, reject) => {

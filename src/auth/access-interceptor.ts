@@ -1,9 +1,11 @@
 import { type Metadata, ServerInterceptingCall, type ServerInterceptor } from "@grpc/grpc-js";
+import { markAccessRefusal } from "../api/call-log.js";
 import { toServiceError } from "../api/grpc-status.js";
 import { parseReadResourceName, parseWriteResourceName } from "../digest/resource-name.js";
 import type { Logger } from "../log/log.js";
+import { redactCredentials } from "../log/redact.js";
 import { Code, StatusError, toStatusError } from "../status/status.js";
-import { type AccessPolicy, type Grant, mayUse, permit } from "./access.js";
+import { type AccessPolicy, type Grant, instanceRefusal, mayUse } from "./access.js";
 
 /** Finds the instance name of an operation the server knows (undefined: unknown, the handler says NOT_FOUND). */
 export type OperationInstances = (operationName: string) => string | undefined;
@@ -42,6 +44,21 @@ function ruleFor(path: string): Rule | undefined {
   return METHOD_RULES[path] ?? SERVICE_RULES[path.split("/")[1] ?? ""];
 }
 
+/** The instance name a request of `path` names (for the log), or undefined; never throws. */
+export function requestInstanceName(
+  path: string,
+  request: unknown,
+  operations: OperationInstances,
+): string | undefined {
+  const rule = ruleFor(path);
+  if (!rule || rule.kind === "worker" || typeof request !== "object" || request === null) return undefined;
+  try {
+    return rule.kind === "instance" ? rule.of(request) : operations(rule.of(request));
+  } catch {
+    return undefined;
+  }
+}
+
 /**
  * The one access check of the gRPC port, run before any handler: the
  * caller's secret is checked on the call's metadata (a refused call reaches
@@ -59,24 +76,32 @@ export function accessInterceptor(
     let grant: Grant | undefined;
     let refused = false;
     let checkedFirst = false;
-    const refuse = (err: unknown) => {
+    /** Answers the call with `err`; the call log records it (as an access failure when `access` says which). */
+    const refuse = (err: unknown, access?: "authentication" | "authorization") => {
       refused = true;
       const error = toStatusError(err);
-      log.debug({ method: method.path, code: error.code }, `refused ${method.path}: ${error.message}`);
       const { code, details, metadata } = toServiceError(error);
-      call.sendStatus({ code: code ?? Code.INTERNAL, details: details ?? "", metadata: metadata ?? null });
+      const status = { code: code ?? Code.INTERNAL, details: details ?? "", metadata: metadata ?? null };
+      if (!access && error.code !== Code.UNIMPLEMENTED) {
+        log.debug(
+          { method: method.path, code: error.code },
+          `refused ${method.path}: ${redactCredentials(error.message)}`,
+        );
+      }
+      call.sendStatus(access ? markAccessRefusal(status, access) : status);
     };
     return new ServerInterceptingCall(call, {
       start: (next) =>
         next({
           onReceiveMetadata: (metadata: Metadata, pass: (metadata: Metadata) => void) => {
+            if (!rule)
+              return refuse(new StatusError(Code.UNIMPLEMENTED, `${method.path} is not a method of this farm`));
             try {
-              if (!rule) throw new StatusError(Code.UNIMPLEMENTED, `${method.path} is not a method of this farm`);
               // Set only for a certificate grpc-js verified (mTLS); absent on plain connections and the socket.
               const peer = call.getAuthContext().sslPeerCertificate;
               grant = rule.kind === "worker" ? policy.worker(metadata, peer) : policy.client(metadata, peer);
             } catch (err) {
-              return refuse(err);
+              return refuse(err, "authentication");
             }
             pass(metadata);
           },
@@ -87,7 +112,7 @@ export function accessInterceptor(
               try {
                 checkFirstRequest(rule, grant, message, operations);
               } catch (err) {
-                return refuse(err);
+                return refuse(err, err instanceof AccessRefusal ? "authorization" : undefined);
               }
             }
             pass(message);
@@ -104,15 +129,24 @@ function checkFirstRequest(rule: Rule, grant: Grant, request: unknown, operation
   switch (rule.kind) {
     case "worker":
       return;
-    case "instance":
-      permit(grant, rule.of(request));
+    case "instance": {
+      const instance = rule.of(request);
+      if (!mayUse(grant, instance)) throw new AccessRefusal(instanceRefusal(grant, instance));
       return;
+    }
     case "operation": {
       const name = rule.of(request);
       const instance = operations(name);
       if (instance !== undefined && !mayUse(grant, instance)) {
-        throw new StatusError(Code.NOT_FOUND, `no operation named "${name}"`);
+        throw new AccessRefusal(new StatusError(Code.NOT_FOUND, `no operation named "${name}"`));
       }
     }
+  }
+}
+
+/** A refusal for what the caller's grant does not cover (told apart from a malformed resource name). */
+class AccessRefusal extends StatusError {
+  constructor(error: StatusError) {
+    super(error.code, error.message, error.details);
   }
 }

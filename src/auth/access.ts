@@ -79,10 +79,9 @@ export function mayUse(grant: Grant, instanceName: string): boolean {
   return grant.instances === "*" || grant.instances.includes(instanceName);
 }
 
-/** PERMISSION_DENIED naming the instance, when the grant does not cover it. */
-export function permit(grant: Grant, instanceName: string): void {
-  if (mayUse(grant, instanceName)) return;
-  throw new StatusError(
+/** PERMISSION_DENIED naming the instance, for a grant that does not cover it. */
+export function instanceRefusal(grant: Grant, instanceName: string): StatusError {
+  return new StatusError(
     Code.PERMISSION_DENIED,
     `the token "${grant.name}" may not use the instance name "${instanceName}"`,
   );
