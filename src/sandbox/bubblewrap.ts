@@ -1,4 +1,5 @@
 import {
+  chownSync,
   closeSync,
   openSync,
   readFileSync,
@@ -196,6 +197,7 @@ export class BubblewrapSandbox implements Sandbox {
     const statusPath = `${request.stdoutPath}.bwrap-status`;
     const argsPath = `${request.stdoutPath}.bwrap-args`;
     if (shimmedCommand) writeFileSync(argsPath, `${shimmedCommand.join("\0")}\0`, { mode: 0o600 });
+    this.#giveLogs(request);
     const steps: LaunchStep[] = [
       // A network namespace of the action's own, made first: slirp4netns, its helper, stays out of the
       // slot's cgroup and rlimits (an action's process bomb must not starve it).
@@ -307,6 +309,20 @@ export class BubblewrapSandbox implements Sandbox {
       request.signal?.removeEventListener("abort", onAbort);
       rmSync(statusPath, { force: true });
       if (shimmedCommand) rmSync(argsPath, { force: true });
+    }
+  }
+
+  /**
+   * Makes the stdout and stderr files the action's user's own before the launcher opens them: a command that
+   * reopens them by name (`echo … > /dev/stderr`, which goes through /proc/self/fd/2) is checked against the
+   * file's owner and mode, and a file of root's would refuse it. The files lie outside the input root, where
+   * the action cannot reach them by any other name.
+   */
+  #giveLogs(request: SandboxRequest): void {
+    if (process.getuid?.() !== 0) return;
+    for (const path of new Set([request.stdoutPath, request.stderrPath])) {
+      closeSync(openSync(path, "w", 0o644));
+      chownSync(path, this.#uid, this.#gid);
     }
   }
 

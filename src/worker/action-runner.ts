@@ -17,6 +17,7 @@ import type { Timestamp } from "../gen/google/protobuf/timestamp.js";
 import type { Status } from "../gen/google/rpc/status.js";
 import { mergeEnvironment } from "../image/environment.js";
 import { fileBlob, type LocalBlob } from "../merkle/local-tree.js";
+import { INPUT_ROOT_MOUNT } from "../sandbox/bubblewrap.js";
 import type { Sandbox, SandboxResult } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, StatusError } from "../status/status.js";
@@ -159,8 +160,10 @@ export async function runAction(
     }
     if (laidOut.status === "rejected") throw laidOut.reason;
     if (pulled.status === "rejected") throw pulled.reason;
+    // Where the action sees its input root: absolute symlinks below it lead into the root (contained-path.ts).
+    const seenAs = image ? image.root.inputRootPath : INPUT_ROOT_MOUNT;
     // One view of the root before the command runs; collectOutputs takes another after it.
-    const before = new ContainedRoot(inputRoot);
+    const before = new ContainedRoot(inputRoot, seenAs);
     checkWorkingDirectory(before, workingDirectory);
     makeOutputParents(before, workingDirectory, command, options.owner);
     metadata.inputFetchCompletedTimestamp = now();
@@ -186,10 +189,14 @@ export async function runAction(
 
     metadata.outputUploadStartTimestamp = now();
     // Read only now that nothing of the action runs (see contained-path.ts).
-    const outputs = await collectOutputs(fn, command, inputRoot, workingDirectory, {
-      blobBytes: INLINE_BLOB_LIMIT,
-      totalBytes: INLINE_TOTAL_LIMIT,
-    });
+    const outputs = await collectOutputs(
+      fn,
+      command,
+      inputRoot,
+      workingDirectory,
+      { blobBytes: INLINE_BLOB_LIMIT, totalBytes: INLINE_TOTAL_LIMIT },
+      seenAs,
+    );
     const stdoutBlob = await logBlob(fn, stdoutPath);
     const stderrBlob = await logBlob(fn, stderrPath);
     const uploads = [...outputs.uploads];

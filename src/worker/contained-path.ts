@@ -7,9 +7,12 @@ import type { TreeOwner } from "./input-root.js";
  * input root by the worker, which runs as root. The kernel would follow any
  * symlink the action left there, also one to /etc or to the farm's data, so
  * every component is looked at with lstat instead: a symlink whose target
- * stays inside the root is resolved by hand, within the root; one that is
- * absolute or climbs above the root ends the walk. The host paths handed out
- * are made only of real directories, so opening them follows no link.
+ * stays inside the root is resolved by hand, within the root; one that climbs
+ * above the root, or is absolute and names no place below where the action
+ * sees its root (/run/berth/execroot, an image's input root path), ends the
+ * walk. An absolute target below that place is walked from the root, by the
+ * same rules, never by the kernel. The host paths handed out are made only
+ * of real directories, so opening them follows no link.
  *
  * This is race-free because nothing of the action runs while it is used:
  * output parents are made before the sandbox starts, and outputs are read
@@ -39,8 +42,50 @@ export type ContainedPath =
 export class ContainedRoot {
   /** Paths below the root (joined with "/") known to be real directories. */
   readonly #realDirectories = new Set<string>();
+  /** The components of the absolute path at which the action sees the root; undefined: none is followed. */
+  readonly #seenAs: readonly string[] | undefined;
 
-  constructor(readonly root: string) {}
+  /**
+   * `seenAs`: the absolute path at which the action sees its input root
+   * ("/" when the input root is its whole file system). Symlinks whose
+   * absolute target lies below it are followed inside the root; without it,
+   * every absolute target leads out.
+   */
+  constructor(
+    readonly root: string,
+    seenAs?: string,
+  ) {
+    const seen = seenAs === undefined ? undefined : components(seenAs);
+    // A path that is not absolute, or climbs, names no one place: nothing absolute is followed then.
+    this.#seenAs = seenAs?.startsWith("/") && !seen?.includes("..") ? seen : undefined;
+  }
+
+  /**
+   * The components below the root that the absolute `target` names, as the
+   * action sees it, or undefined when it names no place at or below the
+   * root's mount point (compared component by component: a ".." there, or any
+   * other path, is outside). What follows may still climb, which the walk refuses.
+   */
+  insideRoot(target: string): string[] | undefined {
+    const seen = this.#seenAs;
+    if (seen === undefined || !target.startsWith("/")) return undefined;
+    const parts = components(target);
+    if (parts.length < seen.length || seen.some((name, i) => parts[i] !== name)) return undefined;
+    return parts.slice(seen.length);
+  }
+
+  /**
+   * Resolves the absolute symlink target `target` the way resolve() does a
+   * path, following every link (the last one too) but only within the root:
+   * what a link with that target leads to, as far as it stays inside.
+   */
+  resolveTarget(target: string): ContainedPath {
+    const inside = this.insideRoot(target);
+    if (inside === undefined) {
+      return { kind: "outside", reason: `"${target}" is an absolute path outside the input root` };
+    }
+    return this.resolve(inside.join("/"), true);
+  }
 
   /**
    * Resolves `path` (relative, "/"-separated, e.g. a working directory and
@@ -51,7 +96,7 @@ export class ContainedRoot {
    * command's end and its result: each would otherwise wait for the thread pool.
    */
   resolve(path: string, followLast = false): ContainedPath {
-    const walk = new Walk(this.root, path);
+    const walk = new Walk(this.root, path, this);
     for (;;) {
       const step = walk.next();
       if (!step) return { kind: "absent" };
@@ -83,7 +128,7 @@ export class ContainedRoot {
    * file system); the output is then refused when collected.
    */
   makeDirectories(path: string, owner: TreeOwner | undefined): void {
-    const walk = new Walk(this.root, path);
+    const walk = new Walk(this.root, path, this);
     for (;;) {
       const step = walk.next();
       if (step?.kind !== "component") return;
@@ -132,6 +177,7 @@ class Walk {
   constructor(
     readonly root: string,
     path: string,
+    private readonly contained: Pick<ContainedRoot, "insideRoot">,
   ) {
     this.#pending = components(path).reverse();
   }
@@ -168,8 +214,16 @@ class Walk {
     this.#via = link;
     if (++this.#links > MAX_SYMLINKS) return this.#outside(`passes more than ${MAX_SYMLINKS} symbolic links`);
     if (target.startsWith("/")) {
-      this.#done = true;
-      return { kind: "outside", reason: `leads out of the input root through ${link}, an absolute path` };
+      const inside = this.contained.insideRoot(target);
+      if (inside === undefined) {
+        this.#done = true;
+        return { kind: "outside", reason: `leads out of the input root through ${link}, an absolute path` };
+      }
+      // Back to the root, and on from there with what the target names below it.
+      this.#at.length = 0;
+      this.#pending.push(...inside.reverse());
+      this.#done = false;
+      return undefined;
     }
     this.#pending.push(...components(target).reverse());
     // A link in the last place (followed only when asked) leads on to its target.

@@ -1,4 +1,4 @@
-import { availableParallelism, hostname } from "node:os";
+import { availableParallelism, endianness, hostname } from "node:os";
 import { join } from "node:path";
 import { type ConnectionOptions, clientChannel } from "../auth/client-channel.js";
 import type { InputTreeLimits } from "../cas/tree-limits.js";
@@ -8,6 +8,7 @@ import { registryFromConfig } from "../execution/farm-registry.js";
 import type { Logger } from "../log/log.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
+import { hostPlatformProperties } from "../scheduler/host-platform.js";
 import type { Property } from "../scheduler/platform.js";
 import { openPrivateDir } from "../store/private-dir.js";
 import { DirectoryCache } from "./directory-cache.js";
@@ -83,6 +84,8 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       })
     : undefined;
   const properties = [
+    // What every client may ask of a worker (OSFamily, ISA, Arch), unless the operator said otherwise.
+    ...hostPlatformProperties(options.properties, process.platform, process.arch, endianness()),
     ...options.properties,
     ...(images ? [IMAGE_CAPABILITY] : []),
     ...(expandedRoots ? [EXPANDED_IMAGE_CAPABILITY] : []),
