@@ -21,6 +21,8 @@ const INPUTS = dir({
   "x.txt": file("x\n"),
   pkg: dir({ "y.txt": file("y\n"), sub: dir({ "z.txt": file("z\n", true) }) }),
   locked: dir({ "w.txt": file("w\n") }, 0o555),
+  // Enough entries that the worker lays the tree out with asynchronous calls (input-root.ts, SYNC_LAYOUT_LIMIT).
+  many: dir(Object.fromEntries(Array.from({ length: 80 }, (_, i) => [`f${i}`, file(`${i}\n`)]))),
 });
 
 /** Everything an action can try against its input files and directories, each line reporting what happened. */
@@ -28,6 +30,7 @@ const VANDAL = [
   "cp x.txt tmp.txt && cat tmp.txt >> out.txt && echo scratch in the root",
   "mkdir -p pkg/new/deeper && echo n > pkg/new/deeper/n && echo scratch below",
   "echo s > pkg/sub/scratch && echo scratch beside an input",
+  "echo m > many/scratch && echo scratch in a large tree",
   "echo l > locked/scratch && mkdir locked/d && echo scratch in a 0555 directory",
   "echo spoiled > x.txt || echo write refused",
   "echo spoiled >> pkg/sub/z.txt || echo append refused",
@@ -42,7 +45,7 @@ const VANDAL = [
 /** What the next action finds: the inputs as they came, and none of the first action's files. */
 const INSPECT = [
   "cat x.txt pkg/y.txt pkg/sub/z.txt locked/w.txt",
-  "find . | sort",
+  "find . | grep -v '^./many/f' | sort",
   "stat -c '%a %n' x.txt pkg/sub/z.txt",
 ].join("; ");
 
@@ -68,6 +71,7 @@ function tests(farmOf: () => TestFarm, platform: () => { name: string; value: st
         "scratch in the root",
         "scratch below",
         "scratch beside an input",
+        "scratch in a large tree",
         "scratch in a 0555 directory",
         "write refused",
         "append refused",
@@ -85,7 +89,7 @@ function tests(farmOf: () => TestFarm, platform: () => { name: string; value: st
     const next = await run({ args: ["sh", "-c", INSPECT], salt });
     assert.equal(
       next.stdout,
-      "x\ny\nz\nw\n.\n./locked\n./locked/w.txt\n./pkg\n./pkg/sub\n./pkg/sub/z.txt\n./pkg/y.txt\n./x.txt\n" +
+      "x\ny\nz\nw\n.\n./locked\n./locked/w.txt\n./many\n./pkg\n./pkg/sub\n./pkg/sub/z.txt\n./pkg/y.txt\n./x.txt\n" +
         "444 x.txt\n555 pkg/sub/z.txt\n",
       next.stderr,
     );
