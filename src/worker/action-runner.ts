@@ -1,6 +1,6 @@
 import { mkdirSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
-import { isAbsolute, join, normalize, posix } from "node:path";
+import { isAbsolute, join, normalize, posix, relative } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
 import { DEFAULT_INPUT_TREE_LIMITS, type InputTreeLimits } from "../cas/tree-limits.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
@@ -164,7 +164,7 @@ export async function runAction(
     const seenAs = image ? image.root.inputRootPath : INPUT_ROOT_MOUNT;
     // One view of the root before the command runs; collectOutputs takes another after it.
     const before = new ContainedRoot(inputRoot, seenAs);
-    checkWorkingDirectory(before, workingDirectory);
+    const realWorkingDirectory = checkWorkingDirectory(before, workingDirectory);
     makeOutputParents(before, workingDirectory, command, options.owner);
     metadata.inputFetchCompletedTimestamp = now();
 
@@ -173,7 +173,7 @@ export async function runAction(
     const timeoutMs = assignment.timeout ? assignment.timeout.seconds * 1000 + assignment.timeout.nanos / 1e6 : 0;
     const run = await options.sandbox.run({
       inputRoot,
-      workingDirectory,
+      workingDirectory: realWorkingDirectory,
       argv: command.arguments,
       env: image ? mergeEnvironment(image.env, command.environmentVariables) : command.environmentVariables,
       timeoutMs,
@@ -307,13 +307,17 @@ async function splitInline(
  * relative to it, and the sandbox's checks of it run as root on the host.
  * A symlink on its way that leads out (which only the input root can hold,
  * before the command runs) is INVALID_ARGUMENT naming the field.
+ * Returned as the real directories it leads to: the sandbox looks it up on
+ * the host, where a link into the root as the action sees it
+ * (/run/berth/execroot/…) would lead elsewhere.
  */
-function checkWorkingDirectory(root: ContainedRoot, workingDirectory: string): void {
-  if (workingDirectory === "") return;
+function checkWorkingDirectory(root: ContainedRoot, workingDirectory: string): string {
+  if (workingDirectory === "") return workingDirectory;
   const found = root.resolve(workingDirectory, true);
   if (found.kind === "outside") {
     throw invalidArgument("command.working_directory", `"${workingDirectory}" ${found.reason}`);
   }
+  return found.kind === "present" ? relative(root.root, found.hostPath) : workingDirectory;
 }
 
 /**

@@ -357,6 +357,22 @@ function outputAttacks(farmOf: () => TestFarm, platform: () => { name: string; v
     );
   });
 
+  test("a working directory through an absolute link into the root runs where the link leads", async () => {
+    const farm = farmOf();
+    const response = await run(farm, {
+      args: ["sh", "-c", "pwd; echo made > out"],
+      files: { "sub/keep": "" },
+      symlinks: { w: `${INPUT_SEEN}/sub` },
+      workingDirectory: "w",
+      outputFiles: ["out"],
+      platform: platform(),
+    });
+    assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
+    assert.equal(response.result?.exitCode, 0, await readBlob(farm.clients, response.result?.stderrDigest));
+    assert.equal(await readBlob(farm.clients, response.result?.stdoutDigest), `${INPUT_SEEN}/sub\n`);
+    assert.equal(await readBlob(farm.clients, response.result?.outputFiles[0]?.digest), "made\n");
+  });
+
   test("absolute links to host files, above the root's mount point, or chains that end outside stay links: no host bytes", async () => {
     const farm = farmOf();
     const response = await run(farm, {
