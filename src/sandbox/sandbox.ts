@@ -24,7 +24,10 @@ export interface SandboxRequest {
   env: { name: string; value: string }[];
   /** Wall-clock limit; 0 or Infinity means none. */
   timeoutMs: number;
-  /** Host files that receive the command's stdout and stderr (created/truncated by the sandbox; outside the input root). */
+  /**
+   * Host files that receive the command's stdout and stderr (created/truncated by the sandbox, as the action's
+   * user's, so that it may reopen them by name: `> /dev/stderr`; outside the input root).
+   */
   stdoutPath: string;
   stderrPath: string;
   /** Allow network access (default false: a private network namespace with only its own loopback). */
