@@ -62,7 +62,10 @@ export function defaultWorkerCount(): number {
 export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop(): Promise<void> }> {
   // The file cache, layers and action directories below are the worker's (root's) alone.
   await openPrivateDir(options.workDir);
-  const cache = await FileCache.open(join(options.workDir, "cache"), options.worker.fileCacheMaxSizeBytes);
+  // As root the copies are root's, and the actions run as other users: the owner's write bit harms nothing.
+  const cache = await FileCache.open(join(options.workDir, "cache"), options.worker.fileCacheMaxSizeBytes, {
+    ownerWrites: process.getuid?.() === 0,
+  });
   const hub = clientChannel(options.connection, CHANNEL_OPTIONS);
   const cas = RemoteCas.connect(hub);
   // Mounting an image's overlay needs root; other workers run actions on the host's root only.

@@ -25,12 +25,20 @@ const INPUTS = dir({
   many: dir(Object.fromEntries(Array.from({ length: 80 }, (_, i) => [`f${i}`, file(`${i}\n`)]))),
 });
 
+/**
+ * The input files' modes as the action sees them: a root worker's file cache gives its copies the owner's write
+ * bit (root's: the action is another user), so that what the action copies from them is writable.
+ */
+const INPUT_MODES = process.getuid?.() === 0 ? "644 x.txt\n755 pkg/sub/z.txt" : "444 x.txt\n555 pkg/sub/z.txt";
+
 /** Everything an action can try against its input files and directories, each line reporting what happened. */
 const VANDAL = [
   "cp x.txt tmp.txt && cat tmp.txt >> out.txt && echo scratch in the root",
   "mkdir -p pkg/new/deeper && echo n > pkg/new/deeper/n && echo scratch below",
   "echo s > pkg/sub/scratch && echo scratch beside an input",
   "echo m > many/scratch && echo scratch in a large tree",
+  // A copy of an input is the action's, writable as a copy of a source file is under Bazel: copied over, appended to.
+  "cp pkg/sub/z.txt copy && cp x.txt copy && echo more >> copy && chmod 600 copy && echo copies belong to the action",
   "echo l > locked/scratch && mkdir locked/d && echo scratch in a 0555 directory",
   "echo spoiled > x.txt || echo write refused",
   "echo spoiled >> pkg/sub/z.txt || echo append refused",
@@ -72,6 +80,7 @@ function tests(farmOf: () => TestFarm, platform: () => { name: string; value: st
         "scratch below",
         "scratch beside an input",
         "scratch in a large tree",
+        "copies belong to the action",
         "scratch in a 0555 directory",
         "write refused",
         "append refused",
@@ -90,7 +99,7 @@ function tests(farmOf: () => TestFarm, platform: () => { name: string; value: st
     assert.equal(
       next.stdout,
       "x\ny\nz\nw\n.\n./locked\n./locked/w.txt\n./many\n./pkg\n./pkg/sub\n./pkg/sub/z.txt\n./pkg/y.txt\n./x.txt\n" +
-        "444 x.txt\n555 pkg/sub/z.txt\n",
+        `${INPUT_MODES}\n`,
       next.stderr,
     );
   });

@@ -62,12 +62,14 @@ link_outputs = rule(implementation = _link_outputs_impl)
 
 const BUILD = `load(":rules.bzl", "link_outputs")
 
-# Scratch files in the working directory (the input root), and the action's stderr reopened by name.
+# Scratch files in the working directory (the input root): a copy of an input, copied over and appended to (Bazel
+# sends every input as executable), a directory; and the action's stderr reopened by name.
 genrule(
     name = "scratch",
     srcs = ["x.txt"],
     outs = ["scratch.txt"],
-    cmd = "cp $(location x.txt) tmp.txt; mkdir -p scratch/dir && echo more > scratch/dir/f; " +
+    cmd = "cp $(location x.txt) tmp.txt; cp $(location x.txt) tmp.txt && echo again >> tmp.txt; " +
+          "mkdir -p scratch/dir && echo more > scratch/dir/f; " +
           "cat tmp.txt scratch/dir/f >> $@; echo scratch genrule reopened its stderr > /dev/stderr",
 )
 
@@ -243,7 +245,7 @@ function commonTests(ctx: SuiteContext): void {
   test("a genrule writes scratch files in its working directory and reopens its stderr by name", async () => {
     const run = await ctx.build(["//:scratch"]);
     assertRemote(run);
-    assert.equal(await readFile(join(ctx.workspace, "bazel-bin", "scratch.txt"), "utf8"), "hello\nmore\n");
+    assert.equal(await readFile(join(ctx.workspace, "bazel-bin", "scratch.txt"), "utf8"), "hello\nagain\nmore\n");
     assert.match(run.result.stderr, /^scratch genrule reopened its stderr$/m, run.report);
   });
 
