@@ -220,6 +220,40 @@ describe("Execute", () => {
     assert.equal((await execute(farm.clients, linux)).response.result?.exitCode, 0);
   });
 
+  test("OSFamily, ISA and Arch as clients spell them run on the farm's own workers; another architecture is refused naming it", async () => {
+    // The workers were told OSFamily=Linux; ISA and Arch they offer from the host (x86-64 or aarch64 here).
+    const isa = process.arch === "arm64" ? "AArch64" : "x86_64";
+    const other = process.arch === "arm64" ? "x86-64" : "aarch64";
+    for (const platform of [
+      [
+        { name: "OSFamily", value: "linux" },
+        { name: "ISA", value: isa },
+      ],
+      [{ name: "Arch", value: process.arch === "arm64" ? "arm64" : "amd64" }],
+    ]) {
+      const action = await uploadAction(farm.clients, { args: ["true"], platform, salt: JSON.stringify(platform) });
+      const { response } = await execute(farm.clients, action);
+      assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
+      assert.equal(response.result?.exitCode, 0);
+    }
+    const foreign = await uploadAction(farm.clients, {
+      args: ["true"],
+      platform: [
+        { name: "OSFamily", value: "Linux" },
+        { name: "ISA", value: other },
+      ],
+    });
+    const { response } = await execute(farm.clients, foreign);
+    assert.equal(response.status?.code, Code.FAILED_PRECONDITION);
+    assert.equal(response.status?.message, `no worker of this farm offers the platform property ISA=${other}`);
+    const violations = unpackDetails(response.status ?? { code: 0, message: "", details: [] }).preconditionFailure
+      ?.violations;
+    assert.deepEqual(
+      violations?.map((v) => [v.type, v.subject]),
+      [["UNSATISFIABLE_PLATFORM", `ISA=${other}`]],
+    );
+  });
+
   test("a timeout above the farm's maximum is INVALID_ARGUMENT", async () => {
     const action = await uploadAction(farm.clients, { args: ["true"], timeoutSeconds: 61 });
     const { response } = await execute(farm.clients, action);

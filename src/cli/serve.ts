@@ -22,7 +22,7 @@ export function serveCommand(): Command {
     .option("--workers <n>", "local workers to run actions (default: one per core; 0 for none)", parseCount)
     .option(
       "--property <key=value>",
-      "a platform property the local workers offer (repeatable)",
+      "a platform property the local workers offer (repeatable); OSFamily, ISA and Arch are offered from the host unless given",
       collectProperty,
       [] as Property[],
     )

@@ -20,7 +20,7 @@ export function workerCommand(): Command {
     .option("--work-dir <dir>", "directory for the file cache and the actions (default ~/.cache/berth/worker)")
     .option(
       "--property <key=value>",
-      "a platform property this worker offers (repeatable)",
+      "a platform property this worker offers (repeatable); OSFamily, ISA and Arch are offered from the host unless given",
       collectProperty,
       [] as Property[],
     )

@@ -1,4 +1,4 @@
-import { closeSync, constants, fstatSync, openSync, read, readFileSync, type Stats } from "node:fs";
+import { closeSync, constants, fstatSync, lstatSync, openSync, read, readFileSync, type Stats } from "node:fs";
 import { readdir, readlink } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
@@ -123,16 +123,63 @@ export interface LocalTree {
 }
 
 /**
+ * What a symlink met in a tree stands for, when it is to be read as what it
+ * points to: `hostPath` must be made of real directories (its last component
+ * a regular file or a real directory, as `stats`, lstat's, says), as
+ * ContainedRoot hands them out. Undefined keeps the link as a symlink node.
+ */
+export type FollowSymlink = (target: string) => { hostPath: string; stats: Stats } | undefined;
+
+/**
  * Walks `dir` into Directory messages, entries sorted by name as REAPI
  * requires; symlinks stay symlinks (recorded with their target, never
  * followed, so an output directory cannot bring in what a link points to),
  * other special files are left out. `dir` itself must be a real directory
  * reached through no symlink when what it holds is not trusted.
+ *
+ * `follow`, when given, may instead name what a link stands for (a file or a
+ * directory, read in its place). A directory reached that way that is being
+ * read already (a link to an ancestor) stays a link; each directory and file
+ * is read once however many links lead to it, so links cannot make the walk
+ * longer than the tree they point into.
  */
-export async function readLocalTree(fn: DigestFunction, dir: string): Promise<LocalTree> {
+export async function readLocalTree(fn: DigestFunction, dir: string, follow?: FollowSymlink): Promise<LocalTree> {
   const blobs: LocalBlob[] = [];
   const children = new Map<string, Directory>();
-  const visit = async (path: string): Promise<{ directory: Directory; digest: Digest }> => {
+  /** Directories and files already read, by device and inode (only links can lead to one twice). */
+  const readDirectories = new Map<string, { directory: Directory; digest: Digest }>();
+  const readFiles = new Map<string, { digest: Digest; executable: boolean }>();
+  /** The directories being read, from `dir` down. */
+  const reading = new Set<string>();
+  const addFile = async (directory: Directory, name: string, path: string, known?: Stats) => {
+    const key = known && inode(known);
+    let read = key === undefined ? undefined : readFiles.get(key);
+    if (!read) {
+      const { digest, info } = await hashFile(fn, path);
+      read = { digest, executable: (info.mode & 0o111) !== 0 };
+      readFiles.set(inode(info), read);
+      blobs.push({ digest, path });
+    }
+    directory.files.push({
+      name,
+      digest: { hash: read.digest.hash, sizeBytes: read.digest.sizeBytes },
+      isExecutable: read.executable,
+      nodeProperties: undefined,
+    });
+  };
+  const addDirectory = async (directory: Directory, name: string, path: string) => {
+    const child = await visit(path);
+    children.set(child.digest.hash, child.directory);
+    directory.directories.push({
+      name,
+      digest: { hash: child.digest.hash, sizeBytes: child.digest.sizeBytes },
+    });
+  };
+  const visit = async (path: string, known?: Stats): Promise<{ directory: Directory; digest: Digest }> => {
+    const key = inode(known ?? lstatSync(path));
+    const done = readDirectories.get(key);
+    if (done) return done;
+    reading.add(key);
     const directory = Directory.fromPartial({});
     const entries = (await readdir(path, { withFileTypes: true })).sort((a, b) =>
       Buffer.compare(Buffer.from(a.name), Buffer.from(b.name)),
@@ -140,30 +187,33 @@ export async function readLocalTree(fn: DigestFunction, dir: string): Promise<Lo
     for (const entry of entries) {
       const full = join(path, entry.name);
       if (entry.isSymbolicLink()) {
-        directory.symlinks.push({ name: entry.name, target: await readlink(full), nodeProperties: undefined });
+        const target = await readlink(full);
+        const followed = follow?.(target);
+        if (followed?.stats.isFile()) {
+          await addFile(directory, entry.name, followed.hostPath, followed.stats);
+        } else if (followed?.stats.isDirectory() && !reading.has(inode(followed.stats))) {
+          await addDirectory(directory, entry.name, followed.hostPath);
+        } else {
+          directory.symlinks.push({ name: entry.name, target, nodeProperties: undefined });
+        }
       } else if (entry.isFile()) {
-        const { digest, info } = await hashFile(fn, full);
-        blobs.push({ digest, path: full });
-        directory.files.push({
-          name: entry.name,
-          digest: { hash: digest.hash, sizeBytes: digest.sizeBytes },
-          isExecutable: (info.mode & 0o111) !== 0,
-          nodeProperties: undefined,
-        });
+        await addFile(directory, entry.name, full);
       } else if (entry.isDirectory()) {
-        const child = await visit(full);
-        children.set(child.digest.hash, child.directory);
-        directory.directories.push({
-          name: entry.name,
-          digest: { hash: child.digest.hash, sizeBytes: child.digest.sizeBytes },
-        });
+        await addDirectory(directory, entry.name, full);
       }
     }
     const data = Buffer.from(Directory.encode(directory).finish());
     const digest = await digestOf(fn, data);
     blobs.push({ digest, data });
-    return { directory, digest };
+    reading.delete(key);
+    const read = { directory, digest };
+    readDirectories.set(key, read);
+    return read;
   };
   const root = await visit(dir);
   return { rootDigest: root.digest, root: root.directory, children: [...children.values()], blobs };
+}
+
+function inode(info: Stats): string {
+  return `${info.dev}:${info.ino}`;
 }

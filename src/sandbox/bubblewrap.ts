@@ -1,4 +1,5 @@
 import {
+  chownSync,
   closeSync,
   openSync,
   readFileSync,
@@ -210,6 +211,7 @@ export class BubblewrapSandbox implements Sandbox {
     const statusPath = `${request.stdoutPath}.bwrap-status`;
     const argsPath = `${request.stdoutPath}.bwrap-args`;
     if (shimmedCommand) writeFileSync(argsPath, `${shimmedCommand.join("\0")}\0`, { mode: 0o600 });
+    this.#giveLogs(request);
     // A network namespace of the action's own is made first: slirp4netns, its helper, stays out of the
     // slot's cgroup and rlimits (an action's process bomb must not starve it), so such an action is started
     // by the shared launcher, outside the cgroup, and joins the cgroup itself.
@@ -332,6 +334,20 @@ export class BubblewrapSandbox implements Sandbox {
   /** The cgroup's processes but the slot's launcher. */
   #actionProcesses(all: ProcessLister): ProcessLister {
     return async () => (await all()).filter((pid) => pid !== this.#launcher.pid);
+  }
+
+  /**
+   * Makes the stdout and stderr files the action's user's own before the launcher opens them: a command that
+   * reopens them by name (`echo … > /dev/stderr`, which goes through /proc/self/fd/2) is checked against the
+   * file's owner and mode, and a file of root's would refuse it. The files lie outside the input root, where
+   * the action cannot reach them by any other name.
+   */
+  #giveLogs(request: SandboxRequest): void {
+    if (process.getuid?.() !== 0) return;
+    for (const path of new Set([request.stdoutPath, request.stderrPath])) {
+      closeSync(openSync(path, "w", 0o644));
+      chownSync(path, this.#uid, this.#gid);
+    }
   }
 
   /** What the sandbox bounds each action to. */

@@ -8,8 +8,9 @@ import type { LimitName } from "./limits.js";
  * - every ancestor directory of `inputRoot` is searchable (x) by that user;
  * - every directory in the input root is writable by that user (owned by it, or mode 0777), so the action can
  *   create its outputs anywhere in the tree;
- * - input files stay owned by root with mode 0444 (0555 for executables): the action can read and run them but
- *   can neither modify nor chmod them, which protects files hard-linked from the worker's cache.
+ * - input files stay owned by root and writable by no one else (0444 or 0644; 0555 or 0755 for executables):
+ *   the action can read and run them but can neither modify nor chmod them, which protects files hard-linked
+ *   from the worker's cache.
  */
 export interface SandboxRequest {
   /** Absolute host path of the action's input root (already materialized); the action may write in it. */
@@ -25,7 +26,10 @@ export interface SandboxRequest {
   env: { name: string; value: string }[];
   /** Wall-clock limit; 0 or Infinity means none. */
   timeoutMs: number;
-  /** Host files that receive the command's stdout and stderr (created/truncated by the sandbox; outside the input root). */
+  /**
+   * Host files that receive the command's stdout and stderr (created/truncated by the sandbox, as the action's
+   * user's, so that it may reopen them by name: `> /dev/stderr`; outside the input root).
+   */
   stdoutPath: string;
   stderrPath: string;
   /** Allow network access (default false: a private network namespace with only its own loopback). */

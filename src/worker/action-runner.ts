@@ -1,6 +1,6 @@
 import { mkdirSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
-import { isAbsolute, join, normalize, posix } from "node:path";
+import { isAbsolute, join, normalize, posix, relative } from "node:path";
 import { checkRelativePath } from "../ac/validate-result.js";
 import { DEFAULT_INPUT_TREE_LIMITS, type InputTreeLimits } from "../cas/tree-limits.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
@@ -18,6 +18,7 @@ import type { Status } from "../gen/google/rpc/status.js";
 import { mergeEnvironment } from "../image/environment.js";
 import { fileBlob, type LocalBlob } from "../merkle/local-tree.js";
 import { type ActionRoot, HOST_ROOT, INPUT_ROOT_AS_ROOT } from "../sandbox/action-root.js";
+import { INPUT_ROOT_MOUNT } from "../sandbox/bubblewrap.js";
 import { DEFAULT_USER } from "../sandbox/bwrap-args.js";
 import type { Sandbox, SandboxResult, SandboxUser } from "../sandbox/sandbox.js";
 import { toRpcStatus } from "../status/rpc-status.js";
@@ -166,9 +167,12 @@ export async function runAction(
     }
     if (laidOut.status === "rejected") throw laidOut.reason;
     if (pulled.status === "rejected") throw pulled.reason;
+    // Where the action sees its input root: absolute symlinks below it lead into the root (contained-path.ts);
+    // in a chroot that is "/".
+    const rootOptions = { chroot, seenAs: image ? image.root.inputRootPath : INPUT_ROOT_MOUNT };
     // One view of the root before the command runs; collectOutputs takes another after it.
-    const before = new ContainedRoot(inputRoot, { chroot });
-    checkWorkingDirectory(before, workingDirectory, chroot);
+    const before = new ContainedRoot(inputRoot, rootOptions);
+    const realWorkingDirectory = checkWorkingDirectory(before, workingDirectory, chroot);
     makeOutputParents(before, workingDirectory, command, options.owner);
     metadata.inputFetchCompletedTimestamp = now();
 
@@ -178,7 +182,7 @@ export async function runAction(
     const root: ActionRoot = image?.root ?? (chroot ? INPUT_ROOT_AS_ROOT : HOST_ROOT);
     const run = await options.sandbox.run({
       inputRoot,
-      workingDirectory,
+      workingDirectory: realWorkingDirectory,
       argv: command.arguments,
       env: image ? mergeEnvironment(image.env, command.environmentVariables) : command.environmentVariables,
       timeoutMs,
@@ -196,7 +200,7 @@ export async function runAction(
     metadata.outputUploadStartTimestamp = now();
     // Read only now that nothing of the action runs (see contained-path.ts).
     const keep = { blobBytes: INLINE_BLOB_LIMIT, totalBytes: INLINE_TOTAL_LIMIT };
-    const outputs = await collectOutputs(fn, command, inputRoot, workingDirectory, keep, { chroot });
+    const outputs = await collectOutputs(fn, command, inputRoot, workingDirectory, keep, rootOptions);
     const stdoutBlob = await logBlob(fn, stdoutPath);
     const stderrBlob = await logBlob(fn, stderrPath);
     const uploads = [...outputs.uploads];
@@ -320,9 +324,12 @@ function sandboxUser(platform: ActionPlatform, root: ActionRoot): SandboxUser {
  * A symlink on its way that leads out (which only the input root can hold,
  * before the command runs) is INVALID_ARGUMENT naming the field, as is, in
  * a chroot, one that leads to no directory.
+ * Returned as the real directories it leads to: the sandbox looks it up on
+ * the host, where a link into the root as the action sees it
+ * (/run/berth/execroot/…) would lead elsewhere.
  */
-function checkWorkingDirectory(root: ContainedRoot, workingDirectory: string, chroot: boolean): void {
-  if (workingDirectory === "") return;
+function checkWorkingDirectory(root: ContainedRoot, workingDirectory: string, chroot: boolean): string {
+  if (workingDirectory === "") return workingDirectory;
   const found = root.resolve(workingDirectory, true);
   if (found.kind === "outside") {
     throw invalidArgument("command.working_directory", `"${workingDirectory}" ${found.reason}`);
@@ -331,6 +338,7 @@ function checkWorkingDirectory(root: ContainedRoot, workingDirectory: string, ch
   if (chroot && !(found.kind === "present" && found.stats.isDirectory())) {
     throw invalidArgument("command.working_directory", `"${workingDirectory}" is not a directory of the input root`);
   }
+  return found.kind === "present" ? relative(root.root, found.hostPath) : workingDirectory;
 }
 
 /**

@@ -18,6 +18,9 @@ import { Code } from "../status/status.js";
  * file or create anything outside the action's directory.
  */
 
+/** Where the actions of these tests see their input root (an image's too: images.inputRootPath's default). */
+const INPUT_SEEN = "/run/berth/execroot";
+
 /** Host files an action must never obtain through its outputs. */
 const SECRETS = ["/etc/shadow", "/etc/passwd"];
 
@@ -42,6 +45,18 @@ async function held(farm: TestFarm, digests: WireDigest[]): Promise<WireDigest[]
   });
   const missing = new Set(response.missingBlobDigests.map((d) => d.hash));
   return digests.filter((d) => !missing.has(d.hash));
+}
+
+/** The Tree message an output directory names. */
+async function readTree(farm: TestFarm, digest: WireDigest | undefined): Promise<Tree> {
+  assert.ok(digest, "the output directory has a tree");
+  const read = await unaryCall(farm.clients.cas.batchReadBlobs.bind(farm.clients.cas), {
+    instanceName: "",
+    digests: [digest],
+    acceptableCompressors: [],
+    digestFunction: 0,
+  });
+  return Tree.decode(read.responses[0]?.data ?? Buffer.alloc(0));
 }
 
 async function run(farm: TestFarm, spec: ActionSpec): Promise<ExecuteResponse> {
@@ -271,6 +286,123 @@ function outputAttacks(farmOf: () => TestFarm, platform: () => { name: string; v
       [],
     );
     assert.deepEqual(await held(farm, secretDigests), []);
+  });
+
+  test("absolute links into the input root come back as what they point to, relative links as links (REAPI 2.0 and 2.1)", async () => {
+    const farm = farmOf();
+    const script =
+      "mkdir -p dir/sub && echo foo > dir/foo && echo deep > dir/sub/deep && ln -s foo dir/rel && ln -s $PWD/dir/foo dir/abs" +
+      " && ln -s $PWD/dir/foo a && ln -s $PWD/dir ad && ln -s $PWD/a chain && ln -s dir/foo r && ln -s dir rd" +
+      " && ln -s $PWD/missing dangling";
+    const check = async (response: ExecuteResponse, legacy: boolean) => {
+      assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
+      const result = response.result;
+      assert.equal(result?.exitCode, 0, await readBlob(farm.clients, result?.stderrDigest));
+      const files = new Map(result?.outputFiles.map((f) => [f.path, f.digest]));
+      assert.deepEqual([...files.keys()].sort(), ["a", "chain"]);
+      assert.equal(await readBlob(farm.clients, files.get("a")), "foo\n");
+      assert.equal(await readBlob(farm.clients, files.get("chain")), "foo\n");
+      assert.deepEqual(
+        result?.outputDirectories.map((d) => d.path),
+        ["ad"],
+      );
+      const tree = await readTree(farm, result?.outputDirectories[0]?.treeDigest);
+      // The directory's own relative link stays a link; its absolute one into the root becomes the file.
+      assert.deepEqual(
+        tree.root?.files.map((f) => f.name),
+        ["abs", "foo"],
+      );
+      assert.deepEqual(
+        tree.root?.symlinks.map((l) => [l.name, l.target]),
+        [["rel", "foo"]],
+      );
+      assert.deepEqual(
+        tree.root?.directories.map((d) => d.name),
+        ["sub"],
+      );
+      const links = (result?.outputSymlinks ?? []).map((l) => [l.path, l.target]);
+      const relative = [
+        ["r", "dir/foo"],
+        ["rd", "dir"],
+      ];
+      if (legacy) {
+        assert.deepEqual(
+          result?.outputFileSymlinks.map((l) => [l.path, l.target]),
+          [relative[0], ["dangling", `${INPUT_SEEN}/missing`]],
+        );
+        assert.deepEqual(
+          result?.outputDirectorySymlinks.map((l) => [l.path, l.target]),
+          [relative[1]],
+        );
+      } else {
+        assert.deepEqual(links, [...relative, ["dangling", `${INPUT_SEEN}/missing`]]);
+      }
+    };
+    await check(
+      await run(farm, {
+        args: ["sh", "-c", `rmdir ad rd && ${script}`],
+        outputFiles: ["a", "chain", "r", "dangling"],
+        outputDirectories: ["ad", "rd"],
+        platform: platform(),
+      }),
+      true,
+    );
+    await check(
+      await run(farm, {
+        args: ["sh", "-c", script],
+        outputPaths: ["a", "chain", "ad", "r", "rd", "dangling"],
+        platform: platform(),
+      }),
+      false,
+    );
+  });
+
+  test("a working directory through an absolute link into the root runs where the link leads", async () => {
+    const farm = farmOf();
+    const response = await run(farm, {
+      args: ["sh", "-c", "pwd; echo made > out"],
+      files: { "sub/keep": "" },
+      symlinks: { w: `${INPUT_SEEN}/sub` },
+      workingDirectory: "w",
+      outputFiles: ["out"],
+      platform: platform(),
+    });
+    assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
+    assert.equal(response.result?.exitCode, 0, await readBlob(farm.clients, response.result?.stderrDigest));
+    assert.equal(await readBlob(farm.clients, response.result?.stdoutDigest), `${INPUT_SEEN}/sub\n`);
+    assert.equal(await readBlob(farm.clients, response.result?.outputFiles[0]?.digest), "made\n");
+  });
+
+  test("absolute links to host files, above the root's mount point, or chains that end outside stay links: no host bytes", async () => {
+    const farm = farmOf();
+    const response = await run(farm, {
+      args: [
+        "sh",
+        "-c",
+        "ln -s /etc/shadow s1 && ln -s $PWD/../../../etc/shadow s2 && ln -s $PWD/s1 s3 && ln -s $PWD/s2 s4" +
+          " && ln -s $PWD/../../../etc e1 && ln -s $PWD/./../execroot/../../../etc e2 && ln -s /proc/self/root/etc e3" +
+          " && mkdir -p d && ln -s /etc/shadow d/h && ln -s $PWD/s1 d/via && ln -s $PWD/../../../etc d/up && ln -s $PWD/d d/self",
+      ],
+      outputPaths: ["s1", "s2", "s3", "s4", "e1", "e2", "e3", "d"],
+      platform: platform(),
+    });
+    assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
+    const result = response.result;
+    assert.equal(result?.exitCode, 0, await readBlob(farm.clients, result?.stderrDigest));
+    assert.deepEqual(result?.outputFiles, []);
+    assert.deepEqual(
+      result?.outputSymlinks.map((l) => l.path),
+      ["s1", "s2", "s3", "s4", "e1", "e2", "e3"],
+    );
+    assert.equal(result?.outputSymlinks.find((l) => l.path === "s3")?.target, `${INPUT_SEEN}/s1`);
+    const tree = await readTree(farm, result?.outputDirectories[0]?.treeDigest);
+    assert.deepEqual(tree.root?.files, []);
+    assert.deepEqual(tree.root?.directories, []);
+    assert.deepEqual(
+      tree.root?.symlinks.map((l) => l.name),
+      ["h", "self", "up", "via"],
+    );
+    assert.deepEqual(await held(farm, secretDigests), [], "no host secret reached the CAS");
   });
 
   test("a symlink that stays inside the root still works, for outputs and for the parents made for them", async () => {

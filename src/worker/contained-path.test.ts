@@ -144,3 +144,112 @@ describe("reading files as root", () => {
     assert.ok("data" in kept.blob && kept.blob.data.length === 3 * 1024 * 1024 + 5);
   });
 });
+
+describe("absolute links into the root, as the action sees it", () => {
+  /** Where these tests' action sees its input root. */
+  const SEEN = "/run/berth/execroot";
+  let seen: string;
+  before(() => {
+    seen = join(dir, "seen");
+    mkdirSync(join(seen, "dir", "sub"), { recursive: true });
+    writeFileSync(join(seen, "dir", "foo"), "foo\n");
+    symlinkSync("foo", join(seen, "dir", "rel"));
+    symlinkSync(`${SEEN}/dir/foo`, join(seen, "a"));
+    symlinkSync(`${SEEN}/dir`, join(seen, "ad"));
+    symlinkSync(`${SEEN}//./a`, join(seen, "chain"));
+    symlinkSync(SEEN, join(seen, "top"));
+    symlinkSync("/etc/shadow", join(seen, "shadow"));
+    symlinkSync(`${SEEN}/../../etc`, join(seen, "climb"));
+    symlinkSync(`${SEEN}/dir/../../../etc/shadow`, join(seen, "climb-later"));
+    symlinkSync(`${SEEN}2/dir/foo`, join(seen, "prefix"));
+    symlinkSync("/run/berth/../berth/execroot/dir/foo", join(seen, "dotted"));
+    symlinkSync(`${SEEN}/shadow`, join(seen, "chain-out"));
+    symlinkSync(`${SEEN}/climb`, join(seen, "chain-climb"));
+    symlinkSync(outside, join(seen, "host-path"));
+    symlinkSync(`${SEEN}/loop`, join(seen, "loop"));
+  });
+
+  const target = (path: string, as = SEEN): string => {
+    const found = new ContainedRoot(seen, { seenAs: as }).resolveTarget(path);
+    if (found.kind !== "present") return found.kind === "outside" ? `outside: ${found.reason}` : "absent";
+    return `${found.stats.isDirectory() ? "dir" : "file"} ${found.hostPath.slice(seen.length) || "/"}`;
+  };
+
+  test("are walked from the root, by hand, through any links that stay inside", () => {
+    assert.equal(target(`${SEEN}/a`), "file /dir/foo");
+    assert.equal(target(`${SEEN}/ad`), "dir /dir");
+    assert.equal(target(`${SEEN}/chain`), "file /dir/foo");
+    assert.equal(target(`${SEEN}/top/ad/rel`), "file /dir/foo");
+    assert.equal(target(SEEN), "dir /");
+    assert.equal(target(`${SEEN}/dir/none`), "absent");
+    // On the way to an output too, before and after the command.
+    const root = new ContainedRoot(seen, { seenAs: SEEN });
+    assert.equal((root.resolve("ad/foo") as { hostPath: string }).hostPath, join(seen, "dir", "foo"));
+    root.makeDirectories("ad/made", undefined);
+    assert.ok(statSync(join(seen, "dir", "made")).isDirectory());
+  });
+
+  test("never lead to a host file: outside the mount point, climbing above it, or a chain that ends outside", () => {
+    assert.match(target("/etc/shadow"), /^outside: "\/etc\/shadow" is an absolute path outside the input root$/);
+    assert.match(target(`${SEEN}/shadow`), /^outside: leads out of the input root through the symbolic link "shadow"/);
+    assert.match(target(`${SEEN}/climb`), /^outside: climbs above the input root/);
+    assert.match(target(`${SEEN}/climb-later`), /^outside: climbs above the input root/);
+    assert.match(target(`${SEEN}/../../etc/shadow`), /^outside: climbs above the input root/);
+    assert.match(target(`${SEEN}2/dir/foo`), /^outside: .* outside the input root$/);
+    assert.match(target("/run/berth/../berth/execroot/dir/foo"), /^outside: .* outside the input root$/);
+    assert.match(target(`${SEEN}/chain-out`), /^outside: leads out of the input root/);
+    assert.match(target(`${SEEN}/chain-climb`), /^outside: climbs above the input root/);
+    assert.match(target(`${SEEN}/host-path/secret`), /^outside: leads out of the input root/);
+    assert.match(target(`${SEEN}/loop`), /^outside: passes more than 40 symbolic links/);
+    // Without a mount point, as before, every absolute target leads out.
+    assert.match(new ContainedRoot(seen).resolve("a/x").kind, /^outside$/);
+    assert.equal(new ContainedRoot(seen).resolveTarget(`${SEEN}/a`).kind, "outside");
+    // A root that is the action's whole file system: /etc/shadow is the root's own (absent here), never the host's.
+    assert.equal(target("/etc/shadow", "/"), "absent");
+    assert.equal(target("/dir/foo", "/"), "file /dir/foo");
+    assert.match(target("/../etc/shadow", "/"), /^outside: climbs above the input root/);
+  });
+
+  test("a tree read with them follows those into the root, keeps the others, and stops at a link to an ancestor", async () => {
+    const out = join(seen, "out");
+    mkdirSync(out);
+    writeFileSync(join(out, "own"), "own\n");
+    symlinkSync(`${SEEN}/dir/foo`, join(out, "abs-file"));
+    symlinkSync(`${SEEN}/dir`, join(out, "abs-dir"));
+    symlinkSync(`${SEEN}/dir`, join(out, "abs-dir-again"));
+    symlinkSync(`${SEEN}/out`, join(out, "self"));
+    symlinkSync("/etc/shadow", join(out, "host"));
+    symlinkSync(`${SEEN}/shadow`, join(out, "via"));
+    symlinkSync("../dir/foo", join(out, "relative"));
+    const root = new ContainedRoot(seen, { seenAs: SEEN });
+    const tree = await readLocalTree(SHA256, out, (t) => {
+      const found = root.resolveTarget(t);
+      return found.kind === "present" ? found : undefined;
+    });
+    assert.deepEqual(
+      tree.root.files.map((f) => f.name),
+      ["abs-file", "own"],
+    );
+    assert.deepEqual(
+      tree.root.directories.map((d) => d.name),
+      ["abs-dir", "abs-dir-again"],
+    );
+    assert.deepEqual(
+      tree.root.symlinks.map((s) => [s.name, s.target]),
+      [
+        ["host", "/etc/shadow"],
+        ["relative", "../dir/foo"],
+        ["self", `${SEEN}/out`],
+        ["via", `${SEEN}/shadow`],
+      ],
+    );
+    // The directory both links lead to is read once: one child, its own relative link kept.
+    assert.equal(tree.root.directories[0]?.digest?.hash, tree.root.directories[1]?.digest?.hash);
+    const child = tree.children.find((c) => c.files.some((f) => f.name === "foo"));
+    assert.deepEqual(
+      child?.symlinks.map((s) => [s.name, s.target]),
+      [["rel", "foo"]],
+    );
+    assert.equal(tree.blobs.filter((b) => "path" in b && b.path === join(seen, "dir", "foo")).length, 1);
+  });
+});

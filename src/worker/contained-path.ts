@@ -7,9 +7,12 @@ import type { TreeOwner } from "./input-root.js";
  * input root by the worker, which runs as root. The kernel would follow any
  * symlink the action left there, also one to /etc or to the farm's data, so
  * every component is looked at with lstat instead: a symlink whose target
- * stays inside the root is resolved by hand, within the root; one that is
- * absolute or climbs above the root ends the walk. The host paths handed out
- * are made only of real directories, so opening them follows no link.
+ * stays inside the root is resolved by hand, within the root; one that climbs
+ * above the root, or is absolute and names no place below where the action
+ * sees its root (/run/berth/execroot, an image's input root path), ends the
+ * walk. An absolute target below that place is walked from the root, by the
+ * same rules, never by the kernel. The host paths handed out are made only
+ * of real directories, so opening them follows no link.
  *
  * This is race-free because nothing of the action runs while it is used:
  * output parents are made before the sandbox starts, and outputs are read
@@ -20,18 +23,6 @@ import type { TreeOwner } from "./input-root.js";
 
 /** As the kernel's MAXSYMLINKS: more links than this on one path is a loop. */
 const MAX_SYMLINKS = 40;
-
-/**
- * What the action's absolute paths mean. Usually the input root is a
- * directory of a larger file system (the host's, an image's): an absolute
- * symlink, or ".." from the root, leads out of it. With `chroot` the input
- * root is the action's "/": an absolute target starts again from the root,
- * and ".." from the root stays there, as the kernel resolves them for the
- * action; nothing leads out.
- */
-export interface ContainedRootOptions {
-  chroot?: boolean;
-}
 
 /** Where a path leads, inside the root. */
 export type ContainedPath =
@@ -48,17 +39,67 @@ export type ContainedPath =
  * build's outputs share most of their parents), so an instance must not
  * outlive the phase (one before the command runs, another after it).
  */
+/**
+ * What the action's absolute paths mean. Usually the input root is a
+ * directory of a larger file system (the host's, an image's), seen by the
+ * action at `seenAs` (/run/berth/execroot, an image's inputRootPath): an
+ * absolute symlink target below `seenAs` is followed inside the root, any
+ * other absolute target and ".." from the root lead out of it. Without
+ * `seenAs` every absolute target leads out. With `chroot` the input root is
+ * the action's "/": every absolute target starts again from the root, and
+ * ".." from the root stays there, as the kernel resolves them for the
+ * action; nothing leads out.
+ */
+export interface ContainedRootOptions {
+  seenAs?: string;
+  chroot?: boolean;
+}
+
 export class ContainedRoot {
   /** Paths below the root (joined with "/") known to be real directories. */
   readonly #realDirectories = new Set<string>();
+  /** The components of the absolute path at which the action sees the root; undefined: none is followed. */
+  readonly #seenAs: readonly string[] | undefined;
 
-  readonly #chroot: boolean;
+  /** ".." from the root stays at the root (see ContainedRootOptions). */
+  readonly chroot: boolean;
 
   constructor(
     readonly root: string,
     options: ContainedRootOptions = {},
   ) {
-    this.#chroot = options.chroot ?? false;
+    this.chroot = options.chroot ?? false;
+    const seenAs = this.chroot ? "/" : options.seenAs;
+    const seen = seenAs === undefined ? undefined : components(seenAs);
+    // A path that is not absolute, or climbs, names no one place: nothing absolute is followed then.
+    this.#seenAs = seenAs?.startsWith("/") && !seen?.includes("..") ? seen : undefined;
+  }
+
+  /**
+   * The components below the root that the absolute `target` names, as the
+   * action sees it, or undefined when it names no place at or below the
+   * root's mount point (compared component by component: a ".." there, or any
+   * other path, is outside). What follows may still climb, which the walk refuses.
+   */
+  insideRoot(target: string): string[] | undefined {
+    const seen = this.#seenAs;
+    if (seen === undefined || !target.startsWith("/")) return undefined;
+    const parts = components(target);
+    if (parts.length < seen.length || seen.some((name, i) => parts[i] !== name)) return undefined;
+    return parts.slice(seen.length);
+  }
+
+  /**
+   * Resolves the absolute symlink target `target` the way resolve() does a
+   * path, following every link (the last one too) but only within the root:
+   * what a link with that target leads to, as far as it stays inside.
+   */
+  resolveTarget(target: string): ContainedPath {
+    const inside = this.insideRoot(target);
+    if (inside === undefined) {
+      return { kind: "outside", reason: `"${target}" is an absolute path outside the input root` };
+    }
+    return this.resolve(inside.join("/"), true);
   }
 
   /**
@@ -70,7 +111,7 @@ export class ContainedRoot {
    * command's end and its result: each would otherwise wait for the thread pool.
    */
   resolve(path: string, followLast = false): ContainedPath {
-    const walk = new Walk(this.root, path, this.#chroot);
+    const walk = new Walk(this.root, path, this);
     for (;;) {
       const step = walk.next();
       if (!step) return { kind: "absent" };
@@ -102,7 +143,7 @@ export class ContainedRoot {
    * file system); the output is then refused when collected.
    */
   makeDirectories(path: string, owner: TreeOwner | undefined): void {
-    const walk = new Walk(this.root, path, this.#chroot);
+    const walk = new Walk(this.root, path, this);
     for (;;) {
       const step = walk.next();
       if (step?.kind !== "component") return;
@@ -151,8 +192,7 @@ class Walk {
   constructor(
     readonly root: string,
     path: string,
-    /** The root is "/" (see ContainedRootOptions). */
-    readonly chroot: boolean,
+    private readonly contained: Pick<ContainedRoot, "insideRoot" | "chroot">,
   ) {
     this.#pending = components(path).reverse();
   }
@@ -163,7 +203,7 @@ class Walk {
       const name = this.#pending.pop();
       if (name === "..") {
         if (this.#at.length > 0) this.#at.pop();
-        else if (!this.chroot) return this.#outside("climbs above the input root");
+        else if (!this.contained.chroot) return this.#outside("climbs above the input root");
       }
       if (name === undefined || (name === ".." && this.#pending.length === 0)) {
         // The path ends in the directory entered last (the root, for an empty path).
@@ -189,12 +229,16 @@ class Walk {
     this.#via = link;
     if (++this.#links > MAX_SYMLINKS) return this.#outside(`passes more than ${MAX_SYMLINKS} symbolic links`);
     if (target.startsWith("/")) {
-      if (!this.chroot) {
+      const inside = this.contained.insideRoot(target);
+      if (inside === undefined) {
         this.#done = true;
         return { kind: "outside", reason: `leads out of the input root through ${link}, an absolute path` };
       }
-      // The root's own "/": the walk starts again from there.
+      // Back to the root, and on from there with what the target names below it.
       this.#at.length = 0;
+      this.#pending.push(...inside.reverse());
+      this.#done = false;
+      return undefined;
     }
     this.#pending.push(...components(target).reverse());
     // A link in the last place (followed only when asked) leads on to its target.

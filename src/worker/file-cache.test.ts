@@ -86,3 +86,14 @@ test("blobs the CAS lacks are reported, and nothing stays pinned", async () => {
 function keyOf(digest: Digest): string {
   return `${digest.fn.name}-${digest.hash}-${digest.sizeBytes}`;
 }
+
+test("with ownerWrites the copies have their owner's write bit, small and large (streamed) ones alike", async () => {
+  const cache = await FileCache.open(join(dir, "owner-writes"), 1024 ** 3, { ownerWrites: true });
+  const small = await input("s");
+  const large = { ...(await input("l", 2 * 1024 * 1024)), executable: true };
+  const { missing, release } = await cache.ensure(cas, [small, large]);
+  assert.deepEqual(missing, []);
+  release();
+  assert.equal((await stat(cache.pathOf(small.digest, false))).mode & 0o777, 0o644);
+  assert.equal((await stat(cache.pathOf(large.digest, true))).mode & 0o777, 0o755);
+});

@@ -14,9 +14,9 @@ const SYNC_WRITE_LIMIT = 64 * 1024;
 /**
  * The worker's local copies of input files, by digest, hard-linked into
  * every action that uses them so a file is fetched once per worker. The
- * copies are read-only and owned by the worker's user, so the actions
- * (running as another, unprivileged user) cannot change them. Executable
- * and plain copies are separate files: a hard link shares its mode.
+ * copies are owned by the worker's user and writable by nobody else, so the
+ * actions (running as another, unprivileged user) cannot change them.
+ * Executable and plain copies are separate files: a hard link shares its mode.
  *
  * Past `maxBytes` the least recently used copies are deleted. A copy an
  * action is about to link is pinned until `release`; one already linked
@@ -33,13 +33,14 @@ export class FileCache {
   private constructor(
     private readonly dir: string,
     private readonly maxBytes: number,
+    private readonly options: FileCacheOptions,
   ) {}
 
-  static async open(dir: string, maxBytes: number): Promise<FileCache> {
+  static async open(dir: string, maxBytes: number, options: FileCacheOptions = {}): Promise<FileCache> {
     // Entries from an earlier run are not indexed; starting empty is always correct.
     await rm(dir, { recursive: true, force: true });
     await mkdir(dir, { recursive: true });
-    return new FileCache(dir, maxBytes);
+    return new FileCache(dir, maxBytes, options);
   }
 
   /** Bytes of the copies on disk. */
@@ -147,6 +148,11 @@ export class FileCache {
     return join(this.dir, this.key(digest, executable));
   }
 
+  private modeOf(executable: boolean): number {
+    const mode = executable ? 0o555 : 0o444;
+    return this.options.ownerWrites ? mode | 0o200 : mode;
+  }
+
   private key(digest: Digest, executable: boolean): string {
     return `${digest.fn.name}-${digest.hash}-${digest.sizeBytes}${executable ? "-x" : ""}`;
   }
@@ -167,7 +173,7 @@ export class FileCache {
         if (!data) return;
         const path = join(this.dir, key);
         const temp = `${path}.part`;
-        const mode = item.executable ? 0o555 : 0o444;
+        const mode = this.modeOf(item.executable);
         if (data.byteLength <= SYNC_WRITE_LIMIT) {
           writeFileSync(temp, data, { mode });
           renameSync(temp, path);
@@ -181,12 +187,24 @@ export class FileCache {
     for (const [key, item] of large) {
       const path = join(this.dir, key);
       if (await cas.readToFile(item.digest, path)) {
-        await chmod(path, item.executable ? 0o555 : 0o444);
+        await chmod(path, this.modeOf(item.executable));
         found.add(key);
       }
     }
     return found;
   }
+}
+
+export interface FileCacheOptions {
+  /**
+   * Gives the copies their owner's write bit (0644, 0755), as a source file
+   * in a workspace has, so that a copy an action makes of an input (`cp x
+   * tmp.txt`, which keeps the mode) is one it can write to, as under Bazel's
+   * own sandbox and remote worker. Only for a cache whose owner (root) is not
+   * the actions' user: they still can neither write nor chmod the copies.
+   * Without it the copies are 0444 and 0555.
+   */
+  ownerWrites?: boolean;
 }
 
 export function describeMissing(digests: readonly Digest[]): string[] {

@@ -1,4 +1,4 @@
-import { availableParallelism, hostname } from "node:os";
+import { availableParallelism, endianness, hostname } from "node:os";
 import { join } from "node:path";
 import { type ConnectionOptions, clientChannel } from "../auth/client-channel.js";
 import type { InputTreeLimits } from "../cas/tree-limits.js";
@@ -8,6 +8,7 @@ import { registryFromConfig } from "../execution/farm-registry.js";
 import type { Logger } from "../log/log.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
+import { hostPlatformProperties } from "../scheduler/host-platform.js";
 import type { Property } from "../scheduler/platform.js";
 import { openPrivateDir } from "../store/private-dir.js";
 import { DirectoryCache } from "./directory-cache.js";
@@ -61,7 +62,10 @@ export function defaultWorkerCount(): number {
 export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop(): Promise<void> }> {
   // The file cache, layers and action directories below are the worker's (root's) alone.
   await openPrivateDir(options.workDir);
-  const cache = await FileCache.open(join(options.workDir, "cache"), options.worker.fileCacheMaxSizeBytes);
+  // As root the copies are root's, and the actions run as other users: the owner's write bit harms nothing.
+  const cache = await FileCache.open(join(options.workDir, "cache"), options.worker.fileCacheMaxSizeBytes, {
+    ownerWrites: process.getuid?.() === 0,
+  });
   const hub = clientChannel(options.connection, CHANNEL_OPTIONS);
   const cas = RemoteCas.connect(hub);
   // Mounting an image's overlay needs root; other workers run actions on the host's root only.
@@ -83,6 +87,8 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       })
     : undefined;
   const properties = [
+    // What every client may ask of a worker (OSFamily, ISA, Arch), unless the operator said otherwise.
+    ...hostPlatformProperties(options.properties, process.platform, process.arch, endianness()),
     ...options.properties,
     ...(images ? [IMAGE_CAPABILITY] : []),
     ...(expandedRoots ? [EXPANDED_IMAGE_CAPABILITY] : []),

@@ -53,9 +53,18 @@ const wire = (d: Digest) => ({ hash: d.hash, sizeBytes: d.sizeBytes });
  *
  * The worker reads them as root, so each path is resolved with
  * ContainedRoot (contained-path.ts): a symlink on the way that leaves the
- * input root makes the output refused, an output that is a symlink is
- * returned as one, files are opened without following a link and hashed only
- * when regular, and a directory's tree records the symlinks in it as symlinks.
+ * input root makes the output refused, files are opened without following a
+ * link and hashed only when regular.
+ *
+ * An output that is a symlink is returned as one, unless its target is an
+ * absolute path into the input root as the action sees it (`seenAs`, e.g.
+ * /run/berth/execroot/dir/foo): then it is returned as what it leads to, a
+ * file or a directory, as Bazel's own remote worker does (the client could
+ * not resolve such a path). In a directory's tree, links are kept as links,
+ * except those same absolute links into the input root, which become what
+ * they lead to. A link that leads out of the root, through however many
+ * links, is never followed: it stays a link, for the client to take as its
+ * symlink_absolute_path_strategy says.
  */
 export async function collectOutputs(
   fn: DigestFunction,
@@ -63,7 +72,7 @@ export async function collectOutputs(
   inputRoot: string,
   workingDirectory: string,
   keep: KeepInMemory,
-  /** How the action's absolute paths are read: `chroot` when its input root is its "/". */
+  /** How the action's absolute paths are read: where it sees its input root, or `chroot` when that is its "/". */
   rootOptions: ContainedRootOptions = {},
 ): Promise<CollectedOutputs> {
   let kept = 0;
@@ -93,6 +102,7 @@ export async function collectOutputs(
       ];
   // Made now: what the command did to the tree since the parents were made is seen afresh.
   const root = new ContainedRoot(inputRoot, rootOptions);
+  const followIntoRoot = (target: string) => targetInRoot(root, target);
   for (const { path, kind, field } of requested) {
     const found = root.resolve(workingDirectory === "" ? path : `${workingDirectory}/${path}`);
     if (found.kind === "absent") continue;
@@ -100,13 +110,21 @@ export async function collectOutputs(
       out.refused.push({ field, path, reason: found.reason });
       continue;
     }
-    const { hostPath, stats: info } = found;
+    let { hostPath, stats: info } = found;
     if (info.isSymbolicLink()) {
-      const symlink = { path, target: readlinkSync(hostPath), nodeProperties: undefined };
-      out.outputSymlinks.push(symlink);
-      if (kind === "directory") out.outputDirectorySymlinks.push(symlink);
-      else out.outputFileSymlinks.push(symlink);
-    } else if (info.isFile() && kind !== "directory") {
+      const target = readlinkSync(hostPath);
+      const followed = targetInRoot(root, target);
+      if (followed) {
+        ({ hostPath, stats: info } = followed);
+      } else {
+        const symlink = { path, target, nodeProperties: undefined };
+        out.outputSymlinks.push(symlink);
+        if (kind === "directory") out.outputDirectorySymlinks.push(symlink);
+        else out.outputFileSymlinks.push(symlink);
+        continue;
+      }
+    }
+    if (info.isFile() && kind !== "directory") {
       const keepIt = info.size <= keep.blobBytes && kept + info.size <= keep.totalBytes;
       const { blob, info: opened } = await fileBlob(fn, hostPath, keepIt ? info.size : 0);
       if ("data" in blob) kept += blob.digest.sizeBytes;
@@ -120,7 +138,7 @@ export async function collectOutputs(
         nodeProperties: undefined,
       });
     } else if (info.isDirectory() && kind !== "file") {
-      const local = await readLocalTree(fn, hostPath);
+      const local = await readLocalTree(fn, hostPath, followIntoRoot);
       out.uploads.push(...local.blobs);
       const rootDigest = local.rootDigest;
       const treeBytes = Buffer.from(Tree.encode({ root: local.root, children: local.children }).finish());
@@ -135,6 +153,20 @@ export async function collectOutputs(
     }
   }
   return out;
+}
+
+/**
+ * What a symlink whose target is `target` stands for, when that is an
+ * absolute path into the input root leading (through any links, all inside)
+ * to a regular file or a directory; undefined when the link is to stay a
+ * link: a relative target, or one that leads out of the root, or to nothing.
+ */
+function targetInRoot(root: ContainedRoot, target: string): { hostPath: string; stats: Stats } | undefined {
+  // In a chroot an absolute link is what its sysroot means it to be (/bin/sh -> /bin/busybox): kept.
+  if (root.chroot || !target.startsWith("/")) return undefined;
+  const found = root.resolveTarget(target);
+  if (found.kind !== "present" || !(found.stats.isFile() || found.stats.isDirectory())) return undefined;
+  return found;
 }
 
 /**

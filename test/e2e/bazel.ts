@@ -122,6 +122,8 @@ export interface SpawnExec {
   exitCode?: number;
   status?: string;
   listedOutputs?: string[];
+  /** The platform Bazel sent (exec_properties and --remote_default_exec_properties). */
+  platform?: { properties?: { name: string; value: string }[] };
 }
 
 /**

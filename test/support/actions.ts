@@ -12,6 +12,7 @@ import type { Operation } from "../../src/gen/google/longrunning/operations.js";
 import { sha256, type WireDigest } from "./blobs.js";
 import type { Clients } from "./farm.js";
 import { collect, unaryCall } from "./rpc.js";
+import { type DirNode, encodeTree } from "./trees.js";
 
 type Property = { name: string; value: string };
 
@@ -36,6 +37,8 @@ export interface ActionSpec {
   salt?: string;
   /** Input blobs to leave out of the upload, by path, to provoke MISSING. */
   skipUpload?: string[];
+  /** The whole input root, written with trees.ts (directory modes and all), in place of files and symlinks. */
+  inputRoot?: DirNode;
 }
 
 interface Blob {
@@ -106,7 +109,7 @@ export async function uploadBlobs(clients: Clients, blobs: Blob[]): Promise<void
 
 /** Uploads the action, its command and inputs; returns the action digest. */
 export async function uploadAction(clients: Clients, spec: ActionSpec): Promise<WireDigest> {
-  const { root, blobs } = inputTree(spec);
+  const { root, blobs } = spec.inputRoot ? encodeTree(spec.inputRoot) : inputTree(spec);
   const command = Command.fromPartial({
     arguments: spec.args,
     environmentVariables: Object.entries(spec.env ?? { PATH: "/usr/bin:/bin" })

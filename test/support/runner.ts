@@ -23,7 +23,7 @@ export async function actionRunnerOptions(
     workerName: "test-worker",
     workDir: join(workDir, "actions"),
     cas,
-    cache: await FileCache.open(join(workDir, "cache"), 1024 ** 3),
+    cache: await FileCache.open(join(workDir, "cache"), 1024 ** 3, { ownerWrites: process.getuid?.() === 0 }),
     images: undefined,
     expandedRoots: undefined,
     inputRootPath: "/run/berth/execroot",
