@@ -1,3 +1,4 @@
+import type { handleUnaryCall } from "@grpc/grpc-js";
 import type { AssetAnswer, AssetStore } from "../asset/asset-store.js";
 import { type Digest, parseDigest, resolveDigestFunction } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
@@ -6,14 +7,15 @@ import type { Duration } from "../gen/google/protobuf/duration.js";
 import type { Timestamp } from "../gen/google/protobuf/timestamp.js";
 import type { Logger } from "../log/log.js";
 import { OK_STATUS } from "../status/rpc-status.js";
-import { invalidArgument } from "../status/status.js";
-import { unary } from "./handlers.js";
+import { Code, invalidArgument, toStatusError } from "../status/status.js";
+import { toServiceError } from "./grpc-status.js";
+import { logFailure } from "./handlers.js";
 import type { InstanceNames } from "./instance-names.js";
 
 /** The Remote Asset API's Fetch service: wire ⇄ AssetStore. */
 export function fetchService(store: AssetStore, instances: InstanceNames, log: Logger): FetchServer {
   return {
-    fetchBlob: unary(log, "FetchBlob", async (request) => {
+    fetchBlob: call(log, "FetchBlob", async (request) => {
       instances.check(request.instanceName);
       const fn = requestedFunction(request.digestFunction);
       const answer = await store.fetchBlob({
@@ -27,7 +29,7 @@ export function fetchService(store: AssetStore, instances: InstanceNames, log: L
       return { ...answered(answer, request.qualifiers, fn), blobDigest: wire(answer.digest) };
     }),
 
-    fetchDirectory: unary(log, "FetchDirectory", async (request) => {
+    fetchDirectory: call(log, "FetchDirectory", async (request) => {
       instances.check(request.instanceName);
       const fn = requestedFunction(request.digestFunction);
       const answer = await store.fetchDirectory({
@@ -45,7 +47,7 @@ export function fetchService(store: AssetStore, instances: InstanceNames, log: L
 /** The Remote Asset API's Push service: wire ⇄ AssetStore. */
 export function pushService(store: AssetStore, instances: InstanceNames, log: Logger): PushServer {
   return {
-    pushBlob: unary(log, "PushBlob", async (request) => {
+    pushBlob: call(log, "PushBlob", async (request) => {
       instances.check(request.instanceName);
       if (request.uris.length === 0) throw invalidArgument("uris", "at least one URI is required");
       const fn = resolveDigestFunction(request.digestFunction, request.blobDigest?.hash);
@@ -61,7 +63,7 @@ export function pushService(store: AssetStore, instances: InstanceNames, log: Lo
       return {};
     }),
 
-    pushDirectory: unary(log, "PushDirectory", async (request) => {
+    pushDirectory: call(log, "PushDirectory", async (request) => {
       instances.check(request.instanceName);
       if (request.uris.length === 0) throw invalidArgument("uris", "at least one URI is required");
       const fn = resolveDigestFunction(request.digestFunction, request.rootDirectoryDigest?.hash);
@@ -76,6 +78,32 @@ export function pushService(store: AssetStore, instances: InstanceNames, log: Lo
       });
       return {};
     }),
+  };
+}
+
+/**
+ * A unary handler. A fetch an origin refused, or one past its timeout, is no
+ * fault of the server: said at info (each URI's reason was logged by the
+ * fetcher), not as an error.
+ */
+function call<Req, Res>(
+  log: Logger,
+  method: string,
+  handler: (request: Req) => Promise<Res>,
+): handleUnaryCall<Req, Res> {
+  return (grpcCall, callback) => {
+    handler(grpcCall.request).then(
+      (response) => callback(null, response),
+      (err: unknown) => {
+        const error = toStatusError(err);
+        if (error.code === Code.PERMISSION_DENIED || error.code === Code.DEADLINE_EXCEEDED) {
+          log.info({ method, code: error.code }, `${method}: ${error.message}`);
+        } else {
+          logFailure(log, method, err);
+        }
+        callback(toServiceError(err));
+      },
+    );
   };
 }
 

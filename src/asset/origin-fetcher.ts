@@ -67,14 +67,19 @@ export class OriginFetcher {
     this.stopping.abort(new Error("the server is stopping"));
   }
 
-  /** The content, or NOT_FOUND (no URI gave it) or DEADLINE_EXCEEDED (the timeout passed), each URI's reason named. */
+  /**
+   * The content; or PERMISSION_DENIED (the policy refused every URI), NOT_FOUND (no URI gave it) or
+   * DEADLINE_EXCEEDED (the timeout passed), each URI's reason named.
+   */
   async fetch(request: OriginFetch): Promise<Fetched> {
     const startedAt = Date.now();
     const signal = AbortSignal.any([AbortSignal.timeout(request.timeoutMs), this.stopping.signal]);
     const reasons: string[] = [];
+    let allRefused = true;
     for (const [i, url] of request.uris.entries()) {
       if (!url) {
         reasons.push(`uris[${i}]: no association, and not an http or https URL to download`);
+        allRefused = false;
         continue;
       }
       const began = Date.now();
@@ -90,11 +95,12 @@ export class OriginFetcher {
         if (err instanceof StoreFailure) throw err.cause;
         const failure = failureOf(err, signal);
         reasons.push(`uris[${i}] (${describeUrl(url)}): ${failure.message}`);
+        if (failure.kind !== "refused") allRefused = false;
         this.log.info(
           { instance: request.instanceName, uri: describeUrl(url), reason: failure.message },
-          "fetch from origin failed",
+          `fetching ${describeUrl(url)} failed: ${failure.message}`,
         );
-        if (failure.timedOut) {
+        if (failure.kind === "timedOut") {
           throw new StatusError(
             Code.DEADLINE_EXCEEDED,
             `the fetch did not finish within its timeout of ${request.timeoutMs / 1000} s: ${reasons.join("; ")}`,
@@ -103,6 +109,8 @@ export class OriginFetcher {
         if (signal.aborted) throw new StatusError(Code.UNAVAILABLE, `the fetch was stopped: ${reasons.join("; ")}`);
       }
     }
+    // The protocol's code for "an asset from a disallowed origin"; any other failure is "not found there".
+    if (allRefused) throw new StatusError(Code.PERMISSION_DENIED, `no URI may be fetched: ${reasons.join("; ")}`);
     throw new StatusError(Code.NOT_FOUND, `no URI gave the asset: ${reasons.join("; ")}`);
   }
 

@@ -2,11 +2,11 @@ import { request as httpRequest, type IncomingMessage, type RequestOptions } fro
 import { request as httpsRequest } from "node:https";
 import { type OriginPolicy, OriginRefused } from "./origin-policy.js";
 
-/** Why one URI gave nothing; `timedOut` when the fetch's deadline ended it. */
+/** Why one URI gave nothing: the origin's answer, the policy's refusal, or the fetch's deadline. */
 export class UriFailure extends Error {
   constructor(
     message: string,
-    readonly timedOut = false,
+    readonly kind: "failed" | "refused" | "timedOut" = "failed",
   ) {
     super(message);
   }
@@ -47,7 +47,7 @@ export async function openOrigin(
       policy.check(url);
     } catch (err) {
       if (!(err instanceof OriginRefused)) throw err;
-      throw new UriFailure(hop === 0 ? err.message : `redirected to ${describeUrl(url)}: ${err.message}`);
+      throw new UriFailure(hop === 0 ? err.message : `redirected to ${describeUrl(url)}: ${err.message}`, "refused");
     }
     const sent = url.origin === start.origin ? headers : {};
     const response = await get(url, sent, policy, signal);
@@ -101,12 +101,14 @@ export function failureOf(err: unknown, signal: AbortSignal): UriFailure {
   if (signal.aborted) {
     const reason: unknown = signal.reason;
     const timedOut = reason instanceof Error && reason.name === "TimeoutError";
-    return new UriFailure(timedOut ? "the fetch's timeout passed" : "the fetch was stopped", timedOut);
+    return timedOut
+      ? new UriFailure("the fetch's timeout passed", "timedOut")
+      : new UriFailure("the fetch was stopped");
   }
-  if (err instanceof OriginRefused) return new UriFailure(err.message);
+  if (err instanceof OriginRefused) return new UriFailure(err.message, "refused");
   // The lookup's refusal reaches here wrapped by net when it cannot be passed on as it is.
   const cause = (err as { cause?: unknown }).cause;
-  if (cause instanceof OriginRefused) return new UriFailure(cause.message);
+  if (cause instanceof OriginRefused) return new UriFailure(cause.message, "refused");
   return new UriFailure(networkCause(err));
 }
 
