@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 import type { ServiceError } from "@grpc/grpc-js";
 import {
@@ -129,6 +129,38 @@ describe("FetchBlob from an allowed origin", () => {
       fetchBlob(farm, { instanceName: "c", uris: [uri] }),
       failsWith(Code.INVALID_ARGUMENT, /unknown instance name "c"/),
     );
+  });
+
+  test("content one URI of a list gave is not remembered for the others unless a checksum proved it", async () => {
+    // A client lists its own URL first and the victim's second: only its own URL gets the association.
+    origin.routes.set("/attacker", { kind: "file", body: Buffer.from("evil") });
+    origin.routes.set("/victim", { kind: "file", body: Buffer.from("genuine") });
+    await fetchBlob(farm, { uris: [`${origin.url}/attacker`, `${origin.url}/victim`] });
+    const victim = await fetchBlob(farm, { uris: [`${origin.url}/victim`] });
+    assert.deepEqual(victim.blobDigest, sha256("genuine"));
+    assert.equal(origin.hits("/victim"), 1);
+    // With a checksum the content is the content, whichever mirror gave it: every URI of the list is answered.
+    const body = Buffer.from("mirrored");
+    origin.routes.set("/mirror-a", { kind: "file", body });
+    await fetchBlob(farm, { uris: [`${origin.url}/mirror-a`, `${origin.url}/mirror-b`], qualifiers: [sri(body)] });
+    const fromB = await fetchBlob(farm, { uris: [`${origin.url}/mirror-b`], qualifiers: [sri(body)] });
+    assert.deepEqual(fromB.blobDigest, sha256(body));
+    assert.equal(origin.hits("/mirror-b"), 0);
+  });
+
+  test("the blob's digest is in the digest function the request names", async () => {
+    const body = randomBytes(70_000);
+    origin.routes.set("/sha512", { kind: "file", body });
+    const answer = await fetchBlob(farm, {
+      uris: [`${origin.url}/sha512`],
+      qualifiers: [sri(body, "sha512")],
+      digestFunction: 6,
+    });
+    assert.equal(answer.digestFunction, 6);
+    assert.deepEqual(answer.blobDigest, {
+      hash: createHash("sha512").update(body).digest("hex"),
+      sizeBytes: body.byteLength,
+    });
   });
 
   test("HTTP errors and unreachable URIs are NOT_FOUND naming each URI's reason", async () => {
