@@ -121,6 +121,10 @@ describe("FetchBlob against hostile URLs and origins", () => {
       fetchBlob(farm, { uris: [`http://127.0.0.1:${origin.port}@evil.example.invalid/here`] }),
       failsWith(Code.INVALID_ARGUMENT, /uris\[0\]: a URL with credentials in it/),
     );
+    // One that does not even parse is not echoed with what might be its password.
+    const err = await fetchBlob(farm, { uris: ["http://user:hunter2@[bad-host/here"] }).catch((e: ServiceError) => e);
+    assert.equal((err as ServiceError).code, Code.INVALID_ARGUMENT);
+    assert.doesNotMatch((err as ServiceError).details, /hunter2/);
     assert.equal(origin.hits("/here"), before, "none of these reached the origin");
   });
 
