@@ -72,8 +72,25 @@ export class OriginFetcher {
    * DEADLINE_EXCEEDED (the timeout passed), each URI's reason named.
    */
   async fetch(request: OriginFetch): Promise<Fetched> {
+    if (this.stopping.signal.aborted) throw new StatusError(Code.UNAVAILABLE, "the server is stopping");
+    // One controller per fetch, ended by its timeout or by close(); both hooks are removed when it is done.
+    const controller = new AbortController();
+    const timer = setTimeout(
+      () => controller.abort(new DOMException("the fetch's timeout passed", "TimeoutError")),
+      request.timeoutMs,
+    );
+    const stop = () => controller.abort(this.stopping.signal.reason);
+    this.stopping.signal.addEventListener("abort", stop, { once: true });
+    try {
+      return await this.tryUris(request, controller.signal);
+    } finally {
+      clearTimeout(timer);
+      this.stopping.signal.removeEventListener("abort", stop);
+    }
+  }
+
+  private async tryUris(request: OriginFetch, signal: AbortSignal): Promise<Fetched> {
     const startedAt = Date.now();
-    const signal = AbortSignal.any([AbortSignal.timeout(request.timeoutMs), this.stopping.signal]);
     const reasons: string[] = [];
     let allRefused = true;
     for (const [i, url] of request.uris.entries()) {
