@@ -10,6 +10,7 @@ import {
   pushDirectory,
   readBlob,
   sri,
+  upload,
 } from "../../test/support/assets.js";
 import { sha256 } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
@@ -146,6 +147,15 @@ describe("FetchBlob from an allowed origin", () => {
     const fromB = await fetchBlob(farm, { uris: [`${origin.url}/mirror-b`], qualifiers: [sri(body)] });
     assert.deepEqual(fromB.blobDigest, sha256(body));
     assert.equal(origin.hits("/mirror-b"), 0);
+  });
+
+  test("a blob the CAS already holds under the checksum is answered without reading the body", async () => {
+    const known = randomBytes(200_000);
+    await upload(farm, { data: known, digest: sha256(known) });
+    // The origin would send other bytes of the same length: never read, since the checksum names a stored blob.
+    origin.routes.set("/known", { kind: "file", body: randomBytes(known.byteLength) });
+    const answer = await fetchBlob(farm, { uris: [`${origin.url}/known`], qualifiers: [sri(known)] });
+    assert.deepEqual(answer.blobDigest, sha256(known));
   });
 
   test("the blob's digest is in the digest function the request names", async () => {

@@ -150,6 +150,11 @@ export class OriginFetcher {
       sameFunction.length === 1 && origin.length !== undefined
         ? { fn: request.fn, hash: (sameFunction[0] as SriChecksum).hex, sizeBytes: origin.length }
         : undefined;
+    // The CAS may hold that blob already (another URL, an association evicted before its blob): no need to read on.
+    if (expected && (await stored(() => this.cas.findMissing([expected]))).length === 0) {
+      origin.body.destroy();
+      return expected;
+    }
     const sink = await stored<BlobSink>(() =>
       expected ? CasSink.open(this.cas, expected) : TempFileSink.open(this.cas, request.fn, this.options.tempDir),
     );
