@@ -193,6 +193,29 @@ describe("FetchBlob against hostile URLs and origins", () => {
     assert.deepEqual(await tempFiles(), []);
   });
 
+  test("downloads beyond maxConcurrentDownloads wait for a slot, and time out waiting without touching the origin", async () => {
+    const narrow = await startTestFarm({
+      asset: { fetch: { allowedHosts: [`127.0.0.1:${origin.port}`], maxConcurrentDownloads: 1 } },
+    });
+    try {
+      origin.routes.set("/occupies", { kind: "silent" });
+      origin.routes.set("/queued", { kind: "file", body: Buffer.from("queued") });
+      const occupying = fetchBlob(narrow, { uris: [`${origin.url}/occupies`], timeout: { seconds: 2, nanos: 0 } });
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      await assert.rejects(
+        fetchBlob(narrow, { uris: [`${origin.url}/queued`], timeout: { seconds: 1, nanos: 0 } }),
+        failsWith(Code.DEADLINE_EXCEEDED, /waited for a download slot: all 1 \(asset\.fetch\.maxConcurrentDownloads\)/),
+      );
+      assert.equal(origin.hits("/queued"), 0);
+      // Once the slot is free again, a waiting fetch gets it.
+      const waiting = fetchBlob(narrow, { uris: [`${origin.url}/queued`], timeout: { seconds: 10, nanos: 0 } });
+      await assert.rejects(occupying, failsWith(Code.DEADLINE_EXCEEDED, /timeout/));
+      assert.deepEqual((await waiting).blobDigest, sha256("queued"));
+    } finally {
+      await narrow.close();
+    }
+  });
+
   test("a download outlives a client that gave up: the next call gets it without a second download", async () => {
     const body = Buffer.from("worth the wait");
     origin.routes.set("/slow", { kind: "slow", body, delayMs: 800 });

@@ -5,6 +5,7 @@ import type { DigestFunction } from "../digest/functions.js";
 import type { Logger } from "../log/log.js";
 import { Code, StatusError } from "../status/status.js";
 import { type BlobSink, CasSink, TempFileSink } from "./blob-sink.js";
+import { DownloadSlots } from "./download-slots.js";
 import type { OriginPolicy } from "./origin-policy.js";
 import { describeUrl, failureOf, type OriginBody, openOrigin, UriFailure } from "./origin-request.js";
 import { SriCheck, type SriChecksum } from "./sri.js";
@@ -14,6 +15,8 @@ export interface OriginFetcherOptions {
   tempDir: string;
   /** asset.fetch.maxBlobBytes */
   maxBlobBytes: number;
+  /** asset.fetch.maxConcurrentDownloads */
+  maxConcurrentDownloads: number;
 }
 
 /** One download: the URIs to try in order and what the content must satisfy. */
@@ -48,13 +51,16 @@ const WRITE_BYTES = 1024 * 1024;
  */
 export class OriginFetcher {
   private readonly stopping = new AbortController();
+  private readonly slots: DownloadSlots;
 
   constructor(
     private readonly cas: BlobStore,
     private readonly policy: OriginPolicy,
     private readonly options: OriginFetcherOptions,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.slots = new DownloadSlots(options.maxConcurrentDownloads);
+  }
 
   /** Empties the temporary directory: what an earlier run left is of no use. */
   async open(): Promise<void> {
@@ -82,7 +88,23 @@ export class OriginFetcher {
     const stop = () => controller.abort(this.stopping.signal.reason);
     this.stopping.signal.addEventListener("abort", stop, { once: true });
     try {
-      return await this.tryUris(request, controller.signal);
+      let release: () => void;
+      try {
+        release = await this.slots.acquire(controller.signal);
+      } catch {
+        const limit = `${this.slots.size} (asset.fetch.maxConcurrentDownloads)`;
+        if (this.stopping.signal.aborted) throw new StatusError(Code.UNAVAILABLE, "the server is stopping");
+        throw new StatusError(
+          Code.DEADLINE_EXCEEDED,
+          `the fetch's timeout of ${request.timeoutMs / 1000} s passed while it waited for a download slot: ` +
+            `all ${limit} were busy`,
+        );
+      }
+      try {
+        return await this.tryUris(request, controller.signal);
+      } finally {
+        release();
+      }
     } finally {
       clearTimeout(timer);
       this.stopping.signal.removeEventListener("abort", stop);
