@@ -2,6 +2,7 @@ import { chmod, readFile, rm } from "node:fs/promises";
 import type { Http2Server, ServerHttp2Session } from "node:http2";
 import { join } from "node:path";
 import { Server, ServerCredentials } from "@grpc/grpc-js";
+import { openAssetStore } from "../asset/open-asset-store.js";
 import { AccessPolicy, type Grant } from "../auth/access.js";
 import { accessInterceptor, requestInstanceName } from "../auth/access-interceptor.js";
 import { loadClientTokens } from "../auth/client-tokens.js";
@@ -13,6 +14,7 @@ import { ImagePulls } from "../execution/image-pulls.js";
 import type { Farm } from "../farm/farm.js";
 import { ImagesService } from "../gen/berth/image/v1/image.js";
 import { WorkerHubService } from "../gen/berth/worker/v1/worker.js";
+import { FetchService, PushService } from "../gen/build/bazel/remote/asset/v1/remote_asset.js";
 import {
   ActionCacheService,
   CapabilitiesService,
@@ -22,6 +24,7 @@ import {
 import { OperationsService } from "../gen/google/longrunning/operations.js";
 import type { Logger } from "../log/log.js";
 import { actionCacheService } from "./action-cache-service.js";
+import { fetchService, pushService } from "./asset-service.js";
 import { FastByteStreamService } from "./bytestream-codec.js";
 import { byteStreamService } from "./bytestream-service.js";
 import { callLogInterceptor } from "./call-log.js";
@@ -140,6 +143,9 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
     ),
   );
   addService(OperationsService, operationsService(farm.scheduler, log));
+  const assets = await openAssetStore(config, farm, log);
+  addService(FetchService, fetchService(assets, instances, log));
+  addService(PushService, pushService(assets, instances, log));
   const pulls = new ImagePulls(farm.images, farm.scheduler);
   addService(ImagesService, imagesService(pulls, farm.images, farm.expander, instances, log));
   addService(
@@ -182,6 +188,7 @@ export async function startServer(farm: Farm, config: Config, log: Logger): Prom
     workerTokenFile,
     close: () =>
       new Promise<void>((resolve) => {
+        assets.close();
         const force = setTimeout(() => server.forceShutdown(), 5000);
         server.tryShutdown(() => {
           clearTimeout(force);

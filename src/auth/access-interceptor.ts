@@ -29,6 +29,8 @@ const SERVICE_RULES: Record<string, Rule> = {
   "build.bazel.remote.execution.v2.ContentAddressableStorage": { kind: "instance", of: instanceField },
   "build.bazel.remote.execution.v2.ActionCache": { kind: "instance", of: instanceField },
   "berth.image.v1.Images": { kind: "instance", of: instanceField },
+  "build.bazel.remote.asset.v1.Fetch": { kind: "instance", of: instanceField },
+  "build.bazel.remote.asset.v1.Push": { kind: "instance", of: instanceField },
   "google.longrunning.Operations": { kind: "operation", of: nameField },
   "berth.worker.v1.WorkerHub": { kind: "worker" },
 };

@@ -3,6 +3,7 @@ import { homedir } from "node:os";
 import { isAbsolute, join, resolve } from "node:path";
 import { parse as parseYaml } from "yaml";
 import { z } from "zod";
+import { parseHostPattern } from "../asset/host-pattern.js";
 import { checkPrivateFile, PrivateFileError } from "../auth/private-file.js";
 import { DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/message-size.js";
 import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
@@ -32,6 +33,15 @@ const bytes = z.union([z.number().int().nonnegative(), z.string()]).transform((v
     return z.NEVER;
   }
   return Math.floor(Number(match[1]) * factor);
+});
+
+/** An entry of asset.fetch.allowedHosts (see asset/host-pattern.ts). */
+const allowedHostPattern = z.string().superRefine((value, ctx) => {
+  try {
+    parseHostPattern(value);
+  } catch (err) {
+    ctx.addIssue({ code: "custom", message: (err as Error).message });
+  }
 });
 
 const hostPort = z.string().regex(/^(\[[0-9a-fA-F:]+\]|[^\s:]+):[0-9]{1,5}$/, "must be HOST:PORT, e.g. 127.0.0.1:8980");
@@ -238,6 +248,35 @@ export const ConfigSchema = z
           .string()
           .regex(/^\/[^\0]*[^/]$/, "must be an absolute path such as /run/berth/execroot")
           .default("/run/berth/execroot"),
+      })
+      .strict()
+      .prefault({}),
+    /** The Remote Asset API (Fetch, Push) on the gRPC port. */
+    asset: z
+      .object({
+        fetch: z
+          .object({
+            /**
+             * Hosts FetchBlob may download from: "host" (its scheme's default port only), "host:port", "host:*"
+             * (any port), "*.example.com[:port]" (every name below it), "[::1]:8080". Empty: the farm
+             * downloads nothing and answers only what was pushed or fetched before.
+             */
+            allowedHosts: z.array(allowedHostPattern).default([]),
+            /** Plain http:// to allowed hosts that are not loopback (https and loopback http always may be used). */
+            allowHttp: z.boolean().default(false),
+            /** Names (not IP literals) of allowed hosts may resolve to private, link-local and CGNAT addresses. */
+            allowPrivateAddresses: z.boolean().default(false),
+            /** A download past this size is abandoned. */
+            maxBlobBytes: bytes.default(1024 ** 3),
+            /** Downloads at once; more wait (within their timeout) for one to finish. */
+            maxConcurrentDownloads: z.number().int().positive().default(16),
+            /** Timeout of a download whose request sets none. */
+            defaultTimeoutSeconds: z.number().positive().default(300),
+            /** Longer timeouts asked for are cut to this. */
+            maxTimeoutSeconds: z.number().positive().default(3600),
+          })
+          .strict()
+          .prefault({}),
       })
       .strict()
       .prefault({}),

@@ -9,6 +9,7 @@ import { type ConnectionOptions, clientChannel } from "../../src/auth/client-cha
 import { readTokenFile } from "../../src/auth/token-file.js";
 import { type Config, parseConfig } from "../../src/config/config.js";
 import { type Farm, openFarm } from "../../src/farm/farm.js";
+import { FetchClient, PushClient } from "../../src/gen/build/bazel/remote/asset/v1/remote_asset.js";
 import {
   ActionCacheClient,
   CapabilitiesClient,
@@ -28,6 +29,9 @@ export interface Clients {
   byteStream: ByteStreamClient;
   ac: ActionCacheClient;
   capabilities: CapabilitiesClient;
+  /** The Remote Asset API. */
+  fetch: FetchClient;
+  push: PushClient;
   close(): void;
 }
 
@@ -47,6 +51,8 @@ export function connect(address: string, as: Omit<ConnectionOptions, "address"> 
   const capabilities = new CapabilitiesClient(target, credentials, options);
   const execution = new ExecutionClient(target, credentials, options);
   const operations = new OperationsClient(target, credentials, options);
+  const fetch = new FetchClient(target, credentials, options);
+  const push = new PushClient(target, credentials, options);
   return {
     execution,
     operations,
@@ -54,8 +60,10 @@ export function connect(address: string, as: Omit<ConnectionOptions, "address"> 
     byteStream,
     ac,
     capabilities,
+    fetch,
+    push,
     close: () => {
-      for (const client of [cas, byteStream, ac, capabilities, execution, operations]) client.close();
+      for (const client of [cas, byteStream, ac, capabilities, execution, operations, fetch, push]) client.close();
     },
   };
 }
