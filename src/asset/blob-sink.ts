@@ -26,7 +26,9 @@ export class CasSink implements BlobSink {
   }
 
   async finish(): Promise<Digest> {
-    await this.writer.commit();
+    // A downloaded asset is a copy of what its URL serves, named by a write-behind association: flushed in the
+    // background (see PutOptions.durable); a crash may lose both, and the next fetch downloads it again.
+    await this.writer.commit({ durable: false });
     return this.writer.digest;
   }
 
@@ -91,7 +93,7 @@ export class TempFileSink implements BlobSink {
         await writer.write(buffer.subarray(0, bytesRead));
         position += bytesRead;
       }
-      await writer.commit();
+      await writer.commit({ durable: false }); // see CasSink.finish
     } catch (err) {
       await writer.abort();
       throw err;

@@ -40,8 +40,11 @@ export interface BlobWriter {
   /** Bytes accepted so far. */
   readonly written: number;
   write(chunk: Uint8Array): Promise<void>;
-  /** Verifies size and hash, then publishes the blob atomically. */
-  commit(): Promise<void>;
+  /**
+   * Verifies size and hash, then publishes the blob atomically; flushed to disk first unless `durable` is
+   * false (see PutOptions.durable).
+   */
+  commit(options?: { durable?: boolean }): Promise<void>;
   /** Drops what was written. */
   abort(): Promise<void>;
 }

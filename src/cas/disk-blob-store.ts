@@ -472,11 +472,12 @@ class DiskBlobWriter implements BlobWriter {
     }
   }
 
-  async commit(): Promise<void> {
+  async commit(options?: { durable?: boolean }): Promise<void> {
     if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "the upload already finished");
     this.done = true;
+    const durable = options?.durable ?? true;
     try {
-      await this.settle(true);
+      await this.settle(durable);
     } catch (err) {
       await unlink(this.temp).catch(() => {});
       throw isDiskFull(err) ? this.store.diskFull(err, this.digest) : err;
@@ -491,7 +492,7 @@ class DiskBlobWriter implements BlobWriter {
     const key = digestKey(digest);
     if (this.files.has(key) && !this.files.isVerified(key)) await this.files.remove(key);
     try {
-      await this.files.commit(this.temp, key, digest.sizeBytes);
+      await this.files.commit(this.temp, key, digest.sizeBytes, { durable });
     } catch (err) {
       // A new prefix directory may need a block of its own.
       await unlink(this.temp).catch(() => {});
@@ -567,7 +568,7 @@ class MemoryBlobWriter implements BlobWriter {
     this.written += chunk.byteLength;
   }
 
-  async commit(): Promise<void> {
+  async commit(options?: { durable?: boolean }): Promise<void> {
     if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "the upload already finished");
     this.done = true;
     const { digest } = this;
@@ -575,7 +576,7 @@ class MemoryBlobWriter implements BlobWriter {
     const actual = (await digestOf(digest.fn, data)).hash;
     const wrong = uploadMismatch(digest, this.written, () => actual);
     if (wrong) throw wrong;
-    await this.store.put(digest, data, { hashedByCaller: true });
+    await this.store.put(digest, data, { hashedByCaller: true, durable: options?.durable });
   }
 
   async abort(): Promise<void> {

@@ -133,10 +133,13 @@ export class LruDirectory {
   /**
    * Moves a complete temporary file into place under `key`; the caller has
    * flushed its content (FileHandle.sync). Returns once the new name is on
-   * disk too. Concurrent commits of the same key are safe: the content is the
-   * same, the last rename wins, and the index counts the file once.
+   * disk too, unless `durable` is false (a file not flushed either, which a
+   * crash may lose, see PutOptions.durable; a damaged one is caught by the
+   * check of files found at start). Concurrent commits of the same key are
+   * safe: the content is the same, the last rename wins, and the index counts
+   * the file once.
    */
-  async commit(tempPath: string, key: string, size: number): Promise<void> {
+  async commit(tempPath: string, key: string, size: number, options?: { durable?: boolean }): Promise<void> {
     if (size > this.options.maxBytes) {
       await unlink(tempPath).catch(() => {});
       throw new StatusError(
@@ -147,7 +150,7 @@ export class LruDirectory {
     const target = this.filePath(key);
     await this.ensureDir(dirname(target));
     await rename(tempPath, target);
-    await this.syncDir(dirname(target));
+    if (options?.durable ?? true) await this.syncDir(dirname(target));
     await this.record(key, size);
   }
 
