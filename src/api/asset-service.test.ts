@@ -1,73 +1,21 @@
 import assert from "node:assert/strict";
-import { createHash, randomBytes } from "node:crypto";
+import { randomBytes } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 import type { ServiceError } from "@grpc/grpc-js";
-import { sha256, type WireDigest } from "../../test/support/blobs.js";
+import {
+  failsWith,
+  fetchBlob,
+  fetchDirectory,
+  pushBlob,
+  pushDirectory,
+  readBlob,
+  sri,
+} from "../../test/support/assets.js";
+import { sha256 } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { type HttpOrigin, startHttpOrigin } from "../../test/support/http-origin.js";
-import { statusDetails, unaryCall } from "../../test/support/rpc.js";
-import {
-  FetchBlobRequest,
-  type FetchBlobResponse,
-  FetchDirectoryRequest,
-  PushBlobRequest,
-  PushDirectoryRequest,
-} from "../gen/build/bazel/remote/asset/v1/remote_asset.js";
-import { Compressor_Value } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { statusDetails } from "../../test/support/rpc.js";
 import { Code } from "../status/status.js";
-
-/** The `checksum.sri` qualifier Bazel sends for a sha256 (or another algorithm's) checksum. */
-function sri(data: Buffer, algorithm = "sha256"): { name: string; value: string } {
-  return { name: "checksum.sri", value: `${algorithm}-${createHash(algorithm).update(data).digest("base64")}` };
-}
-
-function failsWith(code: number, message: RegExp) {
-  return (err: ServiceError) => {
-    assert.equal(err.code, code, `${Code[code as never] ?? code} expected, got ${err.code}: ${err.details}`);
-    assert.match(err.details, message);
-    return true;
-  };
-}
-
-function fetchBlob(farm: TestFarm, request: Partial<FetchBlobRequest>): Promise<FetchBlobResponse> {
-  return unaryCall(farm.clients.fetch.fetchBlob.bind(farm.clients.fetch), FetchBlobRequest.fromPartial(request));
-}
-
-function fetchDirectory(farm: TestFarm, request: Partial<FetchDirectoryRequest>) {
-  return unaryCall(
-    farm.clients.fetch.fetchDirectory.bind(farm.clients.fetch),
-    FetchDirectoryRequest.fromPartial(request),
-  );
-}
-
-function pushBlob(farm: TestFarm, request: Partial<PushBlobRequest>) {
-  return unaryCall(farm.clients.push.pushBlob.bind(farm.clients.push), PushBlobRequest.fromPartial(request));
-}
-
-function pushDirectory(farm: TestFarm, request: Partial<PushDirectoryRequest>) {
-  return unaryCall(farm.clients.push.pushDirectory.bind(farm.clients.push), PushDirectoryRequest.fromPartial(request));
-}
-
-async function readBlob(farm: TestFarm, digest: WireDigest, instanceName = ""): Promise<Buffer> {
-  const response = await unaryCall(farm.clients.cas.batchReadBlobs.bind(farm.clients.cas), {
-    instanceName,
-    digests: [digest],
-    acceptableCompressors: [],
-    digestFunction: 0,
-  });
-  const entry = response.responses[0];
-  assert.equal(entry?.status?.code, Code.OK, entry?.status?.message);
-  return Buffer.from(entry?.data ?? []);
-}
-
-async function upload(farm: TestFarm, ...blobs: { data: Buffer; digest: WireDigest }[]): Promise<void> {
-  const response = await unaryCall(farm.clients.cas.batchUpdateBlobs.bind(farm.clients.cas), {
-    instanceName: "",
-    digestFunction: 0,
-    requests: blobs.map((b) => ({ ...b, compressor: Compressor_Value.IDENTITY })),
-  });
-  for (const r of response.responses) assert.equal(r.status?.code, Code.OK, r.status?.message);
-}
 
 describe("FetchBlob from an allowed origin", () => {
   let origin: HttpOrigin;

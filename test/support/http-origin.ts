@@ -8,6 +8,10 @@ export type Route =
   | { kind: "status"; status: number }
   /** Sends the headers (and `first` bytes of body, if any) and then nothing, until the test closes the origin. */
   | { kind: "hang"; first?: Buffer; length?: number }
+  /** Accepts the request and never answers it. */
+  | { kind: "silent" }
+  /** Answers `body` after `delayMs`. */
+  | { kind: "slow"; body: Buffer; delayMs: number }
   /** Streams `bytes` bytes of zeros without a Content-Length, as fast as the client reads. */
   | { kind: "endless"; bytes: number };
 
@@ -59,6 +63,18 @@ export async function startHttpOrigin(host = "127.0.0.1"): Promise<HttpOrigin> {
         res.writeHead(200, route.length === undefined ? {} : { "content-length": route.length });
         if (route.first) res.write(route.first);
         return;
+      case "silent":
+        open.add(res);
+        return;
+      case "slow": {
+        open.add(res);
+        const timer = setTimeout(
+          () => res.writeHead(200, { "content-length": route.body.byteLength }).end(route.body),
+          route.delayMs,
+        );
+        res.on("close", () => clearTimeout(timer));
+        return;
+      }
       case "endless": {
         res.writeHead(200);
         const chunk = Buffer.alloc(65536);
