@@ -32,6 +32,10 @@ const TOOL_FILES: Record<string, string> = {
   "usr/share/berth/large.bin": "x".repeat(3 * 1024 * 1024 + 17),
 };
 const EXECUTABLES = new Set(["usr/bin/berth-tool"]);
+/** Two artifacts of 3 MiB each, for a farm whose CAS holds 5 MiB: pushing the second evicts the first's file. */
+const OLD_FILES: Record<string, string> = { "usr/share/old.bin": "o".repeat(3 * 1024 * 1024) };
+const NEW_FILES: Record<string, string> = { "usr/share/new.bin": "n".repeat(3 * 1024 * 1024) };
+const SMALL_CAS = "5MiB";
 const ELEMENTS = ["base.bst", "tool.bst", "all.bst"];
 
 /** A line bst prints for one element's job, e.g. `[ push:base.bst   ] INFO    Pushed artifact e47fae53 -> URL`. */
@@ -48,6 +52,8 @@ describe("BuildStream 1.6.8 with Berth as its artifact cache", { timeout: 600_00
   let root = "";
   let project = "";
   let berth: ServerProcess | undefined;
+  /** A farm whose CAS is too small for two of the project's artifacts. */
+  let smallBerth: ServerProcess | undefined;
   let builtCheckout: Map<string, FileEntry> | undefined;
 
   /** Runs bst with every XDG directory (its caches, logs and configuration) inside the test's directory. */
@@ -123,6 +129,7 @@ describe("BuildStream 1.6.8 with Berth as its artifact cache", { timeout: 600_00
 
   after(async () => {
     await berth?.stop();
+    await smallBerth?.stop();
     if (root !== "") await rm(root, { recursive: true, force: true });
   });
 
@@ -163,6 +170,39 @@ describe("BuildStream 1.6.8 with Berth as its artifact cache", { timeout: 600_00
     await ok("cache-pulled", remoteConfig, ["checkout", "all.bst", dir]);
     const pulled = await readTree(dir);
     assert.deepEqual(pulled, builtCheckout);
+  });
+
+  it("an artifact whose file Berth evicted is a miss for bst pull, never a broken artifact", async () => {
+    const dataDir = join(root, "small-berth");
+    await mkdir(dataDir);
+    const farmConfig = join(dataDir, "berth.yaml");
+    await writeFile(farmConfig, `cas:\n  maxSizeBytes: ${SMALL_CAS}\n`);
+    smallBerth = await spawnBerth(["--config", farmConfig, "--data-dir", join(dataDir, "data")]);
+    const smallConfig = join(root, "small.conf");
+    await writeFile(smallConfig, `${SCHEDULER}artifacts:\n  url: http://${smallBerth.address}\n  push: true\n`);
+
+    await ok("cache-built", offlineConfig, ["build", "old.bst", "new.bst"]);
+    for (const element of ["old.bst", "new.bst"]) {
+      const output = await ok("cache-built", smallConfig, ["push", element]);
+      assert.match(output, bstInfo("push", element, "Pushed artifact"), output);
+    }
+
+    // old.bst's association is still in the action cache, but its 3 MiB file made room for new.bst's.
+    const old = await bst("cache-evicted", smallConfig, ["pull", "old.bst"]);
+    assertRemoteUsable(old.output);
+    assert.match(old.output, bstInfo("pull", "old.bst", "Remote \\(.*\\) does not have"), old.output);
+    assert.doesNotMatch(old.output, /Failed to pull|BlobNotFound|NOT_FOUND/, old.output);
+    const checkoutOld = await bst("cache-evicted", smallConfig, ["checkout", "old.bst", join(root, "old-out")]);
+    assert.notEqual(checkoutOld.code, 0, describeBst(["checkout", "old.bst"], checkoutOld));
+
+    const pulled = await ok("cache-evicted", smallConfig, ["pull", "new.bst"]);
+    assert.match(pulled, bstInfo("pull", "new.bst", "Pulled artifact"), pulled);
+    const out = join(root, "new-out");
+    await ok("cache-evicted", smallConfig, ["checkout", "new.bst", out]);
+    assert.deepEqual(
+      Object.fromEntries([...(await readTree(out))].map(([path, entry]) => [path, entry.content])),
+      NEW_FILES,
+    );
   });
 });
 
@@ -207,4 +247,8 @@ async function writeProject(dir: string): Promise<void> {
   await writeFile(join(dir, "elements", "base.bst"), importElement("files/base"));
   await writeFile(join(dir, "elements", "tool.bst"), `${importElement("files/tool")}depends:\n- base.bst\n`);
   await writeFile(join(dir, "elements", "all.bst"), "kind: stack\ndepends:\n- base.bst\n- tool.bst\n");
+  await writeFiles(join(dir, "files", "old"), OLD_FILES);
+  await writeFiles(join(dir, "files", "new"), NEW_FILES);
+  await writeFile(join(dir, "elements", "old.bst"), importElement("files/old"));
+  await writeFile(join(dir, "elements", "new.bst"), importElement("files/new"));
 }
