@@ -1,10 +1,11 @@
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { chmod, lstat, mkdir, mkdtemp, readdir, readFile, readlink, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { after, before, describe, it } from "node:test";
+import { promisify } from "node:util";
 import { type ServerProcess, spawnBerth } from "../support/farm.js";
 
 /**
@@ -54,6 +55,8 @@ describe("BuildStream 1.6.8 with Berth as its artifact cache", { timeout: 600_00
   let berth: ServerProcess | undefined;
   /** A farm whose CAS is too small for two of the project's artifacts. */
   let smallBerth: ServerProcess | undefined;
+  /** A farm that speaks TLS and wants a client certificate. */
+  let tlsBerth: ServerProcess | undefined;
   let builtCheckout: Map<string, FileEntry> | undefined;
 
   /** Runs bst with every XDG directory (its caches, logs and configuration) inside the test's directory. */
@@ -130,6 +133,7 @@ describe("BuildStream 1.6.8 with Berth as its artifact cache", { timeout: 600_00
   after(async () => {
     await berth?.stop();
     await smallBerth?.stop();
+    await tlsBerth?.stop();
     if (root !== "") await rm(root, { recursive: true, force: true });
   });
 
@@ -172,6 +176,59 @@ describe("BuildStream 1.6.8 with Berth as its artifact cache", { timeout: 600_00
     assert.deepEqual(pulled, builtCheckout);
   });
 
+  it("over mutual TLS, only a client with a certificate from the farm's CA pushes and pulls", async () => {
+    const certs = join(root, "certs");
+    await makeCertificates(certs);
+    const farmConfig = join(certs, "berth.yaml");
+    await writeFile(
+      farmConfig,
+      [
+        "tls:",
+        `  certFile: ${join(certs, "server.pem")}`,
+        `  keyFile: ${join(certs, "server.key")}`,
+        `  clientCaFile: ${join(certs, "ca.pem")}`,
+        "  requireClientCert: true",
+        "",
+      ].join("\n"),
+    );
+    tlsBerth = await spawnBerth(["--config", farmConfig, "--data-dir", join(root, "tls-berth")]);
+    const port = tlsBerth.address.split(":").at(-1);
+    /** bst's remote over https, presenting `client` (a name in certs/). */
+    const tlsConfig = async (client: string) => {
+      const file = join(root, `tls-${client}.conf`);
+      await writeFile(
+        file,
+        `${SCHEDULER}artifacts:\n  url: https://127.0.0.1:${port}\n  push: true\n` +
+          `  server-cert: ${join(certs, "ca.pem")}\n` +
+          `  client-cert: ${join(certs, `${client}.pem`)}\n  client-key: ${join(certs, `${client}.key`)}\n`,
+      );
+      return file;
+    };
+
+    // A certificate from a CA the farm does not trust: the handshake fails and bst finds no cache to push to.
+    const rogue = await bst("cache-built", await tlsConfig("rogue-client"), ["push", "base.bst"]);
+    assert.notEqual(rogue.code, 0, describeBst(["push", "base.bst"], rogue));
+    assert.match(
+      rogue.output,
+      new RegExp(`WARNING Failed to initialize remote https://127\\.0\\.0\\.1:${port}: `),
+      rogue.output,
+    );
+    assert.match(rogue.output, /No artifact caches available for pushing artifacts/, rogue.output);
+
+    const trusted = await tlsConfig("client");
+    const pushed = await ok("cache-built", trusted, ["push", "base.bst"]);
+    assertRemoteUsable(pushed);
+    assert.match(pushed, bstInfo("push", "base.bst", "Pushed artifact"), pushed);
+    const pulled = await ok("cache-tls", trusted, ["pull", "base.bst"]);
+    assert.match(pulled, bstInfo("pull", "base.bst", "Pulled artifact"), pulled);
+    const out = join(root, "tls-out");
+    await ok("cache-tls", trusted, ["checkout", "base.bst", out]);
+    assert.deepEqual(
+      Object.fromEntries([...(await readTree(out))].map(([path, entry]) => [path, entry.content])),
+      BASE_FILES,
+    );
+  });
+
   it("an artifact whose file Berth evicted is a miss for bst pull, never a broken artifact", async () => {
     const dataDir = join(root, "small-berth");
     await mkdir(dataDir);
@@ -205,6 +262,59 @@ describe("BuildStream 1.6.8 with Berth as its artifact cache", { timeout: 600_00
     );
   });
 });
+
+/**
+ * With openssl: a CA, a server certificate for 127.0.0.1 from it, a client certificate from it, and a client
+ * certificate from a second CA the farm does not trust. Keys are private to their owner, as Berth asks.
+ */
+async function makeCertificates(dir: string): Promise<void> {
+  await mkdir(dir);
+  const openssl = (...args: string[]) => promisify(execFile)("openssl", args, { cwd: dir });
+  const newKey = async (name: string) => {
+    await openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", `${name}.key`);
+    await chmod(join(dir, `${name}.key`), 0o600);
+  };
+  const authority = async (name: string) => {
+    await newKey(name);
+    await openssl(
+      "req",
+      "-x509",
+      "-new",
+      "-key",
+      `${name}.key`,
+      "-out",
+      `${name}.pem`,
+      "-days",
+      "1",
+      "-subj",
+      `/CN=${name}`,
+    );
+  };
+  const leaf = async (name: string, issuer: string, extensions: string) => {
+    await newKey(name);
+    await openssl("req", "-new", "-key", `${name}.key`, "-out", `${name}.csr`, "-subj", `/CN=${name}`);
+    await writeFile(join(dir, `${name}.ext`), extensions);
+    const ca = ["-CA", `${issuer}.pem`, "-CAkey", `${issuer}.key`, "-CAcreateserial"];
+    await openssl(
+      "x509",
+      "-req",
+      "-in",
+      `${name}.csr`,
+      ...ca,
+      "-out",
+      `${name}.pem`,
+      "-days",
+      "1",
+      "-extfile",
+      `${name}.ext`,
+    );
+  };
+  await authority("ca");
+  await authority("rogue-ca");
+  await leaf("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
+  await leaf("client", "ca", "extendedKeyUsage=clientAuth\n");
+  await leaf("rogue-client", "rogue-ca", "extendedKeyUsage=clientAuth\n");
+}
 
 /** What a checkout holds at a path: the bytes of a file (or "-> target" of a symlink) and the executable bit. */
 interface FileEntry {
