@@ -223,7 +223,7 @@ async function main(): Promise<void> {
       // A server of its own, allowed to fetch from the benchmark's loopback HTTP server.
       asset: async () => {
         await execution?.server.stop();
-        sections.push(await benchAsset(ctx));
+        sections.push(await benchAsset(ctx, { cpuProfileDir: profileDir }));
       },
     };
     for (const [i, name] of only.entries()) {
