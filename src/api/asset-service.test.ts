@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 import type { ServiceError } from "@grpc/grpc-js";
 import {
@@ -10,6 +10,7 @@ import {
   pushDirectory,
   readBlob,
   sri,
+  upload,
 } from "../../test/support/assets.js";
 import { sha256 } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
@@ -129,6 +130,47 @@ describe("FetchBlob from an allowed origin", () => {
       fetchBlob(farm, { instanceName: "c", uris: [uri] }),
       failsWith(Code.INVALID_ARGUMENT, /unknown instance name "c"/),
     );
+  });
+
+  test("content one URI of a list gave is not remembered for the others unless a checksum proved it", async () => {
+    // A client lists its own URL first and the victim's second: only its own URL gets the association.
+    origin.routes.set("/attacker", { kind: "file", body: Buffer.from("evil") });
+    origin.routes.set("/victim", { kind: "file", body: Buffer.from("genuine") });
+    await fetchBlob(farm, { uris: [`${origin.url}/attacker`, `${origin.url}/victim`] });
+    const victim = await fetchBlob(farm, { uris: [`${origin.url}/victim`] });
+    assert.deepEqual(victim.blobDigest, sha256("genuine"));
+    assert.equal(origin.hits("/victim"), 1);
+    // With a checksum the content is the content, whichever mirror gave it: every URI of the list is answered.
+    const body = Buffer.from("mirrored");
+    origin.routes.set("/mirror-a", { kind: "file", body });
+    await fetchBlob(farm, { uris: [`${origin.url}/mirror-a`, `${origin.url}/mirror-b`], qualifiers: [sri(body)] });
+    const fromB = await fetchBlob(farm, { uris: [`${origin.url}/mirror-b`], qualifiers: [sri(body)] });
+    assert.deepEqual(fromB.blobDigest, sha256(body));
+    assert.equal(origin.hits("/mirror-b"), 0);
+  });
+
+  test("a blob the CAS already holds under the checksum is answered without reading the body", async () => {
+    const known = randomBytes(200_000);
+    await upload(farm, { data: known, digest: sha256(known) });
+    // The origin would send other bytes of the same length: never read, since the checksum names a stored blob.
+    origin.routes.set("/known", { kind: "file", body: randomBytes(known.byteLength) });
+    const answer = await fetchBlob(farm, { uris: [`${origin.url}/known`], qualifiers: [sri(known)] });
+    assert.deepEqual(answer.blobDigest, sha256(known));
+  });
+
+  test("the blob's digest is in the digest function the request names", async () => {
+    const body = randomBytes(70_000);
+    origin.routes.set("/sha512", { kind: "file", body });
+    const answer = await fetchBlob(farm, {
+      uris: [`${origin.url}/sha512`],
+      qualifiers: [sri(body, "sha512")],
+      digestFunction: 6,
+    });
+    assert.equal(answer.digestFunction, 6);
+    assert.deepEqual(answer.blobDigest, {
+      hash: createHash("sha512").update(body).digest("hex"),
+      sizeBytes: body.byteLength,
+    });
   });
 
   test("HTTP errors and unreachable URIs are NOT_FOUND naming each URI's reason", async () => {

@@ -250,7 +250,7 @@ function parseUris(uris: readonly string[]): (URL | undefined)[] {
     try {
       url = new URL(uri);
     } catch {
-      throw invalidArgument(field, `"${uri.length > 100 ? `${uri.slice(0, 100)}…` : uri}" is not an absolute URI`);
+      throw invalidArgument(field, `"${shownUri(uri)}" is not an absolute URI`);
     }
     if (url.protocol !== "http:" && url.protocol !== "https:") return undefined;
     if (url.username !== "" || url.password !== "") {
@@ -258,6 +258,14 @@ function parseUris(uris: readonly string[]): (URL | undefined)[] {
     }
     return url;
   });
+}
+
+/** A URI that did not parse, for a message: cut short, and whatever precedes an @ (credentials, maybe) left out. */
+function shownUri(uri: string): string {
+  const clipped = uri.length > 100 ? `${uri.slice(0, 100)}…` : uri;
+  return clipped.includes("@")
+    ? `${clipped.slice(0, clipped.indexOf(":") + 1)}…@${clipped.slice(clipped.lastIndexOf("@") + 1)}`
+    : clipped;
 }
 
 function describeUris(uris: readonly string[]): string {

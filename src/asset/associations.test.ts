@@ -132,6 +132,26 @@ describe("Push and FetchDirectory: associations kept under the action cache's ru
     );
   });
 
+  test("references_blobs and references_directories must be in the CAS, like the content itself", async () => {
+    const blob = randomBlob(200);
+    const absent = sha256("referenced, never uploaded");
+    await upload(farm, blob);
+    await assert.rejects(
+      pushBlob(farm, { uris: ["urn:ref:1"], blobDigest: blob.digest, referencesBlobs: [absent] }),
+      failsWith(Code.FAILED_PRECONDITION, new RegExp(`blobs/${absent.hash}`)),
+    );
+    const tree = encodeTree(dir({ "gone.txt": file("referenced file, never uploaded") }));
+    await upload(farm, ...tree.blobs.filter((b) => b.digest.hash === tree.root.hash));
+    await assert.rejects(
+      pushBlob(farm, { uris: ["urn:ref:1"], blobDigest: blob.digest, referencesDirectories: [tree.root] }),
+      failsWith(Code.FAILED_PRECONDITION, new RegExp(`blobs/${sha256("referenced file, never uploaded").hash}`)),
+    );
+    await assert.rejects(fetchBlob(farm, { uris: ["urn:ref:1"] }), failsWith(Code.NOT_FOUND, /no association/));
+    await upload(farm, ...tree.blobs);
+    await pushBlob(farm, { uris: ["urn:ref:1"], blobDigest: blob.digest, referencesDirectories: [tree.root] });
+    assert.deepEqual((await fetchBlob(farm, { uris: ["urn:ref:1"] })).blobDigest, blob.digest);
+  });
+
   test("expire_at: a past one is refused, a near one stops being answered, and fetches report it", async () => {
     const blob = randomBlob(64);
     await upload(farm, blob);

@@ -121,6 +121,10 @@ describe("FetchBlob against hostile URLs and origins", () => {
       fetchBlob(farm, { uris: [`http://127.0.0.1:${origin.port}@evil.example.invalid/here`] }),
       failsWith(Code.INVALID_ARGUMENT, /uris\[0\]: a URL with credentials in it/),
     );
+    // One that does not even parse is not echoed with what might be its password.
+    const err = await fetchBlob(farm, { uris: ["http://user:hunter2@[bad-host/here"] }).catch((e: ServiceError) => e);
+    assert.equal((err as ServiceError).code, Code.INVALID_ARGUMENT);
+    assert.doesNotMatch((err as ServiceError).details, /hunter2/);
     assert.equal(origin.hits("/here"), before, "none of these reached the origin");
   });
 
@@ -187,6 +191,29 @@ describe("FetchBlob against hostile URLs and origins", () => {
       assert.ok(took >= 900 && took < 5000, `answered after ${took} ms`);
     }
     assert.deepEqual(await tempFiles(), []);
+  });
+
+  test("downloads beyond maxConcurrentDownloads wait for a slot, and time out waiting without touching the origin", async () => {
+    const narrow = await startTestFarm({
+      asset: { fetch: { allowedHosts: [`127.0.0.1:${origin.port}`], maxConcurrentDownloads: 1 } },
+    });
+    try {
+      origin.routes.set("/occupies", { kind: "silent" });
+      origin.routes.set("/queued", { kind: "file", body: Buffer.from("queued") });
+      const occupying = fetchBlob(narrow, { uris: [`${origin.url}/occupies`], timeout: { seconds: 2, nanos: 0 } });
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      await assert.rejects(
+        fetchBlob(narrow, { uris: [`${origin.url}/queued`], timeout: { seconds: 1, nanos: 0 } }),
+        failsWith(Code.DEADLINE_EXCEEDED, /waited for a download slot: all 1 \(asset\.fetch\.maxConcurrentDownloads\)/),
+      );
+      assert.equal(origin.hits("/queued"), 0);
+      // Once the slot is free again, a waiting fetch gets it.
+      const waiting = fetchBlob(narrow, { uris: [`${origin.url}/queued`], timeout: { seconds: 10, nanos: 0 } });
+      await assert.rejects(occupying, failsWith(Code.DEADLINE_EXCEEDED, /timeout/));
+      assert.deepEqual((await waiting).blobDigest, sha256("queued"));
+    } finally {
+      await narrow.close();
+    }
   });
 
   test("a download outlives a client that gave up: the next call gets it without a second download", async () => {

@@ -14,7 +14,11 @@ export async function openAssetStore(config: Config, farm: Farm, log: Logger): P
   const fetcher = new OriginFetcher(
     farm.cas,
     policy,
-    { tempDir: join(config.dataDir, "asset", "tmp"), maxBlobBytes: fetch.maxBlobBytes },
+    {
+      tempDir: join(config.dataDir, "asset", "tmp"),
+      maxBlobBytes: fetch.maxBlobBytes,
+      maxConcurrentDownloads: fetch.maxConcurrentDownloads,
+    },
     log,
   );
   await fetcher.open();

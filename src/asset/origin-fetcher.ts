@@ -5,6 +5,7 @@ import type { DigestFunction } from "../digest/functions.js";
 import type { Logger } from "../log/log.js";
 import { Code, StatusError } from "../status/status.js";
 import { type BlobSink, CasSink, TempFileSink } from "./blob-sink.js";
+import { DownloadSlots } from "./download-slots.js";
 import type { OriginPolicy } from "./origin-policy.js";
 import { describeUrl, failureOf, type OriginBody, openOrigin, UriFailure } from "./origin-request.js";
 import { SriCheck, type SriChecksum } from "./sri.js";
@@ -14,6 +15,8 @@ export interface OriginFetcherOptions {
   tempDir: string;
   /** asset.fetch.maxBlobBytes */
   maxBlobBytes: number;
+  /** asset.fetch.maxConcurrentDownloads */
+  maxConcurrentDownloads: number;
 }
 
 /** One download: the URIs to try in order and what the content must satisfy. */
@@ -48,13 +51,16 @@ const WRITE_BYTES = 1024 * 1024;
  */
 export class OriginFetcher {
   private readonly stopping = new AbortController();
+  private readonly slots: DownloadSlots;
 
   constructor(
     private readonly cas: BlobStore,
     private readonly policy: OriginPolicy,
     private readonly options: OriginFetcherOptions,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.slots = new DownloadSlots(options.maxConcurrentDownloads);
+  }
 
   /** Empties the temporary directory: what an earlier run left is of no use. */
   async open(): Promise<void> {
@@ -72,8 +78,41 @@ export class OriginFetcher {
    * DEADLINE_EXCEEDED (the timeout passed), each URI's reason named.
    */
   async fetch(request: OriginFetch): Promise<Fetched> {
+    if (this.stopping.signal.aborted) throw new StatusError(Code.UNAVAILABLE, "the server is stopping");
+    // One controller per fetch, ended by its timeout or by close(); both hooks are removed when it is done.
+    const controller = new AbortController();
+    const timer = setTimeout(
+      () => controller.abort(new DOMException("the fetch's timeout passed", "TimeoutError")),
+      request.timeoutMs,
+    );
+    const stop = () => controller.abort(this.stopping.signal.reason);
+    this.stopping.signal.addEventListener("abort", stop, { once: true });
+    try {
+      let release: () => void;
+      try {
+        release = await this.slots.acquire(controller.signal);
+      } catch {
+        const limit = `${this.slots.size} (asset.fetch.maxConcurrentDownloads)`;
+        if (this.stopping.signal.aborted) throw new StatusError(Code.UNAVAILABLE, "the server is stopping");
+        throw new StatusError(
+          Code.DEADLINE_EXCEEDED,
+          `the fetch's timeout of ${request.timeoutMs / 1000} s passed while it waited for a download slot: ` +
+            `all ${limit} were busy`,
+        );
+      }
+      try {
+        return await this.tryUris(request, controller.signal);
+      } finally {
+        release();
+      }
+    } finally {
+      clearTimeout(timer);
+      this.stopping.signal.removeEventListener("abort", stop);
+    }
+  }
+
+  private async tryUris(request: OriginFetch, signal: AbortSignal): Promise<Fetched> {
     const startedAt = Date.now();
-    const signal = AbortSignal.any([AbortSignal.timeout(request.timeoutMs), this.stopping.signal]);
     const reasons: string[] = [];
     let allRefused = true;
     for (const [i, url] of request.uris.entries()) {
@@ -133,6 +172,11 @@ export class OriginFetcher {
       sameFunction.length === 1 && origin.length !== undefined
         ? { fn: request.fn, hash: (sameFunction[0] as SriChecksum).hex, sizeBytes: origin.length }
         : undefined;
+    // The CAS may hold that blob already (another URL, an association evicted before its blob): no need to read on.
+    if (expected && (await stored(() => this.cas.findMissing([expected]))).length === 0) {
+      origin.body.destroy();
+      return expected;
+    }
     const sink = await stored<BlobSink>(() =>
       expected ? CasSink.open(this.cas, expected) : TempFileSink.open(this.cas, request.fn, this.options.tempDir),
     );

@@ -263,6 +263,8 @@ export const ConfigSchema = z
             allowPrivateAddresses: z.boolean().default(false),
             /** A download past this size is abandoned. */
             maxBlobBytes: bytes.default(1024 ** 3),
+            /** Downloads at once; more wait (within their timeout) for one to finish. */
+            maxConcurrentDownloads: z.number().int().positive().default(16),
             /** Timeout of a download whose request sets none. */
             defaultTimeoutSeconds: z.number().positive().default(300),
             /** Longer timeouts asked for are cut to this. */
