@@ -4,8 +4,8 @@
  * Starts `berth serve --workers 2` as a separate process on a temporary data directory, measures ByteStream
  * throughput, BatchUpdateBlobs, FindMissingBlobs, GetActionResult, the Execute round trip, execution
  * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
- * safety checks (blob verification after a restart, input tree limits, flushes) against references measured
- * in the same run, prints a summary and rewrites
+ * safety checks (blob verification after a restart, input tree limits, flushes) and the Remote Asset API's
+ * FetchBlob (cached and cold) against references measured in the same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
 import { execFile } from "node:child_process";
@@ -15,6 +15,7 @@ import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs, promisify } from "node:util";
 import type { Digest } from "../src/digest/digest.js";
+import { benchAsset } from "./asset.js";
 import { benchBatchUpdate, getCapabilities, randomBlobs, sendBatches, toBatches } from "./batch.js";
 import { benchBazelBuild } from "./bazel-build.js";
 import { benchByteStream } from "./bytestream.js";
@@ -47,6 +48,7 @@ const BENCHMARKS = {
   "images-action": "/bin/true in a cached image vs bubblewrap on the unpacked root and docker run",
   expand: "Expand mode: expansion vs tar -x, the second expansion, /bin/true vs mount mode",
   safety: "Safety checks: blob verification after a restart, input tree limits and flushes vs the unchecked paths",
+  asset: "Remote Asset API: FetchBlob of a cached 64 MiB asset vs ByteStream Read, a cold fetch vs curl",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -217,6 +219,11 @@ async function main(): Promise<void> {
       safety: async () => {
         await execution?.server.stop();
         sections.push(await benchSafety(ctx));
+      },
+      // A server of its own, allowed to fetch from the benchmark's loopback HTTP server.
+      asset: async () => {
+        await execution?.server.stop();
+        sections.push(await benchAsset(ctx, { cpuProfileDir: profileDir }));
       },
     };
     for (const [i, name] of only.entries()) {

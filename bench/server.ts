@@ -26,13 +26,18 @@ export interface BenchServerOptions {
   imageMode?: "mount" | "expand";
   /** Sees each line of the server's log (pino JSON), from the first. */
   onLogLine?: (line: string) => void;
+  /** More top-level YAML sections for the config file (e.g. the asset API's fetch policy). */
+  extraConfig?: string;
 }
 
 export async function startBenchServer(options: BenchServerOptions): Promise<BenchServer> {
   const configFile = join(options.workDir, "berth.yaml");
   const dataDir = join(options.workDir, "data");
   const images = options.imageMode === undefined ? "" : `images:\n  mode: ${options.imageMode}\n`;
-  await writeFile(configFile, `cas:\n  maxSizeBytes: ${options.casMaxSizeBytes}\n${images}`);
+  await writeFile(
+    configFile,
+    `cas:\n  maxSizeBytes: ${options.casMaxSizeBytes}\n${images}${options.extraConfig ?? ""}`,
+  );
   const args = ["--config", configFile, "--data-dir", dataDir];
   if (options.workers !== undefined) args.push("--workers", String(options.workers));
   // Node refuses --cpu-prof in NODE_OPTIONS, so a profiled server is started with the flag itself.
