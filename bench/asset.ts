@@ -212,7 +212,8 @@ export async function benchAsset(ctx: BenchContext, options: { cpuProfileDir?: s
         "timed until it answers (the server has downloaded the file, hashed and verified it against the " +
         "checksum and stored it in its CAS). Reference: `curl -sSf -o FILE URL` of the same file into the same " +
         "file system, timed as a command (process start included). For information, also `curl` followed by " +
-        "`sync FILE`: the CAS flushes every blob it stores to disk before it answers, curl does not. The three " +
+        "`sync FILE`: a download on disk before it ends; Berth, like curl, answers before a downloaded asset is " +
+        "flushed (it is flushed in the background, as the write-behind association naming it). The three " +
         "take turns in going first, and each starts after a `sync` (untimed), so none pays for another's " +
         "writeback.",
       `${ctx.rounds} rounds after a warm-up. MB/s means 10^6 bytes per second.`,
@@ -243,7 +244,7 @@ export async function benchAsset(ctx: BenchContext, options: { cpuProfileDir?: s
         verdict: verdictAtLeast(coldRate / curlRate, COLD_TARGET),
       },
       {
-        metric: "Cold fetch vs a download as durable as the CAS",
+        metric: "Cold fetch vs a download flushed to disk",
         berth: `${fmt(coldRate)} MB/s`,
         reference: `${fmt(curlSyncRate)} MB/s (curl, then sync FILE)`,
         ratio: ratio(coldRate, curlSyncRate),
