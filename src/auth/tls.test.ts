@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
 import { once } from "node:events";
-import { mkdtemp, readFile, rm, stat, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, rm, stat } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -9,6 +9,7 @@ import { promisify } from "node:util";
 import type { ServiceError } from "@grpc/grpc-js";
 import { execute, uploadAction } from "../../test/support/actions.js";
 import { sha256 } from "../../test/support/blobs.js";
+import { makeCertificates } from "../../test/support/certificates.js";
 import { BERTH_BIN, startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { type HubMessage, WorkerHubClient } from "../gen/berth/worker/v1/worker.js";
 import {
@@ -20,57 +21,6 @@ import { Code } from "../status/status.js";
 import { clientChannel } from "./client-channel.js";
 
 const run = promisify(execFile);
-
-/** A CA, a server certificate for 127.0.0.1 and localhost, a client certificate, and one from a CA nobody trusts. */
-async function makeCertificates(dir: string): Promise<void> {
-  const openssl = (...args: string[]) => run("openssl", args, { cwd: dir });
-  const key = (name: string) =>
-    openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", `${name}.key`);
-  const ca = async (name: string) => {
-    await key(name);
-    await openssl(
-      "req",
-      "-x509",
-      "-new",
-      "-key",
-      `${name}.key`,
-      "-out",
-      `${name}.pem`,
-      "-days",
-      "2",
-      "-subj",
-      `/CN=${name}`,
-    );
-  };
-  const issue = async (name: string, by: string, extensions: string) => {
-    await key(name);
-    await openssl("req", "-new", "-key", `${name}.key`, "-out", `${name}.csr`, "-subj", `/CN=${name}`);
-    await writeFile(join(dir, `${name}.ext`), extensions);
-    await openssl(
-      "x509",
-      "-req",
-      "-in",
-      `${name}.csr`,
-      "-CA",
-      `${by}.pem`,
-      "-CAkey",
-      `${by}.key`,
-      "-CAcreateserial",
-      "-out",
-      `${name}.pem`,
-      "-days",
-      "2",
-      "-extfile",
-      `${name}.ext`,
-    );
-  };
-  await ca("ca");
-  await ca("rogue-ca");
-  await issue("server", "ca", "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n");
-  await issue("client", "ca", "extendedKeyUsage=clientAuth\n");
-  await issue("rogue-client", "rogue-ca", "extendedKeyUsage=clientAuth\n");
-  await issue("worker-1", "ca", "extendedKeyUsage=clientAuth\n");
-}
 
 /** `berth run` as a user types it; resolves with its exit code and output (never rejects). */
 async function berthRun(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {

@@ -1,11 +1,11 @@
 import assert from "node:assert/strict";
-import { execFile, spawn } from "node:child_process";
+import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { chmod, lstat, mkdir, mkdtemp, readdir, readFile, readlink, rm, symlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join, relative } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { promisify } from "node:util";
+import { makeCertificates } from "../support/certificates.js";
 import { type ServerProcess, spawnBerth } from "../support/farm.js";
 
 /**
@@ -262,59 +262,6 @@ describe("BuildStream 1.6.8 with Berth as its artifact cache", { timeout: 600_00
     );
   });
 });
-
-/**
- * With openssl: a CA, a server certificate for 127.0.0.1 from it, a client certificate from it, and a client
- * certificate from a second CA the farm does not trust. Keys are private to their owner, as Berth asks.
- */
-async function makeCertificates(dir: string): Promise<void> {
-  await mkdir(dir);
-  const openssl = (...args: string[]) => promisify(execFile)("openssl", args, { cwd: dir });
-  const newKey = async (name: string) => {
-    await openssl("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-out", `${name}.key`);
-    await chmod(join(dir, `${name}.key`), 0o600);
-  };
-  const authority = async (name: string) => {
-    await newKey(name);
-    await openssl(
-      "req",
-      "-x509",
-      "-new",
-      "-key",
-      `${name}.key`,
-      "-out",
-      `${name}.pem`,
-      "-days",
-      "1",
-      "-subj",
-      `/CN=${name}`,
-    );
-  };
-  const leaf = async (name: string, issuer: string, extensions: string) => {
-    await newKey(name);
-    await openssl("req", "-new", "-key", `${name}.key`, "-out", `${name}.csr`, "-subj", `/CN=${name}`);
-    await writeFile(join(dir, `${name}.ext`), extensions);
-    const ca = ["-CA", `${issuer}.pem`, "-CAkey", `${issuer}.key`, "-CAcreateserial"];
-    await openssl(
-      "x509",
-      "-req",
-      "-in",
-      `${name}.csr`,
-      ...ca,
-      "-out",
-      `${name}.pem`,
-      "-days",
-      "1",
-      "-extfile",
-      `${name}.ext`,
-    );
-  };
-  await authority("ca");
-  await authority("rogue-ca");
-  await leaf("server", "ca", "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n");
-  await leaf("client", "ca", "extendedKeyUsage=clientAuth\n");
-  await leaf("rogue-client", "rogue-ca", "extendedKeyUsage=clientAuth\n");
-}
 
 /** What a checkout holds at a path: the bytes of a file (or "-> target" of a symlink) and the executable bit. */
 interface FileEntry {
