@@ -1,6 +1,7 @@
 import { type ImageReference, ImageReferenceError, isNoImage, parseImageReference } from "../image/reference.js";
 import type { Property } from "../scheduler/platform.js";
 import { invalidArgument } from "../status/status.js";
+import { readWorkloadIsolation, WORKLOAD_ISOLATION_TYPE, type WorkloadIsolation } from "./workload-isolation.js";
 
 /** The property naming the image an action runs in (Bazel's, Buildbarn's and BuildBuddy's name). */
 export const CONTAINER_IMAGE = "container-image";
@@ -53,6 +54,8 @@ export interface ActionPlatform {
   unixGid: number | undefined;
   /** The action's own choice of image mode, when it makes one. */
   imageMode: ImageMode | undefined;
+  /** workload-isolation-type: the runner the action asks for (only the namespace sandbox exists today). */
+  isolation: WorkloadIsolation;
 }
 
 const INTERPRETED = new Set([
@@ -65,6 +68,7 @@ const INTERPRETED = new Set([
   IMAGE_MODE,
   UNIX_UID,
   UNIX_GID,
+  WORKLOAD_ISOLATION_TYPE,
 ]);
 
 /**
@@ -124,6 +128,8 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     );
   }
 
+  const isolation = readWorkloadIsolation(single(WORKLOAD_ISOLATION_TYPE));
+
   const required = properties.filter((p) => !INTERPRETED.has(p.name)).map((p) => ({ name: p.name, value: p.value }));
   if (image) required.push(IMAGE_CAPABILITY);
   return {
@@ -136,6 +142,7 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     unixUid,
     unixGid,
     imageMode,
+    isolation,
   };
 }
 
