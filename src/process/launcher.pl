@@ -139,6 +139,10 @@ sub child {
   my $err = $stderr eq $stdout ? $out : POSIX::open($stderr, $flags, 0644);
   my $info = POSIX::open($status, $flags, 0600);
   POSIX::_exit(126) unless defined $null && defined $out && defined $err && defined $info;
+  # The program's user owns its stdout and stderr files: a command that reopens them by name
+  # (`echo … > /dev/stderr`, through /proc/self/fd/2) is checked against the file's owner and mode, and a
+  # file of root's would refuse it. They lie outside what the program can reach by any other name.
+  POSIX::_exit(126) if $uid >= 0 && chown($uid, $gid, $stdout, $stderr) != ($stderr eq $stdout ? 1 : 2);
   POSIX::dup2($null, 0);
   POSIX::dup2($out, 1);
   POSIX::dup2($err, 2);

@@ -1,6 +1,6 @@
 import {
-  chownSync,
   closeSync,
+  lstatSync,
   openSync,
   readFileSync,
   readlinkSync,
@@ -10,7 +10,7 @@ import {
   statSync,
   writeFileSync,
 } from "node:fs";
-import { lstat, open } from "node:fs/promises";
+import { open } from "node:fs/promises";
 import { constants } from "node:os";
 import { dirname, isAbsolute, relative, resolve, sep } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -77,6 +77,8 @@ const ARGS_SHIM = [
 export const INPUT_ROOT_MOUNT = "/run/berth/execroot";
 /** Longest delay setTimeout accepts. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** How long a look at which secret files to mask stays good (see #maskableNow). */
+const MASKABLE_TTL_MS = 5_000;
 /** A process stuck in uninterruptible sleep can outlive SIGKILL; don't block the worker forever on it. */
 const REAP_LIMIT_MS = 10_000;
 
@@ -99,6 +101,7 @@ export class BubblewrapSandbox implements Sandbox {
   readonly #cgroup: SlotCgroup | undefined;
   readonly #slirp4netnsPath: string;
   readonly #maskedFiles: readonly string[];
+  #masked: { at: number; paths: string[] } | undefined;
 
   constructor(options: BubblewrapSandboxOptions = {}) {
     this.#bwrapPath = options.bwrapPath ?? "bwrap";
@@ -147,7 +150,7 @@ export class BubblewrapSandbox implements Sandbox {
     const steps = direct ? [] : [...stagingSteps(), ...bindSteps(root, INPUT_ROOT_MOUNT)];
     const longCommand = request.argv.length > DIRECT_ARGS_LIMIT;
     const command = longCommand ? ARGS_SHIM : request.argv;
-    const masked = await this.#maskable(this.#maskedFiles);
+    const masked = this.#maskableNow();
     const argv = [this.#bwrapPath, ...bwrapArgs(request, source, root, workDir, { ...sizes, command, masked })];
     const areas = [{ dir: root, owner: this.#uid }];
     return this.#execute(request, argv, steps, longCommand ? request.argv : undefined, areas);
@@ -176,14 +179,23 @@ export class BubblewrapSandbox implements Sandbox {
    * root) below directories the action's user may search. bwrap, running as that user, could not reach the
    * others to cover them, and the action cannot reach them either (a data directory is 0700).
    */
-  async #maskable(paths: readonly string[]): Promise<string[]> {
+  #maskable(paths: readonly string[]): string[] {
     const found: string[] = [];
     for (const path of paths) {
-      const info = await lstat(path).catch(() => undefined);
-      if (!info?.isFile()) continue;
+      let isFile = false;
+      try {
+        isFile = lstatSync(path).isFile();
+      } catch {
+        // Gone: nothing to cover.
+      }
+      if (!isFile) continue;
       let reachable = true;
       for (let dir = dirname(path); reachable; dir = dirname(dir)) {
-        reachable = await this.#searchable(dir).catch(() => false);
+        try {
+          reachable = this.#searchable(dir);
+        } catch {
+          reachable = false;
+        }
         if (dir === dirname(dir)) break;
       }
       if (reachable) found.push(path);
@@ -191,7 +203,20 @@ export class BubblewrapSandbox implements Sandbox {
     return found;
   }
 
-  async #searchable(dir: string): Promise<boolean> {
+  /**
+   * #maskable, looked at again at most every MASKABLE_TTL_MS: the secret files and the modes above them
+   * change when an operator changes them, not between two actions, and each look is a few system calls per
+   * file and directory on the worker's one thread, between an action's arrival and its start.
+   */
+  #maskableNow(): string[] {
+    const now = Date.now();
+    if (!this.#masked || now - this.#masked.at > MASKABLE_TTL_MS) {
+      this.#masked = { at: now, paths: this.#maskable(this.#maskedFiles) };
+    }
+    return this.#masked.paths;
+  }
+
+  #searchable(dir: string): boolean {
     const info = statSync(dir);
     return (
       (info.uid === this.#uid && (info.mode & 0o100) !== 0) ||
@@ -211,7 +236,6 @@ export class BubblewrapSandbox implements Sandbox {
     const statusPath = `${request.stdoutPath}.bwrap-status`;
     const argsPath = `${request.stdoutPath}.bwrap-args`;
     if (shimmedCommand) writeFileSync(argsPath, `${shimmedCommand.join("\0")}\0`, { mode: 0o600 });
-    this.#giveLogs(request);
     // A network namespace of the action's own is made first: slirp4netns, its helper, stays out of the
     // slot's cgroup and rlimits (an action's process bomb must not starve it), so such an action is started
     // by the shared launcher, outside the cgroup, and joins the cgroup itself.
@@ -334,20 +358,6 @@ export class BubblewrapSandbox implements Sandbox {
   /** The cgroup's processes but the slot's launcher. */
   #actionProcesses(all: ProcessLister): ProcessLister {
     return async () => (await all()).filter((pid) => pid !== this.#launcher.pid);
-  }
-
-  /**
-   * Makes the stdout and stderr files the action's user's own before the launcher opens them: a command that
-   * reopens them by name (`echo … > /dev/stderr`, which goes through /proc/self/fd/2) is checked against the
-   * file's owner and mode, and a file of root's would refuse it. The files lie outside the input root, where
-   * the action cannot reach them by any other name.
-   */
-  #giveLogs(request: SandboxRequest): void {
-    if (process.getuid?.() !== 0) return;
-    for (const path of new Set([request.stdoutPath, request.stderrPath])) {
-      closeSync(openSync(path, "w", 0o644));
-      chownSync(path, this.#uid, this.#gid);
-    }
   }
 
   /** What the sandbox bounds each action to. */
