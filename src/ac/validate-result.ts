@@ -1,3 +1,4 @@
+import { checkRelativePath } from "../action/output-path.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { type Digest, digestOf, formatDigest, parseDigest, verifyBlob } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
@@ -87,16 +88,5 @@ function checkOutputPaths(result: ActionResult): void {
   }
   for (const [i, s] of result.outputDirectorySymlinks.entries()) {
     checkRelativePath(s.path, `action_result.output_directory_symlinks[${i}].path`);
-  }
-}
-
-/** Output paths are relative to the working directory, with no `.`, `..` or empty segments. */
-export function checkRelativePath(path: string, field: string): void {
-  if (path === "") throw invalidArgument(field, "path is empty");
-  if (path.startsWith("/")) throw invalidArgument(field, `"${path}" is absolute; output paths are relative`);
-  for (const segment of path.split("/")) {
-    if (segment === "" || segment === "." || segment === "..") {
-      throw invalidArgument(field, `"${path}" has a "${segment}" segment; paths must be normalized`);
-    }
   }
 }

@@ -1,5 +1,5 @@
 import { InvalidArgumentError } from "commander";
-import type { Property } from "../scheduler/platform.js";
+import type { Property } from "../action/property.js";
 
 /** Parses repeated `--property KEY=VALUE` options. */
 export function collectProperty(value: string, previous: Property[]): Property[] {

@@ -2,6 +2,7 @@ import { mkdir } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import type { ServiceError } from "@grpc/grpc-js";
 import { Command } from "commander";
+import type { Property } from "../action/property.js";
 import { clientChannel } from "../auth/client-channel.js";
 import { PrivateFileError } from "../auth/private-file.js";
 import { type Digest, digestOf, parseDigest } from "../digest/digest.js";
@@ -17,7 +18,6 @@ import {
   Tree,
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { readLocalTree } from "../merkle/local-tree.js";
-import type { Property } from "../scheduler/platform.js";
 import { Code } from "../status/status.js";
 import { CHANNEL_OPTIONS, RemoteCas } from "../worker/remote-cas.js";
 import { type ConnectionFlags, connectionFrom, withConnectionOptions } from "./connection-options.js";

@@ -1,12 +1,12 @@
 import { join } from "node:path";
 import { Command } from "commander";
+import type { Property } from "../action/property.js";
 import { startServer } from "../api/server.js";
 import { TokensFileError } from "../auth/client-tokens.js";
 import { PrivateFileError } from "../auth/private-file.js";
 import { ConfigError, loadConfig } from "../config/config.js";
 import { openFarm } from "../farm/farm.js";
 import { createLogger } from "../log/log.js";
-import type { Property } from "../scheduler/platform.js";
 import { SERVER_UMASK } from "../store/private-dir.js";
 import { defaultWorkerCount } from "../worker/local-workers.js";
 import { startWorkerProcess } from "../worker/worker-process.js";

@@ -1,11 +1,11 @@
 import { homedir } from "node:os";
 import { join } from "node:path";
 import { Command, InvalidArgumentError } from "commander";
+import type { Property } from "../action/property.js";
 import type { ConnectionOptions } from "../auth/client-channel.js";
 import { PrivateFileError, secretFilePaths } from "../auth/private-file.js";
 import { type Config, ConfigError, loadConfig } from "../config/config.js";
 import { createLogger } from "../log/log.js";
-import type { Property } from "../scheduler/platform.js";
 import { WORKER_UMASK } from "../store/private-dir.js";
 import { defaultWorkerCount, startWorkers } from "../worker/local-workers.js";
 import { type ConnectionFlags, connectionFrom, withConnectionOptions } from "./connection-options.js";

@@ -1,4 +1,14 @@
 import type { ActionCache } from "../ac/action-cache.js";
+import {
+  type ActionPlatform,
+  CONTAINER_IMAGE,
+  EXPANDED_IMAGE_CAPABILITY,
+  IMAGE_CAPABILITY,
+  type ImageMode,
+  platformOf,
+  readActionPlatform,
+} from "../action/action-platform.js";
+import { formatProperty, type Property } from "../action/property.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { checkMessageSize, DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/message-size.js";
 import type { InputTreeLimits } from "../cas/tree-limits.js";
@@ -14,19 +24,9 @@ import {
 import type { ImageReference } from "../image/reference.js";
 import { type Credentials, normalizeRegistryKey } from "../registry/credentials.js";
 import type { Operation } from "../scheduler/operation.js";
-import { formatProperty, type Property } from "../scheduler/platform.js";
 import { type ExecutionJob, failure, type Scheduler, type WorkerOutcome } from "../scheduler/scheduler.js";
 import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, missingBlobs, StatusError } from "../status/status.js";
-import {
-  type ActionPlatform,
-  CONTAINER_IMAGE,
-  EXPANDED_IMAGE_CAPABILITY,
-  IMAGE_CAPABILITY,
-  type ImageMode,
-  platformOf,
-  readActionPlatform,
-} from "./action-platform.js";
 import { CheckedDirectories, DEFAULT_CHECKED_DIRECTORY_BYTES } from "./checked-directories.js";
 import { checkCommand } from "./command-check.js";
 import { type ExpandedAction, expandedAction } from "./expanded-action.js";

@@ -1,4 +1,5 @@
 import { posix } from "node:path";
+import { CONTAINER_IMAGE, IMAGE_MODE, REGISTRY_PASSWORD, REGISTRY_USERNAME } from "../action/action-platform.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import type { Digest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
@@ -7,7 +8,6 @@ import type { ExpandedImageTree } from "../expand/image-expander.js";
 import type { ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import type { Action, Command, Platform } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { mergeEnvironment } from "../image/environment.js";
-import { CONTAINER_IMAGE, IMAGE_MODE, REGISTRY_PASSWORD, REGISTRY_USERNAME } from "./action-platform.js";
 
 /** Properties about the image itself: honoured by the expansion, meaningless (and secret) past it. */
 const IMAGE_PROPERTIES = new Set([CONTAINER_IMAGE, IMAGE_MODE, REGISTRY_USERNAME, REGISTRY_PASSWORD]);

@@ -1,11 +1,11 @@
 import assert from "node:assert/strict";
 import { afterEach, test } from "node:test";
+import { IMAGE_CAPABILITY } from "../action/action-platform.js";
 import { parseConfig } from "../config/config.js";
 import { ImagePullState } from "../gen/berth/image/v1/image.js";
 import type { Assignment, ImagePull, ImagePullProgress } from "../gen/berth/worker/v1/worker.js";
 import { failure, Scheduler, type WorkerConnection } from "../scheduler/scheduler.js";
 import { Code, type StatusError } from "../status/status.js";
-import { IMAGE_CAPABILITY } from "./action-platform.js";
 import { ImagePolicy } from "./image-policy.js";
 import { ImagePulls, type WorkerPullState } from "./image-pulls.js";
 

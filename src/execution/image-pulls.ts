@@ -1,11 +1,11 @@
 import { randomUUID } from "node:crypto";
+import { CONTAINER_IMAGE, IMAGE_CAPABILITY } from "../action/action-platform.js";
+import { unmetProperty } from "../action/property.js";
 import { ImagePullState } from "../gen/berth/image/v1/image.js";
 import type { ImagePullProgress } from "../gen/berth/worker/v1/worker.js";
 import { type ImageReference, ImageReferenceError, parseImageReference } from "../image/reference.js";
-import { unmetProperty } from "../scheduler/platform.js";
 import type { WorkerConnection } from "../scheduler/scheduler.js";
 import { Code, invalidArgument, StatusError } from "../status/status.js";
-import { CONTAINER_IMAGE, IMAGE_CAPABILITY } from "./action-platform.js";
 import type { ImagePolicy } from "./image-policy.js";
 
 /** One worker's part of a pull, as the caller is told it (a copy, taken at each change). */

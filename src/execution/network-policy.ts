@@ -1,6 +1,6 @@
-import { formatProperty } from "../scheduler/platform.js";
+import type { ActionPlatform } from "../action/action-platform.js";
+import { formatProperty } from "../action/property.js";
 import { Code, StatusError } from "../status/status.js";
-import type { ActionPlatform } from "./action-platform.js";
 
 /**
  * The farm's refusal of actions asking for a network (execution.allowNetwork:

@@ -1,11 +1,10 @@
 import { mkdir, mkdtemp, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { ActionCache } from "../ac/action-cache.js";
+import type { RegistryCredentials } from "../action/action-platform.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { type Digest, digestKey } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
-import type { RegistryCredentials } from "../execution/action-platform.js";
-import { registryStatus } from "../execution/image-policy.js";
 import {
   type Cap,
   DEFAULT_IMAGE_LIMITS,
@@ -18,6 +17,7 @@ import {
 import type { ImageReference } from "../image/reference.js";
 import type { LayerDescriptor, RegistryClient, ResolvedImage } from "../registry/client.js";
 import { Credentials } from "../registry/credentials.js";
+import { registryStatus } from "../registry/registry-status.js";
 import type { ResolvedImages } from "../registry/resolved-images.js";
 import { SingleFlight } from "../registry/single-flight.js";
 import { layerToTree } from "./layer-to-tree.js";

@@ -1,4 +1,5 @@
 import { randomUUID } from "node:crypto";
+import { type Property, unmetProperty } from "../action/property.js";
 import { type Digest, digestKey } from "../digest/digest.js";
 import type { Assignment, ExpandedImage, ImagePull } from "../gen/berth/worker/v1/worker.js";
 import {
@@ -14,7 +15,6 @@ import type { Status } from "../gen/google/rpc/status.js";
 import type { Credentials } from "../registry/credentials.js";
 import { Code } from "../status/status.js";
 import { Operation } from "./operation.js";
-import { type Property, unmetProperty } from "./platform.js";
 
 /** An action ready to run: validated, with its Action and Command fetched. */
 export interface ExecutionJob {

@@ -1,11 +1,11 @@
 import { mkdirSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
 import { isAbsolute, join, normalize, posix, relative } from "node:path";
-import { checkRelativePath } from "../ac/validate-result.js";
+import { type ActionPlatform, platformOf, readActionPlatform } from "../action/action-platform.js";
+import { checkRelativePath } from "../action/output-path.js";
 import { DEFAULT_INPUT_TREE_LIMITS, type InputTreeLimits } from "../cas/tree-limits.js";
 import { type Digest, parseDigest } from "../digest/digest.js";
 import { type DigestFunction, digestFunctionByWire } from "../digest/functions.js";
-import { type ActionPlatform, platformOf, readActionPlatform } from "../execution/action-platform.js";
 import type { Assignment, Completion, ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import {
   type ActionResult,

@@ -1,8 +1,8 @@
 import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
+import type { ActionPlatform } from "../action/action-platform.js";
 import { parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
-import type { ActionPlatform } from "../execution/action-platform.js";
 import { ImageUsed } from "../gen/berth/image/v1/image.js";
 import type { ExpandedImage } from "../gen/berth/worker/v1/worker.js";
 import type { Any } from "../gen/google/protobuf/any.js";

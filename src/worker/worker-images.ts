@@ -1,7 +1,6 @@
 import { chmod, mkdir } from "node:fs/promises";
 import { join } from "node:path";
-import type { RegistryCredentials } from "../execution/action-platform.js";
-import { registryStatus } from "../execution/image-policy.js";
+import type { RegistryCredentials } from "../action/action-platform.js";
 import type { ImageLimits } from "../image/image-limits.js";
 import { ImageStore, type LayerWatcher } from "../image/image-store.js";
 import type { BytesReceived, LayerDescriptor } from "../image/layer-store.js";
@@ -9,6 +8,7 @@ import type { UpperDirectory } from "../image/open-directories.js";
 import { type ImageReference, parseImageReference } from "../image/reference.js";
 import type { RegistryClient } from "../registry/client.js";
 import { Credentials } from "../registry/credentials.js";
+import { registryStatus } from "../registry/registry-status.js";
 import { ResolvedImages } from "../registry/resolved-images.js";
 
 export interface WorkerImagesOptions {

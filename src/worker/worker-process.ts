@@ -1,8 +1,8 @@
 import { type ChildProcess, fork } from "node:child_process";
 import { once } from "node:events";
 import { fileURLToPath } from "node:url";
+import type { Property } from "../action/property.js";
 import type { Logger } from "../log/log.js";
-import type { Property } from "../scheduler/platform.js";
 
 export interface WorkerProcessOptions {
   /** The farm to join (scheduler and CAS). */

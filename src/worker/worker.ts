@@ -1,10 +1,10 @@
 import { setTimeout as sleep } from "node:timers/promises";
 import type { ClientDuplexStream } from "@grpc/grpc-js";
+import type { Property } from "../action/property.js";
 import type { ClientChannel } from "../auth/client-channel.js";
 import type { ImagePullState } from "../gen/berth/image/v1/image.js";
 import { type HubMessage, type ImagePull, WorkerHubClient, type WorkerMessage } from "../gen/berth/worker/v1/worker.js";
 import type { Logger } from "../log/log.js";
-import type { Property } from "../scheduler/platform.js";
 import { OK_STATUS, toRpcStatus } from "../status/rpc-status.js";
 import { Code, StatusError, toStatusError } from "../status/status.js";
 import { type ActionRunnerOptions, failedCompletion, runAction } from "./action-runner.js";

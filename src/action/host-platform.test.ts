@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { hostPlatformProperties, satisfies } from "./host-platform.js";
-import { unmetProperty } from "./platform.js";
+import { unmetProperty } from "./property.js";
 
 const p = (name: string, value: string) => ({ name, value });
 

@@ -1,4 +1,4 @@
-import type { Property } from "./platform.js";
+import type { Property } from "./property.js";
 
 /**
  * The platform properties every worker offers about itself, under the names

@@ -1,6 +1,6 @@
 import { type ImageReference, ImageReferenceError, isNoImage, parseImageReference } from "../image/reference.js";
-import type { Property } from "../scheduler/platform.js";
 import { invalidArgument } from "../status/status.js";
+import type { Property } from "./property.js";
 import { readWorkloadIsolation, WORKLOAD_ISOLATION_TYPE, type WorkloadIsolation } from "./workload-isolation.js";
 
 /** The property naming the image an action runs in (Bazel's, Buildbarn's and BuildBuddy's name). */
