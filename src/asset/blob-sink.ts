@@ -18,7 +18,9 @@ export class CasSink implements BlobSink {
   private constructor(private readonly writer: BlobWriter) {}
 
   static async open(cas: BlobStore, expected: Digest): Promise<CasSink> {
-    return new CasSink(await cas.createWriter(expected));
+    // A downloaded asset is a copy of what its URL serves, named by a write-behind association: flushed in the
+    // background (see PutOptions.durable); a crash may lose both, and the next fetch downloads it again.
+    return new CasSink(await cas.createWriter(expected, { durable: false }));
   }
 
   write(chunk: Buffer): Promise<void> {
@@ -26,9 +28,7 @@ export class CasSink implements BlobSink {
   }
 
   async finish(): Promise<Digest> {
-    // A downloaded asset is a copy of what its URL serves, named by a write-behind association: flushed in the
-    // background (see PutOptions.durable); a crash may lose both, and the next fetch downloads it again.
-    await this.writer.commit({ durable: false });
+    await this.writer.commit();
     return this.writer.digest;
   }
 
@@ -83,7 +83,7 @@ export class TempFileSink implements BlobSink {
   }
 
   private async copyInto(digest: Digest): Promise<void> {
-    const writer = await this.cas.createWriter(digest);
+    const writer = await this.cas.createWriter(digest, { durable: false }); // see CasSink.open
     try {
       for (let position = 0; position < this.written; ) {
         // A fresh buffer per chunk: the writer may still be writing the previous one.
@@ -93,7 +93,7 @@ export class TempFileSink implements BlobSink {
         await writer.write(buffer.subarray(0, bytesRead));
         position += bytesRead;
       }
-      await writer.commit({ durable: false }); // see CasSink.finish
+      await writer.commit();
     } catch (err) {
       await writer.abort();
       throw err;

@@ -16,7 +16,8 @@ export interface BlobStore {
   /** Stores a blob held in memory; INVALID_ARGUMENT when it does not match its digest. */
   put(digest: Digest, data: Uint8Array, options?: PutOptions): Promise<void>;
   /** Starts a streamed upload of one blob. */
-  createWriter(digest: Digest): Promise<BlobWriter>;
+  /** `durable: false`: see PutOptions.durable (the writer then never waits for, or starts, a flush). */
+  createWriter(digest: Digest, options?: { durable?: boolean }): Promise<BlobWriter>;
 }
 
 /** How a blob reaches `put`, for callers inside Berth that know more than a client would. */
@@ -40,11 +41,8 @@ export interface BlobWriter {
   /** Bytes accepted so far. */
   readonly written: number;
   write(chunk: Uint8Array): Promise<void>;
-  /**
-   * Verifies size and hash, then publishes the blob atomically; flushed to disk first unless `durable` is
-   * false (see PutOptions.durable).
-   */
-  commit(options?: { durable?: boolean }): Promise<void>;
+  /** Verifies size and hash, then publishes the blob atomically (flushed first, unless made not durable). */
+  commit(): Promise<void>;
   /** Drops what was written. */
   abort(): Promise<void>;
 }

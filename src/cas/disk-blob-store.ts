@@ -402,8 +402,9 @@ export class DiskBlobStore implements BlobStore {
     }
   }
 
-  async createWriter(digest: Digest): Promise<BlobWriter> {
-    if (digest.sizeBytes <= this.logLimit) return new MemoryBlobWriter(digest, this);
+  async createWriter(digest: Digest, options?: { durable?: boolean }): Promise<BlobWriter> {
+    const durable = options?.durable ?? true;
+    if (digest.sizeBytes <= this.logLimit) return new MemoryBlobWriter(digest, this, durable);
     const temp = this.files.tempPath();
     let handle: FileHandle;
     try {
@@ -411,7 +412,7 @@ export class DiskBlobStore implements BlobStore {
     } catch (err) {
       throw isDiskFull(err) ? this.diskFull(err, digest) : err;
     }
-    return new DiskBlobWriter(digest, temp, handle, await digest.fn.createHasher(), this.files, this);
+    return new DiskBlobWriter(digest, temp, handle, await digest.fn.createHasher(), this.files, this, durable);
   }
 }
 
@@ -432,6 +433,7 @@ class DiskBlobWriter implements BlobWriter {
     private readonly hasher: Hasher,
     private readonly files: LruDirectory,
     private readonly store: DiskBlobStore,
+    private readonly durable: boolean,
   ) {}
 
   async write(chunk: Uint8Array): Promise<void> {
@@ -444,7 +446,7 @@ class DiskBlobWriter implements BlobWriter {
     this.inFlight.push(pending);
     this.written += chunk.byteLength;
     this.unflushed += chunk.byteLength;
-    if (this.unflushed >= EARLY_FLUSH_BYTES && !this.earlyFlush) {
+    if (this.durable && this.unflushed >= EARLY_FLUSH_BYTES && !this.earlyFlush) {
       // Only a head start for the disk: the flush at commit is the one that counts, so failures are ignored here.
       this.unflushed = 0;
       this.earlyFlush = this.handle
@@ -472,10 +474,10 @@ class DiskBlobWriter implements BlobWriter {
     }
   }
 
-  async commit(options?: { durable?: boolean }): Promise<void> {
+  async commit(): Promise<void> {
     if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "the upload already finished");
     this.done = true;
-    const durable = options?.durable ?? true;
+    const { durable } = this;
     try {
       await this.settle(durable);
     } catch (err) {
@@ -560,6 +562,7 @@ class MemoryBlobWriter implements BlobWriter {
   constructor(
     readonly digest: Digest,
     private readonly store: DiskBlobStore,
+    private readonly durable: boolean,
   ) {}
 
   async write(chunk: Uint8Array): Promise<void> {
@@ -568,7 +571,7 @@ class MemoryBlobWriter implements BlobWriter {
     this.written += chunk.byteLength;
   }
 
-  async commit(options?: { durable?: boolean }): Promise<void> {
+  async commit(): Promise<void> {
     if (this.done) throw new StatusError(Code.FAILED_PRECONDITION, "the upload already finished");
     this.done = true;
     const { digest } = this;
@@ -576,7 +579,7 @@ class MemoryBlobWriter implements BlobWriter {
     const actual = (await digestOf(digest.fn, data)).hash;
     const wrong = uploadMismatch(digest, this.written, () => actual);
     if (wrong) throw wrong;
-    await this.store.put(digest, data, { hashedByCaller: true, durable: options?.durable });
+    await this.store.put(digest, data, { hashedByCaller: true, durable: this.durable });
   }
 
   async abort(): Promise<void> {

@@ -53,8 +53,8 @@ export class MemoryCachedBlobStore implements BlobStore {
       this.#remember(digestKey(digest), Buffer.from(data));
   }
 
-  createWriter(digest: Digest): Promise<BlobWriter> {
-    return this.inner.createWriter(digest);
+  createWriter(digest: Digest, options?: { durable?: boolean }): Promise<BlobWriter> {
+    return this.inner.createWriter(digest, options);
   }
 
   async #lookup(digest: Digest): Promise<Buffer | undefined> {
