@@ -280,8 +280,11 @@ test("cancellation kills the whole process tree", async (t) => {
 
 test("background processes do not outlive a command that exits normally", async (t) => {
   const ws = await workspace(t);
-  const running = sh(ws, "sleep 4262 & setsid sleep 4263 & sleep 0.2; echo done");
+  // The command ends only once the test has seen both background processes (it writes `seen`), so that
+  // however slowly the machine lists processes, it sees them before the command ends.
+  const running = sh(ws, "sleep 4262 & setsid sleep 4263 & while [ ! -e seen ]; do sleep 0.02; done; echo done");
   const tree = await waitForProcesses(/^sleep 426[23]$/, 2);
+  await writeFile(join(ws.inputRoot, "seen"), "");
   const result = await running;
   // Checked synchronously right away: the tree must be gone when run() resolves, not some time later.
   assert.deepEqual(
