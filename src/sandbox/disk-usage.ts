@@ -1,4 +1,4 @@
-import { spawn } from "node:child_process";
+import { findLines } from "./find-lines.js";
 
 /** A directory an action writes to, and whose files there are the action's. */
 export interface WritableArea {
@@ -49,34 +49,24 @@ export function measureDiskUsage(
   );
 }
 
-function walk(area: WritableArea, usage: DiskUsage, over: () => boolean, signal?: AbortSignal): Promise<DiskUsage> {
+async function walk(
+  area: WritableArea,
+  usage: DiskUsage,
+  over: () => boolean,
+  signal?: AbortSignal,
+): Promise<DiskUsage> {
   const owner = area.owner === undefined ? [] : ["-uid", String(area.owner)];
   // %b: 512-byte blocks allocated. One short line per entry.
-  const child = spawn("find", ["-P", area.dir, "-xdev", ...owner, "-printf", "%b\\n"], {
-    stdio: ["ignore", "pipe", "ignore"],
-  });
-  return new Promise((resolve, reject) => {
-    let partial = "";
-    const stop = () => child.kill("SIGKILL");
-    signal?.addEventListener("abort", stop, { once: true });
-    child.stdout.setEncoding("latin1");
-    child.stdout.on("data", (chunk: string) => {
-      const lines = (partial + chunk).split("\n");
-      partial = lines.pop() ?? "";
-      for (const line of lines) {
-        usage.bytes += Number(line) * 512;
-        usage.entries += 1;
-      }
-      if (over()) stop();
-    });
-    child.on("error", (error) => {
-      signal?.removeEventListener("abort", stop);
-      reject(new Error(`cannot measure the disk use of ${area.dir} with find: ${error.message}`, { cause: error }));
-    });
-    // find exits non-zero when entries vanish under it (the action is still running): what it saw counts.
-    child.on("close", () => {
-      signal?.removeEventListener("abort", stop);
-      resolve(usage);
-    });
-  });
+  const args = ["-P", area.dir, "-xdev", ...owner, "-printf", "%b\\n"];
+  await findLines(
+    args,
+    `measure the disk use of ${area.dir}`,
+    (line) => {
+      usage.bytes += Number(line) * 512;
+      usage.entries += 1;
+      return over();
+    },
+    signal,
+  );
+  return usage;
 }

@@ -1,6 +1,6 @@
-import { spawn } from "node:child_process";
 import { readdir, readFile, stat } from "node:fs/promises";
 import type { DiskUsage } from "./disk-usage.js";
+import { findLines } from "./find-lines.js";
 
 /** The host pids of an action's processes, as the monitor samples them. */
 export type ProcessLister = () => Promise<readonly number[]>;
@@ -69,38 +69,34 @@ export async function measureOpenDeletedFiles(
   const infos = await Promise.all([...dirs, ...roots].map((path) => stat(path).catch(() => undefined)));
   const devices = new Set(infos.flatMap((info) => (info ? [String(info.dev)] : [])));
   const fdDirs = pids.map((pid) => `/proc/${pid}/fd`);
-  const child = spawn(
-    "find",
-    ["-L", ...fdDirs, "-mindepth", "1", "-maxdepth", "1", "-type", "f", "-links", "0", "-printf", "%D %i %b\\n"],
-    { stdio: ["ignore", "pipe", "ignore"] },
-  );
   const seen = new Set<string>();
-  return new Promise((resolve, reject) => {
-    let partial = "";
-    const stop = () => child.kill("SIGKILL");
-    signal?.addEventListener("abort", stop, { once: true });
-    child.stdout.setEncoding("latin1");
-    child.stdout.on("data", (chunk: string) => {
-      const lines = (partial + chunk).split("\n");
-      partial = lines.pop() ?? "";
-      for (const line of lines) {
-        const [device, inode, blocks] = line.split(" ");
-        if (device === undefined || !devices.has(device)) continue;
-        const key = `${device}:${inode}`;
-        if (seen.has(key)) continue;
-        seen.add(key);
-        usage.bytes += Number(blocks) * 512;
-        usage.entries += 1;
-      }
-    });
-    child.on("error", (error) => {
-      signal?.removeEventListener("abort", stop);
-      reject(new Error(`cannot list the action's open deleted files with find: ${error.message}`, { cause: error }));
-    });
-    // find exits non-zero when a process ended under it: what it saw counts.
-    child.on("close", () => {
-      signal?.removeEventListener("abort", stop);
-      resolve(usage);
-    });
-  });
+  const args = [
+    "-L",
+    ...fdDirs,
+    "-mindepth",
+    "1",
+    "-maxdepth",
+    "1",
+    "-type",
+    "f",
+    "-links",
+    "0",
+    "-printf",
+    "%D %i %b\\n",
+  ];
+  await findLines(
+    args,
+    "list the action's open deleted files",
+    (line) => {
+      const [device, inode, blocks] = line.split(" ");
+      if (device === undefined || !devices.has(device)) return;
+      const key = `${device}:${inode}`;
+      if (seen.has(key)) return;
+      seen.add(key);
+      usage.bytes += Number(blocks) * 512;
+      usage.entries += 1;
+    },
+    signal,
+  );
+  return usage;
 }
