@@ -1,6 +1,7 @@
 import { type ImageReference, ImageReferenceError, isNoImage, parseImageReference } from "../image/reference.js";
 import { invalidArgument } from "../status/status.js";
 import type { Property } from "./property.js";
+import { RECYCLING_PROPERTIES, type Recycling, readRecycling } from "./runner-recycling.js";
 import { readWorkloadIsolation, WORKLOAD_ISOLATION_TYPE, type WorkloadIsolation } from "./workload-isolation.js";
 
 /** The property naming the image an action runs in (Bazel's, Buildbarn's and BuildBuddy's name). */
@@ -56,7 +57,15 @@ export interface ActionPlatform {
   imageMode: ImageMode | undefined;
   /** workload-isolation-type: the runner the action asks for (only the namespace sandbox exists today). */
   isolation: WorkloadIsolation;
+  /** recycle-runner (or dockerReuse): the action asks for a warm runner, and how its workspace is treated. */
+  recycling: Recycling | undefined;
 }
+
+/**
+ * Bazel's remote persistent-worker properties (--experimental_remote_mark_tool_inputs). Interpreted, not
+ * matched: an executor without persistent workers runs such an action as the one-shot command it also is.
+ */
+const PERSISTENT_WORKER_PROPERTIES = ["persistentWorkerKey", "persistentWorkerProtocol"];
 
 const INTERPRETED = new Set([
   CONTAINER_IMAGE,
@@ -69,6 +78,8 @@ const INTERPRETED = new Set([
   UNIX_UID,
   UNIX_GID,
   WORKLOAD_ISOLATION_TYPE,
+  ...RECYCLING_PROPERTIES,
+  ...PERSISTENT_WORKER_PROPERTIES,
 ]);
 
 /**
@@ -129,6 +140,7 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
   }
 
   const isolation = readWorkloadIsolation(single(WORKLOAD_ISOLATION_TYPE));
+  const recycling = readRecycling(single);
 
   const required = properties.filter((p) => !INTERPRETED.has(p.name)).map((p) => ({ name: p.name, value: p.value }));
   if (image) required.push(IMAGE_CAPABILITY);
@@ -143,6 +155,7 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     unixGid,
     imageMode,
     isolation,
+    recycling,
   };
 }
 
