@@ -73,6 +73,7 @@ export function workerHubService(
           return refuse(new StatusError(Code.FAILED_PRECONDITION, "the first message must be hello"));
         scheduler.heartbeat(name);
         if (message.imagePullProgress) pulls.report(name, message.imagePullProgress);
+        if (message.warmRunners) scheduler.warmRunners(name, message.warmRunners.keys);
         const completion = message.completion;
         if (completion) {
           const noStatus = { code: Code.INTERNAL, message: "the worker sent no status", details: [] };

@@ -92,6 +92,8 @@ export const ConfigSchema = z
         leaseTimeoutSeconds: z.number().positive().default(30),
         /** Starts of one action on workers that vanished before it fails. */
         maxAttempts: z.number().int().positive().default(3),
+        /** An action asking for a warm runner (recycle-runner) waits this long for a busy worker holding one. */
+        warmRunnerWaitSeconds: z.number().nonnegative().default(1),
         /** How long WaitExecution and GetOperation still find a completed operation. */
         retainCompletedSeconds: z.number().nonnegative().default(600),
         /** An operation no Execute or WaitExecution stream has followed for this long is dropped (its action cancelled). */

@@ -91,6 +91,7 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
   const scheduler = new Scheduler({
     leaseTimeoutMs: execution.leaseTimeoutSeconds * 1000,
     maxAttempts: execution.maxAttempts,
+    warmRunnerWaitMs: execution.warmRunnerWaitSeconds * 1000,
     retainCompletedMs: execution.retainCompletedSeconds * 1000,
     unwatchedTimeoutMs: execution.unwatchedOperationTimeoutSeconds * 1000,
     finish: (job, outcome) => (executor as Executor).finish(job, outcome),

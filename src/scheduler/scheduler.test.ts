@@ -220,3 +220,68 @@ test("cancelling the only operation of a running action cancels it on the worker
   assert.equal(worker.assigned.length, 2);
   assert.equal(scheduler.cancel("operations/unknown"), false);
 });
+
+test("an action asking for a warm runner goes to the worker holding one of its key, not to the first idle worker", () => {
+  const { scheduler } = makeScheduler({ warmRunnerWaitMs: 60_000 });
+  const cold = new FakeWorker("cold");
+  const warm = new FakeWorker("warm");
+  scheduler.connect(cold);
+  scheduler.connect(warm);
+  scheduler.warmRunners("warm", ["key-a"]);
+  scheduler.submit(job({ runnerKey: "key-a" }));
+  assert.equal(warm.assigned.length, 1);
+  assert.equal(cold.assigned.length, 0);
+  // Another key, or none, is not held back: the idle worker takes it.
+  scheduler.submit(job({ runnerKey: "key-b" }));
+  assert.equal(cold.assigned.length, 1);
+});
+
+test("while the holder is busy the action waits for it, and gets it when the holder's slot frees", async () => {
+  const { scheduler } = makeScheduler({ warmRunnerWaitMs: 60_000 });
+  const cold = new FakeWorker("cold");
+  const warm = new FakeWorker("warm");
+  scheduler.connect(warm);
+  scheduler.submit(job()); // keeps the holder's one slot busy
+  assert.equal(warm.assigned.length, 1);
+  scheduler.connect(cold);
+  scheduler.warmRunners("warm", ["key-a"]);
+  const op = scheduler.submit(job({ runnerKey: "key-a" }));
+  assert.equal(cold.assigned.length, 0, "taken by a worker without the warm runner");
+  assert.equal(op.stage, ExecutionStage_Value.QUEUED);
+  await scheduler.complete("warm", warm.assigned[0]?.leaseId ?? "", ok());
+  assert.equal(warm.assigned.length, 2);
+  assert.equal(cold.assigned.length, 0);
+});
+
+test("an action does not wait for a busy holder longer than warmRunnerWaitMs: then any worker takes it", async () => {
+  const { scheduler } = makeScheduler({ warmRunnerWaitMs: 150 });
+  const cold = new FakeWorker("cold");
+  const warm = new FakeWorker("warm");
+  scheduler.connect(warm);
+  scheduler.submit(job());
+  scheduler.connect(cold);
+  scheduler.warmRunners("warm", ["key-a"]);
+  const op = scheduler.submit(job({ runnerKey: "key-a", queuedAt: new Date() }));
+  assert.equal(cold.assigned.length, 0);
+  await sleep(400);
+  assert.equal(cold.assigned.length, 1, "still waiting for the busy holder");
+  assert.equal(op.stage, ExecutionStage_Value.EXECUTING);
+});
+
+test("without warmRunnerWaitMs, or once the holder reports the runner gone, nothing waits", () => {
+  for (const [wait, keys] of [
+    [0, ["key-a"]],
+    [60_000, []],
+  ] as const) {
+    const { scheduler } = makeScheduler({ warmRunnerWaitMs: wait });
+    const cold = new FakeWorker("cold");
+    const warm = new FakeWorker("warm");
+    scheduler.connect(warm);
+    scheduler.submit(job());
+    scheduler.connect(cold);
+    scheduler.warmRunners("warm", ["key-a"]);
+    scheduler.warmRunners("warm", keys);
+    scheduler.submit(job({ runnerKey: "key-a" }));
+    assert.equal(cold.assigned.length, 1, `wait ${wait}, keys ${keys.join()}`);
+  }
+});

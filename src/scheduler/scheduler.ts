@@ -39,6 +39,8 @@ export interface ExecutionJob {
   timeoutMs: number;
   /** Such a job neither joins nor is joined by identical ones. */
   doNotCache: boolean;
+  /** The warm runner it asked for (recycle-runner), by key (action/runner-recycling.ts); absent when none. */
+  runnerKey?: string;
   queuedAt: Date;
 }
 
@@ -80,6 +82,11 @@ export interface SchedulerOptions {
   retainCompletedMs: number;
   /** An operation no client has followed for this long is cancelled; undefined: never. */
   unwatchedTimeoutMs?: number;
+  /**
+   * An action asking for a warm runner that a busy worker holds waits up to
+   * this long for that worker before any other takes it (0: never waits).
+   */
+  warmRunnerWaitMs?: number;
   /** Turns a worker's outcome into the client's response (and caches it). */
   finish: (job: ExecutionJob, outcome: WorkerOutcome) => Promise<ExecuteResponse>;
 }
@@ -105,6 +112,8 @@ interface WorkerState {
    * not seen yet), so nothing is assigned to it until it speaks.
    */
   doubtful: boolean;
+  /** The keys of the idle warm runners it holds, as it last reported them. */
+  warmKeys: ReadonlySet<string>;
 }
 
 /**
@@ -122,6 +131,8 @@ export class Scheduler {
   private seq = 0;
   private readonly sweeper: NodeJS.Timeout;
   private readonly unwatchedSweeper: NodeJS.Timeout | undefined;
+  /** A dispatch when the first action held back for a warm runner has waited long enough. */
+  private warmWaitTimer: { at: number; timer: NodeJS.Timeout } | undefined;
 
   constructor(private readonly options: SchedulerOptions) {
     this.sweeper = setInterval(() => this.expireLeases(), Math.max(100, options.leaseTimeoutMs / 4));
@@ -136,6 +147,7 @@ export class Scheduler {
   close(): void {
     clearInterval(this.sweeper);
     clearInterval(this.unwatchedSweeper);
+    clearTimeout(this.warmWaitTimer?.timer);
   }
 
   /** The first property no worker of the farm has offered, or undefined. */
@@ -210,7 +222,13 @@ export class Scheduler {
   }
 
   connect(connection: WorkerConnection): void {
-    this.workers.set(connection.name, { connection, running: new Map(), lastSeen: Date.now(), doubtful: false });
+    this.workers.set(connection.name, {
+      connection,
+      running: new Map(),
+      lastSeen: Date.now(),
+      doubtful: false,
+      warmKeys: new Set(),
+    });
     this.knownPlatforms.set(connection.name, connection.properties);
     this.dispatch();
   }
@@ -223,6 +241,14 @@ export class Scheduler {
       worker.doubtful = false;
       this.dispatch();
     }
+  }
+
+  /** The worker's report of the idle warm runners it holds (all of them, replacing its last report). */
+  warmRunners(workerName: string, keys: readonly string[]): void {
+    const worker = this.workers.get(workerName);
+    if (!worker) return;
+    worker.warmKeys = new Set(keys);
+    this.dispatch();
   }
 
   /** The worker's stream ended or it went silent: its actions go back to the queue. */
@@ -302,19 +328,56 @@ export class Scheduler {
   }
 
   private dispatch(): void {
-    for (const worker of this.workers.values()) {
+    const now = Date.now();
+    // Workers holding a warm runner choose first, so that they take the actions asking for it.
+    const workers = [...this.workers.values()].sort((a, b) => b.warmKeys.size - a.warmKeys.size);
+    for (const worker of workers) {
       if (worker.doubtful) continue;
       while (worker.running.size < worker.connection.slots) {
         const busy = this.groupBusy(worker);
         if (busy === "suspect") break;
         const index = this.queue.findIndex(
-          (t) => !unmetProperty(worker.connection.properties, t.job.platform) && !(t.suspect && busy === "busy"),
+          (t) =>
+            !unmetProperty(worker.connection.properties, t.job.platform) &&
+            !(t.suspect && busy === "busy") &&
+            !this.waitsForWarmRunner(t, worker, now),
         );
         if (index < 0) break;
         const [task] = this.queue.splice(index, 1) as [Task];
         this.start(task, worker);
       }
     }
+  }
+
+  /**
+   * Whether `task` should rather wait for another worker that holds an idle
+   * warm runner of its key (and is busy now): only for warmRunnerWaitMs from
+   * its queueing, after which a dispatch is due and any worker takes it.
+   */
+  private waitsForWarmRunner(task: Task, worker: WorkerState, now: number): boolean {
+    const key = task.job.runnerKey;
+    const waitMs = this.options.warmRunnerWaitMs ?? 0;
+    if (key === undefined || waitMs <= 0 || worker.warmKeys.has(key)) return false;
+    const until = task.job.queuedAt.getTime() + waitMs;
+    if (now >= until) return false;
+    const holder = [...this.workers.values()].some((w) => w !== worker && !w.doubtful && w.warmKeys.has(key));
+    if (holder) this.dispatchAt(until);
+    return holder;
+  }
+
+  /** One dispatch at `at` (or earlier, when one is already due earlier). */
+  private dispatchAt(at: number): void {
+    if (this.warmWaitTimer && this.warmWaitTimer.at <= at) return;
+    clearTimeout(this.warmWaitTimer?.timer);
+    const timer = setTimeout(
+      () => {
+        this.warmWaitTimer = undefined;
+        this.dispatch();
+      },
+      Math.max(0, at - Date.now()),
+    );
+    timer.unref();
+    this.warmWaitTimer = { at, timer };
   }
 
   /**
