@@ -84,7 +84,9 @@ export async function persistentWorkerSpec(
 ): Promise<PersistentWorkerSpec | undefined> {
   // REAPI 2.2 moved the platform to the Action; older clients send it on the Command (Bazel sends both).
   const properties =
-    (action.platform?.properties.length ?? 0) > 0 ? (action.platform?.properties ?? []) : (command.platform?.properties ?? []);
+    (action.platform?.properties.length ?? 0) > 0
+      ? (action.platform?.properties ?? [])
+      : (command.platform?.properties ?? []);
   const clientKey = single(properties, PERSISTENT_WORKER_KEY);
   if (clientKey === undefined || clientKey === "") return undefined;
   const protocol = readProtocol(single(properties, PERSISTENT_WORKER_PROTOCOL));
@@ -152,7 +154,8 @@ export async function persistentWorkerSpec(
 
 function single(properties: readonly { name: string; value: string }[], name: string): string | undefined {
   const values = properties.filter((p) => p.name === name);
-  if (values.length > 1) throw invalidArgument(`platform property ${name}`, `is given ${values.length} times; give it once`);
+  if (values.length > 1)
+    throw invalidArgument(`platform property ${name}`, `is given ${values.length} times; give it once`);
   return values[0]?.value;
 }
 
@@ -212,12 +215,18 @@ class FlagfileExpander {
     // --flagfile= arguments, @@escaped ones and external labels travel as they are (the tool reads the file).
     if (!argument.startsWith("@") || argument.startsWith("@@") || EXTERNAL_LABEL.test(argument)) return [argument];
     if (depth >= this.limits.maxDepth) {
-      throw invalidArgument(field, `flagfiles name flagfiles more than ${this.limits.maxDepth} deep (at ${quote(argument)})`);
+      throw invalidArgument(
+        field,
+        `flagfiles name flagfiles more than ${this.limits.maxDepth} deep (at ${quote(argument)})`,
+      );
     }
     const file = this.resolve(argument.slice(1), field);
     this.bytesRead += file.digest.sizeBytes;
     if (this.bytesRead > this.limits.maxBytes) {
-      throw invalidArgument(field, `the flagfiles of one request may hold ${this.limits.maxBytes} bytes; ${quote(argument)} goes past it`);
+      throw invalidArgument(
+        field,
+        `the flagfiles of one request may hold ${this.limits.maxBytes} bytes; ${quote(argument)} goes past it`,
+      );
     }
     let text: string;
     try {

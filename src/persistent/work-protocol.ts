@@ -187,9 +187,7 @@ function parseJsonResponse(bytes: Buffer): WorkResponse {
   try {
     value = JSON.parse(bytes.toString("utf8"));
   } catch (err) {
-    throw new WorkProtocolError(
-      `the worker process wrote invalid JSON (${(err as Error).message}): ${shown(bytes)}`,
-    );
+    throw new WorkProtocolError(`the worker process wrote invalid JSON (${(err as Error).message}): ${shown(bytes)}`);
   }
   const object = value as Record<string, unknown>;
   const field = (camel: string, snake: string): unknown => object[camel] ?? object[snake];
@@ -220,6 +218,6 @@ function int32(value: unknown, name: string): number {
 
 /** A short, printable excerpt of what the process wrote, for the error message. */
 function shown(value: unknown): string {
-  const text = Buffer.isBuffer(value) ? value.subarray(0, 80).toString("utf8") : JSON.stringify(value) ?? "";
+  const text = Buffer.isBuffer(value) ? value.subarray(0, 80).toString("utf8") : (JSON.stringify(value) ?? "");
   return JSON.stringify(text.length > 80 ? `${text.slice(0, 80)}…` : text);
 }

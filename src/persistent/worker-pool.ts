@@ -10,7 +10,7 @@ import { Code, StatusError } from "../status/status.js";
 import type { WorkerProcessLauncher } from "./launcher.js";
 import type { PersistentWorkerSpec } from "./persistent-action.js";
 import { DEFAULT_MAX_RESPONSE_BYTES } from "./work-protocol.js";
-import { type WorkOptions, WorkerProcess, WorkerProcessFailure } from "./worker-process.js";
+import { WorkerProcess, WorkerProcessFailure, type WorkOptions } from "./worker-process.js";
 
 export interface WorkerPoolLimits {
   /** Processes of one key (each takes one request at a time). */
@@ -95,7 +95,10 @@ export class PersistentWorkerPool {
           retried: firstFailure !== undefined,
         };
       } catch (err) {
-        if (!(err instanceof WorkerProcessFailure) || this.closed) throw err;
+        if (this.closed) {
+          throw new StatusError(Code.UNAVAILABLE, `the persistent worker pool was closed: ${(err as Error).message}`);
+        }
+        if (!(err instanceof WorkerProcessFailure)) throw err;
         if (firstFailure) {
           throw new StatusError(
             Code.UNAVAILABLE,
@@ -104,7 +107,7 @@ export class PersistentWorkerPool {
         }
         firstFailure = err;
       } finally {
-        this.release(member);
+        await this.release(member);
       }
     }
   }
@@ -127,7 +130,8 @@ export class PersistentWorkerPool {
   ): Promise<{ member: Member; started: boolean }> {
     for (;;) {
       if (this.closed) throw new StatusError(Code.UNAVAILABLE, "the persistent worker pool is closed");
-      if (signal?.aborted) throw new StatusError(Code.CANCELLED, "the action was cancelled while waiting for a worker process");
+      if (signal?.aborted)
+        throw new StatusError(Code.CANCELLED, "the action was cancelled while waiting for a worker process");
       const idle = [...this.members].find((m) => m.key === spec.key && !m.busy && m.process.usable);
       if (idle) {
         this.take(idle);
@@ -195,11 +199,12 @@ export class PersistentWorkerPool {
     member.idleTimer = undefined;
   }
 
-  private release(member: Member): void {
+  /** Makes the process idle again, or, when it cannot take another request, returns once it has exited. */
+  private async release(member: Member): Promise<void> {
     member.busy = false;
     member.lastUsed = Date.now();
     if (!member.process.usable || this.closed) {
-      void this.stop(member);
+      await this.stop(member);
       return;
     }
     member.idleTimer = setTimeout(() => void this.stop(member), this.limits.idleTimeoutMs);

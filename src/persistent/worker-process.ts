@@ -5,7 +5,7 @@
  * when not asked, answered the wrong request) kills it: a response left
  * behind would otherwise be read as the answer to the next request.
  */
-import { type WorkRequest, WorkResponse } from "../gen/blaze/worker/worker_protocol.js";
+import type { WorkRequest, WorkResponse } from "../gen/blaze/worker/worker_protocol.js";
 import { Code, StatusError } from "../status/status.js";
 import type { LaunchedProcess, ProcessExit, WorkerLaunch, WorkerProcessLauncher } from "./launcher.js";
 import { encodeWorkRequest, type WorkProtocol, WorkProtocolError, workResponseReader } from "./work-protocol.js";

@@ -44,6 +44,8 @@ export interface BazelWorkerActionSpec {
   omitParamsFile?: boolean;
   /** Extra platform properties (exec_properties). */
   properties?: { name: string; value: string }[];
+  /** persistentWorkerKey as a hostile client sends it, in place of Bazel's fingerprint. */
+  workerKey?: string;
   /** Makes the params file's name (and so the action) distinct. */
   name?: string;
 }
@@ -70,7 +72,11 @@ export async function bazelWorkerAction(spec: BazelWorkerActionSpec): Promise<Ba
   const paramsPath = `${PARAMS_DIR}/${spec.name ?? "out"}-0.params`;
   const files = new Map<string, TreeFile>([[TOOL_PATH, { data: tool, executable: true, tool: true }]]);
   if (!spec.omitParamsFile) {
-    files.set(paramsPath, { data: Buffer.from(spec.requestArgs.map((a) => `${a}\n`).join("")), executable: false, tool: false });
+    files.set(paramsPath, {
+      data: Buffer.from(spec.requestArgs.map((a) => `${a}\n`).join("")),
+      executable: false,
+      tool: false,
+    });
   }
   for (const [path, content] of Object.entries(spec.sources ?? {})) {
     files.set(path, { data: Buffer.from(content), executable: false, tool: false });
@@ -95,10 +101,11 @@ export async function bazelWorkerAction(spec: BazelWorkerActionSpec): Promise<Ba
 
   // Bazel's key: a fingerprint of the tool files' digests, the worker's arguments and its environment.
   const fingerprint = createHash("sha256");
-  for (const [path, file] of [...files].filter(([, f]) => f.tool)) fingerprint.update(`${path}\0${sha256(file.data).hash}\0`);
+  for (const [path, file] of [...files].filter(([, f]) => f.tool))
+    fingerprint.update(`${path}\0${sha256(file.data).hash}\0`);
   fingerprint.update(JSON.stringify([startup, Object.entries(env).sort()]));
   const properties = [
-    { name: "persistentWorkerKey", value: fingerprint.digest("hex") },
+    { name: "persistentWorkerKey", value: spec.workerKey ?? fingerprint.digest("hex") },
     ...(spec.protocol === undefined ? [] : [{ name: "persistentWorkerProtocol", value: spec.protocol }]),
     ...(spec.properties ?? []),
   ].sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0));
@@ -168,7 +175,9 @@ function encodeDirectory(
         // Bazel's MerkleTree: the one property, with an empty value, on the tool's files only.
         nodeProperties: file.tool ? { properties: [{ name: "bazel_tool_input", value: "" }] } : undefined,
       })),
-    directories: [...children].sort(byName).map((name) => ({ name, digest: encodeDirectory(files, `${prefix}${name}/`, add, directories) })),
+    directories: [...children]
+      .sort(byName)
+      .map((name) => ({ name, digest: encodeDirectory(files, `${prefix}${name}/`, add, directories) })),
   });
   const digest = add(Buffer.from(Directory.encode(directory).finish()));
   directories.set(`${digest.hash}/${digest.sizeBytes}`, directory);

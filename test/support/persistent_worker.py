@@ -16,6 +16,7 @@ Request arguments that change what it does (any other argument is echoed):
   --exit-code=N            answer with exit code N
   --sleep=SECONDS          wait before answering
   --stderr=TEXT            write TEXT to stderr (not part of any answer)
+  --background             leave a `sleep 3600` running (its pid is in the answer)
 The answer's output is one JSON line: the process's pid, how many requests it
 has answered, its start-up arguments, the request's arguments and its inputs
 (path -> digest as sent).
@@ -24,6 +25,7 @@ has answered, its start-up arguments, the request's arguments and its inputs
 import base64
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -176,18 +178,21 @@ def write_huge(protocol, size, request_id):
 
 def answer(protocol, startup, request, count):
     arguments = request["arguments"]
-    if "--crash" in arguments or option(arguments, "--crash-in-pid") == str(os.getpid()):
-        os._exit(3)
     stderr_text = option(arguments, "--stderr")
     if stderr_text is not None:
         sys.stderr.write(stderr_text + "\n")
         sys.stderr.flush()
+    if "--crash" in arguments or option(arguments, "--crash-in-pid") == str(os.getpid()):
+        os._exit(3)
     delay = option(arguments, "--sleep")
     if delay is not None:
         time.sleep(float(delay))
     if "--garbage" in arguments:
         write(b"this is not a WorkResponse\n" if protocol == "json" else b"\x05\x0f\x0f\x0f\x0f\x0f")
         time.sleep(3600)
+    children = []
+    if "--background" in arguments:
+        children.append(subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL).pid)
     huge = option(arguments, "--huge")
     if huge is not None:
         write_huge(protocol, int(huge), request["requestId"])
@@ -195,6 +200,7 @@ def answer(protocol, startup, request, count):
     output = json.dumps(
         {
             "pid": os.getpid(),
+            "children": children,
             "count": count,
             "startup": startup,
             "arguments": arguments,
