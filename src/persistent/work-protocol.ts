@@ -218,6 +218,8 @@ function int32(value: unknown, name: string): number {
 
 /** A short, printable excerpt of what the process wrote, for the error message. */
 function shown(value: unknown): string {
-  const text = Buffer.isBuffer(value) ? value.subarray(0, 80).toString("utf8") : (JSON.stringify(value) ?? "");
-  return JSON.stringify(text.length > 80 ? `${text.slice(0, 80)}…` : text);
+  const text = Buffer.isBuffer(value)
+    ? JSON.stringify(value.subarray(0, 101).toString("utf8"))
+    : String(JSON.stringify(value));
+  return text.length > 100 ? `${text.slice(0, 100)}…` : text;
 }
