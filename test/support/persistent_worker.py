@@ -17,6 +17,7 @@ Request arguments that change what it does (any other argument is echoed):
   --sleep=SECONDS          wait before answering
   --stderr=TEXT            write TEXT to stderr (not part of any answer)
   --background             leave a `sleep 3600` running (its pid is in the answer)
+  --try-read=PATH, --try-write=PATH   try; the answer says "ok" or the error's name
 The answer's output is one JSON line: the process's pid, how many requests it
 has answered, its start-up arguments, the request's arguments and its inputs
 (path -> digest as sent).
@@ -190,6 +191,20 @@ def answer(protocol, startup, request, count):
     if "--garbage" in arguments:
         write(b"this is not a WorkResponse\n" if protocol == "json" else b"\x05\x0f\x0f\x0f\x0f\x0f")
         time.sleep(3600)
+    probes = {}
+    for argument in arguments:
+        kind, _, path = argument.partition("=")
+        if kind in ("--try-read", "--try-write"):
+            try:
+                if kind == "--try-read":
+                    with open(path, "rb") as probed:
+                        probed.read(1)
+                else:
+                    with open(path, "wb") as probed:
+                        probed.write(b"written by a persistent worker\n")
+                probes[argument] = "ok"
+            except OSError as err:
+                probes[argument] = type(err).__name__
     children = []
     if "--background" in arguments:
         children.append(subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL).pid)
@@ -201,6 +216,8 @@ def answer(protocol, startup, request, count):
         {
             "pid": os.getpid(),
             "children": children,
+            "probes": probes,
+            "cwd": os.getcwd(),
             "count": count,
             "startup": startup,
             "arguments": arguments,
