@@ -4,8 +4,9 @@
  * Starts `berth serve --workers 2` as a separate process on a temporary data directory, measures ByteStream
  * throughput, BatchUpdateBlobs, FindMissingBlobs, GetActionResult, the Execute round trip, execution
  * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
- * safety checks (blob verification after a restart, input tree limits, flushes) and the Remote Asset API's
- * FetchBlob (cached and cold) against references measured in the same run, prints a summary and rewrites
+ * safety checks (blob verification after a restart, input tree limits, flushes), the Remote Asset API's
+ * FetchBlob (cached and cold) and a persistent worker's requests (the pool of src/persistent alone) against
+ * references measured in the same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
 import { execFile } from "node:child_process";

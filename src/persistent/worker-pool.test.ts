@@ -147,6 +147,40 @@ for (const protocol of ["json", "proto"] as const) {
       }
     });
 
+    test("a process that breaks the protocol (stdout banner, wrong request_id, two answers) is killed and replaced", async () => {
+      const pool = newPool();
+      try {
+        for (const [args, startupArgs, message] of [
+          [["x"], ["--banner"], /unasked|other than a JSON WorkResponse|not a WorkResponse/],
+          [["--request-id=7"], [], /answered request_id 7; request 0 was sent/],
+          [["--twice"], [], /a WorkResponse it was not asked for/],
+        ] as const) {
+          const { spec, prepare } = await work({ protocol, requestArgs: [...args], startupArgs: [...startupArgs] });
+          await assert.rejects(pool.run(spec, { prepare }), (err: StatusError) => {
+            assert.equal(err.code, Code.UNAVAILABLE);
+            assert.match(err.message, message);
+            return true;
+          });
+        }
+        assert.deepEqual(pool.processes(), []);
+      } finally {
+        await pool.close();
+      }
+    });
+
+    test("a non-zero exit code in the response is the action's, and keeps the process", async () => {
+      const pool = newPool();
+      try {
+        const failing = await work({ protocol, requestArgs: ["--exit-code=2"] });
+        const first = await pool.run(failing.spec, { prepare: failing.prepare });
+        assert.equal(first.exitCode, 2);
+        const second = await pool.run(failing.spec, { prepare: failing.prepare });
+        assert.equal(echo(second.stderr).pid, echo(first.stderr).pid);
+      } finally {
+        await pool.close();
+      }
+    });
+
     test("a gigantic response is refused at the cap, without reading it into memory", async () => {
       const cap = 1024 * 1024;
       const pool = newPool({ maxResponseBytes: cap });

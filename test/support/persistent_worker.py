@@ -8,12 +8,15 @@ Without it, it is the same tool run once: its @flagfile arguments are read
 from the files they name, and the answer goes to stderr.
 
 Start-up options:  --protocol=proto|json  --startup-delay=SECONDS
+                   --banner (writes a line to stdout first, as a careless tool would)
 Request arguments that change what it does (any other argument is echoed):
   --crash                  exit without answering
   --crash-in-pid=PID       exit without answering when this process is PID
   --garbage                write something that is no WorkResponse, then wait
   --huge=BYTES             answer with an output of BYTES bytes, streamed
   --exit-code=N            answer with exit code N
+  --request-id=N           answer with request_id N (whatever the request's)
+  --twice                  answer twice
   --sleep=SECONDS          wait before answering
   --stderr=TEXT            write TEXT to stderr (not part of any answer)
   --background             leave a `sleep 3600` running (its pid is in the answer)
@@ -226,13 +229,15 @@ def answer(protocol, startup, request, count):
         sort_keys=True,
     ) + "\n"
     exit_code = int(option(arguments, "--exit-code") or "0")
+    request_id = int(option(arguments, "--request-id") or request["requestId"])
     if protocol == "json":
         response = {"exitCode": exit_code, "output": output}
-        if request["requestId"]:
-            response["requestId"] = request["requestId"]
-        write((json.dumps(response) + "\n").encode("utf-8"))
+        if request_id:
+            response["requestId"] = request_id
+        encoded = (json.dumps(response) + "\n").encode("utf-8")
     else:
-        write(encode_response(exit_code, output, request["requestId"]))
+        encoded = encode_response(exit_code, output, request_id)
+    write(encoded * (2 if "--twice" in arguments else 1))
 
 
 def expand(argument):
@@ -249,6 +254,8 @@ def main():
     delay = option(startup, "--startup-delay")
     if delay is not None:
         time.sleep(max(0.0, float(delay) - (time.monotonic() - STARTED)))
+    if "--banner" in startup:
+        write(b"persistent_worker.py starting\n")
     if "--persistent_worker" not in startup:
         arguments = [a for arg in startup if arg.startswith("@") for a in expand(arg)]
         sys.stderr.write(json.dumps({"pid": os.getpid(), "count": 1, "arguments": arguments}) + "\n")
