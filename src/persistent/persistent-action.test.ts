@@ -125,6 +125,17 @@ describe("a Bazel 6 persistent-worker action", () => {
     assert.equal(spec?.launch.workingDirectory, "pkg");
   });
 
+  test("whose working directory leaves the input root is INVALID_ARGUMENT (the process would start there)", async () => {
+    const built = await bazelWorkerAction({ requestArgs: ["x"] });
+    for (const workingDirectory of ["../..", "/etc", "pkg/../../x"]) {
+      const command = { ...built.command, workingDirectory };
+      await assert.rejects(
+        persistentWorkerSpec(built.action, command, built.inputs),
+        invalid(/^Command\.working_directory$/, /is outside the input root/),
+      );
+    }
+  });
+
   test("whose flagfile is not in the input root is INVALID_ARGUMENT naming the argument", async () => {
     const built = await bazelWorkerAction({ requestArgs: ["x"], omitParamsFile: true });
     const index = built.command.arguments.length - 1;

@@ -112,6 +112,9 @@ export async function persistentWorkerSpec(
 
   const files = listFiles(inputs);
   const workingDirectory = posix.normalize(command.workingDirectory || ".");
+  if (posix.isAbsolute(workingDirectory) || workingDirectory === ".." || workingDirectory.startsWith("../")) {
+    throw invalidArgument("Command.working_directory", `${quote(command.workingDirectory)} is outside the input root`);
+  }
   const expander = new FlagfileExpander(files, inputs, workingDirectory, options.limits ?? DEFAULT_FLAGFILE_LIMITS);
   const requestArguments: string[] = [];
   for (const { argument, index } of flagfiles) {
