@@ -201,6 +201,19 @@ for (const protocol of ["json", "proto"] as const) {
   });
 }
 
+test("a json worker that writes each response's newline on its own keeps its process", async () => {
+  const pool = newPool();
+  try {
+    const { spec, prepare } = await work({ protocol: "json", requestArgs: ["--split-newline"] });
+    const first = echo((await pool.run(spec, { prepare })).stderr);
+    await new Promise((r) => setTimeout(r, 200));
+    const second = echo((await pool.run(spec, { prepare })).stderr);
+    assert.deepEqual([second.pid, second.count], [first.pid, 2]);
+  } finally {
+    await pool.close();
+  }
+});
+
 test("actions with different tools never share a process, even when they send the same persistentWorkerKey", async () => {
   const pool = newPool();
   try {

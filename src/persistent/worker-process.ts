@@ -52,7 +52,10 @@ export class WorkerProcess {
       try {
         const responses = reader.push(chunk);
         if (responses.length > 0) this.answer(responses);
-        else if (!this.pending) this.fail(new WorkProtocolError("the worker process wrote to stdout unasked"));
+        // Whitespace between JSON responses is not a response begun (a newline may come in a write of its own).
+        else if (!this.pending && reader.pendingBytes > 0) {
+          this.fail(new WorkProtocolError("the worker process wrote to stdout unasked"));
+        }
       } catch (err) {
         this.fail(err as Error);
       }
@@ -97,6 +100,9 @@ export class WorkerProcess {
   async work(request: WorkRequest, options: WorkOptions = {}): Promise<WorkResponse> {
     if (this.pending) throw new Error("a worker process takes one request at a time");
     if (this.broken) throw this.failure(this.broken);
+    // What the process wrote while answering an earlier action is not this one's to show; a new process's
+    // start-up messages are.
+    if (this.answered > 0) this.stderrTail = Buffer.alloc(0);
     const answer = new Promise<WorkResponse>((resolve, reject) => {
       this.pending = { resolve, reject };
     });

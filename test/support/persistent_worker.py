@@ -17,6 +17,7 @@ Request arguments that change what it does (any other argument is echoed):
   --exit-code=N            answer with exit code N
   --request-id=N           answer with request_id N (whatever the request's)
   --twice                  answer twice
+  --split-newline          write a json answer's final newline 50 ms later, in a write of its own
   --sleep=SECONDS          wait before answering
   --stderr=TEXT            write TEXT to stderr (not part of any answer)
   --background             leave a `sleep 3600` running (its pid is in the answer)
@@ -237,6 +238,10 @@ def answer(protocol, startup, request, count):
         encoded = (json.dumps(response) + "\n").encode("utf-8")
     else:
         encoded = encode_response(exit_code, output, request_id)
+    if "--split-newline" in arguments and encoded.endswith(b"\n"):
+        write(encoded[:-1])
+        time.sleep(0.05)
+        encoded = b"\n"
     write(encoded * (2 if "--twice" in arguments else 1))
 
 
