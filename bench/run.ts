@@ -4,8 +4,9 @@
  * Starts `berth serve --workers 2` as a separate process on a temporary data directory, measures ByteStream
  * throughput, BatchUpdateBlobs, FindMissingBlobs, GetActionResult, the Execute round trip, execution
  * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
- * safety checks (blob verification after a restart, input tree limits, flushes) and the Remote Asset API's
- * FetchBlob (cached and cold) against references measured in the same run, prints a summary and rewrites
+ * safety checks (blob verification after a restart, input tree limits, flushes), the Remote Asset API's
+ * FetchBlob (cached and cold) and a persistent worker's requests (the pool of src/persistent alone) against
+ * references measured in the same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
 import { execFile } from "node:child_process";
@@ -25,6 +26,7 @@ import { benchExpand } from "./expand.js";
 import { benchImageAction, benchImagePull } from "./images.js";
 import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
+import { benchPersistentWorker } from "./persistent.js";
 import { renderMarkdown, type Section } from "./report.js";
 import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
@@ -49,6 +51,7 @@ const BENCHMARKS = {
   expand: "Expand mode: expansion vs tar -x, the second expansion, /bin/true vs mount mode",
   safety: "Safety checks: blob verification after a restart, input tree limits and flushes vs the unchecked paths",
   asset: "Remote Asset API: FetchBlob of a cached 64 MiB asset vs ByteStream Read, a cold fetch vs curl",
+  persistent: "A persistent worker with a 1 s start-up answering 50 requests vs the tool started per action",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -224,6 +227,10 @@ async function main(): Promise<void> {
       asset: async () => {
         await execution?.server.stop();
         sections.push(await benchAsset(ctx, { cpuProfileDir: profileDir }));
+      },
+      // No server: the pool of worker processes alone (it is not on the Execute path yet).
+      persistent: async () => {
+        sections.push(await benchPersistentWorker(ctx));
       },
     };
     for (const [i, name] of only.entries()) {
