@@ -1,6 +1,7 @@
 import { mkdirSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
 import { isAbsolute, join, normalize, posix, relative } from "node:path";
+import { environmentFromWire } from "../action/action-environment.js";
 import { type ActionPlatform, platformOf, readActionPlatform } from "../action/action-platform.js";
 import { checkRelativePath } from "../action/output-path.js";
 import { DEFAULT_INPUT_TREE_LIMITS, type InputTreeLimits } from "../cas/tree-limits.js";
@@ -99,16 +100,13 @@ export async function runAction(
     const fn = digestFunctionByWire(assignment.digestFunction);
     if (!fn) throw invalidArgument("digest_function", `${assignment.digestFunction} is not supported by this worker`);
     const cas = options.cas.withInstance(assignment.instanceName);
-    const { action, command, expandedImage: expanded } = assignment;
+    const { action, command } = assignment;
     if (!action || !command) throw invalidArgument("assignment", "lacks the action or the command");
-    if (expanded && assignment.containerImage) {
-      throw invalidArgument("assignment", "names both a container image and an expanded image");
-    }
+    const environment = environmentFromWire(assignment);
+    const expanded = environment.kind === "expanded-image" ? environment.image : undefined;
+    const containerImage = environment.kind === "container-image" ? environment.reference : undefined;
     // The input root is the action's "/": its absolute paths are paths in it (see contained-path.ts).
-    const chroot = assignment.inputRootAsRoot;
-    if (chroot && (expanded || assignment.containerImage)) {
-      throw invalidArgument("assignment", "names an image for an action whose input root is its root");
-    }
+    const chroot = environment.kind === "input-root-as-root";
     const { expandedRoots } = options;
     if (expanded && !expandedRoots) {
       throw new StatusError(
@@ -140,8 +138,8 @@ export async function runAction(
     const pulling =
       expanded && expandedRoots
         ? prepareExpandedImage(fn, expanded, expandedRoots, base, cas, options.cache, options.directories)
-        : assignment.containerImage
-          ? prepareActionImage(assignment.containerImage, platform, options.images, options.inputRootPath, base)
+        : containerImage
+          ? prepareActionImage(containerImage, platform, options.images, options.inputRootPath, base)
           : undefined;
     const layingOut = (async () => {
       const maxDirectoryBytes = (options.inputLimits ?? DEFAULT_INPUT_TREE_LIMITS).maxDirectoryBytes;

@@ -59,6 +59,7 @@ function assignment(root: WireDigest, script: string, directories: Blob[], files
       environmentVariables: [{ name: "PATH", value: "/usr/bin:/bin" }],
     }),
     timeout: { seconds: 60, nanos: 0 },
+    hostRoot: {},
     inputDirectories: directories.map(request),
     inputFiles: files.map(request),
   });

@@ -136,7 +136,6 @@ function assignmentFor(expanded: Expanded, spec: ActionSpec): Assignment {
       outputFiles: spec.outputFiles ?? [],
     }),
     timeout: { seconds: 60, nanos: 0 },
-    containerImage: "",
     expandedImage: {
       baseRootDigest: expanded.base,
       inputRootPath: INPUT_ROOT_PATH,
