@@ -16,6 +16,7 @@ import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_executi
 import { hostMode } from "../image/host-mode.js";
 import { imageModeOf } from "../image/open-directories.js";
 import { invalidArgument, missingBlobs } from "../status/status.js";
+import type { ActionInputs } from "./action-inputs.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { describeMissing, type FileCache } from "./file-cache.js";
 import type { RemoteCas } from "./remote-cas.js";
@@ -72,14 +73,12 @@ export async function materializeInputRoot(
   fn: DigestFunction,
   root: Digest,
   target: string,
-  cas: RemoteCas,
-  cache: FileCache,
-  directoryCache: DirectoryCache,
-  options: Pick<LayOutOptions, "owner" | "files"> = {},
-  limits: InputTreeLimits = DEFAULT_INPUT_TREE_LIMITS,
+  inputs: ActionInputs,
+  /** Contents of some files by digest key (they came with the assignment): written, not fetched. */
+  files?: ReadonlyMap<string, Buffer>,
 ): Promise<void> {
-  const plan = await planTree(fn, root, target, cas, directoryCache, false, limits);
-  await layOutTree(plan, cas, cache, options);
+  const plan = await planTree(fn, root, target, inputs.cas, inputs.directories, false, inputs.limits);
+  await layOutTree(plan, inputs.cas, inputs.files, { owner: inputs.owner, files });
 }
 
 /**
