@@ -75,17 +75,3 @@ export function environmentFromWire(assignment: WireEnvironment): ActionEnvironm
   }
   return only;
 }
-
-/** What the environment is called in messages: "the host's root", an image's reference, … */
-export function describeEnvironment(environment: ActionEnvironment): string {
-  switch (environment.kind) {
-    case "host-root":
-      return "the host's root";
-    case "container-image":
-      return environment.reference;
-    case "expanded-image":
-      return environment.image.reference || "an expanded image";
-    case "input-root-as-root":
-      return "its input root as /";
-  }
-}

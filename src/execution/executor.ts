@@ -185,13 +185,8 @@ export class Executor {
       platform.credentials = { username: headerCredentials.username, password: headerCredentials.password };
     }
     const planned = await this.plannedEnvironment(instanceName, platform);
-    // Expand mode needs only workers that mount the image's tree, not ones that pull it.
-    const required =
-      planned.kind === "expand"
-        ? [...platform.required.filter((p) => p.name !== IMAGE_CAPABILITY.name), EXPANDED_IMAGE_CAPABILITY]
-        : platform.required;
     // Checked before the expansion, which may download gigabytes for nothing.
-    const unmet = this.scheduler.unsatisfiable(required);
+    const unmet = this.scheduler.unsatisfiable(planned.required);
     if (unmet) throw unsatisfiable(unmet, planned.image);
     const queuedAt = new Date();
     const runs =
@@ -202,7 +197,7 @@ export class Executor {
       instanceName,
       actionDigest,
       ...runs,
-      platform: required,
+      platform: planned.required,
       priority,
       timeoutMs,
       doNotCache: action.doNotCache,
@@ -220,14 +215,20 @@ export class Executor {
    * first), else the host's root.
    */
   private async plannedEnvironment(instanceName: string, platform: ActionPlatform): Promise<PlannedEnvironment> {
+    const { required } = platform;
     const chroot = this.options.inputRootAsRoot?.includes(instanceName) ?? false;
     if (!platform.image) {
-      return { kind: "ready", environment: chroot ? CHROOT_ENVIRONMENT : HOST_ROOT_ENVIRONMENT, image: undefined };
+      const environment = chroot ? CHROOT_ENVIRONMENT : HOST_ROOT_ENVIRONMENT;
+      return { kind: "ready", environment, image: undefined, required };
     }
     if (chroot) throw imageWithInputRootAsRoot(instanceName, platform.image);
     const image = await this.images.admit(platform.image, platform.credentials);
-    if ((platform.imageMode ?? this.options.imageMode) === "expand") return { kind: "expand", image };
-    return { kind: "ready", environment: { kind: "container-image", reference: String(image) }, image };
+    if ((platform.imageMode ?? this.options.imageMode) === "expand") {
+      // Expand mode needs only workers that mount the image's tree, not ones that pull it.
+      const mounting = [...required.filter((p) => p.name !== IMAGE_CAPABILITY.name), EXPANDED_IMAGE_CAPABILITY];
+      return { kind: "expand", image, required: mounting };
+    }
+    return { kind: "ready", environment: { kind: "container-image", reference: String(image) }, image, required };
   }
 
   /** The action rewritten for expand mode, and its environment: the expanded image. */
@@ -263,11 +264,12 @@ export class Executor {
 
 /**
  * An environment before the expansion: expand mode's tree is made only once
- * the action is known to have a worker. `image` is the admitted image, for messages.
+ * the action is known to have a worker. `image` is the admitted image, for
+ * messages; `required`, what a worker must offer to run the action there.
  */
 type PlannedEnvironment =
-  | { kind: "ready"; environment: ActionEnvironment; image: ImageReference | undefined }
-  | { kind: "expand"; image: ImageReference };
+  | { kind: "ready"; environment: ActionEnvironment; image: ImageReference | undefined; required: Property[] }
+  | { kind: "expand"; image: ImageReference; required: Property[] };
 
 function decode<T>(type: { decode(bytes: Uint8Array): T }, bytes: Buffer, what: string): T {
   try {
