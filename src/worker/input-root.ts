@@ -39,6 +39,9 @@ const DEFAULT_DIRECTORY_MODE = 0o755;
  */
 const SYNC_LAYOUT_LIMIT = 64;
 
+/** Where a tree's Directory messages come from, and the bounds it must keep. */
+export type TreeSource = Pick<ActionInputs, "cas" | "directories" | "limits">;
+
 /** What laying out a Directory tree below some target creates, read from its Directory messages. */
 export interface TreePlan {
   /** Parents before their children, the target itself first. */
@@ -77,7 +80,7 @@ export async function materializeInputRoot(
   /** Contents of some files by digest key (they came with the assignment): written, not fetched. */
   files?: ReadonlyMap<string, Buffer>,
 ): Promise<void> {
-  const plan = await planTree(fn, root, target, inputs.cas, inputs.directories, false, inputs.limits);
+  const plan = await planTree(fn, root, target, inputs);
   await layOutTree(plan, inputs.cas, inputs.files, { owner: inputs.owner, files });
 }
 
@@ -93,12 +96,11 @@ export async function planTree(
   fn: DigestFunction,
   root: Digest,
   target: string,
-  cas: RemoteCas,
-  directoryCache: DirectoryCache,
+  source: TreeSource,
   wholeTree = false,
-  limits: InputTreeLimits = DEFAULT_INPUT_TREE_LIMITS,
 ): Promise<TreePlan> {
-  const directories = await fetchDirectories(fn, root, cas, directoryCache, wholeTree, limits);
+  const { limits } = source;
+  const directories = await fetchDirectories(fn, root, source, wholeTree);
   checkTreeLimits(fn, root, (key) => directories.get(key), limits);
   const plan: TreePlan = { directories: [], files: [], symlinks: [], fileBytes: 0 };
   // Depth first with an explicit stack (children pushed in reverse keep the Directory's order): parents come
@@ -253,11 +255,10 @@ export async function readDirectory(
 async function fetchDirectories(
   fn: DigestFunction,
   root: Digest,
-  cas: RemoteCas,
-  known: DirectoryCache,
+  source: TreeSource,
   wholeTree: boolean,
-  limits: InputTreeLimits,
 ): Promise<Map<string, Directory>> {
+  const { cas, directories: known, limits } = source;
   if (wholeTree || !known.get(digestKey(root))) {
     for (const directory of await cas.getTree(root)) {
       const bytes = Directory.encode(directory).finish();

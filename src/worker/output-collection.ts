@@ -33,7 +33,8 @@ export async function collectRunOutputs(
 ): Promise<ExecutedAction> {
   const { fn, command, workingDirectory } = request;
   // Read only now that nothing of the action runs (see contained-path.ts).
-  const outputs = await collectOutputs(fn, command, files.inputRoot, workingDirectory, INLINE_LIMITS, view);
+  const where = { inputRoot: files.inputRoot, workingDirectory, view };
+  const outputs = await collectOutputs(fn, command, where, INLINE_LIMITS);
   const stdout = await logBlob(request, files.stdoutPath);
   const stderr = await logBlob(request, files.stderrPath);
   const pending: LocalBlob[] = [...outputs.uploads, ...(stdout ? [stdout] : []), ...(stderr ? [stderr] : [])];
