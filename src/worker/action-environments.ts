@@ -1,4 +1,8 @@
-import type { ActionEnvironment, ExpandedImageEnvironment } from "../action/action-environment.js";
+import type {
+  ActionEnvironment,
+  ContainerImageEnvironment,
+  ExpandedImageEnvironment,
+} from "../action/action-environment.js";
 import type { ActionPlatform } from "../action/action-platform.js";
 import { parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
@@ -43,19 +47,8 @@ export class ActionEnvironments {
 
   /** FAILED_PRECONDITION when this worker cannot give `environment` at all, before anything is laid out. */
   check(environment: ActionEnvironment): void {
-    const { workerName, images, expandedRoots } = this.options;
-    if (environment.kind === "container-image" && !images) {
-      throw new StatusError(
-        Code.FAILED_PRECONDITION,
-        `worker ${workerName} runs no container images (${environment.reference})`,
-      );
-    }
-    if (environment.kind === "expanded-image" && !expandedRoots) {
-      throw new StatusError(
-        Code.FAILED_PRECONDITION,
-        `worker ${workerName} runs no expanded images (${environment.image.reference || "expanded_image"})`,
-      );
-    }
+    if (environment.kind === "container-image") this.imagesFor(environment);
+    if (environment.kind === "expanded-image") this.rootsFor(environment);
   }
 
   async prepare(
@@ -64,23 +57,24 @@ export class ActionEnvironments {
     platform: Pick<ActionPlatform, "credentials">,
     inputs: ActionInputs,
   ): Promise<PreparedEnvironment> {
-    this.check(environment);
     switch (environment.kind) {
       case "host-root":
         return { root: { kind: "host" }, env: [], used: undefined, release: NOTHING_HELD };
       case "input-root-as-root":
         return { root: { kind: "input-root" }, env: [], used: undefined, release: NOTHING_HELD };
       case "container-image":
-        return this.pulled(environment.reference, platform);
+        return this.pulled(environment, platform);
       case "expanded-image":
         return this.expanded(fn, environment, inputs);
     }
   }
 
   /** Mount mode: the image's layers, pulled once and pinned while the action runs. */
-  private async pulled(reference: string, platform: Pick<ActionPlatform, "credentials">): Promise<PreparedEnvironment> {
-    const images = this.options.images as WorkerImages;
-    const image = await images.prepare(reference, platform.credentials);
+  private async pulled(
+    environment: ContainerImageEnvironment,
+    platform: Pick<ActionPlatform, "credentials">,
+  ): Promise<PreparedEnvironment> {
+    const image = await this.imagesFor(environment).prepare(environment.reference, platform.credentials);
     const root: RunRoot = {
       kind: "layers",
       layerDirs: image.layerDirs,
@@ -102,10 +96,11 @@ export class ActionEnvironments {
    */
   private async expanded(
     fn: DigestFunction,
-    { image }: ExpandedImageEnvironment,
+    environment: ExpandedImageEnvironment,
     inputs: ActionInputs,
   ): Promise<PreparedEnvironment> {
-    const roots = this.options.expandedRoots as ExpandedRoots;
+    const roots = this.rootsFor(environment);
+    const { image } = environment;
     const baseRoot = parseDigest(fn, image.baseRootDigest, "expanded_image.base_root_digest");
     const acquired = await roots.acquire(fn, baseRoot, inputs.cas, inputs.files, inputs.directories);
     const root: RunRoot = {
@@ -115,6 +110,24 @@ export class ActionEnvironments {
       inputRootPath: image.inputRootPath,
     };
     return { root, env: [], used: imageUsed(image.reference, image.manifestDigest), release: acquired.release };
+  }
+
+  private imagesFor(environment: ContainerImageEnvironment): WorkerImages {
+    const { images, workerName } = this.options;
+    if (images) return images;
+    throw new StatusError(
+      Code.FAILED_PRECONDITION,
+      `worker ${workerName} runs no container images (${environment.reference})`,
+    );
+  }
+
+  private rootsFor(environment: ExpandedImageEnvironment): ExpandedRoots {
+    const { expandedRoots, workerName } = this.options;
+    if (expandedRoots) return expandedRoots;
+    throw new StatusError(
+      Code.FAILED_PRECONDITION,
+      `worker ${workerName} runs no expanded images (${environment.image.reference || "expanded_image"})`,
+    );
   }
 }
 
