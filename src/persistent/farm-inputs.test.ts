@@ -12,10 +12,12 @@ import { after, before, test } from "node:test";
 import { uploadBlobs } from "../../test/support/actions.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { bazelWorkerAction } from "../../test/support/persistent-actions.js";
+import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import { type Digest, digestKey, digestOf } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { Code, type StatusError } from "../status/status.js";
+import type { ActionInputs } from "../worker/action-inputs.js";
 import { DirectoryCache } from "../worker/directory-cache.js";
 import { FileCache } from "../worker/file-cache.js";
 import { materializeInputRoot } from "../worker/input-root.js";
@@ -59,6 +61,11 @@ async function inputRootFromCas(root: Digest): Promise<InputRootSource> {
   };
 }
 
+/** The worker's input side, as an action's steps get it. */
+function inputs(): ActionInputs {
+  return { cas, files: cache, directories: new DirectoryCache(), owner: undefined, limits: DEFAULT_INPUT_TREE_LIMITS };
+}
+
 /** Uploads a Bazel 6 action and reads its spec back as a worker would; `prepare` lays out its input root. */
 async function uploaded(requestArgs: string[], sources: Record<string, string>, name: string) {
   const built = await bazelWorkerAction({ requestArgs, sources, name, protocol: "json" });
@@ -69,7 +76,7 @@ async function uploaded(requestArgs: string[], sources: Record<string, string>, 
   const prepare = async (inputRoot: string) => {
     // A reused process keeps its directory: what the previous action had there goes first.
     for (const entry of await readdir(inputRoot)) await rm(join(inputRoot, entry), { recursive: true, force: true });
-    await materializeInputRoot(SHA256, root, inputRoot, cas, cache, new DirectoryCache());
+    await materializeInputRoot(SHA256, root, inputRoot, inputs());
   };
   return { spec, prepare };
 }
@@ -111,7 +118,7 @@ test("an input the CAS lacks fails the first request with FAILED_PRECONDITION, s
     assert.ok(spec);
     await assert.rejects(
       pool.run(spec, {
-        prepare: (inputRoot) => materializeInputRoot(SHA256, root, inputRoot, cas, cache, new DirectoryCache()),
+        prepare: (inputRoot) => materializeInputRoot(SHA256, root, inputRoot, inputs()),
       }),
       (err: StatusError) => {
         assert.equal(err.code, Code.FAILED_PRECONDITION);

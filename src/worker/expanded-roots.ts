@@ -1,6 +1,7 @@
 import { randomUUID } from "node:crypto";
 import { chmod, mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from "node:fs/promises";
 import { join, relative } from "node:path";
+import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import { type Digest, formatDigest, parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
@@ -162,7 +163,8 @@ export class ExpandedRoots {
       await mkdir(work);
       // One GetTree for the whole tree even when its top is known (the graft check reads it): an image has
       // many levels, each a round trip otherwise.
-      const plan = await planTree(fn, root, join(work, "tree"), cas, directories, true);
+      const source = { cas, directories, limits: DEFAULT_INPUT_TREE_LIMITS };
+      const plan = await planTree(fn, root, join(work, "tree"), source, true);
       if (plan.fileBytes > this.options.maxBytes) {
         throw new StatusError(
           Code.RESOURCE_EXHAUSTED,

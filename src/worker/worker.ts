@@ -1,3 +1,4 @@
+import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { ClientDuplexStream } from "@grpc/grpc-js";
 import type { Property } from "../action/property.js";
@@ -7,17 +8,26 @@ import { type HubMessage, type ImagePull, WorkerHubClient, type WorkerMessage } 
 import type { Logger } from "../log/log.js";
 import { OK_STATUS, toRpcStatus } from "../status/rpc-status.js";
 import { Code, StatusError, toStatusError } from "../status/status.js";
-import { type ActionRunnerOptions, failedCompletion, runAction } from "./action-runner.js";
-import type { PullProgress } from "./worker-images.js";
+import { type ActionExecutor, executionContext, failedCompletion } from "./action-executor.js";
+import { failureStatus } from "./failure-status.js";
+import type { PullProgress, WorkerImages } from "./worker-images.js";
 
 /** Progress of an image pull is reported at most this often (plus the final report). */
 const PULL_PROGRESS_INTERVAL_MS = 200;
 
-export interface WorkerOptions extends ActionRunnerOptions {
+export interface WorkerOptions {
+  workerName: string;
   /** The farm's gRPC port (scheduler and CAS alike), with the worker's token (and TLS settings). */
   hub: ClientChannel;
+  /** What the worker offers (its runners' capabilities among them). */
   properties: Property[];
   slots: number;
+  /** Runs each assignment (see worker-executor.ts). */
+  executor: ActionExecutor;
+  /** Each action gets a directory below this one, removed when it is done. */
+  workDir: string;
+  /** The worker's images, which the hub may ask it to pull ahead; undefined when it runs none. */
+  images: WorkerImages | undefined;
   log: Logger;
 }
 
@@ -99,12 +109,12 @@ export class Worker {
     if (assignment) {
       const controller = new AbortController();
       this.running.set(assignment.leaseId, controller);
-      runAction(assignment, this.options, controller.signal)
-        .catch((err: unknown) =>
-          failedCompletion(
-            assignment.leaseId,
-            new StatusError(Code.INTERNAL, `the worker failed: ${(err as Error).message}`),
-          ),
+      const directory = join(this.options.workDir, assignment.leaseId);
+      this.options.executor
+        .execute(assignment, executionContext(directory, controller.signal))
+        .then(
+          ({ completion }) => completion,
+          (err: unknown) => failedCompletion(assignment.leaseId, failureStatus(err, directory)),
         )
         .then((completion) => {
           this.running.delete(assignment.leaseId);
