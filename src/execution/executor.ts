@@ -10,6 +10,7 @@ import {
   readActionPlatform,
 } from "../action/action-platform.js";
 import { formatProperty, type Property } from "../action/property.js";
+import { runnerKey } from "../action/runner-recycling.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { checkMessageSize, DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/message-size.js";
 import type { InputTreeLimits } from "../cas/tree-limits.js";
@@ -65,6 +66,8 @@ export interface ExecutorOptions {
 export interface ExecuteContext {
   /** Registry credentials from x-berth-registry-credentials, by registry host. */
   registryCredentials: ReadonlyMap<string, Credentials>;
+  /** Who sent it: the name of the caller's grant (see auth/access-interceptor.ts); "anonymous" when absent. */
+  caller?: string;
 }
 
 const NO_CONTEXT: ExecuteContext = { registryCredentials: new Map() };
@@ -203,6 +206,14 @@ export class Executor {
       doNotCache: action.doNotCache,
       queuedAt,
       registryCredentials: headerCredentials || undefined,
+      runnerKey: platform.recycling
+        ? runnerKey({
+            instanceName,
+            client: context.caller ?? "anonymous",
+            properties: platformOf(action, command),
+            image: planned.image ? String(planned.image) : "",
+          })
+        : undefined,
       // In expand mode, too, these are the client's input root: the worker keeps the image's part.
       inputBlobs: await inputTreeBlobs(fn, this.cas, inputRootDigest),
     };

@@ -423,6 +423,7 @@ export class Scheduler {
       action: job.action,
       command: job.command,
       ...environmentToWire(job.environment),
+      runnerKey: job.runnerKey ?? "",
       inputDirectories: (job.inputBlobs?.directories ?? []).map(wireBlob),
       inputFiles: (job.inputBlobs?.files ?? []).map(wireBlob),
       registryCredentials: job.registryCredentials && {
