@@ -176,10 +176,7 @@ export class LayerStore {
     }
     for (;;) {
       const stored = this.layers.tryAcquire(layer.digest);
-      if (stored) {
-        budget?.charge(layer.digest, this.countOf(layer.digest) as LayerCount);
-        return this.held(layer.digest, stored);
-      }
+      if (stored) return this.charged(layer.digest, stored, budget);
       // Set when this call's unpack is the one the others wait for: it charges `budget` as it reads.
       let started = false;
       const acquiring = this.layers.acquire(layer.digest, () => {
@@ -194,8 +191,7 @@ export class LayerStore {
       try {
         const lease = await acquiring;
         // Read for another image: counted against this one's caps now that its size is known.
-        if (!started) budget?.charge(layer.digest, this.countOf(layer.digest) as LayerCount);
-        return this.held(layer.digest, lease);
+        return started ? this.held(layer.digest, lease) : await this.charged(layer.digest, lease, budget);
       } catch (err) {
         // Another image's caps stopped the layer, not its own: it may well fit this image, so read it again.
         const othersImage = err instanceof ImageLimitError && err.scope === "image" && err.budget !== budget;
@@ -204,6 +200,21 @@ export class LayerStore {
         if (onReceived) followed?.watchers.delete(onReceived);
       }
     }
+  }
+
+  /** The layer counted against `budget` (each digest once), or released if it does not fit. */
+  private async charged(
+    digest: string,
+    lease: Lease<StoredLayer>,
+    budget: ImageBudget | undefined,
+  ): Promise<AcquiredLayer> {
+    try {
+      budget?.charge(digest, this.countOf(digest) as LayerCount);
+    } catch (err) {
+      await lease.release();
+      throw err;
+    }
+    return this.held(digest, lease);
   }
 
   private held(digest: string, lease: Lease<StoredLayer>): AcquiredLayer {
