@@ -114,7 +114,12 @@ export class ImageStore {
   ): Promise<AcquiredLayer> {
     if (!watcher) return this.layers.acquire(layer, undefined, budget);
     const held = await this.layers.acquire(layer, (bytes) => watcher.received(layer.digest, bytes), budget);
-    watcher.ready(layer.digest);
+    try {
+      watcher.ready(layer.digest);
+    } catch (err) {
+      await held.release();
+      throw err;
+    }
     return held;
   }
 }
