@@ -200,7 +200,9 @@ export class PinnedLru<K, V> {
   /**
    * Removes the entry from the index: unpinned, it is disposed of now (the
    * promise follows the disposal and rejects with its error); pinned, at its
-   * last release. A new value for the key can be created at once.
+   * last release. A new value for the key can be created at once, so an
+   * owner whose values live at a path named by the key deletes only entries
+   * no one holds (evictions never take a held one).
    */
   delete(key: K): Promise<void> {
     const slot = this.slots.get(key);
