@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
-import { type Created, type DisposeReason, PinnedLru, type PinnedLruOptions } from "./pinned-lru.js";
+import { type Created, type DisposeReason, type Lease, PinnedLru, type PinnedLruOptions } from "./pinned-lru.js";
 
 /** A cache of strings whose disposals are recorded as "key:reason". */
 function recorded(options: PinnedLruOptions<string, string> = {}) {
@@ -185,7 +185,7 @@ test("a failed disposal is reported, not thrown at whoever released, and does no
   await assert.rejects(cache.delete("bad"), /device busy/);
 });
 
-test("delete of a held entry: a new value is made at once, the old one disposed of at its last release", async () => {
+test("delete of a held entry: it leaves the index at once; its key's next value waits for the last release and the disposal", async () => {
   const { cache, disposed } = recorded();
   const old = await cache.acquire("k", made(10, "old"));
   await cache.delete("k");
@@ -193,12 +193,19 @@ test("delete of a held entry: a new value is made at once, the old one disposed 
   assert.equal(cache.bytes, 0);
   assert.equal(cache.pinned, 0, "the deleted entry no longer counts");
   assert.deepEqual(disposed, [], "held: not disposed of yet");
-  const fresh = await cache.acquire("k", made(10, "new"));
-  assert.equal(fresh.value, "new");
+  let created = false;
+  const next = cache.acquire("k", async () => {
+    created = true;
+    return { value: "new", size: 10 };
+  });
+  await sleep(10);
+  assert.equal(created, false, "two values of one key never coexist");
   assert.equal(old.value, "old");
   await old.release();
   assert.deepEqual(disposed, ["k:deleted"]);
-  assert.equal(cache.peek("k"), "new", "releasing the old lease leaves the new entry alone");
+  const fresh = await next;
+  assert.equal(fresh.value, "new");
+  assert.equal(cache.peek("k"), "new");
   await fresh.release();
 });
 
@@ -305,4 +312,106 @@ test("close disposes of every idle entry now and of held ones at their release",
   assert.equal(cache.count, 0);
   await held.release();
   assert.deepEqual(disposed, ["idle:deleted", "held:deleted"]);
+});
+
+test("under random concurrent use no held value is disposed of, none twice, and a key's values never overlap", async () => {
+  let seed = 7;
+  const random = (n: number) => {
+    seed = (seed * 1103515245 + 12345) % 2 ** 31;
+    // The high bits: an LCG's low ones repeat with a short period.
+    return Math.floor((seed / 2 ** 31) * n);
+  };
+  let serial = 0;
+  /** Values alive (from the start of their creation to the end of their disposal), by key; 0 while created. */
+  const alive = new Map<string, number>();
+  const disposedValues = new Set<number>();
+  /** What the callbacks saw go wrong: an assert there would only reject a creation or a disposal. */
+  const violations: string[] = [];
+  const check = (ok: boolean, what: string) => {
+    if (!ok) violations.push(what);
+  };
+  const cache = new PinnedLru<string, number>({
+    maxBytes: 40,
+    maxEntries: 4,
+    dispose: async (key, value) => {
+      check(!disposedValues.has(value), `value ${value} disposed of twice`);
+      disposedValues.add(value);
+      await sleep(random(4));
+      check(alive.get(key) === value, `${key}=${value} disposed of, but ${key}=${alive.get(key)} is alive`);
+      alive.delete(key);
+    },
+  });
+  const create = async (key: string) => {
+    // An on-disk store starts writing at the key's path at once.
+    check(!alive.has(key), `a new value of ${key} while ${key}=${alive.get(key)} is not yet disposed of`);
+    alive.set(key, 0);
+    await sleep(random(3));
+    if (random(5) === 0) {
+      alive.delete(key);
+      throw new Error("creation failed");
+    }
+    const value = ++serial;
+    alive.set(key, value);
+    return { value, size: 1 + random(15) };
+  };
+  const held: Lease<number>[] = [];
+  /** Values this test deleted or discarded: the only held ones that may be out of the index. */
+  const deleted = new Set<number>();
+  const keyOf = new Map<number, string>();
+  const work: Promise<unknown>[] = [];
+  for (let step = 0; step < 1500; step++) {
+    const key = `k${random(8)}`;
+    const action = random(10);
+    if (action < 5) {
+      work.push(
+        cache.acquire(key, create).then(
+          (lease) => {
+            keyOf.set(lease.value, key);
+            held.push(lease);
+          },
+          () => {},
+        ),
+      );
+    } else if (action < 8 && held.length > 0) {
+      const lease = held.splice(random(held.length), 1)[0] as Lease<number>;
+      check(!disposedValues.has(lease.value), `held value ${lease.value} disposed of`);
+      const discard = random(4) === 0;
+      if (discard) deleted.add(lease.value);
+      work.push(discard ? lease.discard() : lease.release());
+    } else if (action === 8) {
+      const value = cache.peek(key);
+      if (value !== undefined) deleted.add(value);
+      work.push(cache.delete(key).catch(() => {}));
+    } else {
+      await sleep(random(2));
+    }
+    for (const { value } of held) {
+      check(!disposedValues.has(value), `held value ${value} disposed of`);
+      const indexed = cache.peek(keyOf.get(value) ?? "") === value;
+      check(indexed || deleted.has(value), `held value ${value} left the index`);
+    }
+  }
+  // The holders let go while the last acquires finish: some wait for a deleted value's holders.
+  let finished = false;
+  const all = Promise.all(work).then(() => {
+    finished = true;
+  });
+  while (!finished) {
+    for (const lease of held.splice(0)) await lease.release();
+    await sleep(1);
+  }
+  await all;
+  await Promise.all(held.splice(0).map((lease) => lease.release()));
+  assert.deepEqual(violations.slice(0, 3), []);
+  assert.equal(cache.pinned, 0);
+  assert.ok(cache.bytes <= 40 && cache.count <= 4, `${cache.bytes} bytes in ${cache.count} entries`);
+  assert.equal(
+    cache.bytes,
+    [...cache.entries()].reduce((sum, e) => sum + e.size, 0),
+  );
+  assert.deepEqual(
+    [...alive.keys()].sort(),
+    [...cache.entries()].map((e) => e.key).sort(),
+    "what is alive is what is indexed",
+  );
 });

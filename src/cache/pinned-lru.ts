@@ -53,6 +53,8 @@ interface Slot<V> {
   exclusive: boolean;
   /** Left the index while pinned (deleted): disposed of at its last release. */
   doomed: boolean;
+  /** For a doomed entry: lets the key's next value be created, once this one's disposal has started. */
+  openGate?: () => void;
   /** performance.now() of the last use, for the idle limit. */
   usedAt: number;
 }
@@ -200,9 +202,9 @@ export class PinnedLru<K, V> {
   /**
    * Removes the entry from the index: unpinned, it is disposed of now (the
    * promise follows the disposal and rejects with its error); pinned, at its
-   * last release. A new value for the key can be created at once, so an
-   * owner whose values live at a path named by the key deletes only entries
-   * no one holds (evictions never take a held one).
+   * last release (the promise resolves at once). Either way a new value for
+   * the key is created only after that disposal: a holder must not wait for
+   * a new value of a key it deleted while still holding the old one.
    */
   delete(key: K): Promise<void> {
     const slot = this.slots.get(key);
@@ -334,7 +336,9 @@ export class PinnedLru<K, V> {
     slot.exclusive = false;
     if (slot.doomed) {
       if (slot.pins > 0) return Promise.resolve();
-      return this.reportFailures([this.disposeOf(key, slot, "deleted")]);
+      const disposal = this.disposeOf(key, slot, "deleted");
+      slot.openGate?.();
+      return this.reportFailures([disposal]);
     }
     if (slot.pins === 0) this.pinnedCount--;
     this.markUsed(key, slot);
@@ -355,6 +359,13 @@ export class PinnedLru<K, V> {
     if (slot.pins > 0) {
       slot.doomed = true;
       this.pinnedCount--;
+      // The key's next value waits for this one's holders and then its disposal, as after any eviction.
+      this.track(
+        key,
+        new Promise<void>((resolve) => {
+          slot.openGate = resolve;
+        }),
+      );
       return undefined;
     }
     return this.disposeOf(key, slot, reason);
@@ -367,7 +378,12 @@ export class PinnedLru<K, V> {
     } catch (err) {
       disposal = Promise.reject(err);
     }
-    const tracked = disposal.finally(() => {
+    return this.track(key, disposal);
+  }
+
+  /** Records that a value of `key` is on its way out: its next value is created only after. */
+  private track(key: K, pending: Promise<void>): Promise<void> {
+    const tracked = pending.finally(() => {
       if (this.disposing.get(key) === tracked) this.disposing.delete(key);
     });
     // Nobody may be listening: the failure is reported where it is awaited.
