@@ -110,29 +110,36 @@ sub handle {
   my ($stdin, $stdout, $stderr, $cwd) = splice(@fields, 0, 4);
   my @argv = splice(@fields, 0, shift @fields);
   my @env = splice(@fields, 0, shift @fields);
+  # Opened here, before the fork: a start is reported only once the command's files (FIFOs among them, which
+  # the worker unlinks when told) are open.
+  my $flags = POSIX::O_WRONLY() | POSIX::O_CREAT() | POSIX::O_TRUNC();
+  my $in = POSIX::open($stdin, POSIX::O_RDONLY());
+  my $out = defined $in ? POSIX::open($stdout, $flags, 0644) : undef;
+  my $err = !defined $out ? undef : $stderr eq $stdout ? $out : POSIX::open($stderr, $flags, 0644);
+  if (!defined $err) {
+    my $reason = "$!";
+    POSIX::close($_) for grep { defined } $in, $out;
+    return print "failed $id cannot open the command's stdin, stdout or stderr: $reason\n";
+  }
   my $pid = fork;
   if (!defined $pid) {
     my $reason = "$!";
     print "failed $id fork: $reason\n";
   } elsif ($pid == 0) {
     $SIG{CHLD} = 'DEFAULT';
-    command($stdin, $stdout, $stderr, $cwd, \@argv, \@env);
+    command($in, $out, $err, $cwd, \@argv, \@env);
   } else {
     $running{$pid} = $id;
     print "started $id\n";
   }
+  POSIX::close($_) for $in, $out, $stdout eq $stderr ? () : $err;
 }
 
 # Never returns: execs the command, or exits 127 with the reason on its stderr.
 sub command {
-  my ($stdin, $stdout, $stderr, $cwd, $argv, $env) = @_;
+  my ($in, $out, $err, $cwd, $argv, $env) = @_;
   # A process group of its own, which a `kill` request reaches.
   POSIX::setpgid(0, 0);
-  my $flags = POSIX::O_WRONLY() | POSIX::O_CREAT() | POSIX::O_TRUNC();
-  my $in = POSIX::open($stdin, POSIX::O_RDONLY());
-  my $out = POSIX::open($stdout, $flags, 0644);
-  my $err = $stderr eq $stdout ? $out : POSIX::open($stderr, $flags, 0644);
-  POSIX::_exit(127) unless defined $in && defined $out && defined $err;
   POSIX::dup2($in, 0);
   POSIX::dup2($out, 1);
   POSIX::dup2($err, 2);

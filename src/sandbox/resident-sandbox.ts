@@ -2,8 +2,8 @@ import { execFileSync } from "node:child_process";
 import {
   chownSync,
   closeSync,
-  constants as fsConstants,
   copyFileSync,
+  constants as fsConstants,
   mkdirSync,
   openSync,
   readFileSync,
@@ -530,9 +530,10 @@ export class ResidentSandbox implements WorkerProcessLauncher {
   /** SIGKILL to the sandbox's pid 1: the kernel then kills every process of its PID namespace. */
   #kill(): void {
     if (this.#gone === undefined) this.#gone = new Error("the resident sandbox ended: it was killed");
-    const targets = this.#agentPid !== undefined ? [this.#agentPid] : [];
-    // Before bwrap reported its child, its process group (the launcher made bwrap lead one) holds everything.
-    if (this.#launched) targets.push(-this.#launched.pid, this.#launched.pid);
+    // bwrap then reaps it and exits. Before bwrap reported its child, its process group (the launcher made
+    // bwrap lead one) holds everything.
+    const targets =
+      this.#agentPid !== undefined ? [this.#agentPid] : this.#launched ? [-this.#launched.pid, this.#launched.pid] : [];
     for (const target of targets) {
       try {
         process.kill(target, "SIGKILL");
