@@ -17,9 +17,11 @@
 # Requests on descriptor 4, replies on stdout. A request is a count, then that
 # many fields, each ended by a NUL:
 #   run ID STDIN STDOUT STDERR CWD ARGC ARGV... ENVC NAME=VALUE...
+#   spawn ID STDIN STDOUT STDERR CWD ARGC ARGV... ENVC NAME=VALUE...
 #   kill ID
-# Replies, one line each: `ready` once, then `started ID`, `failed ID REASON`,
-# `exited ID CODE` (128 + the signal number for a command a signal ended).
+# Replies, one line each: `ready` once, then `started ID` (for a spawn only,
+# once its files are open), `failed ID REASON`, `exited ID CODE` (128 + the
+# signal number for a command a signal ended).
 # STDIN is opened read-only, STDOUT and STDERR write-only, created and
 # truncated (FIFOs as well as files). A command that cannot be started exits
 # 127 with the reason on its stderr, as a shell's would. When the worker
@@ -27,6 +29,7 @@
 use strict;
 use warnings;
 use POSIX ();
+use IO::Handle ();
 
 # SYS_prctl (it differs between architectures), and the directory each
 # command is chrooted into, or '' for none (an image's root, an input root).
@@ -39,10 +42,14 @@ use constant PR_CAP_AMBIENT_CLEAR_ALL => 4;
 use constant REQUESTS => 4;
 
 syscall($SYS_PRCTL + 0, PR_SET_DUMPABLE, 0, 0, 0, 0) == 0 or die "berth agent: prctl(PR_SET_DUMPABLE): $!\n";
-# Only the two pipes and stderr stay (bwrap's status file, for one, is not ours).
+# Only the two pipes and stderr stay (bwrap's status file, for one, is not ours). From here on the agent
+# opens nothing but each command's three files, which it closes itself; the request pipe closes on exec, and
+# the reply pipe and stderr are replaced in each command: no command inherits a descriptor of the agent's.
 for my $fd (fds()) {
   POSIX::close($fd) unless $fd == 1 || $fd == 2 || $fd == REQUESTS;
 }
+fcntl(my $requests = IO::Handle->new_from_fd(REQUESTS, 'r'), POSIX::F_SETFD(), POSIX::FD_CLOEXEC())
+  or die "berth agent: close-on-exec on the request pipe: $!\n";
 
 $| = 1;
 my %running;    # pid => request id
@@ -106,7 +113,7 @@ sub handle {
     kill 'KILL', -$pid, $pid if defined $pid;
     return;
   }
-  return print "failed $id unknown request $kind\n" unless $kind eq 'run';
+  return print "failed $id unknown request $kind\n" unless $kind eq 'run' || $kind eq 'spawn';
   my ($stdin, $stdout, $stderr, $cwd) = splice(@fields, 0, 4);
   my @argv = splice(@fields, 0, shift @fields);
   my @env = splice(@fields, 0, shift @fields);
@@ -126,11 +133,11 @@ sub handle {
     my $reason = "$!";
     print "failed $id fork: $reason\n";
   } elsif ($pid == 0) {
-    $SIG{CHLD} = 'DEFAULT';
     command($in, $out, $err, $cwd, \@argv, \@env);
   } else {
     $running{$pid} = $id;
-    print "started $id\n";
+    # Only a spawn's caller waits for this (to unlink its FIFOs); a run's would be woken for nothing.
+    print "started $id\n" if $kind eq 'spawn';
   }
   POSIX::close($_) for $in, $out, $stdout eq $stderr ? () : $err;
 }
@@ -144,7 +151,7 @@ sub command {
   POSIX::dup2($out, 1);
   POSIX::dup2($err, 2);
   # Nothing of the agent's reaches the command: not its pipes to the worker, not a directory of its view.
-  POSIX::close($_) for grep { $_ > 2 } fds();
+  POSIX::close($_) for grep { $_ > 2 } $in, $out, $err;
   my $failure = eval {
     if ($ROOT ne '') {
       chroot($ROOT) or die "chroot: $!\n";

@@ -313,7 +313,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     request.signal?.addEventListener("abort", onAbort, { once: true });
     try {
       if (request.signal?.aborted) onAbort();
-      const exitCode = await this.#command(id, "/dev/null", out, err, cwd, request.argv, request.env, () => {}).exited;
+      const exitCode = await this.#command(id, "/dev/null", out, err, cwd, request.argv, request.env, undefined).exited;
       const completedAt = new Date();
       this.#deliver(out, request.stdoutPath);
       if (!sameFile) this.#deliver(err, request.stderrPath);
@@ -449,7 +449,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     return join(layout.inputMount, inside);
   }
 
-  /** Asks the agent to run a command; `started` is called once it has forked it. */
+  /** Asks the agent to run a command; `started`, if given, is called once it has forked it with its files open. */
   #command(
     id: string,
     stdin: string,
@@ -458,19 +458,19 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     cwd: string,
     argv: string[],
     env: { name: string; value: string }[],
-    started: () => void,
+    started: (() => void) | undefined,
   ): { exited: Promise<number> } {
     const io = (name: string) => (name === "/dev/null" ? name : join(IO_MOUNT, name));
     const exited = new Promise<number>((done, fail) => {
       this.#pending.set(id, {
-        started,
+        started: started ?? (() => {}),
         failed: (reason) => fail(new Error(`the sandbox could not start the command: ${reason}`)),
         exited: done,
       });
     });
     const variables = env.map(({ name, value }) => `${name}=${value}`);
     this.#send([
-      "run",
+      started ? "spawn" : "run",
       id,
       io(stdin),
       io(stdout),
