@@ -53,17 +53,24 @@ fcntl(my $requests = IO::Handle->new_from_fd(REQUESTS, 'r'), POSIX::F_SETFD(), P
 
 $| = 1;
 my %running;    # pid => request id
-# An empty handler makes SIGCHLD interrupt select; the timeout covers a child
-# that ends between the reap and the select.
-$SIG{CHLD} = sub { };
+# SIGCHLD interrupts select; a child that ends between the reap and the select is seen through the wake pipe
+# its handler writes to (perl runs handlers between statements), and, should it slip into the last few
+# instructions before the system call, through the timeout. Perl makes both ends close-on-exec.
+pipe(my $wake, my $waker) or die "berth agent: pipe: $!\n";
+$waker->blocking(0);
+$wake->blocking(0);
+$SIG{CHLD} = sub { syswrite($waker, 'x') };
 my $readable = '';
 vec($readable, REQUESTS, 1) = 1;
+vec($readable, fileno($wake), 1) = 1;
 my $buffer = '';
 print "ready\n";
 while (1) {
   reap();
-  my $ready = select(my $bits = $readable, undef, undef, %running ? 0.01 : undef);
+  my $ready = select(my $bits = $readable, undef, undef, %running ? 0.25 : undef);
   next if $ready <= 0;
+  sysread($wake, my $drained, 4096) if vec($bits, fileno($wake), 1);
+  next unless vec($bits, REQUESTS, 1);
   my $read = POSIX::read(REQUESTS, my $chunk, 65536);
   if (!defined $read) {
     next if $!{EINTR} || $!{EAGAIN};
