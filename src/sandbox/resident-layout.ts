@@ -4,6 +4,7 @@ import type { LaunchStep } from "../process/launcher.js";
 import type { ActionRoot } from "./action-root.js";
 import { INPUT_ROOT_MOUNT } from "./bubblewrap.js";
 import { sandboxArgs } from "./bwrap-args.js";
+import type { WritableArea } from "./disk-usage.js";
 import { inputRootAsRootSetup } from "./input-root-as-root.js";
 import type { SandboxLimits } from "./limits.js";
 import { overlayRootSetup } from "./overlay-root.js";
@@ -29,13 +30,15 @@ export interface ResidentLayout {
   /** Where a command sees the input root. */
   inputMount: string;
   /** Where the action writes beside its input root (an image's upper layer), for the disk bounds. */
-  writableAreas: { dir: string; owner?: number }[];
+  writableAreas: WritableArea[];
 }
 
 export interface LayoutOptions {
   root: ActionRoot;
   inputRoot: string;
   ioDir: string;
+  /** The slot's host uid: the action's own files in its input root are those it owns. */
+  uid: number;
   user: SandboxUser;
   network: boolean;
   limits: SandboxLimits;
@@ -79,7 +82,7 @@ export async function residentLayout(options: LayoutOptions): Promise<ResidentLa
       bwrapOptions: withBefore(args, "--chdir", [...ioBind, "--as-pid-1"]),
       commandRoot: "",
       inputMount: INPUT_ROOT_MOUNT,
-      writableAreas: [{ dir: inputRoot }],
+      writableAreas: [{ dir: inputRoot, owner: options.uid }],
     };
   }
   const setup = root.kind === "overlay" ? await overlayRootSetup(root, inputRoot) : inputRootAsRootSetup(inputRoot);
@@ -129,7 +132,7 @@ export async function residentLayout(options: LayoutOptions): Promise<ResidentLa
     ]),
     commandRoot: COMMAND_ROOT,
     inputMount: setup.layout.inputMount,
-    writableAreas: [{ dir: inputRoot }, ...setup.areas],
+    writableAreas: [{ dir: inputRoot, owner: options.uid }, ...setup.areas],
   };
 }
 

@@ -331,6 +331,24 @@ test("hostile: a fork bomb stops at the slot's process limit, breaks only its ow
   assert.deepEqual(await processesOf(ws.uid), []);
 });
 
+test("a command past the disk limit is stopped with its sandbox, and the result names the limit", {
+  skip: !isRoot,
+}, async (t) => {
+  const ws = await workspace(t);
+  const limits = { ...DEFAULT_LIMITS, diskBytes: 1_000_000 };
+  const sandbox = await start(t, ws, { limits });
+  // Written by a process the command leaves behind, which counts as much as the command's own writes.
+  const result = await sh(sandbox, ws, "(head -c 3000000 /dev/zero > big; sleep 1000) & sleep 1000", {
+    timeoutMs: 20_000,
+  });
+  assert.equal(result.limitReached?.limit, "diskBytes");
+  assert.match(result.limitReached?.message ?? "", /worker\.limits\.diskBytes/);
+  assert.equal(result.exitCode, 137);
+  assert.equal(result.timedOut, false);
+  assert.equal(sandbox.usable, false);
+  assert.deepEqual(await processesOf(ws.uid), []);
+});
+
 test("spawnPiped: a long-lived process talks to the worker through pipes, and kill() ends it", {
   skip: !isRoot,
 }, async (t) => {

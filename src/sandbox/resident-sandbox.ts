@@ -22,7 +22,9 @@ import { type ActionRoot, HOST_ROOT } from "./action-root.js";
 import { parseStatus, reachedLimit, waitForSandboxEnd } from "./bubblewrap.js";
 import { DEFAULT_USER } from "./bwrap-args.js";
 import type { SlotCgroup } from "./cgroups.js";
+import { DiskMonitor } from "./disk-monitor.js";
 import { DEFAULT_LIMITS, describeLimit, limitSteps, type SandboxLimits } from "./limits.js";
+import { uidProcesses } from "./open-deleted-files.js";
 import { IO_MOUNT, maskableFiles, type ResidentLayout, residentLayout } from "./resident-layout.js";
 import type { SandboxResult, SandboxUser } from "./sandbox.js";
 
@@ -124,7 +126,7 @@ export async function startResidentSandbox(options: ResidentSandboxOptions): Pro
   return sandbox;
 }
 
-type Ending = "timeout" | "cancel";
+type Ending = "timeout" | "cancel" | "disk";
 
 interface Pending {
   started: () => void;
@@ -219,6 +221,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
       root,
       inputRoot: resolve(options.inputRoot),
       ioDir: this.#ioDir,
+      uid: this.#uid,
       user,
       network: options.network ?? false,
       limits: this.#limits,
@@ -311,6 +314,14 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     const timer = timeoutMs === undefined ? undefined : setTimeout(() => end("timeout"), timeoutMs);
     const onAbort = () => end("cancel");
     request.signal?.addEventListener("abort", onAbort, { once: true });
+    // The disk bounds count what the sandbox holds, left by earlier commands too: it is one action's share.
+    const layout = this.#layout as ResidentLayout;
+    const disk = new DiskMonitor({
+      areas: layout.writableAreas,
+      bounds: { bytes: this.#limits.diskBytes, entries: this.#limits.diskEntries },
+      processes: uidProcesses(this.#uid),
+      onExceeded: () => end("disk"),
+    });
     try {
       if (request.signal?.aborted) onAbort();
       const exitCode = await this.#command(id, "/dev/null", out, err, cwd, request.argv, request.env, undefined).exited;
@@ -318,7 +329,10 @@ export class ResidentSandbox implements WorkerProcessLauncher {
       this.#deliver(out, request.stdoutPath);
       if (!sameFile) this.#deliver(err, request.stderrPath);
       const limit =
-        exitCode === 0 ? undefined : reachedLimit(exitCode, before, this.#options.cgroup?.events(), request.stderrPath);
+        (await disk.finish()) ??
+        (exitCode === 0
+          ? undefined
+          : reachedLimit(exitCode, before, this.#options.cgroup?.events(), request.stderrPath));
       return {
         exitCode,
         timedOut: false,
@@ -333,14 +347,17 @@ export class ResidentSandbox implements WorkerProcessLauncher {
       await this.#ended;
       this.#deliver(out, request.stdoutPath);
       if (!sameFile) this.#deliver(err, request.stderrPath);
+      const limit = ending === "disk" ? await disk.finish() : undefined;
       return {
         exitCode: KILLED,
         timedOut: ending === "timeout",
         cancelled: ending === "cancel",
         startedAt,
         completedAt: new Date(),
+        ...(limit ? { limitReached: { limit, message: describeLimit(limit, this.#limits) } } : {}),
       };
     } finally {
+      disk.stop();
       clearTimeout(timer);
       request.signal?.removeEventListener("abort", onAbort);
     }
