@@ -276,6 +276,16 @@ test("hostile: a command cannot reach the agent's pipes or its descriptors, trac
     "CapEff:\t0000000000000000",
     "signals sent",
   ]);
+  // Its stdout file lies in the sandbox's io directory: replaced by a link to a host file only root may read,
+  // or by a FIFO, it must not make the worker read that file, or hang.
+  const secret = join(ws.dir, "secret");
+  await writeFile(secret, "root's secret\n", { mode: 0o600 });
+  const linked = await sh(sandbox, ws, `f=$(readlink /proc/$$/fd/1); rm "$f"; ln -s ${secret} "$f"`);
+  assert.equal(linked.exitCode, 0, linked.stderr);
+  assert.equal(linked.stdout, "", "the worker did not follow the command's link");
+  const fifo = await sh(sandbox, ws, 'f=$(readlink /proc/$$/fd/2); rm "$f"; mkfifo "$f"');
+  assert.equal(fifo.exitCode, 0);
+  assert.equal(fifo.stderr, "");
   // The agent ignored the signals (a PID namespace's first process gets none from inside) and still works.
   await sleep(100);
   assert.equal(sandbox.usable, true);

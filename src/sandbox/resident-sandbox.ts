@@ -1,9 +1,9 @@
 import { execFileSync } from "node:child_process";
 import {
   chownSync,
-  closeSync,
   copyFileSync,
   constants as fsConstants,
+  lstatSync,
   mkdirSync,
   openSync,
   readFileSync,
@@ -11,6 +11,7 @@ import {
   rmSync,
   statSync,
   unlinkSync,
+  writeFileSync,
 } from "node:fs";
 import { Socket } from "node:net";
 import { isAbsolute, join, relative, resolve, sep } from "node:path";
@@ -560,22 +561,32 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     }
   }
 
-  /** Moves an output file of the io directory to where the caller wants it. */
+  /**
+   * Moves an output file of the io directory to where the caller wants it. The io directory is the sandbox's
+   * (a command can replace its own stdout file there by a symlink to a host file, or by a FIFO): the file is
+   * first moved out of its reach, then taken only if it is a regular file; anything else gives an empty file.
+   */
   #deliver(name: string, target: string): void {
-    const source = join(this.#ioDir, name);
+    const held = join(this.#controlDir, name);
     try {
-      renameSync(source, target);
+      renameSync(join(this.#ioDir, name), held);
     } catch (error) {
-      const code = (error as NodeJS.ErrnoException).code;
-      if (code === "ENOENT") {
-        // The agent could not create it (the command never started): an empty file, as for a silent command.
-        closeSync(openSync(target, "w"));
-      } else if (code === "EXDEV") {
-        copyFileSync(source, target);
-        unlinkSync(source);
-      } else {
-        throw error;
-      }
+      if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
+      // The agent could not create it (the command never started): empty, as for a silent command.
+      writeFileSync(target, "");
+      return;
+    }
+    if (!lstatSync(held).isFile()) {
+      rmSync(held, { recursive: true, force: true });
+      writeFileSync(target, "");
+      return;
+    }
+    try {
+      renameSync(held, target);
+    } catch (error) {
+      if ((error as NodeJS.ErrnoException).code !== "EXDEV") throw error;
+      copyFileSync(held, target);
+      unlinkSync(held);
     }
   }
 }
