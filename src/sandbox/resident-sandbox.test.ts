@@ -341,6 +341,32 @@ test("hostile: a fork bomb stops at the slot's process limit, breaks only its ow
   assert.deepEqual(await processesOf(ws.uid), []);
 });
 
+test("a command that fails at the slot cgroup's process limit is told so, and its sandbox then runs the next", {
+  skip: !isRoot,
+}, async (t) => {
+  const limits = { ...DEFAULT_LIMITS, maxProcesses: 48 };
+  const cgroup = openSlotCgroup(95, { memoryBytes: 512 * 1024 ** 2, processes: limits.maxProcesses });
+  if (!cgroup) return t.skip("no writable cgroup with the memory and pids controllers on this host");
+  t.after(() => removeSlotCgroup(cgroup));
+  const ws = await workspace(t);
+  const sandbox = await start(t, ws, { limits, cgroup });
+  // Forks until refused, then exits 1 with its children: the cgroup counted the refusal.
+  const bomb = await run(sandbox, ws, [
+    "perl",
+    "-e",
+    "my @kids; while (1) { my $p = fork; last unless defined $p; if ($p == 0) { sleep 1000; exit 0 } push @kids, $p } " +
+      'print "refused after ", scalar(@kids), ": $!\n"; kill "KILL", @kids; waitpid($_, 0) for @kids; exit 1',
+  ]);
+  assert.equal(bomb.exitCode, 1);
+  assert.match(bomb.stdout, /^refused after \d+: Resource temporarily unavailable\n$/);
+  assert.equal(bomb.limitReached?.limit, "maxProcesses");
+  assert.match(bomb.limitReached?.message ?? "", /worker\.limits\.maxProcesses/);
+  const procs = (await readFile(cgroup.procsFiles.at(-1) as string, "utf8")).split("\n").filter(Boolean);
+  assert.ok(procs.length <= limits.maxProcesses, `${procs.length} processes in the slot's cgroup`);
+  // What it started is gone; the sandbox goes on.
+  assert.equal((await run(sandbox, ws, ["echo", "next"])).stdout, "next\n");
+});
+
 test("a command past the disk limit is stopped with its sandbox, and the result names the limit", {
   skip: !isRoot,
 }, async (t) => {
