@@ -29,7 +29,10 @@ export interface ResidentLayout {
   commandRoot: string;
   /** Where a command sees the input root. */
   inputMount: string;
-  /** Where the action writes beside its input root (an image's upper layer), for the disk bounds. */
+  /**
+   * Where the action writes, for the disk bounds: its input root, an image's upper layer, and on the host's
+   * root the io directory, which commands see (at IO_MOUNT) and could fill.
+   */
   writableAreas: WritableArea[];
 }
 
@@ -82,7 +85,10 @@ export async function residentLayout(options: LayoutOptions): Promise<ResidentLa
       bwrapOptions: withBefore(args, "--chdir", [...ioBind, "--as-pid-1"]),
       commandRoot: "",
       inputMount: INPUT_ROOT_MOUNT,
-      writableAreas: [{ dir: inputRoot, owner: options.uid }],
+      writableAreas: [
+        { dir: inputRoot, owner: options.uid },
+        { dir: ioDir, owner: options.uid },
+      ],
     };
   }
   const setup = root.kind === "overlay" ? await overlayRootSetup(root, inputRoot) : inputRootAsRootSetup(inputRoot);

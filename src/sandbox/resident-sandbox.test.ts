@@ -9,6 +9,7 @@ import { INPUT_ROOT_AS_ROOT, type OverlayRoot } from "./action-root.js";
 import { INPUT_ROOT_MOUNT } from "./bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup } from "./cgroups.js";
 import { DEFAULT_LIMITS } from "./limits.js";
+import { IO_MOUNT } from "./resident-layout.js";
 import { type ResidentRunRequest, type ResidentSandbox, startResidentSandbox } from "./resident-sandbox.js";
 import type { SandboxResult } from "./sandbox.js";
 
@@ -373,8 +374,9 @@ test("a command past the disk limit is stopped with its sandbox, and the result 
   const ws = await workspace(t);
   const limits = { ...DEFAULT_LIMITS, diskBytes: 1_000_000 };
   const sandbox = await start(t, ws, { limits });
-  // Written by a process the command leaves behind, which counts as much as the command's own writes.
-  const result = await sh(sandbox, ws, "(head -c 3000000 /dev/zero > big; sleep 1000) & sleep 1000", {
+  // Written by a process the command leaves behind, which counts as much as the command's own writes, into
+  // the sandbox's io directory, which is on the host's disk as much as the input root.
+  const result = await sh(sandbox, ws, `(head -c 3000000 /dev/zero > ${IO_MOUNT}/big; sleep 1000) & sleep 1000`, {
     timeoutMs: 20_000,
   });
   assert.equal(result.limitReached?.limit, "diskBytes");
