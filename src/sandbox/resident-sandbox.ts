@@ -1,18 +1,4 @@
-import { execFileSync } from "node:child_process";
-import {
-  chownSync,
-  copyFileSync,
-  constants as fsConstants,
-  lstatSync,
-  mkdirSync,
-  openSync,
-  readFileSync,
-  renameSync,
-  rmSync,
-  statSync,
-  unlinkSync,
-  writeFileSync,
-} from "node:fs";
+import { chownSync, constants as fsConstants, mkdirSync, openSync, readFileSync, rmSync, statSync } from "node:fs";
 import { Socket } from "node:net";
 import { isAbsolute, join, relative, resolve, sep } from "node:path";
 import type { Readable, Writable } from "node:stream";
@@ -20,6 +6,7 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { fileURLToPath } from "node:url";
 import { LAUNCH_FAILED, type Launched, type Launcher, type LaunchStep, sharedLauncher } from "../process/launcher.js";
 import { type ActionRoot, HOST_ROOT } from "./action-root.js";
+import { AgentChannel, mkfifo } from "./agent-channel.js";
 import { parseStatus, reachedLimit, waitForSandboxEnd } from "./bubblewrap.js";
 import { DEFAULT_USER } from "./bwrap-args.js";
 import type { SlotCgroup } from "./cgroups.js";
@@ -27,6 +14,7 @@ import { DiskMonitor } from "./disk-monitor.js";
 import { DEFAULT_LIMITS, describeLimit, limitSteps, type SandboxLimits } from "./limits.js";
 import { uidProcesses } from "./open-deleted-files.js";
 import { IO_MOUNT, maskableFiles, type ResidentLayout, residentLayout } from "./resident-layout.js";
+import { deliverOutput } from "./resident-output.js";
 import type { SandboxResult, SandboxUser } from "./sandbox.js";
 
 export interface ResidentSandboxOptions {
@@ -129,12 +117,6 @@ export async function startResidentSandbox(options: ResidentSandboxOptions): Pro
 
 type Ending = "timeout" | "cancel" | "disk";
 
-interface Pending {
-  started: () => void;
-  failed: (reason: string) => void;
-  exited: (code: number) => void;
-}
-
 /**
  * A started resident sandbox. Commands run one after another or side by side; processes a command leaves
  * running stay until `close()` (a warm runner's state). Its commands share its uid, its /tmp and its
@@ -153,11 +135,9 @@ export class ResidentSandbox implements WorkerProcessLauncher {
   readonly #limits: SandboxLimits;
   readonly #ioDir: string;
   readonly #controlDir: string;
-  readonly #pending = new Map<string, Pending>();
+  #channel: AgentChannel | undefined;
   #layout: ResidentLayout | undefined;
   #launched: Launched | undefined;
-  #requests: Socket | undefined;
-  #replies: Socket | undefined;
   #agentPid: number | undefined;
   #pidNamespace: number | undefined;
   #nextId = 0;
@@ -166,7 +146,6 @@ export class ResidentSandbox implements WorkerProcessLauncher {
   #closed = false;
   #madeStateDir = false;
   #ended: Promise<void> | undefined;
-  #onReady: ((error?: Error) => void) | undefined;
 
   constructor(options: ResidentSandboxOptions) {
     this.#options = options;
@@ -204,16 +183,10 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     mkdirSync(this.#controlDir, { mode: 0o700 });
     mkdirSync(this.#ioDir, { mode: 0o700 });
     chownSync(this.#ioDir, this.#uid, this.#gid);
-    const requestPath = join(this.#controlDir, "requests");
-    const replyPath = join(this.#controlDir, "replies");
-    mkfifo(requestPath, replyPath);
-    // Both ends open before the launcher opens its own: O_RDWR and O_NONBLOCK never wait for the other side.
-    const replyFd = openSync(replyPath, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK);
-    this.#replies = new Socket({ fd: replyFd, readable: true, writable: false });
-    const requestFd = openSync(requestPath, fsConstants.O_RDWR | fsConstants.O_NONBLOCK);
-    this.#requests = new Socket({ fd: requestFd, readable: false, writable: true });
-    this.#requests.on("error", (error) => this.#lose(`its agent's pipe failed (${error.message})`));
-    this.#listen(this.#replies);
+    const channel = new AgentChannel(this.#controlDir, (reason) => {
+      this.#gone ??= new Error(`the resident sandbox ended: ${reason}`);
+    });
+    this.#channel = channel;
 
     const user = options.user ?? DEFAULT_USER;
     const root = options.root ?? HOST_ROOT;
@@ -240,9 +213,6 @@ export class ResidentSandbox implements WorkerProcessLauncher {
       ...limitSteps(this.#limits, options.cgroup, { launcherInCgroup }),
     ];
     const bwrap = options.bwrapPath ?? "bwrap";
-    const ready = new Promise<void>((done, fail) => {
-      this.#onReady = (error) => (error ? fail(error) : done());
-    });
     const agentErr = join(this.#controlDir, "agent.err");
     const statusPath = join(this.#controlDir, "status");
     this.#launched = await launcher
@@ -250,10 +220,10 @@ export class ResidentSandbox implements WorkerProcessLauncher {
         argv: [bwrap, ...layout.bwrapOptions, "--", "/usr/bin/perl", "-e", agent(), String(prctl), layout.commandRoot],
         env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
         user: { uid: this.#uid, gid: this.#gid },
-        stdoutPath: replyPath,
+        stdoutPath: channel.replyPath,
         stderrPath: agentErr,
         fd3Path: statusPath,
-        fd4Path: requestPath,
+        fd4Path: channel.requestPath,
         steps,
       })
       .catch((error: Error) => {
@@ -269,17 +239,16 @@ export class ResidentSandbox implements WorkerProcessLauncher {
       },
       (error: Error) => this.#lose(`its launcher failed (${error.message})`),
     );
-    const timer = setTimeout(() => this.#onReady?.(new Error("the sandbox's agent did not start")), START_LIMIT_MS);
+    const timer = setTimeout(() => channel.lose("its agent did not start"), START_LIMIT_MS);
     try {
-      await ready;
+      await channel.ready;
     } catch (error) {
       const said = readOrEmpty(agentErr).replaceAll(LAUNCH_FAILED, "").trim();
       throw new Error(`cannot start a resident sandbox: ${said || (error as Error).message}`, { cause: error });
     } finally {
       clearTimeout(timer);
       // Both ends are open now: the pipes keep no name anyone could open them by.
-      rmSync(requestPath, { force: true });
-      rmSync(replyPath, { force: true });
+      channel.unlink();
     }
     // bwrap reports its child (here the agent) before that child can print anything; a few looks suffice.
     for (let i = 0; i < 100 && this.#agentPid === undefined; i++) {
@@ -325,10 +294,11 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     });
     try {
       if (request.signal?.aborted) onAbort();
-      const exitCode = await this.#command(id, "/dev/null", out, err, cwd, request.argv, request.env, undefined).exited;
+      const command = { stdin: "/dev/null", stdout: join(IO_MOUNT, out), stderr: join(IO_MOUNT, err), cwd };
+      const exitCode = await this.#agent().run(id, { ...command, argv: request.argv, env: request.env });
       const completedAt = new Date();
-      this.#deliver(out, request.stdoutPath);
-      if (!sameFile) this.#deliver(err, request.stderrPath);
+      deliverOutput(this.#ioDir, this.#controlDir, out, request.stdoutPath);
+      if (!sameFile) deliverOutput(this.#ioDir, this.#controlDir, err, request.stderrPath);
       const limit =
         (await disk.finish()) ??
         (exitCode === 0
@@ -346,8 +316,8 @@ export class ResidentSandbox implements WorkerProcessLauncher {
       if (ending === undefined) throw error;
       // Ended on purpose: the result is the command's, killed, once nothing of the sandbox runs.
       await this.#ended;
-      this.#deliver(out, request.stdoutPath);
-      if (!sameFile) this.#deliver(err, request.stderrPath);
+      deliverOutput(this.#ioDir, this.#controlDir, out, request.stdoutPath);
+      if (!sameFile) deliverOutput(this.#ioDir, this.#controlDir, err, request.stderrPath);
       const limit = ending === "disk" ? await disk.finish() : undefined;
       return {
         exitCode: KILLED,
@@ -382,7 +352,6 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     mkfifo(...paths);
     for (const path of paths) chownSync(path, this.#uid, this.#gid);
     const [inPath, outPath, errPath] = paths as [string, string, string];
-    const [inName, outName, errName] = names as [string, string, string];
     const stdout = new Socket({
       fd: openSync(outPath, fsConstants.O_RDONLY | fsConstants.O_NONBLOCK),
       writable: false,
@@ -397,15 +366,23 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     const running = new Promise<void>((done) => {
       onStart = done;
     });
-    const command = this.#command(id, inName, outName, errName, cwd, argv, env, () => {
-      started = true;
-      onStart();
-    });
+    const [stdinMount, stdoutMount, stderrMount] = names.map((name) => join(IO_MOUNT, name)) as [
+      string,
+      string,
+      string,
+    ];
+    const command = { stdin: stdinMount, stdout: stdoutMount, stderr: stderrMount, cwd, argv, env };
+    const agent = this.#agent();
     let failure: Error | undefined;
-    const exited = command.exited.catch((error: Error) => {
-      failure = error;
-      return KILLED;
-    });
+    const exited = agent
+      .run(id, command, () => {
+        started = true;
+        onStart();
+      })
+      .catch((error: Error) => {
+        failure = error;
+        return KILLED;
+      });
     try {
       await Promise.race([running, exited]);
     } finally {
@@ -427,7 +404,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
         return code;
       }),
       kill: () => {
-        if (this.usable) this.#send(["kill", id]);
+        if (this.usable) agent.kill(id);
         else closeAll();
       },
     };
@@ -439,8 +416,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     this.#kill();
     await this.#ended;
     this.#lose("it was closed");
-    this.#requests?.destroy();
-    this.#replies?.destroy();
+    this.#channel?.close();
     if (this.#madeStateDir) rmSync(this.#options.stateDir, { recursive: true, force: true });
   }
 
@@ -467,82 +443,14 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     return join(layout.inputMount, inside);
   }
 
-  /** Asks the agent to run a command; `started`, if given, is called once it has forked it with its files open. */
-  #command(
-    id: string,
-    stdin: string,
-    stdout: string,
-    stderr: string,
-    cwd: string,
-    argv: string[],
-    env: { name: string; value: string }[],
-    started: (() => void) | undefined,
-  ): { exited: Promise<number> } {
-    const io = (name: string) => (name === "/dev/null" ? name : join(IO_MOUNT, name));
-    const exited = new Promise<number>((done, fail) => {
-      this.#pending.set(id, {
-        started: started ?? (() => {}),
-        failed: (reason) => fail(new Error(`the sandbox could not start the command: ${reason}`)),
-        exited: done,
-      });
-    });
-    const variables = env.map(({ name, value }) => `${name}=${value}`);
-    this.#send([
-      started ? "spawn" : "run",
-      id,
-      io(stdin),
-      io(stdout),
-      io(stderr),
-      cwd,
-      String(argv.length),
-      ...argv,
-      String(variables.length),
-      ...variables,
-    ]);
-    return { exited };
-  }
-
-  #send(fields: string[]): void {
-    this.#requests?.write(`${fields.length}\0${fields.join("\0")}\0`);
-  }
-
-  #listen(replies: Socket): void {
-    let buffered = "";
-    replies.setEncoding("utf8");
-    replies.on("data", (chunk: string) => {
-      buffered += chunk;
-      for (let end = buffered.indexOf("\n"); end >= 0; end = buffered.indexOf("\n")) {
-        this.#receive(buffered.slice(0, end));
-        buffered = buffered.slice(end + 1);
-      }
-    });
-    replies.on("error", (error) => this.#lose(`its agent's pipe failed (${error.message})`));
-    replies.on("end", () => this.#lose("its agent is gone"));
-  }
-
-  #receive(line: string): void {
-    const [kind = "", id = "", ...rest] = line.split(" ");
-    if (kind === "ready") {
-      this.#onReady?.();
-      return;
-    }
-    const pending = this.#pending.get(id);
-    if (!pending) return;
-    if (kind === "started") {
-      pending.started();
-      return;
-    }
-    this.#pending.delete(id);
-    if (kind === "exited") pending.exited(Number(rest[0]));
-    else pending.failed(rest.join(" "));
-  }
-
   /** The sandbox can run nothing more: every command still waited for fails with `reason`. */
   #lose(reason: string): void {
     this.#gone ??= new Error(`the resident sandbox ended: ${reason}`);
-    this.#onReady?.(this.#gone);
-    for (const pending of this.#pending.values()) pending.failed(this.#gone.message);
-    this.#pending.clear();
+    this.#channel?.lose(reason);
+  }
+
+  #agent(): AgentChannel {
+    return this.#channel as AgentChannel;
   }
 
   /** SIGKILL to the sandbox's pid 1: the kernel then kills every process of its PID namespace. */
@@ -560,35 +468,6 @@ export class ResidentSandbox implements WorkerProcessLauncher {
       }
     }
   }
-
-  /**
-   * Moves an output file of the io directory to where the caller wants it. The io directory is the sandbox's
-   * (a command can replace its own stdout file there by a symlink to a host file, or by a FIFO): the file is
-   * first moved out of its reach, then taken only if it is a regular file; anything else gives an empty file.
-   */
-  #deliver(name: string, target: string): void {
-    const held = join(this.#controlDir, name);
-    try {
-      renameSync(join(this.#ioDir, name), held);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "ENOENT") throw error;
-      // The agent could not create it (the command never started): empty, as for a silent command.
-      writeFileSync(target, "");
-      return;
-    }
-    if (!lstatSync(held).isFile()) {
-      rmSync(held, { recursive: true, force: true });
-      writeFileSync(target, "");
-      return;
-    }
-    try {
-      renameSync(held, target);
-    } catch (error) {
-      if ((error as NodeJS.ErrnoException).code !== "EXDEV") throw error;
-      copyFileSync(held, target);
-      unlinkSync(held);
-    }
-  }
 }
 
 function checkCommand(argv: string[], env: { name: string; value: string }[]): void {
@@ -597,10 +476,6 @@ function checkCommand(argv: string[], env: { name: string; value: string }[]): v
   if (strings.some((s) => s.includes("\0"))) throw new Error("argv and env must not contain NUL characters");
   const badName = env.find(({ name }) => name === "" || name.includes("="));
   if (badName) throw new Error(`invalid environment variable name ${JSON.stringify(badName.name)}`);
-}
-
-function mkfifo(...paths: string[]): void {
-  execFileSync("mkfifo", ["-m", "0600", "--", ...paths], { stdio: ["ignore", "ignore", "pipe"] });
 }
 
 function readOrEmpty(path: string): string {
