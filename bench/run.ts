@@ -28,6 +28,7 @@ import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
 import { benchPersistentWorker } from "./persistent.js";
 import { renderMarkdown, type Section } from "./report.js";
+import { benchRunners } from "./runners.js";
 import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
 
@@ -45,6 +46,7 @@ const BENCHMARKS = {
   getactionresult: "GetActionResult",
   "execute-latency": "Execute round trip of /bin/true vs BubblewrapSandbox.run",
   "execute-throughput": "1,000 distinct actions on two workers vs BubblewrapSandbox × 2",
+  runners: "/bin/true in a fresh sandbox, one made ahead, a warm one, and the floor (a fork inside a sandbox)",
   bazel: "Bazel build of 500 genrules, remote on Berth vs local sandboxed",
   "images-pull": "Cold pull and unpack of a Debian image vs skopeo copy + umoci unpack",
   "images-action": "/bin/true in a cached image vs bubblewrap on the unpacked root and docker run",
@@ -199,6 +201,11 @@ async function main(): Promise<void> {
       },
       "execute-throughput": async () => {
         sections.push(await benchExecuteThroughput(await executionContext()));
+      },
+      // The sandbox library alone, in this process: no server involved.
+      runners: async () => {
+        await execution?.server.stop();
+        sections.push(await benchRunners(ctx));
       },
       bazel: async () => {
         // It starts servers of its own; the execution benchmarks' one would only sit beside them.

@@ -49,16 +49,7 @@ export class BwrapLauncher implements WorkerProcessLauncher {
       (inputRoot) => {
         const env = Object.entries(launch.env).map(([name, value]) => ({ name, value }));
         const args = sandboxArgs(
-          {
-            inputRoot,
-            workingDirectory: launch.workingDirectory,
-            argv: [...launch.argv],
-            env,
-            timeoutMs: 0,
-            stdoutPath: "",
-            stderrPath: "",
-            network: false,
-          },
+          { env, network: false },
           {
             root: ["--ro-bind", "/", "/"],
             hide: ["/run", this.baseDir, ...(this.options.hide ?? [])],
