@@ -180,6 +180,20 @@ export const ConfigSchema = z
           .strict()
           .prefault({}),
         /** Bazel's remote persistent workers (platform property persistentWorkerKey), kept between actions. */
+        /** Runners kept between actions that ask for it (recycle-runner), with what they left running. */
+        warmRunners: z
+          .object({
+            /** Idle warm runners a worker process keeps; past it the least recently used one is stopped. */
+            maxRunners: z.number().int().nonnegative().default(4),
+            /** Memory the processes of idle warm runners may hold together; past it they are stopped, oldest first. */
+            maxMemoryBytes: bytes.default(4 * 1024 ** 3),
+            /** Disk their workspaces and writable layers may hold together; past it they are stopped, oldest first. */
+            maxDiskBytes: bytes.default(16 * 1024 ** 3),
+            /** A warm runner unused this long is stopped. */
+            idleSeconds: z.number().positive().default(600),
+          })
+          .strict()
+          .prefault({}),
         persistentWorkers: z
           .object({
             /** Worker processes of one key (tool, arguments, environment); each answers one request at a time. */

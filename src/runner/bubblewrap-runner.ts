@@ -60,7 +60,7 @@ export class BubblewrapRunner implements Runner {
  * first: the image's own modes of directories stored tamed on the host (a
  * 0777 /workspace), for this action alone.
  */
-async function overlayRoot(root: LayeredRunRoot, scratchDir: string): Promise<OverlayRoot> {
+export async function overlayRoot(root: LayeredRunRoot, scratchDir: string): Promise<OverlayRoot> {
   const upperDir = join(scratchDir, "upper");
   const workDir = join(scratchDir, "work");
   await Promise.all([mkdir(upperDir), mkdir(workDir)]);

@@ -78,6 +78,20 @@ export interface RunRequest {
   user: RunUser;
   /** Aborting it kills the action. */
   signal: AbortSignal;
+  /** Set when the action asked for a warm runner (recycle-runner); runners that keep none ignore it. */
+  recycle?: RecycleRequest;
+}
+
+/** What a warm runner needs to know of the action (see RecyclingRunner). */
+export interface RecycleRequest {
+  /** Assignment.runner_key: the scheduler's key (instance, caller, image, whole platform). */
+  key: string;
+  /** preserve-workspace: keep the workspace's files for the next action, removing only these outputs. */
+  preserveWorkspace: boolean;
+  /** clean-workspace-inputs: with preserveWorkspace, earlier inputs matching these go too. */
+  cleanInputs: readonly string[];
+  /** The action's outputs, relative to the input root (what preserve-workspace removes before the next). */
+  outputs: readonly string[];
 }
 
 export interface RunResult {
@@ -89,6 +103,13 @@ export interface RunResult {
   limitReached?: { limit: string; message: string };
   startedAt: Date;
   completedAt: Date;
+  /**
+   * Where the input root is now, when the runner moved it (a warm runner's
+   * workspace): outputs are read there, and then `finish` is called.
+   */
+  inputRoot?: string;
+  /** Called once the outputs are read: the runner may then reuse what it lent (see RecyclingRunner). */
+  finish?: () => Promise<void>;
 }
 
 /**

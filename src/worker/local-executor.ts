@@ -1,9 +1,9 @@
 import { mkdirSync } from "node:fs";
-import { join } from "node:path";
+import { join, posix } from "node:path";
 import type { ActionPlatform } from "../action/action-platform.js";
 import type { Assignment } from "../gen/berth/worker/v1/worker.js";
 import { mergeEnvironment } from "../image/environment.js";
-import { inputRootView, type RunRoot, type RunUser } from "../runner/runner.js";
+import { inputRootView, type RecycleRequest, type RunRoot, type RunUser } from "../runner/runner.js";
 import type { Runners } from "../runner/runners.js";
 import { Code, StatusError } from "../status/status.js";
 import type { ActionEnvironments, PreparedEnvironment } from "./action-environments.js";
@@ -60,13 +60,25 @@ export class LocalActionExecutor implements ActionExecutor {
         network: request.platform.network,
         user: actionUser(request.platform, prepared.root),
         signal: context.signal,
+        recycle: recycleRequest(request, assignment.runnerKey, workingDirectory),
       });
       metadata.executionStartTimestamp = toTimestamp(run.startedAt);
       metadata.executionCompletedTimestamp = toTimestamp(run.completedAt);
       if (run.cancelled) throw new StatusError(Code.CANCELLED, "the action was cancelled");
 
       metadata.outputUploadStartTimestamp = nowTimestamp();
-      return await collectRunOutputs(request, files, view, run, context);
+      try {
+        // A warm runner lends its workspace until the outputs are read there.
+        return await collectRunOutputs(
+          request,
+          { ...files, inputRoot: run.inputRoot ?? inputRoot },
+          view,
+          run,
+          context,
+        );
+      } finally {
+        await run.finish?.();
+      }
     } finally {
       // Not awaited: the client waits for the completion, which need not wait for the image's release.
       void prepared.release().catch(() => {});
@@ -91,6 +103,24 @@ export class LocalActionExecutor implements ActionExecutor {
     }
     return prepared.value;
   }
+}
+
+/** What a warm runner needs of an action that asked for one (recycle-runner), or undefined. */
+function recycleRequest(
+  request: ActionRequest,
+  runnerKey: string,
+  workingDirectory: string,
+): RecycleRequest | undefined {
+  const recycling = request.platform.recycling;
+  if (!recycling || runnerKey === "") return undefined;
+  const { command } = request;
+  const inRoot = (path: string) => posix.normalize(workingDirectory === "" ? path : `${workingDirectory}/${path}`);
+  return {
+    key: runnerKey,
+    preserveWorkspace: recycling.preserveWorkspace,
+    cleanInputs: recycling.cleanInputs,
+    outputs: [...command.outputFiles, ...command.outputDirectories, ...command.outputPaths].map(inRoot),
+  };
 }
 
 /**

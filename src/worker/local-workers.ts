@@ -10,7 +10,9 @@ import type { Config } from "../config/config.js";
 import type { Logger } from "../log/log.js";
 import { registryFromConfig } from "../registry/configured-client.js";
 import { BubblewrapRunner } from "../runner/bubblewrap-runner.js";
+import { RecyclingRunner } from "../runner/recycling-runner.js";
 import { Runners } from "../runner/runners.js";
+import { WarmRunnerPool } from "../runner/warm-pool.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
 import { openPrivateDir } from "../store/private-dir.js";
@@ -22,7 +24,7 @@ import { FileCache } from "./file-cache.js";
 import type { TreeOwner } from "./input-root.js";
 import { CHANNEL_OPTIONS, RemoteCas } from "./remote-cas.js";
 import { Trash } from "./trash.js";
-import { Worker } from "./worker.js";
+import { WarmKeys, Worker } from "./worker.js";
 import { workerExecutor } from "./worker-executor.js";
 import { WorkerImages } from "./worker-images.js";
 
@@ -79,9 +81,29 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   const { limits, sandboxUidBase, slirp4netnsPath } = options.worker;
   let warnedNoCgroup = false;
   const cgroups: SlotCgroup[] = [];
+  const cgroupLimits = { memoryBytes: limits.maxMemoryBytes, processes: limits.maxProcesses };
+  // Warm runners (recycle-runner) have users and cgroups of their own, numbered after the slots'.
+  const warm = options.worker.warmRunners;
+  const pool = new WarmRunnerPool({
+    dir: join(options.workDir, "runners"),
+    maxRunners: warm.maxRunners,
+    maxMemoryBytes: warm.maxMemoryBytes,
+    maxDiskBytes: warm.maxDiskBytes,
+    idleMillis: warm.idleSeconds * 1000,
+    identity: (index) => {
+      const owner = actionUser(options.count + index, sandboxUidBase);
+      const cgroup = openSlotCgroup(options.count + index, cgroupLimits);
+      if (cgroup) cgroups.push(cgroup);
+      return { index, uid: owner.uid, gid: owner.gid, cgroup };
+    },
+    onIdleKeysChanged: (keys) => warmKeys.publish(keys),
+    onError: (err) => options.log.warn({ err }, "stopping a warm runner failed"),
+  });
+  await pool.open();
+  const warmKeys = new WarmKeys();
   /** Each slot's runners: its sandbox has the slot's user and cgroup. */
   const slotRunners = (slot: number, owner: TreeOwner) => {
-    const cgroup = openSlotCgroup(slot, { memoryBytes: limits.maxMemoryBytes, processes: limits.maxProcesses });
+    const cgroup = openSlotCgroup(slot, cgroupLimits);
     if (cgroup) cgroups.push(cgroup);
     if (!cgroup && !warnedNoCgroup) {
       warnedNoCgroup = true;
@@ -97,7 +119,12 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       slirp4netnsPath,
       maskedFiles: options.maskedFiles,
     });
-    return new Runners({ "namespace-sandbox": new BubblewrapRunner(sandbox, { layeredRoots }) });
+    const fresh = new BubblewrapRunner(sandbox, { layeredRoots });
+    // Warm runners keep sandboxes whose roots root mounts: a worker started as another user keeps none.
+    const sandboxRunner = layeredRoots
+      ? new RecyclingRunner(fresh, pool, { limits, slirp4netnsPath, maskedFiles: options.maskedFiles })
+      : fresh;
+    return new Runners({ "namespace-sandbox": sandboxRunner });
   };
   const owners = Array.from({ length: options.count }, (_, i) => actionUser(i, sandboxUidBase));
   const runners = owners.map((owner, i) => slotRunners(i, owner));
@@ -149,6 +176,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       executor: workerExecutor({ workerName, inputs, environments, runners: slot, trash }),
       workDir: join(options.workDir, "actions"),
       images,
+      warmKeys,
       log: options.log,
     });
   });
@@ -156,6 +184,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   return {
     stop: async () => {
       await Promise.all(workers.map((w) => w.stop()));
+      await pool.close();
       for (const cgroup of cgroups) removeSlotCgroup(cgroup);
       cas.close();
       await trash.drain();

@@ -28,7 +28,29 @@ export interface WorkerOptions {
   workDir: string;
   /** The worker's images, which the hub may ask it to pull ahead; undefined when it runs none. */
   images: WorkerImages | undefined;
+  /** The keys of the idle warm runners the worker's process holds, reported to the hub as they change. */
+  warmKeys?: WarmKeys;
   log: Logger;
+}
+
+/** The keys of a worker process's idle warm runners, which each of its workers reports on its stream. */
+export class WarmKeys {
+  private keys: readonly string[] = [];
+  private readonly listeners = new Set<(keys: readonly string[]) => void>();
+
+  get current(): readonly string[] {
+    return this.keys;
+  }
+
+  publish(keys: readonly string[]): void {
+    this.keys = keys;
+    for (const listener of this.listeners) listener(keys);
+  }
+
+  subscribe(listener: (keys: readonly string[]) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
 }
 
 /**
@@ -41,6 +63,7 @@ export class Worker {
   private readonly running = new Map<string, AbortController>();
   private heartbeat: NodeJS.Timeout | undefined;
   private stopped = false;
+  private unsubscribe: (() => void) | undefined;
 
   constructor(private readonly options: WorkerOptions) {
     this.client = new WorkerHubClient(options.hub.target, options.hub.credentials, options.hub.options);
@@ -48,11 +71,14 @@ export class Worker {
 
   /** Connects, and keeps reconnecting with backoff until stop(). */
   start(): void {
+    // Before the completion that gave a runner back is sent, so the scheduler knows of it when it dispatches.
+    this.unsubscribe = this.options.warmKeys?.subscribe((keys) => this.reportWarmKeys(keys));
     void this.loop();
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
+    this.unsubscribe?.();
     for (const controller of this.running.values()) controller.abort();
     clearInterval(this.heartbeat);
     this.stream?.end();
@@ -102,6 +128,8 @@ export class Worker {
       this.heartbeat = setInterval(() => stream.write({ heartbeat: { leaseIds: [...this.running.keys()] } }), ms);
       this.heartbeat.unref();
       this.options.log.info(`worker ${this.options.workerName} connected to ${this.options.hub.target}`);
+      const keys = this.options.warmKeys?.current ?? [];
+      if (keys.length > 0) this.reportWarmKeys(keys);
     }
     if (message.cancellation) this.running.get(message.cancellation.leaseId)?.abort();
     if (message.imagePull) void this.pullImage(stream, message.imagePull);
@@ -158,6 +186,11 @@ export class Worker {
       log.warn({ worker: workerName, image: pull.reference, code: status.code }, status.message);
       send({ ...latest, finished: true, status, manifestDigest: "", reference: "" });
     }
+  }
+
+  private reportWarmKeys(keys: readonly string[]): void {
+    const stream = this.stream;
+    if (stream?.writable) stream.write({ warmRunners: { keys: [...keys] } });
   }
 
   /** The stream is gone, so are the leases: the scheduler queues their actions again. */

@@ -12,7 +12,7 @@ import {
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterEach, beforeEach, test } from "node:test";
-import { cleanPreservedWorkspace, clearWayForTree, emptyWorkspace } from "./workspace-reset.js";
+import { cleanPreservedWorkspace, clearWayForTree, emptyWorkspace } from "./workspace.js";
 
 let dir: string;
 let root: string;

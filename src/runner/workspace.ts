@@ -1,4 +1,4 @@
-import { lstatSync, readdirSync, rmSync, type Stats } from "node:fs";
+import { lchownSync, lstatSync, readdirSync, renameSync, rmdirSync, rmSync, type Stats } from "node:fs";
 import { join, posix } from "node:path";
 import picomatch from "picomatch";
 
@@ -72,6 +72,66 @@ export function clearWayForTree(
   for (const { path } of [...tree.files, ...tree.symlinks]) {
     const at = join(root, path);
     if (lstatOrUndefined(at)) rmSync(at, { recursive: true, force: true });
+  }
+}
+
+/**
+ * Moves everything in `from` into `to` (the laid-out input root into a warm
+ * runner's workspace, and back): one rename per entry of the top level,
+ * whatever the tree below holds. `to` must hold none of those names.
+ */
+export function moveEntries(from: string, to: string): void {
+  for (const name of readdirSync(from)) renameSync(join(from, name), join(to, name));
+}
+
+/**
+ * preserve-workspace: merges the tree in `from` (a new input root) into the
+ * workspace `to`: a directory both have is merged, anything else of `from`
+ * replaces what `to` has under its name (never entered when it is a link).
+ * Returns the paths of what was moved that is not a directory: the new
+ * action's inputs.
+ */
+export function mergeEntries(from: string, to: string, prefix = ""): string[] {
+  const moved: string[] = [];
+  for (const name of readdirSync(from)) {
+    const source = join(from, name);
+    const target = join(to, name);
+    const path = prefix === "" ? name : `${prefix}/${name}`;
+    const sourceIsDir = lstatSync(source).isDirectory();
+    const targetStats = lstatOrUndefined(target);
+    if (sourceIsDir && targetStats?.isDirectory()) {
+      moved.push(...mergeEntries(source, target, path));
+      rmdirSync(source);
+      continue;
+    }
+    if (targetStats) rmSync(target, { recursive: true, force: true });
+    renameSync(source, target);
+    if (sourceIsDir) moved.push(...filesBelow(target, path));
+    else moved.push(path);
+  }
+  return moved;
+}
+
+/** Paths of what is below `dir` and not a directory, relative to the workspace (`prefix` is dir's). */
+function filesBelow(dir: string, prefix: string): string[] {
+  const found: string[] = [];
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    const path = `${prefix}/${entry.name}`;
+    if (entry.isDirectory()) found.push(...filesBelow(join(dir, entry.name), path));
+    else found.push(path);
+  }
+  return found;
+}
+
+/**
+ * Gives the directories of `dir` (itself included) to uid and gid, never
+ * through a link: the input root was laid out for a slot's user, and a warm
+ * runner runs as its own.
+ */
+export function giveDirectories(dir: string, uid: number, gid: number): void {
+  lchownSync(dir, uid, gid);
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    if (entry.isDirectory()) giveDirectories(join(dir, entry.name), uid, gid);
   }
 }
 
