@@ -15,7 +15,7 @@ const EXPANDED: ActionEnvironment = {
   image: {
     baseRootDigest: { hash: "a".repeat(64), sizeBytes: 12 },
     inputRootPath: "/run/berth/execroot",
-    reference: "registry.example/base@sha256:" + "b".repeat(64),
+    reference: `registry.example/base@sha256:${"b".repeat(64)}`,
     manifestDigest: `sha256:${"b".repeat(64)}`,
   },
 };
@@ -23,7 +23,7 @@ const EXPANDED: ActionEnvironment = {
 test("every environment crosses the wire as itself, through Assignment's real encoding", () => {
   const environments: ActionEnvironment[] = [
     HOST_ROOT_ENVIRONMENT,
-    { kind: "container-image", reference: "registry.example/tool@sha256:" + "c".repeat(64) },
+    { kind: "container-image", reference: `registry.example/tool@sha256:${"c".repeat(64)}` },
     EXPANDED,
     CHROOT_ENVIRONMENT,
   ];

@@ -68,9 +68,9 @@ export class RecyclingRunner implements Runner {
         emptyWorkspace(workspace);
       }
       giveDirectories(request.inputRoot, identity.uid, identity.gid);
-      const inputs = recycle.preserveWorkspace
-        ? mergeEntries(request.inputRoot, workspace)
-        : (moveEntries(request.inputRoot, workspace), []);
+      let inputs: string[] = [];
+      if (recycle.preserveWorkspace) inputs = mergeEntries(request.inputRoot, workspace);
+      else moveEntries(request.inputRoot, workspace);
       runner.last = { outputs: recycle.outputs, inputs };
       result = await runner.sandbox.run({
         workingDirectory: request.workingDirectory,
