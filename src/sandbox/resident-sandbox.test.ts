@@ -287,6 +287,18 @@ test("hostile: a command cannot reach the agent's pipes or its descriptors, trac
   const fifo = await sh(sandbox, ws, 'f=$(readlink /proc/$$/fd/2); rm "$f"; mkfifo "$f"');
   assert.equal(fifo.exitCode, 0);
   assert.equal(fifo.stderr, "");
+  const directory = await sh(sandbox, ws, 'f=$(readlink /proc/$$/fd/1); rm "$f"; mkdir "$f"; echo more > "$f/x"');
+  assert.equal(directory.exitCode, 0, directory.stderr);
+  assert.equal(directory.stdout, "");
+  // The same link, when the worker's file is on another file system (copied rather than moved).
+  const elsewhere = await mkdtemp(join("/dev/shm", "berth-resident-"));
+  t.after(() => rm(elsewhere, { recursive: true, force: true }));
+  const copied = await sh(sandbox, ws, `f=$(readlink /proc/$$/fd/1); rm "$f"; ln -s ${secret} "$f"`, {
+    stdoutPath: join(elsewhere, "out"),
+  });
+  assert.equal(copied.stdout, "");
+  const plain = await sh(sandbox, ws, "echo copied", { stdoutPath: join(elsewhere, "plain") });
+  assert.equal(plain.stdout, "copied\n");
   // The agent ignored the signals (a PID namespace's first process gets none from inside) and still works.
   await sleep(100);
   assert.equal(sandbox.usable, true);

@@ -55,7 +55,10 @@ export interface ResidentRunRequest {
   env: { name: string; value: string }[];
   /** Wall-clock limit; 0 or Infinity means none. */
   timeoutMs: number;
-  /** Host files that receive the command's stdout and stderr (moved there when it ends). */
+  /**
+   * Host files that receive the command's stdout and stderr (moved there when it ends), in a directory the
+   * slot's user cannot write (outside the input root), as for `SandboxRequest`.
+   */
   stdoutPath: string;
   stderrPath: string;
   /** Aborting it kills the command, and with it the sandbox. */
