@@ -6,6 +6,7 @@
  */
 import { chown, mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
 import { BubblewrapSandbox } from "../src/sandbox/bubblewrap.js";
 import { type ResidentSandbox, startResidentSandbox } from "../src/sandbox/resident-sandbox.js";
 import type { BenchContext } from "./context.js";
@@ -18,13 +19,19 @@ const WARMUP = 20;
 /** Issue #14's targets: a sandbox made ahead ≤ 0.6× a fresh one; a warm one within 3 ms of the floor at p50. */
 const AHEAD_TARGET = 0.6;
 const WARM_TARGET_MS = 3;
+/**
+ * A pause between two timed runs: the kernel tears a sandbox's namespaces down after its last process is gone
+ * (a network namespace's cleanup runs later, in a kernel worker), and that work must not land in the next
+ * run's time, whichever kind it is.
+ */
+const SETTLE_MS = 15;
 
 /**
  * The floor, run inside one sandbox: fork, exec /bin/true, wait, `count` times, each timed by the same
- * process with Time::HiRes; prints the milliseconds, one a line.
+ * process with Time::HiRes after the same pause as the other kinds of run; prints the milliseconds, one a line.
  */
 const FLOOR_SCRIPT =
-  "use Time::HiRes qw(time); my @ms; for (1 .. $ARGV[0]) { my $t = time; my $p = fork; " +
+  "use Time::HiRes qw(time sleep); my @ms; for (1 .. $ARGV[0]) { sleep($ARGV[1] / 1000); my $t = time; my $p = fork; " +
   'if ($p == 0) { exec { "/bin/true" } "/bin/true"; POSIX::_exit(127) } waitpid($p, 0); ' +
   'die "true failed\\n" if $?; push @ms, (time - $t) * 1000 } print "$_\\n" for @ms;';
 
@@ -85,7 +92,7 @@ export async function benchRunners(ctx: BenchContext): Promise<Section> {
     const result = await fresh.run({
       ...command,
       inputRoot: freshRoot,
-      argv: ["/usr/bin/perl", "-MPOSIX", "-e", FLOOR_SCRIPT, String(count)],
+      argv: ["/usr/bin/perl", "-MPOSIX", "-e", FLOOR_SCRIPT, String(count), String(SETTLE_MS)],
     });
     check(result.exitCode, "the floor's sandbox");
     const lines = (await readFile(output.stdoutPath, "utf8")).trim().split("\n");
@@ -107,8 +114,11 @@ export async function benchRunners(ctx: BenchContext): Promise<Section> {
     if (round % 2 === 0) times.floor.push(...(await floorRuns(perRound)));
     for (let i = 0; i < perRound; i++) {
       times.fresh.push(await freshRun());
+      await sleep(SETTLE_MS);
       times.ahead.push(await aheadRun());
+      await sleep(SETTLE_MS);
       times.warm.push(await warmRun());
+      await sleep(SETTLE_MS);
     }
     if (round % 2 === 1) times.floor.push(...(await floorRuns(perRound)));
     roundP50s.fresh.push(median(times.fresh.slice(from.fresh)));
@@ -144,9 +154,12 @@ export async function benchRunners(ctx: BenchContext): Promise<Section> {
         "worker's sandboxes made ahead would be used.",
       "(c) Warm: one resident sandbox, started once, runs every command (a warm runner).",
       "(d) Floor: `/bin/true` forked, exec'd and waited for by a perl process already running inside a " +
-        "one-shot sandbox, which times each run itself (Time::HiRes) and prints the times.",
+        "one-shot sandbox, which times each run itself (Time::HiRes) and prints the times; it pauses as long " +
+        "between two runs as the others do, so that each of the four starts from the same idle machine.",
       `${RUNS} runs of each after ${WARMUP} of warm-up, in ${ctx.rounds} rounds; (a), (b) and (c) interleaved ` +
-        "run by run, the floor's block of each round first in even rounds and last in odd ones.",
+        `run by run with ${SETTLE_MS} ms between two runs (the kernel tears namespaces down after a sandbox ` +
+        "ends, partly in a kernel worker, which would otherwise weigh on the next run), the floor's block of " +
+        "each round first in even rounds and last in odd ones.",
     ],
     rows: [
       {

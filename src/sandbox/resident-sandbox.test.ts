@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, stat, symlink, writeFile } from "node:fs/promises";
+import { type AddressInfo, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { type TestContext, test } from "node:test";
@@ -287,6 +288,18 @@ test("hostile: a command cannot reach the agent's pipes or its descriptors, trac
   const fifo = await sh(sandbox, ws, 'f=$(readlink /proc/$$/fd/2); rm "$f"; mkfifo "$f"');
   assert.equal(fifo.exitCode, 0);
   assert.equal(fifo.stderr, "");
+  const directory = await sh(sandbox, ws, 'f=$(readlink /proc/$$/fd/1); rm "$f"; mkdir "$f"; echo more > "$f/x"');
+  assert.equal(directory.exitCode, 0, directory.stderr);
+  assert.equal(directory.stdout, "");
+  // The same link, when the worker's file is on another file system (copied rather than moved).
+  const elsewhere = await mkdtemp(join("/dev/shm", "berth-resident-"));
+  t.after(() => rm(elsewhere, { recursive: true, force: true }));
+  const copied = await sh(sandbox, ws, `f=$(readlink /proc/$$/fd/1); rm "$f"; ln -s ${secret} "$f"`, {
+    stdoutPath: join(elsewhere, "out"),
+  });
+  assert.equal(copied.stdout, "");
+  const plain = await sh(sandbox, ws, "echo copied", { stdoutPath: join(elsewhere, "plain") });
+  assert.equal(plain.stdout, "copied\n");
   // The agent ignored the signals (a PID namespace's first process gets none from inside) and still works.
   await sleep(100);
   assert.equal(sandbox.usable, true);
@@ -415,6 +428,33 @@ test("spawnPiped: a long-lived process talks to the worker through pipes, and ki
   sleeper.kill();
   assert.equal(await sleeper.exited, 137);
   assert.equal((await run(sandbox, ws, ["echo", "next"])).stdout, "next\n");
+});
+
+test("network access is the sandbox's, for every command: its own loopback without, a slirp4netns interface with", {
+  skip: !isRoot,
+}, async (t) => {
+  const interfaces = "tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ' '";
+  const ws = await workspace(t);
+  const closed = await start(t, ws);
+  assert.equal((await sh(closed, ws, interfaces)).stdout, "lo ");
+  const other = await workspace(t);
+  const open = await start(t, other, { network: true });
+  assert.equal((await sh(open, other, interfaces)).stdout, "lo tap0 ");
+  // The host's loopback, where the farm listens, stays out of reach (slirp4netns --disable-host-loopback),
+  // here a listener of the test's own.
+  const listener = createServer((socket) => socket.end("host\\n"));
+  await new Promise<void>((resolve) => listener.listen(0, "127.0.0.1", resolve));
+  t.after(() => listener.close());
+  const port = (listener.address() as AddressInfo).port;
+  const probe = await run(open, other, [
+    "perl",
+    "-MIO::Socket::INET",
+    "-e",
+    `print IO::Socket::INET->new(PeerAddr => "10.0.2.2:${port}", Timeout => 2) ? "reached\\n" : "refused\\n"`,
+  ]);
+  assert.equal(probe.stdout, "refused\n");
+  await open.close();
+  assert.deepEqual(await processesOf(other.uid), []);
 });
 
 /** A root of busybox alone: `dir` gets bin/busybox and the applets the tests use. */

@@ -55,7 +55,13 @@ export interface ResidentRunRequest {
   env: { name: string; value: string }[];
   /** Wall-clock limit; 0 or Infinity means none. */
   timeoutMs: number;
-  /** Host files that receive the command's stdout and stderr (moved there when it ends). */
+  /**
+   * Host files that receive the command's stdout and stderr (moved there when it ends), in a directory the
+   * slot's user cannot write (outside the input root), as for `SandboxRequest`. A process the command left
+   * running may still hold them open and write on (up to worker.limits.maxFileSizeBytes; once the caller has
+   * deleted them, the disk monitor counts them as deleted files the sandbox holds open): read them right
+   * after the run.
+   */
   stdoutPath: string;
   stderrPath: string;
   /** Aborting it kills the command, and with it the sandbox. */
