@@ -180,6 +180,8 @@ export const ConfigSchema = z
           .strict()
           .prefault({}),
         /** Bazel's remote persistent workers (platform property persistentWorkerKey), kept between actions. */
+        /** Each slot keeps a sandbox started for its next action (the shape of its last), used once. */
+        sandboxesAhead: z.boolean().default(true),
         /** Runners kept between actions that ask for it (recycle-runner), with what they left running. */
         warmRunners: z
           .object({

@@ -46,11 +46,12 @@ export class RecyclingRunner implements Runner {
 
   async run(request: RunRequest): Promise<RunResult> {
     const recycle = request.recycle;
-    if (!recycle?.key) return this.fresh.run(request);
+    // A chroot's sandbox mounts /proc, /dev and /tmp on its input root's own, which each action brings anew.
+    if (!recycle?.key || request.root.kind === "input-root") return this.fresh.run(request);
     const poolKey = poolKeyOf(recycle.key, request);
     let lease = this.pool.take(poolKey);
     if (lease && !stillWhole(lease.value)) {
-      await this.pool.giveBack(lease, false, 0);
+      await this.pool.giveBack(lease, false);
       lease = undefined;
     }
     lease ??= await this.pool.create(poolKey, (dir, identity) => this.start(dir, identity, recycle.key, request));
@@ -82,7 +83,7 @@ export class RecyclingRunner implements Runner {
         signal: request.signal,
       });
     } catch (err) {
-      await this.pool.giveBack(lease, false, 0);
+      await this.pool.giveBack(lease, false);
       throw err;
     }
     const keep = mayRecycle(result, runner, request.workingDirectory);
@@ -95,8 +96,9 @@ export class RecyclingRunner implements Runner {
         finished = true;
         // What the next action must not see goes back to the action's directory, discarded with it.
         if (!recycle.preserveWorkspace) moveEntries(workspace, request.inputRoot);
-        const disk = keep ? await this.diskUse(runner) : 0;
-        await this.pool.giveBack(lease, keep, disk);
+        await this.pool.giveBack(lease, keep);
+        // Measured off the action's path (a walk of the workspace); the pool's disk cap is checked then.
+        if (keep) void this.diskUse(runner).then((bytes) => this.pool.measured(runner, bytes));
       },
     };
   }
@@ -123,7 +125,16 @@ export class RecyclingRunner implements Runner {
       cgroup: identity.cgroup,
     });
     const layerDirs = request.root.kind === "layers" ? request.root.layerDirs : [];
-    const runner: WarmRunner = { runnerKey, sandbox, dir, workspace, identity, layerDirs, last: undefined };
+    const runner: WarmRunner = {
+      runnerKey,
+      sandbox,
+      dir,
+      workspace,
+      identity,
+      layerDirs,
+      last: undefined,
+      diskBytes: 0,
+    };
     return runner;
   }
 

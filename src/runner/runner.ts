@@ -108,7 +108,7 @@ export interface RunResult {
    * workspace): outputs are read there, and then `finish` is called.
    */
   inputRoot?: string;
-  /** Called once the outputs are read: the runner may then reuse what it lent (see RecyclingRunner). */
+  /** Called once the outputs read there are sent: the runner may then reuse what it lent (see RecyclingRunner). */
   finish?: () => Promise<void>;
 }
 

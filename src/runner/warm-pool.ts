@@ -31,6 +31,8 @@ export interface WarmRunner {
   readonly layerDirs: readonly string[];
   /** What the last action had in the workspace, for preserve-workspace. */
   last: { outputs: readonly string[]; inputs: readonly string[] } | undefined;
+  /** What its workspace and writable layer held when last measured (after its last action). */
+  diskBytes: number;
 }
 
 export interface WarmPoolOptions {
@@ -69,8 +71,9 @@ export class WarmRunnerPool {
   constructor(private readonly options: WarmPoolOptions) {
     this.lru = new PinnedLru<string, WarmRunner>({
       maxEntries: options.maxRunners,
-      maxBytes: options.maxDiskBytes,
-      overCap: () => this.idleMemoryBytes() > options.maxMemoryBytes,
+      overCap: () =>
+        this.idleSum((r) => r.identity.cgroup?.memoryBytes() ?? 0) > options.maxMemoryBytes ||
+        this.idleSum((r) => r.diskBytes) > options.maxDiskBytes,
       idleMillis: options.idleMillis,
       dispose: (_key, runner) => this.stop(runner),
       onError: options.onError,
@@ -118,16 +121,19 @@ export class WarmRunnerPool {
   }
 
   /**
-   * Gives a runner back: kept (its disk use now `diskBytes`) after a clean
-   * run, or stopped. Resolves once the pool is back under its caps.
+   * Gives a runner back: kept after a clean run, or stopped. Resolves once
+   * the pool is back under its caps.
    */
-  async giveBack(lease: Lease<WarmRunner>, keep: boolean, diskBytes: number): Promise<void> {
-    if (keep && this.options.maxRunners > 0) {
-      await lease.resize(diskBytes);
-      await lease.release();
-    } else {
-      await lease.discard();
-    }
+  async giveBack(lease: Lease<WarmRunner>, keep: boolean): Promise<void> {
+    if (keep && this.options.maxRunners > 0) await lease.release();
+    else await lease.discard();
+    this.report();
+  }
+
+  /** A runner's disk use changed (measured after it was given back): the caps are checked again. */
+  async measured(runner: WarmRunner, diskBytes: number): Promise<void> {
+    runner.diskBytes = diskBytes;
+    await this.lru.enforceCaps();
     this.report();
   }
 
@@ -143,10 +149,11 @@ export class WarmRunnerPool {
     await this.lru.close();
   }
 
-  private idleMemoryBytes(): number {
-    let bytes = 0;
-    for (const entry of this.lru.entries()) if (!entry.pinned) bytes += entry.value.identity.cgroup?.memoryBytes() ?? 0;
-    return bytes;
+  /** `measure` summed over the idle runners. */
+  private idleSum(measure: (runner: WarmRunner) => number): number {
+    let sum = 0;
+    for (const entry of this.lru.entries()) if (!entry.pinned) sum += measure(entry.value);
+    return sum;
   }
 
   private async stop(runner: WarmRunner): Promise<void> {

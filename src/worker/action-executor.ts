@@ -30,6 +30,12 @@ export interface ExecutionContext {
   metadata: ExecutedActionMetadata;
   /** What the directory holds beyond hard links to the file cache (outputs, logs), as the steps counted it. */
   writtenBytes: number;
+  /**
+   * Called once the outputs are sent, before the directory goes (see
+   * CleanupExecutor): what a step lent the action until then, such as a warm
+   * runner's workspace its outputs are read from, is given back.
+   */
+  afterOutputs: (() => Promise<void>)[];
 }
 
 /** A completion, and the blobs its result names that have not been sent yet (the upload wrapper sends them). */
@@ -44,6 +50,7 @@ export function executionContext(directory: string, signal: AbortSignal): Execut
     signal,
     directory,
     writtenBytes: 0,
+    afterOutputs: [],
     metadata: {
       worker: "",
       queuedTimestamp: undefined,

@@ -6,7 +6,8 @@ import type { Trash } from "./trash.js";
 /**
  * Discards the action's directory once it is done, however it ended, into
  * the trash (which removes directories while no action runs). The
- * directory counts as in use from the start: the trash waits for it.
+ * directory counts as in use from the start: the trash waits for it. What
+ * the steps lent the action until its outputs were sent is given back first.
  */
 export class CleanupExecutor implements ActionExecutor {
   constructor(
@@ -19,6 +20,7 @@ export class CleanupExecutor implements ActionExecutor {
     try {
       return await this.inner.execute(assignment, context);
     } finally {
+      for (const giveBack of context.afterOutputs.splice(0)) await giveBack().catch(() => {});
       // Not awaited: the client waits for the completion, not for the directory to go (each action has its own).
       const { directory } = context;
       void this.trash

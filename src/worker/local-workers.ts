@@ -9,6 +9,7 @@ import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import type { Config } from "../config/config.js";
 import type { Logger } from "../log/log.js";
 import { registryFromConfig } from "../registry/configured-client.js";
+import { AheadRunner } from "../runner/ahead-runner.js";
 import { BubblewrapRunner } from "../runner/bubblewrap-runner.js";
 import { RecyclingRunner } from "../runner/recycling-runner.js";
 import { Runners } from "../runner/runners.js";
@@ -102,6 +103,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   await pool.open();
   const warmKeys = new WarmKeys();
   /** Each slot's runners: its sandbox has the slot's user and cgroup. */
+  const aheadRunners: AheadRunner[] = [];
   const slotRunners = (slot: number, owner: TreeOwner) => {
     const cgroup = openSlotCgroup(slot, cgroupLimits);
     if (cgroup) cgroups.push(cgroup);
@@ -120,11 +122,21 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       maskedFiles: options.maskedFiles,
     });
     const fresh = new BubblewrapRunner(sandbox, { layeredRoots });
-    // Warm runners keep sandboxes whose roots root mounts: a worker started as another user keeps none.
-    const sandboxRunner = layeredRoots
-      ? new RecyclingRunner(fresh, pool, { limits, slirp4netnsPath, maskedFiles: options.maskedFiles })
-      : fresh;
-    return new Runners({ "namespace-sandbox": sandboxRunner });
+    // Resident sandboxes (made ahead, warm) have roots root mounts: a worker started as another user keeps none.
+    if (!layeredRoots) return new Runners({ "namespace-sandbox": fresh });
+    const settings = { limits, slirp4netnsPath, maskedFiles: options.maskedFiles };
+    const ahead = options.worker.sandboxesAhead
+      ? new AheadRunner(fresh, {
+          dir: join(options.workDir, "ahead", String(slot)),
+          uid: owner.uid,
+          gid: owner.gid,
+          cgroup,
+          settings,
+          onError: (err) => options.log.warn({ err }, "a sandbox made ahead failed"),
+        })
+      : undefined;
+    if (ahead) aheadRunners.push(ahead);
+    return new Runners({ "namespace-sandbox": new RecyclingRunner(ahead ?? fresh, pool, settings) });
   };
   const owners = Array.from({ length: options.count }, (_, i) => actionUser(i, sandboxUidBase));
   const runners = owners.map((owner, i) => slotRunners(i, owner));
@@ -185,6 +197,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     stop: async () => {
       await Promise.all(workers.map((w) => w.stop()));
       await pool.close();
+      await Promise.all(aheadRunners.map((ahead) => ahead.close()));
       for (const cgroup of cgroups) removeSlotCgroup(cgroup);
       cas.close();
       await trash.drain();

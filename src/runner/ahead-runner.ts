@@ -1,0 +1,197 @@
+import { chownSync, lstatSync, mkdirSync, rmSync } from "node:fs";
+import { join } from "node:path";
+import type { Property } from "../action/property.js";
+import { type ActionRoot, HOST_ROOT, INPUT_ROOT_AS_ROOT } from "../sandbox/action-root.js";
+import type { SlotCgroup } from "../sandbox/cgroups.js";
+import { type ResidentSandbox, startResidentSandbox } from "../sandbox/resident-sandbox.js";
+import { overlayRoot } from "./bubblewrap-runner.js";
+import type { WarmSandboxSettings } from "./recycling-runner.js";
+import type { Runner, RunRequest, RunResult, RunRoot, RunUser } from "./runner.js";
+import { moveEntries } from "./workspace.js";
+
+/** What a sandbox made ahead is made for: an action of another shape runs in a fresh one. */
+interface Shape {
+  root: RunRoot;
+  user: RunUser;
+  network: boolean;
+}
+
+interface Ahead {
+  shape: string;
+  sandbox: ResidentSandbox;
+  dir: string;
+  workspace: string;
+  layerDirs: readonly string[];
+}
+
+export interface AheadRunnerOptions {
+  /** The slot's own directory for its sandboxes made ahead (emptied now). */
+  dir: string;
+  /** The slot's host ids and cgroup: a sandbox made ahead is the slot's next action's. */
+  uid: number;
+  gid: number;
+  cgroup: SlotCgroup | undefined;
+  settings: WarmSandboxSettings;
+  onError?: (err: unknown) => void;
+}
+
+/** The shape most actions have (Bazel's, on the host's root): the first sandbox is made ahead for it. */
+const FIRST_SHAPE: Shape = { root: { kind: "host" }, user: { uid: 65534, gid: 65534 }, network: false };
+
+/**
+ * One slot's sandboxes made ahead: while no action runs, a resident
+ * sandbox of the shape of the slot's last action (its root, ids and
+ * network) is started and waits, its input root bound while still empty.
+ * An action of that shape has its inputs moved in and runs at once; the
+ * sandbox is used once and closed, and the next is made. An action of
+ * another shape, or one arriving while none is ready, runs in `fresh`.
+ * The isolation is a fresh sandbox's: same ids, cgroup, namespaces,
+ * mounts and limits, and nothing of an earlier action (each is new).
+ */
+export class AheadRunner implements Runner {
+  readonly capabilities: readonly Property[];
+  private next: Promise<Ahead | undefined> | undefined;
+  private made = 0;
+
+  constructor(
+    private readonly fresh: Runner,
+    private readonly options: AheadRunnerOptions,
+  ) {
+    this.capabilities = fresh.capabilities;
+    rmSync(options.dir, { recursive: true, force: true });
+    mkdirSync(options.dir, { recursive: true, mode: 0o700 });
+    this.makeNext(FIRST_SHAPE);
+  }
+
+  async run(request: RunRequest): Promise<RunResult> {
+    const shape = { root: request.root, user: request.user, network: request.network };
+    // A chroot's sandbox mounts /proc, /dev and /tmp on its input root's own: they must be there when it starts.
+    if (shape.root.kind === "input-root") return this.fresh.run(request);
+    const ahead = await this.take(shapeKey(shape));
+    if (!ahead) {
+      try {
+        return await this.fresh.run(request);
+      } finally {
+        this.makeNext(shape);
+      }
+    }
+    let result: RunResult;
+    try {
+      moveEntries(request.inputRoot, ahead.workspace);
+      result = await ahead.sandbox.run({
+        workingDirectory: request.workingDirectory,
+        argv: request.argv,
+        env: request.env,
+        timeoutMs: request.timeoutMs,
+        stdoutPath: request.stdoutPath,
+        stderrPath: request.stderrPath,
+        signal: request.signal,
+      });
+    } catch (err) {
+      await this.stop(ahead);
+      moveBack(ahead, request.inputRoot, this.options.onError);
+      rmSync(ahead.dir, { recursive: true, force: true });
+      this.makeNext(shape);
+      throw err;
+    }
+    // As in a fresh sandbox, nothing the command started outlives it: no process writes while outputs are read,
+    // which they are where the action's directory holds them.
+    await this.stop(ahead);
+    moveBack(ahead, request.inputRoot, this.options.onError);
+    rmSync(ahead.dir, { recursive: true, force: true });
+    this.makeNext(shape);
+    return result;
+  }
+
+  /** Stops the sandbox waiting, if any. */
+  async close(): Promise<void> {
+    const ahead = await this.next;
+    this.next = undefined;
+    if (!ahead) return;
+    await this.stop(ahead);
+    rmSync(ahead.dir, { recursive: true, force: true });
+  }
+
+  /** The sandbox made ahead if it has `shape` (waiting for it to be ready); else it is stopped. */
+  private async take(shape: string): Promise<Ahead | undefined> {
+    const pending = this.next;
+    this.next = undefined;
+    const ahead = await pending;
+    if (!ahead) return undefined;
+    if (ahead.shape === shape && ahead.sandbox.usable && ahead.layerDirs.every(isDirectory)) return ahead;
+    void this.stop(ahead).then(() => rmSync(ahead.dir, { recursive: true, force: true }));
+    return undefined;
+  }
+
+  private makeNext(shape: Shape): void {
+    if (this.next) return;
+    this.next = this.start(shape).catch((err: unknown) => {
+      this.options.onError?.(err);
+      return undefined;
+    });
+  }
+
+  private async start(shape: Shape): Promise<Ahead> {
+    const dir = join(this.options.dir, String(this.made++));
+    mkdirSync(dir, { mode: 0o700 });
+    const workspace = join(dir, "workspace");
+    mkdirSync(workspace, { mode: 0o755 });
+    chownSync(workspace, this.options.uid, this.options.gid);
+    try {
+      let root: ActionRoot = HOST_ROOT;
+      if (shape.root.kind === "input-root") root = INPUT_ROOT_AS_ROOT;
+      if (shape.root.kind === "layers") root = await overlayRoot(shape.root, dir);
+      const sandbox = await startResidentSandbox({
+        ...this.options.settings,
+        inputRoot: workspace,
+        stateDir: join(dir, "sandbox"),
+        root,
+        user: shape.user,
+        network: shape.network,
+        uid: this.options.uid,
+        gid: this.options.gid,
+        cgroup: this.options.cgroup,
+      });
+      const layerDirs = shape.root.kind === "layers" ? shape.root.layerDirs : [];
+      return { shape: shapeKey(shape), sandbox, dir, workspace, layerDirs };
+    } catch (err) {
+      rmSync(dir, { recursive: true, force: true });
+      throw err;
+    }
+  }
+
+  /** Ends the sandbox and every process in it. */
+  private async stop(ahead: Ahead): Promise<void> {
+    await ahead.sandbox.close().catch((err: unknown) => this.options.onError?.(err));
+  }
+}
+
+/** The action's files go back to its directory, discarded with it. */
+function moveBack(ahead: Ahead, inputRoot: string, onError?: (err: unknown) => void): void {
+  try {
+    moveEntries(ahead.workspace, inputRoot);
+  } catch (err) {
+    onError?.(err);
+  }
+}
+
+function shapeKey(shape: Shape): string {
+  const root =
+    shape.root.kind === "layers"
+      ? {
+          kind: "layers",
+          layers: shape.root.layerDirs,
+          at: shape.root.inputRootPath,
+          upper: shape.root.upperDirectories,
+        }
+      : { kind: shape.root.kind };
+  return JSON.stringify([root, shape.user.uid, shape.user.gid, shape.network]);
+}
+
+function isDirectory(path: string): boolean {
+  try {
+    return lstatSync(path).isDirectory();
+  } catch {
+    return false;
+  }
+}
