@@ -54,3 +54,8 @@ export async function qemuAvailable(qemuPath: string): Promise<boolean> {
     return false;
   }
 }
+
+/** Where worker.vm.dir points, <dataDir>/vm when unset. */
+export function guestAssetsDir(config: { dataDir: string; worker: { vm: { dir?: string } } }): string {
+  return config.worker.vm.dir ?? join(config.dataDir, "vm");
+}

@@ -1,0 +1,253 @@
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { createHash, randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { release, tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, test } from "node:test";
+import { promisify } from "node:util";
+import { busyboxRootFolder, testGuestAssets } from "../../test/support/guest.js";
+import { Code, StatusError } from "../status/status.js";
+import type { GuestCommand } from "./agent-protocol.js";
+import { buildRootDisk, createScratchDisk } from "./disk-image.js";
+import type { GuestAssets } from "./guest-assets.js";
+import { QemuVm } from "./qemu-vm.js";
+
+// One VM booted under TCG (seconds of CPU on a shared machine) serves every test of this file, in order; the
+// last ones snapshot it, resume copies and kill them all.
+
+const IMAGE_FILE = "etc/berth-vm-image-file";
+const imageToken = `image-${randomBytes(8).toString("hex")}`;
+const hostToken = `host-${randomBytes(12).toString("hex")}`;
+let dir: string;
+let hostMarker: string;
+let assets: GuestAssets;
+let rootDisk: string;
+let vm: QemuVm;
+const extraVms: QemuVm[] = [];
+
+function command(argv: string[], more: Partial<GuestCommand> = {}): GuestCommand {
+  return { argv, env: { PATH: "/bin" }, workingDirectory: "/", uid: 0, gid: 0, ...more };
+}
+
+async function sh(script: string, more: Partial<GuestCommand> = {}) {
+  return vm.run(command(["sh", "-c", script], more), { timeoutMs: 30_000 });
+}
+
+function sha256(path: string): Promise<string> {
+  return readFile(path).then((data) => createHash("sha256").update(data).digest("hex"));
+}
+
+/** Process ids whose command line holds `needle` (QEMU's names the VM's run directory). */
+async function processesMentioning(needle: string): Promise<number[]> {
+  const found: number[] = [];
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const cmdline = await readFile(`/proc/${entry}/cmdline`, "latin1").catch(() => "");
+    if (cmdline.includes(needle)) found.push(Number(entry));
+  }
+  return found;
+}
+
+async function runDir(name: string): Promise<string> {
+  const path = join(dir, name);
+  await mkdir(path, { mode: 0o700 });
+  return path;
+}
+
+before(async () => {
+  assets = await testGuestAssets();
+  dir = await mkdtemp(join(tmpdir(), "berth-vm-"));
+  hostMarker = join(dir, "host-marker");
+  await writeFile(hostMarker, hostToken);
+  await busyboxRootFolder(join(dir, "root"), { [IMAGE_FILE]: imageToken });
+  rootDisk = join(dir, "root.erofs");
+  await buildRootDisk(join(dir, "root"), rootDisk);
+  await createScratchDisk(join(dir, "scratch.img"), 128 * 1024 ** 2);
+  vm = await QemuVm.start({
+    assets,
+    runDir: await runDir("vm"),
+    rootDisk,
+    scratchDisk: join(dir, "scratch.img"),
+  });
+});
+
+after(async () => {
+  for (const each of [vm, ...extraVms]) await each?.kill();
+  if (dir) await rm(dir, { recursive: true, force: true });
+});
+
+test("the command runs on the guest's own kernel, not the host's", async () => {
+  const result = await sh("uname -r");
+  assert.equal(result.exitCode, 0);
+  const guestRelease = result.stdout.toString().trim();
+  assert.equal(guestRelease, assets.kernelRelease);
+  assert.notEqual(guestRelease, release());
+  assert.equal(vm.kernelRelease, assets.kernelRelease);
+});
+
+test("the image's file is readable, with the command's environment, directory and user", async () => {
+  const result = await sh(`cat /${IMAGE_FILE}; echo "$GREETING"; pwd; id -u; id -g`, {
+    env: { PATH: "/bin", GREETING: "hi there" },
+    workingDirectory: "/etc",
+    uid: 1234,
+    gid: 5678,
+  });
+  assert.equal(result.stderr.toString(), "");
+  assert.equal(result.stdout.toString(), `${imageToken}hi there\n/etc\n1234\n5678\n`);
+});
+
+test("stdout, stderr and the exit code come back apart, binary output intact", async () => {
+  const result = await sh("printf 'out\\0put'; printf err >&2; exit 7");
+  assert.equal(result.exitCode, 7);
+  assert.equal(result.signal, 0);
+  assert.deepEqual(result.stdout, Buffer.from("out\0put"));
+  assert.equal(result.stderr.toString(), "err");
+  const large = await sh("head -c 3000000 /dev/zero | tr '\\0' x");
+  assert.equal(large.stdout.length, 3_000_000);
+  assert.ok(large.stdout.every((byte) => byte === 0x78));
+  const signalled = await sh("kill -TERM $$");
+  assert.equal(signalled.exitCode, -1);
+  assert.equal(signalled.signal, 15);
+});
+
+test("output past the limit kills the command with RESOURCE_EXHAUSTED, and the agent serves the next", async () => {
+  await assert.rejects(
+    vm.run(command(["sh", "-c", "while :; do echo flood; done"]), { maxOutputBytes: 100_000, timeoutMs: 30_000 }),
+    (error: unknown) =>
+      error instanceof StatusError && error.code === Code.RESOURCE_EXHAUSTED && /100000 bytes/.test(error.message),
+  );
+  assert.equal((await sh("echo still here")).stdout.toString(), "still here\n");
+});
+
+test("a command that cannot start is refused naming the program and directory", async () => {
+  await assert.rejects(
+    vm.run(command(["/no/such/program"])),
+    (error: unknown) =>
+      error instanceof StatusError &&
+      error.code === Code.FAILED_PRECONDITION &&
+      /\/no\/such\/program/.test(error.message) &&
+      /No such file/.test(error.message),
+  );
+  await assert.rejects(
+    vm.run(command(["true"], { workingDirectory: "/no/such/dir" })),
+    (error: unknown) => error instanceof StatusError && /\/no\/such\/dir/.test(error.message),
+  );
+});
+
+test("a command past its timeout is killed with its process group; the VM answers the next one", async () => {
+  const started = performance.now();
+  const result = await vm.run(command(["sh", "-c", "sleep 1000 & sleep 1000"]), { timeoutMs: 500 });
+  assert.ok(performance.now() - started < 5_000);
+  assert.equal(result.timedOut, true);
+  assert.equal(result.signal, 9);
+  const left = await sh("ps -o comm | grep -c '^sleep' || true");
+  assert.equal(left.stdout.toString().trim(), "0");
+});
+
+test("a cancelled command is killed the same way", async () => {
+  const controller = new AbortController();
+  const running = vm.run(command(["sleep", "1000"]), { signal: controller.signal });
+  setTimeout(() => controller.abort(), 200);
+  const result = await running;
+  assert.equal(result.cancelled, true);
+  assert.equal(result.signal, 9);
+});
+
+test("root in the guest cannot write the root disk; its writes land on the scratch disk", async () => {
+  const before = await sha256(rootDisk);
+  const attack = await sh(
+    "dd if=/dev/zero of=/dev/vda bs=4096 count=16 conv=fsync 2>&1; echo dd=$?; echo ro=$(blockdev --getro /dev/vda); " +
+      "blockdev --setrw /dev/vda; dd if=/dev/zero of=/dev/vda bs=4096 count=16 conv=fsync 2>&1; echo dd-after-setrw=$?",
+  );
+  assert.match(attack.stdout.toString(), /^dd=[1-9]/m);
+  assert.match(attack.stdout.toString(), /^ro=1$/m);
+  assert.match(attack.stdout.toString(), /^dd-after-setrw=[1-9]/m);
+  const write = await sh(
+    `echo changed > /${IMAGE_FILE} && echo new > /etc/new-file && cat /${IMAGE_FILE} /etc/new-file`,
+  );
+  assert.equal(write.stdout.toString(), "changed\nnew\n");
+  const mounts = (await sh("cat /proc/mounts")).stdout.toString();
+  assert.match(mounts, /^overlay \/ overlay /m);
+  assert.equal(await sha256(rootDisk), before);
+});
+
+test("nothing of the host's file system is visible in the guest", async () => {
+  assert.ok(existsSync(hostMarker));
+  const result = await sh(
+    `test -e ${hostMarker} && echo visible; ` +
+      `grep -l ${hostToken} /dev/vda; grep -rl ${hostToken} /etc /tmp 2>/dev/null; ` +
+      "ls /sys/block; cut -d' ' -f3 /proc/mounts | sort -u",
+  );
+  const output = result.stdout.toString();
+  assert.doesNotMatch(output, /visible/);
+  assert.doesNotMatch(output, new RegExp(hostToken));
+  const lines = output.trim().split("\n");
+  // Only its two disks, and no shared file system (9p, virtiofs, nfs, fuse) of any kind.
+  assert.deepEqual(
+    lines.filter((line) => /^(vd|sd|nvme|pmem)/.test(line)),
+    ["vda", "vdb"],
+  );
+  assert.deepEqual(
+    lines.filter((line) => !/^(vd|sd|nvme|pmem)/.test(line)),
+    ["devtmpfs", "overlay", "proc", "sysfs"],
+  );
+});
+
+test("a snapshot of the booted VM resumes with its memory, processes and disk, each copy on its own", async (t) => {
+  await sh("echo before-snapshot > /tmp/state; setsid sleep 100000 </dev/null >/dev/null 2>&1 &");
+  const sleeper = (await sh("pidof sleep")).stdout.toString().trim();
+  assert.match(sleeper, /^\d+$/);
+  const snapshot = join(dir, "snapshot");
+  await vm.snapshot(snapshot);
+  await vm.kill();
+  const resumed: QemuVm[] = [];
+  const timings: number[] = [];
+  for (const name of ["a", "b"]) {
+    const overlay = join(dir, `scratch-${name}.qcow2`);
+    await promisify(execFile)("qemu-img", [
+      "create",
+      "-q",
+      "-f",
+      "qcow2",
+      "-b",
+      join(dir, "scratch.img"),
+      "-F",
+      "raw",
+      overlay,
+    ]);
+    const started = performance.now();
+    const copy = await QemuVm.start({
+      assets,
+      runDir: await runDir(`resumed-${name}`),
+      rootDisk,
+      scratchDisk: overlay,
+      scratchFormat: "qcow2",
+      resumeFrom: snapshot,
+    });
+    extraVms.push(copy);
+    resumed.push(copy);
+    const answer = await copy.run(command(["sh", "-c", "cat /tmp/state; pidof sleep"]));
+    timings.push(performance.now() - started);
+    assert.equal(answer.stdout.toString(), `before-snapshot\n${sleeper}\n`);
+    await copy.run(command(["sh", "-c", `echo ${name} > /tmp/state`]));
+  }
+  // Each copy wrote its own overlay: neither sees the other's write.
+  for (const [index, name] of ["a", "b"].entries()) {
+    const state = await resumed[index]?.run(command(["cat", "/tmp/state"]));
+    assert.equal(state?.stdout.toString(), `${name}\n`);
+  }
+  // Resuming is no cold boot (about 5 s here under TCG): it answers in well under one.
+  assert.ok(Math.min(...timings) < 3_000, `resumes took ${timings.map(Math.round).join(", ")} ms`);
+  t.diagnostic(`resume to first answer: ${timings.map(Math.round).join(", ")} ms`);
+});
+
+test("kill() leaves no QEMU process behind", async () => {
+  for (const each of [vm, ...extraVms]) {
+    const pid = each.pid;
+    await each.kill();
+    assert.equal(existsSync(`/proc/${pid}`), false, `QEMU ${pid} still runs`);
+  }
+  assert.deepEqual(await processesMentioning(dir), []);
+});
