@@ -5,7 +5,8 @@
  * throughput, BatchUpdateBlobs, FindMissingBlobs, GetActionResult, the Execute round trip, execution
  * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
  * safety checks (blob verification after a restart, input tree limits, flushes) and the Remote Asset API's
- * FetchBlob (cached and cold) against references measured in the same run, prints a summary and rewrites
+ * FetchBlob (cached and cold), and MicroVMs (cold boot, snapshot resume, a running VM against QEMU's boot floor)
+ * against references measured in the same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
 import { execFile } from "node:child_process";
@@ -28,6 +29,7 @@ import { describeMachine } from "./machine.js";
 import { renderMarkdown, type Section } from "./report.js";
 import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
+import { benchVm } from "./vm.js";
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const DOC = join(REPO_ROOT, "docs", "benchmarks.md");
@@ -49,6 +51,7 @@ const BENCHMARKS = {
   expand: "Expand mode: expansion vs tar -x, the second expansion, /bin/true vs mount mode",
   safety: "Safety checks: blob verification after a restart, input tree limits and flushes vs the unchecked paths",
   asset: "Remote Asset API: FetchBlob of a cached 64 MiB asset vs ByteStream Read, a cold fetch vs curl",
+  vm: "MicroVMs: cold boot, snapshot resume and a running VM's /bin/true vs QEMU's boot floor",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -224,6 +227,11 @@ async function main(): Promise<void> {
       asset: async () => {
         await execution?.server.stop();
         sections.push(await benchAsset(ctx, { cpuProfileDir: profileDir }));
+      },
+      // No server: QEMU guests started by this process (src/vm), each against the boot floor.
+      vm: async () => {
+        await execution?.server.stop();
+        sections.push(await benchVm(ctx));
       },
     };
     for (const [i, name] of only.entries()) {
