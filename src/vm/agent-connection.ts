@@ -72,6 +72,13 @@ export class AgentConnection {
     });
   }
 
+  /** Sets the guest's clock to the host's (before the next command, which the agent reads after it). */
+  setClock(now = Date.now()): void {
+    if (this.closedError) return;
+    const seconds = Math.floor(now / 1000);
+    this.socket.write(encodeFrame(FrameType.time, `${seconds} ${(now - seconds * 1000) * 1_000_000}`));
+  }
+
   run(command: GuestCommand, options: GuestRunOptions = {}): Promise<GuestCommandResult> {
     if (this.closedError) return Promise.reject(this.closedError);
     if (this.pending) return Promise.reject(new Error("the guest agent already runs a command"));

@@ -5,7 +5,8 @@
  *   frame = length:u32 big-endian (bytes after this field, 1..MAX_FRAME_BYTES) type:u8 payload
  *
  * Host to guest: 'R' run (NUL-ended fields: uid, gid, cwd, argc, argv…, envc, env…), 'K' kill (signal number
- * in decimal, sent to the running command's process group), 'P' ping (echoed back).
+ * in decimal, sent to the running command's process group), 'P' ping (echoed back), 'T' time ("<seconds>
+ * <nanoseconds>" since the epoch: the guest's clock is set to it, since a resumed VM wakes at its snapshot's time).
  * Guest to host: 'H' hello (kernel release, once at start), 'O'/'E' stdout/stderr chunks, 'X' exit
  * ("<code> <signal>"; code -1 when a signal ended it), 'F' failure to start (a message; no 'X' follows),
  * 'P' pong.
@@ -17,6 +18,7 @@ export const FrameType = {
   run: "R",
   kill: "K",
   ping: "P",
+  time: "T",
   hello: "H",
   stdout: "O",
   stderr: "E",

@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { release, tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
@@ -61,7 +61,9 @@ before(async () => {
   dir = await mkdtemp(join(tmpdir(), "berth-vm-"));
   hostMarker = join(dir, "host-marker");
   await writeFile(hostMarker, hostToken);
-  await busyboxRootFolder(join(dir, "root"), { [IMAGE_FILE]: imageToken });
+  await busyboxRootFolder(join(dir, "root"), { [IMAGE_FILE]: imageToken, "etc/owned": "secret\n" });
+  await chown(join(dir, "root", "etc", "owned"), 4321, 8765);
+  await chmod(join(dir, "root", "etc", "owned"), 0o640);
   rootDisk = join(dir, "root.erofs");
   await buildRootDisk(join(dir, "root"), rootDisk);
   await createScratchDisk(join(dir, "scratch.img"), 128 * 1024 ** 2);
@@ -96,6 +98,16 @@ test("the image's file is readable, with the command's environment, directory an
   });
   assert.equal(result.stderr.toString(), "");
   assert.equal(result.stdout.toString(), `${imageToken}hi there\n/etc\n1234\n5678\n`);
+});
+
+test("the root disk keeps the folder's ownership and modes, and the guest enforces them", async () => {
+  const owned = await sh("stat -c '%u:%g %a' /etc/owned");
+  assert.equal(owned.stdout.toString(), "4321:8765 640\n");
+  const other = await sh("cat /etc/owned", { uid: 1234, gid: 1234 });
+  assert.notEqual(other.exitCode, 0);
+  assert.match(other.stderr.toString(), /Permission denied/);
+  const owner = await sh("cat /etc/owned", { uid: 4321, gid: 1 });
+  assert.equal(owner.stdout.toString(), "secret\n");
 });
 
 test("stdout, stderr and the exit code come back apart, binary output intact", async () => {
@@ -178,12 +190,20 @@ test("nothing of the host's file system is visible in the guest", async () => {
   const result = await sh(
     `test -e ${hostMarker} && echo visible; ` +
       `grep -l ${hostToken} /dev/vda; grep -rl ${hostToken} /etc /tmp 2>/dev/null; ` +
-      "ls /sys/block; cut -d' ' -f3 /proc/mounts | sort -u",
+      "ls /sys/block; cut -d' ' -f3 /proc/mounts | sort -u; ls /sys/class/net | sed 's/^/net:/'",
   );
   const output = result.stdout.toString();
   assert.doesNotMatch(output, /visible/);
   assert.doesNotMatch(output, new RegExp(hostToken));
-  const lines = output.trim().split("\n");
+  // No network: no interface but loopback (-nic none, and no virtio_net in the guest).
+  assert.deepEqual(
+    output.split("\n").filter((line) => line.startsWith("net:")),
+    ["net:lo"],
+  );
+  const lines = output
+    .trim()
+    .split("\n")
+    .filter((line) => !line.startsWith("net:"));
   // Only its two disks, and no shared file system (9p, virtiofs, nfs, fuse) of any kind.
   assert.deepEqual(
     lines.filter((line) => /^(vd|sd|nvme|pmem)/.test(line)),
@@ -196,7 +216,8 @@ test("nothing of the host's file system is visible in the guest", async () => {
 });
 
 test("a snapshot of the booted VM resumes with its memory, processes and disk, each copy on its own", async (t) => {
-  await sh("echo before-snapshot > /tmp/state; setsid sleep 100000 </dev/null >/dev/null 2>&1 &");
+  // The guest's clock is set 20 years back before the snapshot: a resumed copy must run on the host's time.
+  await sh("echo before-snapshot > /tmp/state; setsid sleep 100000 </dev/null >/dev/null 2>&1 & date -s @1000000000");
   const sleeper = (await sh("pidof sleep")).stdout.toString().trim();
   assert.match(sleeper, /^\d+$/);
   const snapshot = join(dir, "snapshot");
@@ -228,9 +249,11 @@ test("a snapshot of the booted VM resumes with its memory, processes and disk, e
     });
     extraVms.push(copy);
     resumed.push(copy);
-    const answer = await copy.run(command(["sh", "-c", "cat /tmp/state; pidof sleep"]));
+    const answer = await copy.run(command(["sh", "-c", "cat /tmp/state; pidof sleep; date +%s"]));
     timings.push(performance.now() - started);
-    assert.equal(answer.stdout.toString(), `before-snapshot\n${sleeper}\n`);
+    const [state, pid, clock] = answer.stdout.toString().trim().split("\n");
+    assert.deepEqual([state, pid], ["before-snapshot", sleeper]);
+    assert.ok(Math.abs(Number(clock) - Date.now() / 1000) < 5, `the resumed guest's clock says ${clock}`);
     await copy.run(command(["sh", "-c", `echo ${name} > /tmp/state`]));
   }
   // Each copy wrote its own overlay: neither sees the other's write.
@@ -238,6 +261,11 @@ test("a snapshot of the booted VM resumes with its memory, processes and disk, e
     const state = await resumed[index]?.run(command(["cat", "/tmp/state"]));
     assert.equal(state?.stdout.toString(), `${name}\n`);
   }
+  // An action that powers its VM off ends it: its command fails, QEMU is gone.
+  const victim = resumed[1];
+  await assert.rejects(victim?.run(command(["poweroff", "-f"])) ?? Promise.resolve(), /the VM is gone|closed/);
+  await victim?.exited;
+  assert.equal(existsSync(`/proc/${victim?.pid}`), false);
   // Resuming is no cold boot (about 5 s here under TCG): it answers in well under one.
   assert.ok(Math.min(...timings) < 3_000, `resumes took ${timings.map(Math.round).join(", ")} ms`);
   t.diagnostic(`resume to first answer: ${timings.map(Math.round).join(", ")} ms`);

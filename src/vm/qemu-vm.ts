@@ -152,6 +152,7 @@ export class QemuVm {
         } else {
           vm.kernelRelease = await agent.hello;
         }
+        agent.setClock();
         return "ready" as const;
       })();
       const outcome = await Promise.race([ready, exited.then(() => "exited" as const), timeout]);

@@ -13,6 +13,8 @@
  *                Only one command runs at a time; a second 'R' while one runs is answered with 'F'.
  *   'K' kill     payload = signal number in decimal; sent to the running command's process group
  *   'P' ping     payload echoed back in a 'P' frame (tells the host a resumed VM is alive)
+ *   'T' time     payload = "<seconds> <nanoseconds>" since the epoch: the guest's clock is set to it (a VM
+ *                resumed from a snapshot wakes up with the snapshot's time)
  * Guest to host:
  *   'H' hello    payload = the guest kernel's release; sent once, when the agent starts
  *   'O' / 'E'    a chunk of the command's stdout / stderr
@@ -33,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/signalfd.h>
+#include <time.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -176,6 +179,15 @@ fail:;
   _exit(127);
 }
 
+static void set_clock(const char *payload) {
+  struct timespec now = {0, 0};
+  char *end;
+  now.tv_sec = strtoll(payload, &end, 10);
+  now.tv_nsec = strtol(end, NULL, 10);
+  if (now.tv_nsec < 0 || now.tv_nsec >= 1000000000) now.tv_nsec = 0;
+  clock_settime(CLOCK_REALTIME, &now);
+}
+
 static void pump(int fd, char type, int *open_fd) {
   char buffer[65536];
   for (;;) {
@@ -245,6 +257,7 @@ static void run(struct request *req, int children) {
       } else {
         if (type == 'K') kill(-pid, atoi(payload) > 0 ? atoi(payload) : SIGKILL);
         else if (type == 'P') send_frame('P', payload, size);
+        else if (type == 'T') set_clock(payload);
         else if (type == 'R') send_text('F', "a command is already running");
         free(payload);
       }
@@ -299,6 +312,8 @@ int main(int argc, char **argv) {
       else run(&req, children);
     } else if (type == 'P') {
       send_frame('P', payload, size);
+    } else if (type == 'T') {
+      set_clock(payload);
     } else if (type != 'K') {
       send_text('F', "unknown frame type %d", type);
     }

@@ -55,7 +55,8 @@ case "$rootfs" in
 ext4) mount -t ext4 -o ro,noload /dev/vda /lower || fail "cannot mount the root disk (ext4)" ;;
 *) mount -t erofs -o ro /dev/vda /lower || fail "cannot mount the root disk (erofs)" ;;
 esac
-mount -t ext4 /dev/vdb /scratch || fail "cannot mount the scratch disk"
+# noinit_itable: no kernel thread zeroing inode tables behind the commands' back (the disk is thrown away).
+mount -t ext4 -o noinit_itable /dev/vdb /scratch || fail "cannot mount the scratch disk"
 mkdir -p /scratch/upper /scratch/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/scratch/upper,workdir=/scratch/work /newroot ||
   fail "cannot mount the overlay"
