@@ -279,3 +279,30 @@ test("kill() leaves no QEMU process behind", async () => {
   }
   assert.deepEqual(await processesMentioning(dir), []);
 });
+
+test("an ext4 root disk (mkfs.ext4 -d) boots as well, read-only", async () => {
+  const ext4 = join(dir, "root.ext4");
+  await buildRootDisk(join(dir, "root"), ext4, { format: "ext4" });
+  await createScratchDisk(join(dir, "scratch-ext4.img"), 64 * 1024 ** 2);
+  const before = await sha256(ext4);
+  const other = await QemuVm.start({
+    assets,
+    runDir: await runDir("ext4"),
+    rootDisk: ext4,
+    rootFormat: "ext4",
+    scratchDisk: join(dir, "scratch-ext4.img"),
+  });
+  extraVms.push(other);
+  const result = await other.run(
+    command([
+      "sh",
+      "-c",
+      `cat /${IMAGE_FILE}; stat -c '%u:%g %a' /etc/owned; grep ' /lower\\| / ' /proc/mounts | cut -d' ' -f3; ` +
+        "dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync 2>/dev/null; echo dd=$?",
+    ]),
+  );
+  assert.equal(result.stdout.toString(), `${imageToken}4321:8765 640\noverlay\ndd=1\n`);
+  await other.kill();
+  assert.equal(existsSync(`/proc/${other.pid}`), false);
+  assert.equal(await sha256(ext4), before);
+});
