@@ -1,11 +1,12 @@
 import assert from "node:assert/strict";
-import { execFile } from "node:child_process";
+import { execFile, spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { release, tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { after, before, test } from "node:test";
+import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { busyboxRootFolder, testGuestAssets } from "../../test/support/guest.js";
 import { Code, StatusError } from "../status/status.js";
@@ -305,4 +306,31 @@ test("an ext4 root disk (mkfs.ext4 -d) boots as well, read-only", async () => {
   await other.kill();
   assert.equal(existsSync(`/proc/${other.pid}`), false);
   assert.equal(await sha256(ext4), before);
+});
+
+test("QEMU dies with the process that started it, even one killed with SIGKILL", async () => {
+  await createScratchDisk(join(dir, "scratch-owner.img"), 64 * 1024 ** 2);
+  const owned = await runDir("owner");
+  const owner = spawn(
+    process.execPath,
+    [
+      fileURLToPath(new URL("../../test/support/vm-owner.js", import.meta.url)),
+      dirname(assets.kernel),
+      owned,
+      rootDisk,
+      join(dir, "scratch-owner.img"),
+    ],
+    { stdio: "ignore" },
+  );
+  let qemu: number[] = [];
+  for (let i = 0; i < 200 && qemu.length === 0; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    qemu = (await processesMentioning(owned)).filter((pid) => pid !== owner.pid);
+  }
+  assert.equal(qemu.length, 1, "the owner started no QEMU");
+  owner.kill("SIGKILL");
+  for (let i = 0; i < 100 && (await processesMentioning(owned)).length > 0; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  assert.deepEqual(await processesMentioning(owned), []);
 });

@@ -124,7 +124,9 @@ export class QemuVm {
       server.listen(agentSocket, resolve);
     });
     const connected = new Promise<Socket>((resolve) => server.once("connection", resolve));
-    const child = spawn(options.qemuPath ?? "qemu-system-x86_64", qemuArguments(options), {
+    // setpriv (util-linux) execs QEMU with a parent-death signal: a worker that dies leaves no VM running.
+    const qemu = options.qemuPath ?? "qemu-system-x86_64";
+    const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", qemu, ...qemuArguments(options)], {
       stdio: ["ignore", "ignore", "pipe"],
       env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
     });
@@ -134,7 +136,7 @@ export class QemuVm {
       vm.stderrTail = (vm.stderrTail + chunk.toString()).slice(-2000);
     });
     child.once("error", (error) => {
-      vm.exitReason = `cannot start ${options.qemuPath ?? "qemu-system-x86_64"}: ${error.message}`;
+      vm.exitReason = `cannot start ${qemu}: ${error.message}`;
     });
     child.once("exit", (code, signal) => {
       vm.exitReason ??= `QEMU exited (${signal ?? `code ${code}`})`;
