@@ -391,6 +391,7 @@ export function parseConfig(raw: unknown, source = "configuration"): Config {
   }
   const config = result.data;
   config.dataDir = expandHome(config.dataDir);
+  if (config.worker.vm.dir !== undefined) config.worker.vm.dir = expandHome(config.worker.vm.dir);
   return config;
 }
 
