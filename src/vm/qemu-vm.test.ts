@@ -2,7 +2,7 @@ import assert from "node:assert/strict";
 import { execFile, spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
-import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
+import { chmod, chown, mkdir, mkdtemp, readdir, readFile, rm, stat, writeFile } from "node:fs/promises";
 import { release, tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { after, before, test } from "node:test";
@@ -224,6 +224,9 @@ test("a snapshot of the booted VM resumes with its memory, processes and disk, e
   const snapshot = join(dir, "snapshot");
   await vm.snapshot(snapshot);
   await vm.kill();
+  // The guest's memory and the agent's socket are the farm user's alone.
+  assert.equal((await stat(snapshot)).mode & 0o777, 0o600);
+  assert.equal((await stat(join(dir, "vm"))).mode & 0o777, 0o700);
   const resumed: QemuVm[] = [];
   const timings: number[] = [];
   for (const name of ["a", "b"]) {

@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { readFile, rm } from "node:fs/promises";
+import { chmod, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -115,6 +115,8 @@ export class QemuVm {
   }
 
   static async start(options: QemuVmOptions): Promise<QemuVm> {
+    // Whoever can reach the agent's socket can run commands as root in the guest.
+    await chmod(options.runDir, 0o700);
     const server = createServer();
     server.maxConnections = 1;
     const agentSocket = join(options.runDir, "agent.sock");
@@ -182,6 +184,9 @@ export class QemuVm {
   async snapshot(file: string): Promise<void> {
     const qmp = await QmpClient.connect(join(this.options.runDir, "qmp.sock"));
     try {
+      // The guest's memory goes into the file: made private before QEMU's `cat >` fills it (and keeps its mode).
+      await writeFile(file, "", { mode: 0o600 });
+      await chmod(file, 0o600);
       await qmp.execute("migrate-set-parameters", { "max-bandwidth": 8 * 1024 ** 3 });
       await qmp.execute("migrate", { uri: `exec:cat > ${shellQuote(file)}` });
       for (;;) {
