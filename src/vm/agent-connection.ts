@@ -9,6 +9,8 @@ export interface GuestRunOptions {
   signal?: AbortSignal;
   /** stdout and stderr together past this are refused (the command is killed); default 64 MiB. */
   maxOutputBytes?: number;
+  /** Called with each chunk as the guest sends it (the result still holds all of it). */
+  onOutput?: (stream: "stdout" | "stderr", chunk: Buffer) => void;
 }
 
 export interface GuestCommandResult {
@@ -135,8 +137,13 @@ export class AgentConnection {
       if (options.signal?.aborted) onAbort();
       const collect = (chunk: Buffer, into: Buffer[]) => {
         run.outputBytes += chunk.length;
-        if (run.outputBytes > maxOutputBytes) run.kill("output");
-        else into.push(Buffer.from(chunk));
+        if (run.outputBytes > maxOutputBytes) {
+          run.kill("output");
+          return;
+        }
+        const copy = Buffer.from(chunk);
+        into.push(copy);
+        options.onOutput?.(into === run.stdout ? "stdout" : "stderr", copy);
       };
       this.onOutput = collect;
     });

@@ -125,6 +125,23 @@ test("stdout, stderr and the exit code come back apart, binary output intact", a
   assert.equal(signalled.signal, 15);
 });
 
+test("output is streamed as the command writes it", async () => {
+  const chunks: [string, string, number][] = [];
+  const result = await vm.run(command(["sh", "-c", "echo first; sleep 1; echo second >&2"]), {
+    onOutput: (stream, chunk) => chunks.push([stream, chunk.toString(), performance.now()]),
+  });
+  const ended = performance.now();
+  assert.deepEqual(
+    chunks.map(([stream, text]) => [stream, text]),
+    [
+      ["stdout", "first\n"],
+      ["stderr", "second\n"],
+    ],
+  );
+  assert.ok(ended - (chunks[0]?.[2] ?? ended) > 800, "the first line came only with the end");
+  assert.equal(result.stdout.toString(), "first\n");
+});
+
 test("output past the limit kills the command with RESOURCE_EXHAUSTED, and the agent serves the next", async () => {
   await assert.rejects(
     vm.run(command(["sh", "-c", "while :; do echo flood; done"]), { maxOutputBytes: 100_000, timeoutMs: 30_000 }),
