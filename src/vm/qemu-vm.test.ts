@@ -233,6 +233,33 @@ test("nothing of the host's file system is visible in the guest", async () => {
   );
 });
 
+test("disks plugged into the running VM carry inputs in (read-only) and outputs out", async () => {
+  const inputs = join(dir, "inputs");
+  await mkdir(inputs);
+  await writeFile(join(inputs, "hello"), `${imageToken}-input`);
+  await buildRootDisk(inputs, join(dir, "inputs.erofs"));
+  await createScratchDisk(join(dir, "outputs.img"), 64 * 1024 ** 2);
+  const inputsBefore = await sha256(join(dir, "inputs.erofs"));
+  const input = await vm.attachDisk(join(dir, "inputs.erofs"));
+  const output = await vm.attachDisk(join(dir, "outputs.img"), { writable: true });
+  const device = (serial: string) =>
+    `$(for d in /sys/block/vd*; do [ "$(cat $d/serial)" = ${serial} ] && echo /dev/\${d##*/}; done)`;
+  const result = await sh(
+    `i=0; while [ -z "${device(output.serial)}" ] && [ $i -lt 500 ]; do usleep 10000; i=$((i+1)); done; ` +
+      `in=${device(input.serial)}; out=${device(output.serial)}; mkdir -p /in /out && ` +
+      "mount -t erofs -o ro $in /in && mount -t ext4 $out /out && cat /in/hello && " +
+      "cat /in/hello > /out/result && umount /out && " +
+      "dd if=/dev/zero of=$in bs=4096 count=1 conv=fsync 2>/dev/null; r=$?; echo; echo dd=$r; umount /in",
+  );
+  assert.equal(result.stdout.toString(), `${imageToken}-input\ndd=1\n`, result.stderr.toString());
+  await vm.detachDisk(input);
+  await vm.detachDisk(output);
+  assert.equal((await sh("ls /sys/block")).stdout.toString(), "vda\nvdb\n");
+  const { stdout } = await promisify(execFile)("debugfs", ["-R", "cat /result", join(dir, "outputs.img")]);
+  assert.equal(stdout, `${imageToken}-input`);
+  assert.equal(await sha256(join(dir, "inputs.erofs")), inputsBefore);
+});
+
 test("a snapshot of the booted VM resumes with its memory, processes and disk, each copy on its own", async (t) => {
   // The guest's clock is set 20 years back before the snapshot: a resumed copy must run on the host's time.
   await sh("echo before-snapshot > /tmp/state; setsid sleep 100000 </dev/null >/dev/null 2>&1 & date -s @1000000000");

@@ -30,6 +30,14 @@ export interface QemuVmOptions {
   bootTimeoutMs?: number;
   /** A snapshot file (QemuVm.snapshot) to resume instead of booting: the same disks and options it was taken with. */
   resumeFrom?: string;
+  /** PCIe root ports left empty for disks attached later (attachDisk), e.g. an action's inputs; default 2. */
+  hotplugSlots?: number;
+}
+
+/** A disk attached to a running VM; the guest finds it as the /sys/block/vd* whose `serial` is `serial`. */
+export interface AttachedDisk {
+  serial: string;
+  slot: number;
 }
 
 export const DEFAULT_VM_MEMORY_BYTES = 512 * 1024 ** 2;
@@ -78,6 +86,9 @@ export function qemuArguments(options: QemuVmOptions): string[] {
     "-qmp",
     `unix:${join(options.runDir, "qmp.sock")},server=on,wait=off`,
   ];
+  for (let slot = 0; slot < (options.hotplugSlots ?? 2); slot++) {
+    args.push("-device", `pcie-root-port,id=hotplug${slot},chassis=${slot + 1},slot=${slot + 1}`);
+  }
   for (const path of [options.rootDisk, options.scratchDisk, options.runDir, options.assets.kernel]) {
     // QEMU's option syntax splits on commas; a path with one would name another file.
     if (path.includes(",")) throw new Error(`a VM's file paths cannot hold a comma: ${path}`);
@@ -182,6 +193,7 @@ export class QemuVm {
    * paused afterwards and good only for kill().
    */
   async snapshot(file: string): Promise<void> {
+    if (this.attached.size > 0) throw new Error("a VM with attached disks cannot be snapshotted: detach them first");
     const qmp = await QmpClient.connect(join(this.options.runDir, "qmp.sock"));
     try {
       // The guest's memory goes into the file: made private before QEMU's `cat >` fills it (and keeps its mode).
@@ -199,6 +211,70 @@ export class QemuVm {
           throw new Error(`the VM's snapshot failed: ${why ?? status}`);
         await sleep(10);
       }
+    } finally {
+      qmp.close();
+    }
+  }
+
+  /**
+   * Plugs `image` into a free hot-plug slot as a virtio disk (read-only unless `writable`); the guest sees a new
+   * /dev/vd* whose /sys/block/vd*\/serial is the returned serial.
+   */
+  async attachDisk(image: string, options: { writable?: boolean } = {}): Promise<AttachedDisk> {
+    const slots = this.options.hotplugSlots ?? 2;
+    const slot = [...Array(slots).keys()].find((candidate) => !this.attached.has(candidate));
+    if (slot === undefined) throw new Error(`all ${slots} hot-plug slots of the VM hold a disk`);
+    const serial = `berth-disk-${++this.disksAttached}`;
+    this.attached.add(slot);
+    try {
+      await this.withQmp(async (qmp) => {
+        const readOnly = !options.writable;
+        await qmp.execute("blockdev-add", {
+          driver: "raw",
+          "node-name": serial,
+          "read-only": readOnly,
+          file: { driver: "file", filename: image, "read-only": readOnly },
+        });
+        await qmp.execute("device_add", {
+          driver: "virtio-blk-pci",
+          id: serial,
+          drive: serial,
+          bus: `hotplug${slot}`,
+          serial,
+        });
+      });
+    } catch (error) {
+      this.attached.delete(slot);
+      throw error;
+    }
+    return { serial, slot };
+  }
+
+  /** Unplugs a disk (unmount it in the guest first) and resolves once QEMU has closed its file. */
+  async detachDisk(disk: AttachedDisk): Promise<void> {
+    await this.withQmp(async (qmp) => {
+      await qmp.execute("device_del", { id: disk.serial });
+      // The guest acknowledges the unplug on its own time; until then the node is in use.
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await qmp.execute("blockdev-del", { "node-name": disk.serial });
+          break;
+        } catch (error) {
+          if (attempt >= 500) throw error;
+          await sleep(10);
+        }
+      }
+    });
+    this.attached.delete(disk.slot);
+  }
+
+  private readonly attached = new Set<number>();
+  private disksAttached = 0;
+
+  private async withQmp<T>(work: (qmp: QmpClient) => Promise<T>): Promise<T> {
+    const qmp = await QmpClient.connect(join(this.options.runDir, "qmp.sock"));
+    try {
+      return await work(qmp);
     } finally {
       qmp.close();
     }
