@@ -4,9 +4,10 @@
  * Starts `berth serve --workers 2` as a separate process on a temporary data directory, measures ByteStream
  * throughput, BatchUpdateBlobs, FindMissingBlobs, GetActionResult, the Execute round trip, execution
  * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
- * safety checks (blob verification after a restart, input tree limits, flushes) and the Remote Asset API's
- * FetchBlob (cached and cold), and MicroVMs (cold boot, snapshot resume, a running VM against QEMU's boot floor)
- * against references measured in the same run, prints a summary and rewrites
+ * safety checks (blob verification after a restart, input tree limits, flushes), the Remote Asset API's
+ * FetchBlob (cached and cold), a persistent worker's requests (the pool of src/persistent alone) and MicroVMs
+ * (cold boot, snapshot resume, a running VM against QEMU's boot floor) against references measured in the
+ * same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
 import { execFile } from "node:child_process";
@@ -26,7 +27,9 @@ import { benchExpand } from "./expand.js";
 import { benchImageAction, benchImagePull } from "./images.js";
 import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
+import { benchPersistentWorker } from "./persistent.js";
 import { renderMarkdown, type Section } from "./report.js";
+import { benchRunners } from "./runners.js";
 import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
 import { benchVm } from "./vm.js";
@@ -45,12 +48,14 @@ const BENCHMARKS = {
   getactionresult: "GetActionResult",
   "execute-latency": "Execute round trip of /bin/true vs BubblewrapSandbox.run",
   "execute-throughput": "1,000 distinct actions on two workers vs BubblewrapSandbox × 2",
+  runners: "/bin/true in a fresh sandbox, one made ahead, a warm one, and the floor (a fork inside a sandbox)",
   bazel: "Bazel build of 500 genrules, remote on Berth vs local sandboxed",
   "images-pull": "Cold pull and unpack of a Debian image vs skopeo copy + umoci unpack",
   "images-action": "/bin/true in a cached image vs bubblewrap on the unpacked root and docker run",
   expand: "Expand mode: expansion vs tar -x, the second expansion, /bin/true vs mount mode",
   safety: "Safety checks: blob verification after a restart, input tree limits and flushes vs the unchecked paths",
   asset: "Remote Asset API: FetchBlob of a cached 64 MiB asset vs ByteStream Read, a cold fetch vs curl",
+  persistent: "A persistent worker with a 1 s start-up answering 50 requests vs the tool started per action",
   vm: "MicroVMs: cold boot, snapshot resume and a running VM's /bin/true vs QEMU's boot floor",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
@@ -200,6 +205,11 @@ async function main(): Promise<void> {
       "execute-throughput": async () => {
         sections.push(await benchExecuteThroughput(await executionContext()));
       },
+      // The sandbox library alone, in this process: no server involved.
+      runners: async () => {
+        await execution?.server.stop();
+        sections.push(await benchRunners(ctx));
+      },
       bazel: async () => {
         // It starts servers of its own; the execution benchmarks' one would only sit beside them.
         await execution?.server.stop();
@@ -227,6 +237,10 @@ async function main(): Promise<void> {
       asset: async () => {
         await execution?.server.stop();
         sections.push(await benchAsset(ctx, { cpuProfileDir: profileDir }));
+      },
+      // No server: the pool of worker processes alone (it is not on the Execute path yet).
+      persistent: async () => {
+        sections.push(await benchPersistentWorker(ctx));
       },
       // No server: QEMU guests started by this process (src/vm), each against the boot floor.
       vm: async () => {

@@ -1,5 +1,6 @@
 import type { ServerWritableStream } from "@grpc/grpc-js";
 import { inlineOutputs } from "../ac/inline.js";
+import { callerOf } from "../auth/access-interceptor.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import type { Executor } from "../execution/executor.js";
 import type {
@@ -70,7 +71,10 @@ export function executionService(
       const request = call.request;
       (async () => {
         instances.check(request.instanceName);
-        const operation = executor.execute(request, { registryCredentials: registryCredentialsFrom(call.metadata) });
+        const operation = executor.execute(request, {
+          registryCredentials: registryCredentialsFrom(call.metadata),
+          caller: callerOf(call.metadata),
+        });
         const fn = operation.actionDigest.fn;
         follow(call, operation, async (response) =>
           response.result

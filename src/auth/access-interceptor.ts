@@ -62,6 +62,19 @@ export function requestInstanceName(
 }
 
 /**
+ * The metadata key under which handlers find the name of the caller's
+ * grant (its token's name, "anonymous" on a farm that checks no tokens):
+ * set by the access check, never taken from the caller.
+ */
+export const CALLER_HEADER = "x-berth-caller";
+
+/** The caller's grant name as the access check set it ("anonymous" when absent, as in tests without one). */
+export function callerOf(metadata: Metadata): string {
+  const [value] = metadata.get(CALLER_HEADER);
+  return typeof value === "string" && value !== "" ? value : "anonymous";
+}
+
+/**
  * The one access check of the gRPC port, run before any handler: the
  * caller's secret is checked on the call's metadata (a refused call reaches
  * no handler and gets nothing but its status), and the instance name its
@@ -105,6 +118,9 @@ export function accessInterceptor(
             } catch (err) {
               return refuse(err, "authentication");
             }
+            // Whatever a caller sent under this name is replaced: handlers read who the check found.
+            metadata.remove(CALLER_HEADER);
+            metadata.set(CALLER_HEADER, grant.name);
             pass(metadata);
           },
           onReceiveMessage: (message: unknown, pass: (message: unknown) => void) => {

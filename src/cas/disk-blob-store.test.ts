@@ -157,3 +157,51 @@ test("the background check hashes every blob file found at start once and drops 
   assert.deepEqual(await store.findMissing(blobs.map((b) => b.digest)), [bad.digest]);
   store.close();
 });
+
+test("large streamed uploads, hashed on a thread from their files, are verified as small ones are, and leave nothing behind", async () => {
+  const dir = join(root, `cas-${++count}`);
+  const store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  const fds = async () => (await readdir("/proc/self/fd")).length;
+  const data = Buffer.alloc(6 * 1024 ** 2);
+  for (let i = 0; i < data.byteLength; i += 4) data.writeUInt32LE(i, i);
+  const b = await blob(data);
+  // Uneven pieces, so that writes overlap and end in another order than they started.
+  const pieces = (bytes: Buffer) => [
+    bytes.subarray(0, 100_000),
+    bytes.subarray(100_000, 3_000_001),
+    bytes.subarray(3_000_001),
+  ];
+  const good = await store.createWriter(b.digest);
+  for (const piece of pieces(b.data)) await good.write(piece);
+  await good.commit();
+  assert.deepEqual(await store.get(b.digest), b.data);
+  // Counted once the thread runs (it has descriptors of its own), and nothing of the first upload is left.
+  const before = await fds();
+
+  // One byte changed in the middle: the thread's hash from the file must tell.
+  const other = Buffer.from(data);
+  other[4_000_000] = (other[4_000_000] as number) ^ 1;
+  const otherDigest = (await blob(Buffer.from(other.subarray(0, 1)))).digest; // any other name
+  const wrong = await store.createWriter({ ...b.digest, hash: otherDigest.hash });
+  for (const piece of pieces(other)) await wrong.write(piece);
+  await assert.rejects(wrong.commit(), /the uploaded data's sha256 is [0-9a-f]{64}, not [0-9a-f]{64}/);
+  const changed = await store.createWriter(b.digest);
+  for (const piece of pieces(other)) await changed.write(piece);
+  await assert.rejects(changed.commit(), new RegExp(`not ${b.digest.hash} as the resource name says`));
+
+  const short = await store.createWriter(b.digest);
+  await short.write(b.data.subarray(0, 5_000_000));
+  await assert.rejects(short.commit(), /the upload ended after 5000000 bytes/);
+  const abandoned = await store.createWriter(b.digest);
+  await abandoned.write(b.data.subarray(0, 5_000_000));
+  await abandoned.abort();
+
+  // No temporary file, and (the thread's descriptors included) no descriptor left open.
+  assert.deepEqual(
+    (await filesIn(dir)).filter((f) => !f.startsWith("files/sha256/") && !f.startsWith("log/")),
+    [],
+  );
+  await new Promise((resolve) => setTimeout(resolve, 100));
+  assert.equal(await fds(), before);
+  store.close();
+});

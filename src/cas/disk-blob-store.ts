@@ -8,7 +8,7 @@ import { isDiskFull, LruDirectory } from "../store/lru-directory.js";
 import { SegmentLog } from "../store/segment-log.js";
 import type { BlobStore, BlobWriter, PutOptions } from "./blob-store.js";
 import { isEmptyBlob } from "./empty-blob.js";
-import { type FileHash, HashThread } from "./hash-thread.js";
+import { type FileHash, type FollowedFileHash, HashThread } from "./hash-thread.js";
 
 /** Read chunk size: large enough for throughput, well under gRPC's 4 MiB message limit. */
 const READ_CHUNK_BYTES = 1024 * 1024;
@@ -117,6 +117,8 @@ export class DiskBlobStore implements BlobStore {
   private readonly checking = new Map<string, Promise<boolean>>();
   /** Where the background check hashes, off the event loop. */
   private readonly hashThread = new HashThread();
+  /** Where large uploads are hashed from their files: a thread apart, not queued behind the background check. */
+  private readonly uploadHashThread = new HashThread();
   private closed = false;
 
   /** `logLimit`: blobs up to this size go to the log (0: none do). `dir`: where the store lives, for messages. */
@@ -187,6 +189,7 @@ export class DiskBlobStore implements BlobStore {
     this.closed = true;
     this.log.close();
     void this.hashThread.close();
+    void this.uploadHashThread.close();
   }
 
   async findMissing(digests: readonly Digest[]): Promise<Digest[]> {
@@ -412,7 +415,11 @@ export class DiskBlobStore implements BlobStore {
     } catch (err) {
       throw isDiskFull(err) ? this.diskFull(err, digest) : err;
     }
-    return new DiskBlobWriter(digest, temp, handle, await digest.fn.createHasher(), this.files, this, durable);
+    const hash =
+      digest.sizeBytes >= THREAD_HASH_BYTES && HashThread.supports(digest.fn.name)
+        ? followedHash(this.uploadHashThread.followFile(temp, digest.fn.name))
+        : passingHash(await digest.fn.createHasher());
+    return new DiskBlobWriter(digest, temp, handle, hash, this.files, this, durable);
   }
 }
 
@@ -425,12 +432,14 @@ class DiskBlobWriter implements BlobWriter {
   /** A flush started while the upload goes on, so that the one at commit finds little left to write. */
   private earlyFlush: Promise<void> | undefined;
   private unflushed = 0;
+  /** Writes not yet known done, in the order of their positions (they may finish in another). */
+  private readonly unfinished: { end: number; done: boolean }[] = [];
 
   constructor(
     readonly digest: Digest,
     private readonly temp: string,
     private readonly handle: FileHandle,
-    private readonly hasher: Hasher,
+    private readonly hasher: UploadHash,
     private readonly files: LruDirectory,
     private readonly store: DiskBlobStore,
     private readonly durable: boolean,
@@ -441,7 +450,12 @@ class DiskBlobWriter implements BlobWriter {
     this.hasher.update(chunk);
     // Positioned writes may overlap: the next chunk is received and hashed while
     // earlier ones reach the file. The caller must not reuse `chunk`'s memory.
-    const pending = this.writeAt(chunk, this.written);
+    const write = { end: this.written + chunk.byteLength, done: false };
+    this.unfinished.push(write);
+    const pending = this.writeAt(chunk, this.written).then(() => {
+      write.done = true;
+      this.reportWritten();
+    });
     pending.catch(() => {}); // awaited later (here or in settle); this only marks it handled meanwhile
     this.inFlight.push(pending);
     this.written += chunk.byteLength;
@@ -457,6 +471,13 @@ class DiskBlobWriter implements BlobWriter {
         });
     }
     if (this.inFlight.length >= MAX_WRITES_IN_FLIGHT) await this.inFlight.shift();
+  }
+
+  /** Tells the hash how far the file is written without a gap. */
+  private reportWritten(): void {
+    let upTo: number | undefined;
+    while (this.unfinished[0]?.done) upTo = (this.unfinished.shift() as { end: number }).end;
+    if (upTo !== undefined) this.hasher.written(upTo);
   }
 
   /** One chunk; a full disk gets room made (the rest of the blob's worth) and one more try. */
@@ -485,8 +506,15 @@ class DiskBlobWriter implements BlobWriter {
       throw isDiskFull(err) ? this.store.diskFull(err, this.digest) : err;
     }
     const { digest } = this;
-    const wrong = uploadMismatch(digest, this.written, () => this.hasher.digestHex());
+    let wrong: StatusError | undefined;
+    try {
+      wrong = await uploadMismatch(digest, this.written, () => this.hasher.digestHex(this.written));
+    } catch (err) {
+      await unlink(this.temp).catch(() => {});
+      throw err;
+    }
     if (wrong) {
+      this.hasher.drop();
       await unlink(this.temp).catch(() => {});
       throw wrong;
     }
@@ -522,8 +550,40 @@ class DiskBlobWriter implements BlobWriter {
     if (this.done) return;
     this.done = true;
     await this.settle().catch(() => {});
+    this.hasher.drop();
     await unlink(this.temp).catch(() => {});
   }
+}
+
+/** Uploads of this size and more are hashed on a thread, from their files (see HashThread.followFile). */
+const THREAD_HASH_BYTES = 4 * 1024 * 1024;
+
+/** An upload's hash, fed as the upload goes: by its chunks, or by how far its file is written. */
+interface UploadHash {
+  update(chunk: Uint8Array): void;
+  written(upTo: number): void;
+  digestHex(size: number): string | Promise<string>;
+  drop(): void;
+}
+
+/** Hashes the chunks as they pass, on the event loop. */
+function passingHash(hasher: Hasher): UploadHash {
+  return {
+    update: (chunk) => hasher.update(chunk),
+    written: () => {},
+    digestHex: () => hasher.digestHex(),
+    drop: () => {},
+  };
+}
+
+/** Leaves the chunks alone; the thread reads them back from the file as they are written. */
+function followedHash(followed: FollowedFileHash): UploadHash {
+  return {
+    update: () => {},
+    written: (upTo) => followed.advance(upTo),
+    digestHex: (size) => followed.digestHex(size),
+    drop: () => followed.drop(),
+  };
 }
 
 /** Refuses a chunk after the upload finished, or one that would pass the blob's size. */
@@ -538,14 +598,18 @@ function checkChunk(done: boolean, digest: Digest, written: number, chunk: Uint8
 }
 
 /** Why a finished upload is not the blob its digest names, or undefined when it is. */
-function uploadMismatch(digest: Digest, written: number, hash: () => string): StatusError | undefined {
+async function uploadMismatch(
+  digest: Digest,
+  written: number,
+  hash: () => string | Promise<string>,
+): Promise<StatusError | undefined> {
   if (written !== digest.sizeBytes) {
     return new StatusError(
       Code.INVALID_ARGUMENT,
       `the upload ended after ${written} bytes; blob ${formatDigest(digest)} has ${digest.sizeBytes}`,
     );
   }
-  const actual = hash();
+  const actual = await hash();
   if (actual === digest.hash) return undefined;
   return new StatusError(
     Code.INVALID_ARGUMENT,
@@ -577,7 +641,7 @@ class MemoryBlobWriter implements BlobWriter {
     const { digest } = this;
     const data = Buffer.concat(this.chunks);
     const actual = (await digestOf(digest.fn, data)).hash;
-    const wrong = uploadMismatch(digest, this.written, () => actual);
+    const wrong = await uploadMismatch(digest, this.written, () => actual);
     if (wrong) throw wrong;
     await this.store.put(digest, data, { hashedByCaller: true, durable: this.durable });
   }

@@ -9,6 +9,8 @@ import { DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/mess
 import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import { DEFAULT_CHECKED_DIRECTORY_BYTES } from "../execution/checked-directories.js";
 import { DEFAULT_IMAGE_LIMITS } from "../image/image-limits.js";
+import { DEFAULT_FLAGFILE_LIMITS } from "../persistent/persistent-action.js";
+import { DEFAULT_WORKER_POOL_LIMITS } from "../persistent/worker-pool.js";
 
 const UNITS: Record<string, number> = {
   "": 1,
@@ -192,6 +194,39 @@ export const ConfigSchema = z
             scratchDiskBytes: bytes.default(4 * 1024 ** 3),
             /** A VM whose agent has not answered by then (cold boot or resume) fails. */
             bootTimeoutSeconds: z.number().positive().default(60),
+          })
+          .strict()
+          .prefault({}),
+        /** Bazel's remote persistent workers (platform property persistentWorkerKey), kept between actions. */
+        /** Runners kept between actions that ask for it (recycle-runner), with what they left running. */
+        warmRunners: z
+          .object({
+            /** Idle warm runners a worker process keeps; past it the least recently used one is stopped. */
+            maxRunners: z.number().int().nonnegative().default(4),
+            /** Memory the processes of idle warm runners may hold together; past it they are stopped, oldest first. */
+            maxMemoryBytes: bytes.default(4 * 1024 ** 3),
+            /** Disk their workspaces and writable layers may hold together; past it they are stopped, oldest first. */
+            maxDiskBytes: bytes.default(16 * 1024 ** 3),
+            /** A warm runner unused this long is stopped. */
+            idleSeconds: z.number().positive().default(600),
+          })
+          .strict()
+          .prefault({}),
+        persistentWorkers: z
+          .object({
+            /** Worker processes of one key (tool, arguments, environment); each answers one request at a time. */
+            maxProcessesPerKey: z.number().int().positive().default(DEFAULT_WORKER_POOL_LIMITS.maxProcessesPerKey),
+            /** Worker processes of all keys; past it the least recently used idle one is stopped. */
+            maxProcesses: z.number().int().positive().default(DEFAULT_WORKER_POOL_LIMITS.maxProcesses),
+            /** An idle worker process is stopped after this long. */
+            idleSeconds: z
+              .number()
+              .positive()
+              .default(DEFAULT_WORKER_POOL_LIMITS.idleTimeoutMs / 1000),
+            /** A larger WorkResponse (json line or proto message) kills its process. */
+            maxResponseBytes: bytes.default(DEFAULT_WORKER_POOL_LIMITS.maxResponseBytes),
+            /** Bytes of @flagfiles read into one request (a flagfile named twice counts twice). */
+            maxFlagfileBytes: bytes.default(DEFAULT_FLAGFILE_LIMITS.maxBytes),
           })
           .strict()
           .prefault({}),

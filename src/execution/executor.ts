@@ -1,4 +1,5 @@
 import type { ActionCache } from "../ac/action-cache.js";
+import { type ActionEnvironment, CHROOT_ENVIRONMENT, HOST_ROOT_ENVIRONMENT } from "../action/action-environment.js";
 import {
   type ActionPlatform,
   CONTAINER_IMAGE,
@@ -9,6 +10,7 @@ import {
   readActionPlatform,
 } from "../action/action-platform.js";
 import { formatProperty, type Property } from "../action/property.js";
+import { runnerKey } from "../action/runner-recycling.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { checkMessageSize, DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/message-size.js";
 import type { InputTreeLimits } from "../cas/tree-limits.js";
@@ -29,7 +31,7 @@ import { toRpcStatus } from "../status/rpc-status.js";
 import { Code, invalidArgument, missingBlobs, StatusError } from "../status/status.js";
 import { CheckedDirectories, DEFAULT_CHECKED_DIRECTORY_BYTES } from "./checked-directories.js";
 import { checkCommand } from "./command-check.js";
-import { type ExpandedAction, expandedAction } from "./expanded-action.js";
+import { expandedAction } from "./expanded-action.js";
 import type { ImagePolicy } from "./image-policy.js";
 import { inputTreeBlobs } from "./input-blobs.js";
 import { checkInputTree } from "./input-tree.js";
@@ -64,6 +66,8 @@ export interface ExecutorOptions {
 export interface ExecuteContext {
   /** Registry credentials from x-berth-registry-credentials, by registry host. */
   registryCredentials: ReadonlyMap<string, Credentials>;
+  /** Who sent it: the name of the caller's grant (see auth/access-interceptor.ts); "anonymous" when absent. */
+  caller?: string;
 }
 
 const NO_CONTEXT: ExecuteContext = { registryCredentials: new Map() };
@@ -183,54 +187,77 @@ export class Executor {
     if (headerCredentials) {
       platform.credentials = { username: headerCredentials.username, password: headerCredentials.password };
     }
-    const inputRootAsRoot = this.options.inputRootAsRoot?.includes(instanceName) ?? false;
-    if (inputRootAsRoot && platform.image) throw imageWithInputRootAsRoot(instanceName, platform.image);
-    const image = platform.image && (await this.images.admit(platform.image, platform.credentials));
-    const job = {
+    const planned = await this.plannedEnvironment(instanceName, platform);
+    // Checked before the expansion, which may download gigabytes for nothing.
+    const unmet = this.scheduler.unsatisfiable(planned.required);
+    if (unmet) throw unsatisfiable(unmet, planned.image);
+    const queuedAt = new Date();
+    const runs =
+      planned.kind === "expand"
+        ? await this.expand(fn, instanceName, planned.image, platform, { action, command, inputRootDigest })
+        : { action, command, environment: planned.environment };
+    return {
       instanceName,
       actionDigest,
-      action,
-      command,
-      platform: platform.required,
-      containerImage: image ? String(image) : "",
+      ...runs,
+      platform: planned.required,
       priority,
       timeoutMs,
       doNotCache: action.doNotCache,
-      queuedAt: new Date(),
+      queuedAt,
       registryCredentials: headerCredentials || undefined,
-      inputRootAsRoot,
+      runnerKey: platform.recycling
+        ? runnerKey({
+            instanceName,
+            client: context.caller ?? "anonymous",
+            properties: platformOf(action, command),
+            image: planned.image ? String(planned.image) : "",
+          })
+        : undefined,
+      // In expand mode, too, these are the client's input root: the worker keeps the image's part.
+      inputBlobs: await inputTreeBlobs(fn, this.cas, inputRootDigest),
     };
-    if (image && (platform.imageMode ?? this.options.imageMode) === "expand") {
-      // Checked before the expansion, which may download gigabytes for nothing.
-      const required = [
-        ...platform.required.filter((p) => p.name !== IMAGE_CAPABILITY.name),
-        EXPANDED_IMAGE_CAPABILITY,
-      ];
-      const unmet = this.scheduler.unsatisfiable(required);
-      if (unmet) throw unsatisfiable(unmet, image);
-      const expanded = await this.expand(fn, job, inputRootDigest, image, platform);
-      // The worker lays out only the client's part of the merged tree; the image's part it keeps.
-      const inputBlobs = await inputTreeBlobs(fn, this.cas, inputRootDigest);
-      return { ...job, platform: required, containerImage: "", ...expanded, inputBlobs };
-    }
-    const unmet = this.scheduler.unsatisfiable(platform.required);
-    if (unmet) throw unsatisfiable(unmet, image);
-    return { ...job, inputBlobs: await inputTreeBlobs(fn, this.cas, inputRootDigest) };
   }
 
+  /**
+   * The one place that decides what an action runs in: its input root as
+   * "/" for the instances execution.inputRootAsRoot lists (never with an
+   * image), else its admitted image (pulled by the worker, or expanded here
+   * first), else the host's root.
+   */
+  private async plannedEnvironment(instanceName: string, platform: ActionPlatform): Promise<PlannedEnvironment> {
+    const { required } = platform;
+    const chroot = this.options.inputRootAsRoot?.includes(instanceName) ?? false;
+    if (!platform.image) {
+      const environment = chroot ? CHROOT_ENVIRONMENT : HOST_ROOT_ENVIRONMENT;
+      return { kind: "ready", environment, image: undefined, required };
+    }
+    if (chroot) throw imageWithInputRootAsRoot(instanceName, platform.image);
+    const image = await this.images.admit(platform.image, platform.credentials);
+    if ((platform.imageMode ?? this.options.imageMode) === "expand") {
+      // Expand mode needs only workers that mount the image's tree, not ones that pull it.
+      const mounting = [...required.filter((p) => p.name !== IMAGE_CAPABILITY.name), EXPANDED_IMAGE_CAPABILITY];
+      return { kind: "expand", image, required: mounting };
+    }
+    return { kind: "ready", environment: { kind: "container-image", reference: String(image) }, image, required };
+  }
+
+  /** The action rewritten for expand mode, and its environment: the expanded image. */
   private async expand(
     fn: DigestFunction,
-    job: ExecutionJob,
-    inputRoot: Digest,
+    instanceName: string,
     image: ImageReference,
     platform: ActionPlatform,
-  ): Promise<ExpandedAction> {
+    client: { action: Action; command: Command; inputRootDigest: Digest },
+  ): Promise<{ action: Action; command: Command; environment: ActionEnvironment }> {
     const { expander } = this.options;
     if (!expander) {
       throw new StatusError(Code.FAILED_PRECONDITION, `this farm cannot expand images (asked for ${image})`);
     }
-    const tree = await expander.expand(job.instanceName, fn, image, platform.credentials);
-    return expandedAction(fn, this.cas, job.action, job.command, inputRoot, tree, this.options.inputRootPath);
+    const tree = await expander.expand(instanceName, fn, image, platform.credentials);
+    const { inputRootPath } = this.options;
+    const { action, command, expandedImage } = await expandedAction(fn, this.cas, client, tree, inputRootPath);
+    return { action, command, environment: { kind: "expanded-image", image: expandedImage } };
   }
 
   private timeoutOf(action: Action): number {
@@ -245,6 +272,15 @@ export class Executor {
     return requested === 0 ? this.options.defaultTimeoutMs : requested;
   }
 }
+
+/**
+ * An environment before the expansion: expand mode's tree is made only once
+ * the action is known to have a worker. `image` is the admitted image, for
+ * messages; `required`, what a worker must offer to run the action there.
+ */
+type PlannedEnvironment =
+  | { kind: "ready"; environment: ActionEnvironment; image: ImageReference | undefined; required: Property[] }
+  | { kind: "expand"; image: ImageReference; required: Property[] };
 
 function decode<T>(type: { decode(bytes: Uint8Array): T }, bytes: Buffer, what: string): T {
   try {

@@ -30,13 +30,12 @@ export interface ExpandedAction {
 export async function expandedAction(
   fn: DigestFunction,
   cas: BlobStore,
-  action: Action,
-  command: Command,
-  inputRoot: Digest,
+  client: { action: Action; command: Command; inputRootDigest: Digest },
   image: ExpandedImageTree,
   inputRootPath: string,
 ): Promise<ExpandedAction> {
-  const { base, merged } = await graftInputRoot(fn, cas, image.root, inputRoot, inputRootPath);
+  const { action, command } = client;
+  const { base, merged } = await graftInputRoot(fn, cas, image.root, client.inputRootDigest, inputRootPath);
   return {
     action: {
       ...action,

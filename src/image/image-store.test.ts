@@ -156,3 +156,26 @@ test("an image over its caps stops while its layers are read; another image shar
     message: /more than 2 entries \(images\.maxImageEntries\)/,
   });
 });
+
+test("an image its caps refuse on layers already stored holds none of them: they stay evictable", async () => {
+  const f = await fixture("refused-held", [100, 100, 100]);
+  const evicted: string[] = [];
+  const imageLimits = { maxLayerBytes: 1000, maxLayerEntries: 10, maxImageBytes: 150, maxImageEntries: 10 };
+  const store = await ImageStore.open(join(f.dir, "store"), {
+    fetchLayer: f.fetchLayer,
+    maxBytes: 200,
+    imageLimits,
+    onEvict: (digest) => evicted.push(digest),
+  });
+  await (await store.acquire(f.image("1", 0))).release();
+  await (await store.acquire(f.image("2", 1))).release();
+  // Both layers are stored: the image is counted at once, and refused on its second layer (200 bytes > 150).
+  await assert.rejects(store.acquire(f.image("h", 0, 1)), {
+    code: 9,
+    message: /more than 150 bytes of files \(images\.maxImageBytes\)/,
+  });
+  // Had the refusal left layer 1 held, layer 0 would go instead and the store would stay past its cap.
+  await (await store.acquire(f.image("3", 2))).release();
+  assert.deepEqual(evicted, [f.digestOf(1)]);
+  assert.equal(store.usedBytes, 200);
+});

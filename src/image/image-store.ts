@@ -1,5 +1,5 @@
 import { DEFAULT_IMAGE_LIMITS, ImageBudget, type ImageLimits, imageCaps } from "./image-limits.js";
-import { type LayerDescriptor, LayerStore, type LayerStoreOptions } from "./layer-store.js";
+import { type AcquiredLayer, type LayerDescriptor, LayerStore, type LayerStoreOptions } from "./layer-store.js";
 import { type UpperDirectory, upperDirectories } from "./open-directories.js";
 
 /** What an action inherits from its image's config (OCI image config `config` object). */
@@ -43,28 +43,22 @@ export interface ImageStoreOptions extends LayerStoreOptions {
   maxBytes: number;
   /** Caps on what one layer and one image may hold, enforced as layers are read. */
   imageLimits?: ImageLimits;
-  onEvict?: (digest: string, size: number) => void;
-  /** Failures of evictions done in the background (after a release). */
-  onError?: (err: unknown) => void;
 }
 
 /**
  * The worker's images, kept as unpacked layers shared between images. A
- * layer is pinned while any acquired image uses it and is never evicted
- * then; the others go least recently used first once the cap is passed.
+ * layer is held while any acquired image uses it and is never evicted
+ * then; the others go least recently used first once the cap is passed
+ * (the layer store's index, a PinnedLru, does both).
  */
 export class ImageStore {
-  private readonly pins = new Map<string, number>();
-
   private constructor(
     private readonly layers: LayerStore,
     private readonly options: ImageStoreOptions,
   ) {}
 
   static async open(root: string, options: ImageStoreOptions): Promise<ImageStore> {
-    const store = new ImageStore(await LayerStore.open(root, options), options);
-    await store.evict();
-    return store;
+    return new ImageStore(await LayerStore.open(root, options), options);
   }
 
   get usedBytes(): number {
@@ -85,40 +79,27 @@ export class ImageStore {
     return this.layers.has(digest);
   }
 
-  /** Unpacks what `image` lacks, its layers in parallel, and pins them until released. */
+  /** Unpacks what `image` lacks, its layers in parallel, and holds them until released. */
   async acquire(image: Image, watcher?: LayerWatcher): Promise<AcquiredImage> {
-    const digests = [...new Set(image.layers.map((layer) => layer.digest))];
-    // Pinned before anything is awaited, so that concurrent evictions spare what this image is unpacking.
-    for (const digest of digests) this.pins.set(digest, (this.pins.get(digest) ?? 0) + 1);
-    let released = false;
-    const release = async (): Promise<void> => {
-      if (released) return;
-      released = true;
-      for (const digest of digests) {
-        const count = (this.pins.get(digest) ?? 1) - 1;
-        if (count === 0) this.pins.delete(digest);
-        else this.pins.set(digest, count);
-        this.layers.touch(digest);
-      }
-      await this.evict().catch((err: unknown) => this.options.onError?.(err));
-    };
     // The image's bytes are held to the store's cap too: an image the store cannot hold stops while it is read.
     const caps = imageCaps(this.options.imageLimits ?? DEFAULT_IMAGE_LIMITS, {
       value: this.options.maxBytes,
       key: "images.storeMaxSizeBytes",
     });
     const budget = new ImageBudget(image.name ?? image.digest, caps);
+    // Every layer already stored is held before anything is awaited, so that concurrent evictions spare it.
+    const settled = await Promise.allSettled(image.layers.map((layer) => this.acquireLayer(layer, watcher, budget)));
+    const layers: AcquiredLayer[] = [];
+    for (const result of settled) if (result.status === "fulfilled") layers.push(result.value);
+    let released: Promise<void> | undefined;
+    const release = (): Promise<void> => {
+      released ??= Promise.all(layers.map((layer) => layer.release())).then(() => {});
+      return released;
+    };
     try {
-      const settled = await Promise.allSettled(image.layers.map((layer) => this.ensure(layer, watcher, budget)));
-      const layerDirs: string[] = [];
-      for (const result of settled) {
-        if (result.status === "rejected") throw result.reason;
-        layerDirs.push(result.value);
-      }
-      await this.evict();
-      const upper = await upperDirectories(
-        image.layers.map((layer, i) => ({ dir: layerDirs[i] as string, ...this.layers.layoutOf(layer.digest) })),
-      );
+      for (const result of settled) if (result.status === "rejected") throw result.reason;
+      const upper = await upperDirectories(layers.map(({ tree, layout }) => ({ dir: tree, ...layout })));
+      const layerDirs = layers.map((layer) => layer.tree);
       return { digest: image.digest, layerDirs, upperDirectories: upper, config: image.config, release };
     } catch (err) {
       await release();
@@ -126,33 +107,19 @@ export class ImageStore {
     }
   }
 
-  private async ensure(
+  private async acquireLayer(
     layer: LayerDescriptor,
     watcher: LayerWatcher | undefined,
     budget: ImageBudget,
-  ): Promise<string> {
-    if (!watcher) return this.layers.ensure(layer, undefined, budget);
-    const dir = await this.layers.ensure(layer, (bytes) => watcher.received(layer.digest, bytes), budget);
-    watcher.ready(layer.digest);
-    return dir;
-  }
-
-  /**
-   * Brings the store back under its cap if it can. Layers in use may keep it
-   * above for a while (several large images running at once); the cap is
-   * met again as they are released.
-   */
-  private async evict(): Promise<void> {
-    let used = this.layers.usedBytes;
-    if (used <= this.options.maxBytes) return;
-    const victims: string[] = [];
-    for (const [digest, size] of this.layers.entries()) {
-      if (used <= this.options.maxBytes) break;
-      if (this.pins.has(digest)) continue;
-      victims.push(digest);
-      used -= size;
-      this.options.onEvict?.(digest, size);
+  ): Promise<AcquiredLayer> {
+    if (!watcher) return this.layers.acquire(layer, undefined, budget);
+    const held = await this.layers.acquire(layer, (bytes) => watcher.received(layer.digest, bytes), budget);
+    try {
+      watcher.ready(layer.digest);
+    } catch (err) {
+      await held.release();
+      throw err;
     }
-    await Promise.all(victims.map((digest) => this.layers.remove(digest)));
+    return held;
   }
 }

@@ -1,6 +1,8 @@
 import { randomBytes } from "node:crypto";
-import { chmod, mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from "node:fs/promises";
+import { chmod, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { type Created, type Lease, PinnedLru } from "../cache/pinned-lru.js";
+import { stampUse } from "../cache/use-stamp.js";
 import { Code, StatusError } from "../status/status.js";
 import { type ImageBudget, ImageLimitError, type LayerCount } from "./image-limits.js";
 import { type LayerLayout, type UnpackLimits, type UnpackStats, unpackLayer } from "./layer-unpack.js";
@@ -29,6 +31,19 @@ export interface LayerStoreOptions {
   /** Layers fetched and unpacked at once, across all images. */
   concurrency?: number;
   onUnpacked?: (digest: string, stats: UnpackStats, millis: number) => void;
+  /** Past this many bytes, the least recently used layers no one holds (`acquire`) are deleted; default: no cap. */
+  maxBytes?: number;
+  onEvict?: (digest: string, size: number) => void;
+  /** Failures of evictions done in the background (after a release). */
+  onError?: (err: unknown) => void;
+}
+
+/** A stored layer, held (never evicted) until `release`. */
+export interface AcquiredLayer {
+  tree: string;
+  layout: LayerLayout;
+  /** Idempotent; resolves once the store is back under its cap as far as it can be; never rejects. */
+  release(): Promise<void>;
 }
 
 interface LayerRecord {
@@ -50,17 +65,19 @@ const LAYER_FORMAT = 2;
 
 const NO_LAYOUT: LayerLayout = { opened: new Map(), opaque: new Set() };
 
-/** A layer being fetched and unpacked, shared by everyone who asked for it meanwhile. */
+/** What the index keeps of a stored layer (its size is the index's). */
+interface StoredLayer {
+  entries: number;
+  layout: LayerLayout;
+  /** When `layer.json`'s mtime was last moved forward (see stampUse). */
+  usedAt: number;
+}
+
+/** The download of a layer being fetched, followed by everyone who asked for it meanwhile. */
 interface Unpacking {
-  readonly done: Promise<string>;
-  /** Whose caps the layer is counted against while it is read. */
-  readonly budget: ImageBudget | undefined;
   received: number;
   readonly watchers: Set<BytesReceived>;
 }
-
-/** How long a use may go unrecorded on disk; the in-memory order is always exact. */
-const MTIME_RESOLUTION_MS = 60_000;
 const DIGEST = /^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/;
 
 /**
@@ -68,26 +85,29 @@ const DIGEST = /^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$/;
  * `root/layers/{algorithm}/{hex}/tree`, with `layer.json` beside the tree.
  * A layer is unpacked under `root/tmp/` and renamed into place whole, so
  * what is under `layers/` is always complete; the mtime of `layer.json`
- * records the last use and orders the layers across restarts. The map
- * below is in least-recently-used order. Eviction policy is the caller's.
+ * records the last use and orders the layers across restarts. Past
+ * `maxBytes`, the least recently used layers no one holds are deleted.
  */
 export class LayerStore {
-  private readonly layers = new Map<
-    string,
-    { size: number; entries: number; touchedAt: number; layout: LayerLayout }
-  >();
+  private readonly layers: PinnedLru<string, StoredLayer>;
   private readonly unpacking = new Map<string, Unpacking>();
-  private readonly removing = new Map<string, Promise<void>>();
   private readonly waiting: (() => void)[] = [];
   private readonly whiteouts: WhiteoutMaker;
   private running = 0;
-  private totalBytes = 0;
 
   private constructor(
     readonly root: string,
     private readonly options: LayerStoreOptions,
   ) {
     this.whiteouts = new WhiteoutMaker(join(root, "whiteout"));
+    this.layers = new PinnedLru({
+      maxBytes: options.maxBytes,
+      dispose: (digest, _layer, size, reason) => {
+        if (reason === "evicted") options.onEvict?.(digest, size);
+        return this.deleteTree(digest);
+      },
+      onError: options.onError,
+    });
   }
 
   static async open(root: string, options: LayerStoreOptions): Promise<LayerStore> {
@@ -103,7 +123,7 @@ export class LayerStore {
   }
 
   get usedBytes(): number {
-    return this.totalBytes;
+    return this.layers.bytes;
   }
 
   has(digest: string): boolean {
@@ -111,18 +131,18 @@ export class LayerStore {
   }
 
   sizeOf(digest: string): number | undefined {
-    return this.layers.get(digest)?.size;
+    return this.layers.sizeOf(digest);
   }
 
   /** What a stored layer holds, for the caps of the images that use it. */
   countOf(digest: string): LayerCount | undefined {
-    const entry = this.layers.get(digest);
-    return entry && { bytes: entry.size, entries: entry.entries };
+    const layer = this.layers.peek(digest);
+    return layer && { bytes: this.layers.sizeOf(digest) ?? 0, entries: layer.entries };
   }
 
   /** What an overlay of a stored layer needs besides its tree (see open-directories.ts). */
   layoutOf(digest: string): LayerLayout {
-    return this.layers.get(digest)?.layout ?? NO_LAYOUT;
+    return this.layers.peek(digest)?.layout ?? NO_LAYOUT;
   }
 
   treeOf(digest: string): string {
@@ -131,108 +151,117 @@ export class LayerStore {
 
   /** Layers with their sizes, least recently used first. */
   entries(): [string, number][] {
-    return [...this.layers].map(([digest, { size }]) => [digest, size]);
+    return [...this.layers.entries()].map(({ key, size }) => [key, size]);
+  }
+
+  /**
+   * The unpacked tree of `layer`, fetching and unpacking it first if needed,
+   * not held: with a cap, use `acquire`.
+   */
+  async ensure(layer: LayerDescriptor, onReceived?: BytesReceived, budget?: ImageBudget): Promise<string> {
+    const held = await this.acquire(layer, onReceived, budget);
+    await held.release();
+    return held.tree;
   }
 
   /**
    * The unpacked tree of `layer`, fetching and unpacking it first if needed
-   * (once, however many ask). `onReceived` follows the download, also when
-   * it was started by someone else.
+   * (once, however many ask), held until `release`. `onReceived` follows the
+   * download, also when it was started by someone else. The layer is counted
+   * against `budget`: as it is read, or at once when it is stored already.
    */
-  async ensure(layer: LayerDescriptor, onReceived?: BytesReceived, budget?: ImageBudget): Promise<string> {
+  async acquire(layer: LayerDescriptor, onReceived?: BytesReceived, budget?: ImageBudget): Promise<AcquiredLayer> {
     if (!DIGEST.test(layer.digest)) {
       throw new StatusError(Code.INVALID_ARGUMENT, `layer digest ${JSON.stringify(layer.digest)} is not supported`);
     }
     for (;;) {
-      if (this.touch(layer.digest)) {
-        budget?.charge(layer.digest, this.countOf(layer.digest) as LayerCount);
-        return this.treeOf(layer.digest);
-      }
-      let pending = this.unpacking.get(layer.digest);
-      if (!pending) {
-        const watchers = new Set<BytesReceived>();
-        const started: Unpacking = {
-          received: 0,
-          watchers,
-          budget,
-          done: this.unpack(
-            layer,
-            (bytes) => {
-              started.received = bytes;
-              for (const watch of watchers) watch(bytes);
-            },
-            budget,
-          ).finally(() => this.unpacking.delete(layer.digest)),
-        };
-        pending = started;
-        this.unpacking.set(layer.digest, pending);
+      const stored = this.layers.tryAcquire(layer.digest);
+      if (stored) return this.charged(layer.digest, stored, budget);
+      // Set when this call's unpack is the one the others wait for: it charges `budget` as it reads.
+      let started = false;
+      const acquiring = this.layers.acquire(layer.digest, () => {
+        started = true;
+        return this.unpack(layer, onReceived, budget);
+      });
+      const followed = started || !onReceived ? undefined : this.unpacking.get(layer.digest);
+      if (followed && onReceived) {
+        if (followed.received > 0) onReceived(followed.received);
+        followed.watchers.add(onReceived);
       }
       try {
-        const tree = await this.follow(pending, onReceived);
+        const lease = await acquiring;
         // Read for another image: counted against this one's caps now that its size is known.
-        if (pending.budget !== budget) budget?.charge(layer.digest, this.countOf(layer.digest) as LayerCount);
-        return tree;
+        return started ? this.held(layer.digest, lease) : await this.charged(layer.digest, lease, budget);
       } catch (err) {
         // Another image's caps stopped the layer, not its own: it may well fit this image, so read it again.
         const othersImage = err instanceof ImageLimitError && err.scope === "image" && err.budget !== budget;
         if (!othersImage) throw err;
+      } finally {
+        if (onReceived) followed?.watchers.delete(onReceived);
       }
     }
   }
 
-  private async follow(pending: Unpacking, onReceived: BytesReceived | undefined): Promise<string> {
-    if (!onReceived) return pending.done;
-    if (pending.received > 0) onReceived(pending.received);
-    pending.watchers.add(onReceived);
+  /** The layer counted against `budget` (each digest once), or released if it does not fit. */
+  private async charged(
+    digest: string,
+    lease: Lease<StoredLayer>,
+    budget: ImageBudget | undefined,
+  ): Promise<AcquiredLayer> {
     try {
-      return await pending.done;
-    } finally {
-      pending.watchers.delete(onReceived);
+      budget?.charge(digest, this.countOf(digest) as LayerCount);
+    } catch (err) {
+      await lease.release();
+      throw err;
     }
+    return this.held(digest, lease);
+  }
+
+  private held(digest: string, lease: Lease<StoredLayer>): AcquiredLayer {
+    this.stamp(digest, lease.value);
+    return { tree: this.treeOf(digest), layout: lease.value.layout, release: lease.release };
   }
 
   /** Marks a layer as just used; returns whether it is present. */
   touch(digest: string): boolean {
-    const entry = this.layers.get(digest);
-    if (!entry) return false;
-    this.layers.delete(digest);
-    this.layers.set(digest, entry);
-    const now = Date.now();
-    if (now - entry.touchedAt > MTIME_RESOLUTION_MS) {
-      entry.touchedAt = now;
-      const at = new Date(now);
-      utimes(this.recordOf(digest), at, at).catch(() => {});
-    }
-    return true;
+    const layer = this.layers.touch(digest);
+    if (layer) this.stamp(digest, layer);
+    return layer !== undefined;
+  }
+
+  private stamp(digest: string, layer: StoredLayer): void {
+    stampUse(layer, this.recordOf(digest));
   }
 
   /** Deletes a layer; the caller makes sure no one uses it. */
   async remove(digest: string): Promise<void> {
-    const entry = this.layers.get(digest);
-    if (!entry) return;
-    this.layers.delete(digest);
-    this.totalBytes -= entry.size;
-    // Renamed away first so the layer vanishes at once; a crash mid-delete leaves it in tmp/.
+    await this.layers.delete(digest);
+  }
+
+  /** Renamed away first so the layer vanishes at once; a crash mid-delete leaves it in tmp/. */
+  private async deleteTree(digest: string): Promise<void> {
     const doomed = this.tempPath();
-    const done = rename(this.dirOf(digest), doomed)
-      .then(() => rm(doomed, { recursive: true, force: true }))
-      .finally(() => this.removing.delete(digest));
-    this.removing.set(digest, done);
-    await done;
+    await rename(this.dirOf(digest), doomed);
+    await rm(doomed, { recursive: true, force: true });
   }
 
   private async unpack(
     layer: LayerDescriptor,
-    onReceived: BytesReceived,
+    onReceived: BytesReceived | undefined,
     budget: ImageBudget | undefined,
-  ): Promise<string> {
-    await this.removing.get(layer.digest)?.catch(() => {});
+  ): Promise<Created<StoredLayer>> {
+    const unpacking: Unpacking = { received: 0, watchers: new Set(onReceived ? [onReceived] : []) };
+    this.unpacking.set(layer.digest, unpacking);
+    const received = (bytes: number) => {
+      unpacking.received = bytes;
+      for (const watch of unpacking.watchers) watch(bytes);
+    };
     await this.slot();
     const work = this.tempPath();
     try {
       await mkdir(join(work, "blob"), { recursive: true });
       await mkdir(join(work, "layer"));
-      const blob = await this.options.fetchLayer(layer, join(work, "blob"), onReceived);
+      const blob = await this.options.fetchLayer(layer, join(work, "blob"), received);
       const started = performance.now();
       const layout: LayerLayout = { opened: new Map(), opaque: new Set() };
       const stats = await unpackLayer(blob, layer.mediaType, join(work, "layer", "tree"), {
@@ -255,9 +284,7 @@ export class LayerStore {
       const final = this.dirOf(layer.digest);
       await mkdir(join(final, ".."), { recursive: true });
       await rename(join(work, "layer"), final);
-      this.layers.set(layer.digest, { size: stats.bytes, entries: stats.entries, touchedAt: Date.now(), layout });
-      this.totalBytes += stats.bytes;
-      return this.treeOf(layer.digest);
+      return { value: { entries: stats.entries, layout, usedAt: Date.now() }, size: stats.bytes };
     } catch (err) {
       // Limit errors name the image and the layer already.
       if (err instanceof StatusError && !(err instanceof ImageLimitError)) {
@@ -265,6 +292,7 @@ export class LayerStore {
       }
       throw err;
     } finally {
+      this.unpacking.delete(layer.digest);
       await rm(work, { recursive: true, force: true });
       this.running--;
       this.waiting.shift()?.();
@@ -292,7 +320,7 @@ export class LayerStore {
   }
 
   private async scan(): Promise<void> {
-    const found: { digest: string; size: number; entries: number; layout: LayerLayout; mtime: number }[] = [];
+    const found: { key: string; size: number; value: StoredLayer; usedAt: number }[] = [];
     for (const algorithm of await readdir(join(this.root, "layers"))) {
       const hexes = await readdir(join(this.root, "layers", algorithm)).catch(() => []);
       for (const hex of hexes) {
@@ -305,17 +333,14 @@ export class LayerStore {
           if (record.format !== LAYER_FORMAT) throw new Error("unpacked by an older version, untamed");
           await stat(this.treeOf(digest));
           const layout = { opened: new Map(record.opened ?? []), opaque: new Set(record.opaque ?? []) };
-          found.push({ digest, size: record.size, entries: record.entries ?? 0, layout, mtime: info.mtimeMs });
+          const value = { entries: record.entries ?? 0, layout, usedAt: info.mtimeMs };
+          found.push({ key: digest, size: record.size, value, usedAt: info.mtimeMs });
         } catch {
           // Not something this store committed whole: never use it.
           await rm(this.dirOf(digest), { recursive: true, force: true });
         }
       }
     }
-    found.sort((a, b) => a.mtime - b.mtime);
-    for (const { digest, size, entries, layout, mtime } of found) {
-      this.layers.set(digest, { size, entries, touchedAt: mtime, layout });
-      this.totalBytes += size;
-    }
+    await this.layers.restore(found);
   }
 }

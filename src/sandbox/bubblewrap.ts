@@ -377,7 +377,7 @@ const FILE_TOO_LARGE = "File too large";
  * tools print (the tmpfs sizes have no counter), so only an action that
  * failed is ever blamed on a limit.
  */
-function reachedLimit(
+export function reachedLimit(
   exitCode: number,
   before: CgroupEvents | undefined,
   after: CgroupEvents | undefined,
@@ -452,14 +452,14 @@ export function bwrapArgs(
   });
 }
 
-interface StatusReport {
+export interface StatusReport {
   childPid?: number;
   pidNamespace?: number;
   exitCode?: number;
 }
 
 /** bwrap's --json-status-fd output: one JSON object per line. */
-function parseStatus(text: string): StatusReport {
+export function parseStatus(text: string): StatusReport {
   const report: StatusReport = {};
   for (const line of text.split("\n")) {
     let fields: Record<string, unknown>;
@@ -480,7 +480,7 @@ function parseStatus(text: string): StatusReport {
  * kernel lets that pid 1 finish dying (become a zombie) only after every other process of its PID namespace is
  * gone, so waiting for it guarantees that nothing of the action still runs, e.g. writes to the input root.
  */
-async function waitForSandboxEnd(pid: number, pidNamespace: number): Promise<void> {
+export async function waitForSandboxEnd(pid: number, pidNamespace: number): Promise<void> {
   const deadline = Date.now() + REAP_LIMIT_MS;
   // Usually over within a millisecond or two of bwrap's exit, so the first waits are short.
   for (let wait = 1; Date.now() < deadline && !sandboxEnded(pid, pidNamespace); wait = Math.min(wait * 2, 5)) {

@@ -29,7 +29,7 @@ export interface SandboxLayout {
 }
 
 /** bwrap's command line: namespaces, then the mounts in order (later ones cover earlier ones), then the command. */
-export function sandboxArgs(request: SandboxRequest, layout: SandboxLayout): string[] {
+export function sandboxArgs(request: Pick<SandboxRequest, "env" | "network">, layout: SandboxLayout): string[] {
   const args = [
     "--unshare-user",
     // The ids the action sees (nobody by default, so that it finds itself in the image's or the host's

@@ -29,6 +29,8 @@ export interface SlotCgroup {
   /** Whether it bounds memory (else the sandbox falls back to RLIMIT_AS). */
   readonly boundsMemory: boolean;
   events(): CgroupEvents;
+  /** The memory its processes hold now (0 when it cannot be read). */
+  memoryBytes(): number;
   /** SIGKILLs every process still in it but `spared` (the slot's launcher, which lives in it). */
   killAll(spared?: number): void;
 }
@@ -148,6 +150,7 @@ function openV2(name: string, limits: CgroupLimits): SlotCgroup | undefined {
       oomKills: counter(join(dir, "memory.events"), "oom_kill"),
       forkRefusals: counter(join(dir, "pids.events"), "max"),
     }),
+    memoryBytes: () => numberIn(join(dir, "memory.current")),
     killAll: (spared) => {
       // cgroup.kill (Linux 5.14) kills atomically, new forks included, but spares nothing; older kernels, and a
       // cgroup holding its launcher, get one signal per process.
@@ -186,6 +189,7 @@ function openV1(name: string, limits: CgroupLimits): SlotCgroup | undefined {
       oomKills: counter(join(memory, "memory.oom_control"), "oom_kill"),
       forkRefusals: counter(join(pids, "pids.events"), "max"),
     }),
+    memoryBytes: () => numberIn(join(memory, "memory.usage_in_bytes")),
     killAll: (spared) => {
       killListed(join(pids, "cgroup.procs"), spared);
       killListed(join(memory, "cgroup.procs"), spared);
@@ -198,6 +202,16 @@ function openV1(name: string, limits: CgroupLimits): SlotCgroup | undefined {
   tryWrite(join(memory, "memory.memsw.limit_in_bytes"), memoryLimit);
   writeFileSync(join(pids, "pids.max"), pidsMax(limits));
   return cgroup;
+}
+
+/** The number a cgroup file holds, or 0 when it cannot be read. */
+function numberIn(path: string): number {
+  try {
+    const value = Number(readFileSync(path, "utf8").trim());
+    return Number.isFinite(value) ? value : 0;
+  } catch {
+    return 0;
+  }
 }
 
 /** The slot's launcher lives in its cgroup (see process/launcher.ts): one task more than the action's own. */

@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { afterEach, test } from "node:test";
 import { setTimeout as sleep } from "node:timers/promises";
+import { HOST_ROOT_ENVIRONMENT } from "../action/action-environment.js";
 import { SHA256 } from "../digest/functions.js";
 import type { Assignment } from "../gen/berth/worker/v1/worker.js";
 import { ActionResult, ExecutionStage_Value } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
@@ -33,7 +34,7 @@ function job(overrides: Partial<ExecutionJob> = {}): ExecutionJob {
   const n = jobCount++;
   return {
     instanceName: "",
-    containerImage: "",
+    environment: HOST_ROOT_ENVIRONMENT,
     actionDigest: { fn: SHA256, hash: n.toString(16).padStart(64, "0"), sizeBytes: 10 },
     action: {
       commandDigest: undefined,

@@ -1,7 +1,8 @@
 import { randomUUID } from "node:crypto";
+import { type ActionEnvironment, environmentToWire } from "../action/action-environment.js";
 import { type Property, unmetProperty } from "../action/property.js";
 import { type Digest, digestKey } from "../digest/digest.js";
-import type { Assignment, ExpandedImage, ImagePull } from "../gen/berth/worker/v1/worker.js";
+import type { Assignment, ImagePull } from "../gen/berth/worker/v1/worker.js";
 import {
   type Action,
   type ActionResult,
@@ -24,12 +25,8 @@ export interface ExecutionJob {
   command: Command;
   /** What a worker must offer. */
   platform: Property[];
-  /** The image to run in, canonical and pinned if the farm's policy pins tags; "" for none. */
-  containerImage: string;
-  /** In expand mode: the image's tree the (rewritten) action's input root is built on, instead of containerImage. */
-  expandedImage?: ExpandedImage;
-  /** The input root is the action's "/" (execution.inputRootAsRoot); never with an image. */
-  inputRootAsRoot?: boolean;
+  /** What the action runs in (the host's root, an image pulled or expanded, its input root as "/"). */
+  environment: ActionEnvironment;
   /** Parts of the input tree the worker gets with the assignment (Assignment.input_directories, input_files). */
   inputBlobs?: { directories: readonly StoredBlob[]; files: readonly StoredBlob[] };
   /** Credentials for the image's registry from the client's request header (never from the CAS); kept in memory only. */
@@ -425,9 +422,8 @@ export class Scheduler {
       actionDigest: { hash: job.actionDigest.hash, sizeBytes: job.actionDigest.sizeBytes },
       action: job.action,
       command: job.command,
-      containerImage: job.containerImage,
-      expandedImage: job.expandedImage,
-      inputRootAsRoot: job.inputRootAsRoot ?? false,
+      ...environmentToWire(job.environment),
+      runnerKey: job.runnerKey ?? "",
       inputDirectories: (job.inputBlobs?.directories ?? []).map(wireBlob),
       inputFiles: (job.inputBlobs?.files ?? []).map(wireBlob),
       registryCredentials: job.registryCredentials && {

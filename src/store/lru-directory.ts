@@ -1,20 +1,23 @@
 import { randomBytes } from "node:crypto";
 import { createReadStream } from "node:fs";
-import { mkdir, open, readdir, readFile, rename, rm, stat, unlink, utimes } from "node:fs/promises";
+import { mkdir, open, readdir, readFile, rename, rm, stat, unlink } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { Readable } from "node:stream";
+import { PinnedLru } from "../cache/pinned-lru.js";
+import { stampUse } from "../cache/use-stamp.js";
 import { Code, StatusError } from "../status/status.js";
 
 interface Entry {
-  size: number;
   /** When the file's mtime was last moved forward, so restarts keep the LRU order. */
-  touchedAt: number;
+  usedAt: number;
   /**
    * Written by this process (after the writer checked it), or checked by the
    * owner since this process started. A file found on disk at start is not:
    * a crash may have left it short or damaged.
    */
   verified: boolean;
+  /** Found missing on disk: leaves the index without an unlink (which could hit a new file of the key). */
+  gone?: boolean;
 }
 
 export interface LruDirectoryOptions {
@@ -31,9 +34,6 @@ export interface LruDirectoryOptions {
   onDamaged?: (key: string, reason: string) => void;
 }
 
-/** How long an access may go unrecorded on disk; the in-memory order is always exact. */
-const MTIME_RESOLUTION_MS = 60_000;
-
 /**
  * A directory of immutable files addressed by relative keys, with an
  * in-memory index in least-recently-used order and a size cap.
@@ -47,9 +47,8 @@ const MTIME_RESOLUTION_MS = 60_000;
  * are marked unverified until their owner checks them (`markVerified`).
  */
 export class LruDirectory {
-  private readonly entries = new Map<string, Entry>();
+  private readonly entries: PinnedLru<string, Entry>;
   private readonly createdDirs = new Set<string>();
-  private totalBytes = 0;
   /** Temporary names are this process's prefix and a counter: unique without asking for randomness each time. */
   private readonly tempPrefix = randomBytes(6).toString("hex");
   private tempCounter = 0;
@@ -59,7 +58,16 @@ export class LruDirectory {
   private constructor(
     readonly root: string,
     private readonly options: LruDirectoryOptions,
-  ) {}
+  ) {
+    this.entries = new PinnedLru({
+      maxBytes: options.maxBytes,
+      dispose: (key, entry, size, reason) => {
+        if (reason === "evicted") options.onEvict?.(key, size);
+        // Readers that already opened the file keep their descriptor; unlinking is safe.
+        if (!entry.gone) return unlink(this.filePath(key)).catch(() => {});
+      },
+    });
+  }
 
   static async open(root: string, options: LruDirectoryOptions): Promise<LruDirectory> {
     const store = new LruDirectory(root, options);
@@ -71,11 +79,11 @@ export class LruDirectory {
   }
 
   get usedBytes(): number {
-    return this.totalBytes;
+    return this.entries.bytes;
   }
 
   get count(): number {
-    return this.entries.size;
+    return this.entries.count;
   }
 
   get maxBytes(): number {
@@ -88,37 +96,30 @@ export class LruDirectory {
 
   /** Marks a file as just used; returns whether it exists. */
   touch(key: string): boolean {
-    const entry = this.entries.get(key);
+    const entry = this.entries.touch(key);
     if (!entry) return false;
-    this.entries.delete(key);
-    this.entries.set(key, entry);
-    const now = Date.now();
-    if (now - entry.touchedAt > MTIME_RESOLUTION_MS) {
-      entry.touchedAt = now;
-      const at = new Date(now);
-      utimes(this.filePath(key), at, at).catch(() => this.forget(key));
-    }
+    stampUse(entry, this.filePath(key), () => this.forget(key));
     return true;
   }
 
   /** Whether the file was written or checked by this process (false also when it is not stored). */
   isVerified(key: string): boolean {
-    return this.entries.get(key)?.verified === true;
+    return this.entries.peek(key)?.verified === true;
   }
 
   /** Records that the owner checked the file's content. */
   markVerified(key: string): void {
-    const entry = this.entries.get(key);
+    const entry = this.entries.peek(key);
     if (entry) entry.verified = true;
   }
 
   /** Keys of files not checked since this process started, least recently used first. */
   unverifiedKeys(): string[] {
-    return [...this.entries].filter(([, entry]) => !entry.verified).map(([key]) => key);
+    return [...this.entries.entries()].filter(({ value }) => !value.verified).map(({ key }) => key);
   }
 
   sizeOf(key: string): number | undefined {
-    return this.entries.get(key)?.size;
+    return this.entries.sizeOf(key);
   }
 
   filePath(key: string): string {
@@ -149,6 +150,8 @@ export class LruDirectory {
     }
     const target = this.filePath(key);
     await this.ensureDir(dirname(target));
+    // An evicted file of the same key may still be on its way out: its unlink must not take this one.
+    await this.entries.settled(key);
     await rename(tempPath, target);
     if (options?.durable ?? true) await this.syncDir(dirname(target));
     await this.record(key, size);
@@ -186,22 +189,8 @@ export class LruDirectory {
    * Evicts least recently used files (never `keep`) until at least `bytes`
    * are freed, for a write the disk had no room for. Returns the bytes freed.
    */
-  async makeRoom(bytes: number, keep = ""): Promise<number> {
-    let freed = 0;
-    const victims: string[] = [];
-    for (const [key, entry] of this.entries) {
-      if (freed >= bytes) break;
-      if (key === keep) continue;
-      victims.push(key);
-      freed += entry.size;
-    }
-    for (const key of victims) {
-      const size = this.entries.get(key)?.size ?? 0;
-      this.forget(key);
-      this.options.onEvict?.(key, size);
-    }
-    await Promise.all(victims.map((key) => unlink(this.filePath(key)).catch(() => {})));
-    return freed;
+  makeRoom(bytes: number, keep = ""): Promise<number> {
+    return this.entries.free(bytes, keep);
   }
 
   /**
@@ -223,14 +212,8 @@ export class LruDirectory {
 
   /** Counts a file just renamed into place (once, however often it was written). */
   private async record(key: string, size: number): Promise<void> {
-    const existing = this.entries.get(key);
-    if (existing) {
-      this.touch(key);
-      return;
-    }
-    this.entries.set(key, { size, touchedAt: Date.now(), verified: true });
-    this.totalBytes += size;
-    await this.evict(key);
+    if (this.touch(key)) return;
+    await this.entries.insert(key, { usedAt: Date.now(), verified: true }, size);
   }
 
   /** The whole file, or undefined when it is not (or no longer) stored. */
@@ -273,30 +256,16 @@ export class LruDirectory {
   }
 
   async remove(key: string): Promise<void> {
-    this.forget(key);
-    await unlink(this.filePath(key)).catch(() => {});
+    if (this.entries.has(key)) await this.entries.delete(key);
+    else await unlink(this.filePath(key)).catch(() => {});
   }
 
+  /** Drops a file found missing from the index. */
   private forget(key: string): void {
-    const entry = this.entries.get(key);
+    const entry = this.entries.peek(key);
     if (!entry) return;
-    this.entries.delete(key);
-    this.totalBytes -= entry.size;
-  }
-
-  private async evict(keep: string): Promise<void> {
-    if (this.totalBytes <= this.options.maxBytes) return;
-    const victims: string[] = [];
-    for (const [key, entry] of this.entries) {
-      if (this.totalBytes <= this.options.maxBytes) break;
-      if (key === keep) continue;
-      victims.push(key);
-      this.entries.delete(key);
-      this.totalBytes -= entry.size;
-      this.options.onEvict?.(key, entry.size);
-    }
-    // Readers that already opened a victim keep their descriptor; unlinking is safe.
-    await Promise.all(victims.map((key) => unlink(this.filePath(key)).catch(() => {})));
+    entry.gone = true;
+    void this.entries.delete(key);
   }
 
   private async ensureDir(dir: string): Promise<void> {
@@ -328,7 +297,7 @@ export class LruDirectory {
       );
     };
     await walk(join(this.root, "files"), "");
-    found.sort((a, b) => a.mtime - b.mtime);
+    const intact = [];
     for (const { key, size, mtime } of found) {
       const expected = this.options.sizeOfKey?.(key);
       if (expected !== undefined && expected !== size) {
@@ -337,10 +306,9 @@ export class LruDirectory {
         await unlink(join(this.root, "files", key)).catch(() => {});
         continue;
       }
-      this.entries.set(key, { size, touchedAt: mtime, verified: false });
-      this.totalBytes += size;
+      intact.push({ key, size, usedAt: mtime, value: { usedAt: mtime, verified: false } });
     }
-    await this.evict("");
+    await this.entries.restore(intact);
   }
 }
 

@@ -6,7 +6,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { sha256, type WireDigest } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
-import { actionRunnerOptions } from "../../test/support/runner.js";
+import { type TestExecutor, testExecutor } from "../../test/support/runner.js";
 import { dir, encodeTree, file } from "../../test/support/trees.js";
 import { digestKey, parseDigest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
@@ -20,7 +20,6 @@ import {
 } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { PreconditionFailure } from "../gen/google/rpc/error_details.js";
 import { Code } from "../status/status.js";
-import { type ActionRunnerOptions, runAction } from "./action-runner.js";
 import { acceptAssignmentBlobs } from "./assignment-blobs.js";
 import { DirectoryCache } from "./directory-cache.js";
 import { RemoteCas } from "./remote-cas.js";
@@ -30,17 +29,17 @@ import { RemoteCas } from "./remote-cas.js";
 let farm: TestFarm;
 let cas: RemoteCas;
 let workDir: string;
-let options: ActionRunnerOptions;
+let executor: TestExecutor;
 
 before(async () => {
   farm = await startTestFarm();
   cas = RemoteCas.connect(farm.address);
   workDir = await mkdtemp(join(tmpdir(), "berth-assignment-blobs-"));
   await chmod(workDir, 0o755);
-  options = await actionRunnerOptions(workDir, cas, { workerName: "assignment-blobs-test" });
+  executor = await testExecutor(workDir, cas, { workerName: "assignment-blobs-test" });
 });
 after(async () => {
-  await options?.trash.drain();
+  await executor?.trash.drain();
   cas?.close();
   await farm?.close();
   if (workDir) await rm(workDir, { recursive: true, force: true });
@@ -59,6 +58,7 @@ function assignment(root: WireDigest, script: string, directories: Blob[], files
       environmentVariables: [{ name: "PATH", value: "/usr/bin:/bin" }],
     }),
     timeout: { seconds: 60, nanos: 0 },
+    hostRoot: {},
     inputDirectories: directories.map(request),
     inputFiles: files.map(request),
   });
@@ -87,10 +87,8 @@ describe("input blobs that come with an assignment", () => {
     const content = `inline input ${randomUUID()}\n`;
     const tree = uniqueTree(content);
     assert.equal(tree.directories.length, 3);
-    const completion = await runAction(
+    const completion = await executor.run(
       assignment(tree.root, "cat bazel-out/bin/in.txt; sh bazel-out/bin/tool.sh", tree.directories, tree.files),
-      options,
-      new AbortController().signal,
     );
     assert.equal(completion.status?.code, Code.OK, completion.status?.message);
     assert.equal(completion.result?.exitCode, 0, inlineText(completion, completion.result?.stderrDigest));
@@ -102,10 +100,8 @@ describe("input blobs that come with an assignment", () => {
     const tree = uniqueTree(content);
     const genuine = tree.files.find((b) => String(b.data) === content) as Blob;
     const tampered = tree.files.map((b) => (b === genuine ? { ...b, data: Buffer.from("tampered\n") } : b));
-    const completion = await runAction(
+    const completion = await executor.run(
       assignment(tree.root, "cat bazel-out/bin/in.txt", tree.directories, tampered),
-      options,
-      new AbortController().signal,
     );
     assert.equal(completion.status?.code, Code.FAILED_PRECONDITION, completion.status?.message);
     const detail = completion.status?.details.find((d) => d.typeUrl.endsWith("PreconditionFailure"));

@@ -7,7 +7,7 @@ import { after, before, describe, test } from "node:test";
 import { readBlob, uploadBlobs } from "../../test/support/actions.js";
 import { sha256, type WireDigest } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
-import { actionRunnerOptions } from "../../test/support/runner.js";
+import { type TestExecutor, testExecutor } from "../../test/support/runner.js";
 import { type DirNode, dir, encodeTree, file, graft, symlink } from "../../test/support/trees.js";
 import { parseDigest } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
@@ -16,7 +16,6 @@ import { Assignment, type Completion } from "../gen/berth/worker/v1/worker.js";
 import { Action, Command, DigestFunction_Value } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import { PreconditionFailure } from "../gen/google/rpc/error_details.js";
 import { Code } from "../status/status.js";
-import { type ActionRunnerOptions, runAction } from "./action-runner.js";
 import { ExpandedRoots } from "./expanded-roots.js";
 import { RemoteCas } from "./remote-cas.js";
 
@@ -27,12 +26,12 @@ const MANIFEST_DIGEST = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef
 
 // The scheduler's side of expand mode is written elsewhere: these tests play the farm's part by hand (an image
 // tree and a merged input root in the CAS of a real farm, an Assignment naming them) and drive the worker's
-// runAction with the same real components a worker builds.
+// executor with the same real components a worker builds.
 let farm: TestFarm;
 let cas: RemoteCas;
 let workDir: string;
 let expandedRoots: ExpandedRoots;
-let options: ActionRunnerOptions;
+let executor: TestExecutor;
 
 /** busybox-static's binary, the only program of the test image. */
 let busybox: Buffer;
@@ -45,14 +44,10 @@ before(async () => {
   await chmod(workDir, 0o755);
   busybox = await readFile("/bin/busybox");
   expandedRoots = await ExpandedRoots.open(join(workDir, "expanded"), { maxBytes: 1024 ** 3 });
-  options = await actionRunnerOptions(workDir, cas, {
-    workerName: "expand-test",
-    expandedRoots,
-    inputRootPath: INPUT_ROOT_PATH,
-  });
+  executor = await testExecutor(workDir, cas, { workerName: "expand-test", expandedRoots });
 });
 after(async () => {
-  await options?.trash.drain();
+  await executor?.trash.drain();
   cas?.close();
   await farm?.close();
   if (workDir) await rm(workDir, { recursive: true, force: true });
@@ -136,7 +131,6 @@ function assignmentFor(expanded: Expanded, spec: ActionSpec): Assignment {
       outputFiles: spec.outputFiles ?? [],
     }),
     timeout: { seconds: 60, nanos: 0 },
-    containerImage: "",
     expandedImage: {
       baseRootDigest: expanded.base,
       inputRootPath: INPUT_ROOT_PATH,
@@ -146,8 +140,8 @@ function assignmentFor(expanded: Expanded, spec: ActionSpec): Assignment {
   });
 }
 
-function run(assignment: Assignment, with_: ActionRunnerOptions = options): Promise<Completion> {
-  return runAction(assignment, with_, new AbortController().signal);
+function run(assignment: Assignment, with_: TestExecutor = executor): Promise<Completion> {
+  return with_.run(assignment);
 }
 
 /** A blob of the completion: inline when small, else from the CAS. */
@@ -220,7 +214,7 @@ describe("actions in expanded images (expand mode)", { skip }, () => {
       );
       assert.equal((await succeeded(writer)).stdout, "777\nchanged\n");
     }
-    const held = await expandedRoots.acquire(SHA256, baseRoot, cas, options.cache, options.directories);
+    const held = await expandedRoots.acquire(SHA256, baseRoot, cas, executor.inputs.files, executor.inputs.directories);
     try {
       assert.equal(await readFile(join(held.dir, "etc", "marker"), "utf8"), "unchanged\n");
       assert.deepEqual((await readdir(join(held.dir, "etc"))).sort(), ["marker", "passwd"]);
@@ -250,8 +244,8 @@ describe("actions in expanded images (expand mode)", { skip }, () => {
       SHA256,
       parseDigest(SHA256, first.base, "base"),
       cas,
-      options.cache,
-      options.directories,
+      executor.inputs.files,
+      executor.inputs.directories,
     );
     const inode = (await stat(held.dir)).ino;
     await held.release();
@@ -262,8 +256,8 @@ describe("actions in expanded images (expand mode)", { skip }, () => {
       SHA256,
       parseDigest(SHA256, first.base, "base"),
       cas,
-      options.cache,
-      options.directories,
+      executor.inputs.files,
+      executor.inputs.directories,
     );
     assert.equal((await stat(again.dir)).ino, inode);
     await again.release();
@@ -308,7 +302,9 @@ describe("actions in expanded images (expand mode)", { skip }, () => {
 
   test("a worker without expanded roots fails the action with FAILED_PRECONDITION", async () => {
     const expanded = await uploadExpanded(imageTree("no store"), dir());
-    const completion = await run(assignmentFor(expanded, { script: "true" }), { ...options, expandedRoots: undefined });
+    const bare = await testExecutor(join(workDir, "bare"), cas, { workerName: "expand-test" });
+    const completion = await run(assignmentFor(expanded, { script: "true" }), bare);
+    await bare.trash.drain();
     assert.equal(completion.status?.code, Code.FAILED_PRECONDITION);
     assert.match(completion.status?.message ?? "", /expanded images/);
   });

@@ -1,6 +1,9 @@
 import { randomUUID } from "node:crypto";
-import { chmod, mkdir, readdir, readFile, rename, rm, stat, utimes, writeFile } from "node:fs/promises";
+import { chmod, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join, relative } from "node:path";
+import { type Created, PinnedLru } from "../cache/pinned-lru.js";
+import { stampUse } from "../cache/use-stamp.js";
+import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import { type Digest, formatDigest, parseDigest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
@@ -40,8 +43,12 @@ interface RootRecord {
 /** 2: directory modes tamed (hostMode), opened directories recorded. Older trees may keep 0777 directories. */
 const ROOT_FORMAT = 2;
 
-/** How long a use may go unrecorded on disk; the in-memory order is always exact. */
-const MTIME_RESOLUTION_MS = 60_000;
+/** What the index keeps of a root on disk (its size is the index's). */
+interface StoredRoot {
+  opened: Map<string, number>;
+  /** When `root.json`'s mtime was last moved forward (see stampUse). */
+  usedAt: number;
+}
 
 /**
  * Base roots of expanded images (image trees in the CAS), materialized once
@@ -58,22 +65,25 @@ const MTIME_RESOLUTION_MS = 60_000;
  * `maxBytes` the others go, least recently used first.
  */
 export class ExpandedRoots {
-  /** Roots on disk by key, least recently used first. */
-  private readonly roots = new Map<string, { size: number; touchedAt: number; opened: Map<string, number> }>();
-  private readonly pins = new Map<string, number>();
-  private readonly materializing = new Map<string, Promise<void>>();
-  private readonly removing = new Map<string, Promise<void>>();
-  private totalBytes = 0;
+  /** Roots on disk by key. */
+  private readonly roots: PinnedLru<string, StoredRoot>;
   private materializedCount = 0;
 
   private constructor(
     private readonly dir: string,
-    private readonly options: ExpandedRootsOptions,
-  ) {}
+    private readonly maxBytes: number,
+    options: ExpandedRootsOptions,
+  ) {
+    this.roots = new PinnedLru({
+      maxBytes: options.maxBytes,
+      dispose: (key) => this.deleteTree(key),
+      onError: options.onError,
+    });
+  }
 
   /** Opens the store in `dir`: half-written trees of an earlier run are deleted, complete ones kept. */
   static async open(dir: string, options: ExpandedRootsOptions): Promise<ExpandedRoots> {
-    const store = new ExpandedRoots(dir, options);
+    const store = new ExpandedRoots(dir, options.maxBytes, options);
     await rm(store.tempDir, { recursive: true, force: true });
     await mkdir(store.tempDir, { recursive: true });
     await mkdir(store.rootsDir, { recursive: true });
@@ -81,13 +91,12 @@ export class ExpandedRoots {
     // which must not let any user of the host write into the shared copy.
     await chmod(dir, 0o700);
     await store.scan();
-    await store.evict();
     return store;
   }
 
   /** Bytes of the files of the roots on disk. */
   get usedBytes(): number {
-    return this.totalBytes;
+    return this.roots.bytes;
   }
 
   /** How many trees this store has laid out since it was opened (not those found on disk). */
@@ -115,34 +124,13 @@ export class ExpandedRoots {
     directories: DirectoryCache,
   ): Promise<AcquiredRoot> {
     const key = rootKey(root);
-    // Pinned before anything is awaited, so that evictions meanwhile spare it.
-    this.pins.set(key, (this.pins.get(key) ?? 0) + 1);
-    let released = false;
-    const release = async (): Promise<void> => {
-      if (released) return;
-      released = true;
-      const count = (this.pins.get(key) ?? 1) - 1;
-      if (count === 0) this.pins.delete(key);
-      else this.pins.set(key, count);
-      this.touch(key);
-      await this.evict().catch((err: unknown) => this.options.onError?.(err));
-    };
+    const lease = await this.roots.acquire(key, () => this.materialize(fn, root, key, cas, files, directories));
     try {
-      if (!this.touch(key)) {
-        let pending = this.materializing.get(key);
-        if (!pending) {
-          pending = this.materialize(fn, root, key, cas, files, directories).finally(() =>
-            this.materializing.delete(key),
-          );
-          this.materializing.set(key, pending);
-        }
-        await pending;
-      }
-      const opened = this.roots.get(key)?.opened ?? new Map<string, number>();
-      const upper = await upperDirectories([{ dir: this.treeOf(key), opened, opaque: new Set() }]);
-      return { dir: this.treeOf(key), upperDirectories: upper, release };
+      stampUse(lease.value, join(this.dirOf(key), "root.json"));
+      const upper = await upperDirectories([{ dir: this.treeOf(key), opened: lease.value.opened, opaque: new Set() }]);
+      return { dir: this.treeOf(key), upperDirectories: upper, release: lease.release };
     } catch (err) {
-      await release();
+      await lease.release();
       throw err;
     }
   }
@@ -154,19 +142,18 @@ export class ExpandedRoots {
     cas: RemoteCas,
     files: FileCache,
     directories: DirectoryCache,
-  ): Promise<void> {
-    // An eviction of the same root may still be moving the old copy out of the way.
-    await this.removing.get(key)?.catch(() => {});
+  ): Promise<Created<StoredRoot>> {
     const work = join(this.tempDir, randomUUID());
     try {
       await mkdir(work);
       // One GetTree for the whole tree even when its top is known (the graft check reads it): an image has
       // many levels, each a round trip otherwise.
-      const plan = await planTree(fn, root, join(work, "tree"), cas, directories, true);
-      if (plan.fileBytes > this.options.maxBytes) {
+      const source = { cas, directories, limits: DEFAULT_INPUT_TREE_LIMITS };
+      const plan = await planTree(fn, root, join(work, "tree"), source, true);
+      if (plan.fileBytes > this.maxBytes) {
         throw new StatusError(
           Code.RESOURCE_EXHAUSTED,
-          `image root ${formatDigest(root)} holds ${plan.fileBytes} bytes of files, more than the worker's cap of ${this.options.maxBytes} (worker.expandedRootsMaxSizeBytes)`,
+          `image root ${formatDigest(root)} holds ${plan.fileBytes} bytes of files, more than the worker's cap of ${this.maxBytes} (worker.expandedRootsMaxSizeBytes)`,
         );
       }
       await layOutTree(plan, cas, files, { directoryModes: true });
@@ -184,83 +171,37 @@ export class ExpandedRoots {
       };
       await writeFile(join(work, "root.json"), JSON.stringify(record));
       await rename(work, this.dirOf(key));
-      this.roots.set(key, { size: plan.fileBytes, touchedAt: Date.now(), opened });
-      this.totalBytes += plan.fileBytes;
       this.materializedCount++;
+      return { value: { opened, usedAt: Date.now() }, size: plan.fileBytes };
     } finally {
       // Gone already when the rename succeeded.
       await rm(work, { recursive: true, force: true });
     }
-    await this.evict().catch((err: unknown) => this.options.onError?.(err));
   }
 
   /** Indexes the trees an earlier run completed, least recently used first; anything else there goes. */
   private async scan(): Promise<void> {
-    const found: { key: string; size: number; usedAt: number; opened: Map<string, number> }[] = [];
+    const found: { key: string; size: number; value: StoredRoot; usedAt: number }[] = [];
     for (const key of await readdir(this.rootsDir)) {
       const recordPath = join(this.dirOf(key), "root.json");
       try {
         const record = JSON.parse(await readFile(recordPath, "utf8")) as Partial<RootRecord>;
         if (typeof record.size !== "number" || record.size < 0) throw new Error("no size");
         if (record.format !== ROOT_FORMAT) throw new Error("laid out by an older version, untamed");
-        const opened = new Map(record.opened ?? []);
-        found.push({ key, size: record.size, usedAt: (await stat(recordPath)).mtimeMs, opened });
+        const usedAt = (await stat(recordPath)).mtimeMs;
+        found.push({ key, size: record.size, value: { opened: new Map(record.opened ?? []), usedAt }, usedAt });
       } catch {
         await rm(this.dirOf(key), { recursive: true, force: true });
       }
     }
-    found.sort((a, b) => a.usedAt - b.usedAt);
-    for (const { key, size, usedAt, opened } of found) {
-      this.roots.set(key, { size, touchedAt: usedAt, opened });
-      this.totalBytes += size;
-    }
+    await this.roots.restore(found);
   }
 
-  /** Marks a root as just used; returns whether it is present. */
-  private touch(key: string): boolean {
-    const entry = this.roots.get(key);
-    if (!entry) return false;
-    this.roots.delete(key);
-    this.roots.set(key, entry);
-    const now = Date.now();
-    if (now - entry.touchedAt > MTIME_RESOLUTION_MS) {
-      entry.touchedAt = now;
-      const at = new Date(now);
-      utimes(join(this.dirOf(key), "root.json"), at, at).catch(() => {});
-    }
-    return true;
-  }
-
-  /**
-   * Brings the store back under its cap if it can. Roots in use may keep it
-   * above for a while; the cap is met again as they are released.
-   */
-  private async evict(): Promise<void> {
-    let used = this.totalBytes;
-    if (used <= this.options.maxBytes) return;
-    const victims: string[] = [];
-    for (const [key, { size }] of this.roots) {
-      if (used <= this.options.maxBytes) break;
-      if (this.pins.has(key)) continue;
-      victims.push(key);
-      used -= size;
-    }
-    // Every victim leaves the index before anything is awaited, so no acquire can find one half removed.
-    await Promise.all(victims.map((key) => this.remove(key)));
-  }
-
-  private async remove(key: string): Promise<void> {
-    const entry = this.roots.get(key);
-    if (!entry) return;
-    this.roots.delete(key);
-    this.totalBytes -= entry.size;
-    // Renamed away first, so the root vanishes at once; a crash mid-delete leaves it in tmp/.
+  /** Renamed away first, so the root vanishes at once; a crash mid-delete leaves it in tmp/. */
+  private async deleteTree(key: string): Promise<void> {
     const doomed = join(this.tempDir, randomUUID());
-    const done = rename(this.dirOf(key), doomed)
-      .then(() => rm(doomed, { recursive: true, force: true }))
-      .finally(() => this.removing.delete(key));
-    this.removing.set(key, done);
-    await done;
+    await rename(this.dirOf(key), doomed);
+    await rm(doomed, { recursive: true, force: true });
   }
 
   private get rootsDir(): string {

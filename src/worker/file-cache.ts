@@ -1,6 +1,7 @@
 import { renameSync, writeFileSync } from "node:fs";
 import { chmod, mkdir, rename, rm, unlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
+import { type Lease, PinnedLru } from "../cache/pinned-lru.js";
 import { type Digest, digestKey, formatDigest } from "../digest/digest.js";
 import type { RemoteCas } from "./remote-cas.js";
 
@@ -24,17 +25,16 @@ const SYNC_WRITE_LIMIT = 64 * 1024;
  * eviction never takes a file from under a running action.
  */
 export class FileCache {
-  /** Copies on disk and their sizes, least recently used first. */
-  private readonly present = new Map<string, number>();
-  private readonly fetching = new Map<string, Promise<boolean>>();
-  private readonly pins = new Map<string, number>();
-  private totalBytes = 0;
+  /** Copies on disk by key; the value is the copy's path. */
+  private readonly copies: PinnedLru<string, string>;
 
   private constructor(
     private readonly dir: string,
-    private readonly maxBytes: number,
+    maxBytes: number,
     private readonly options: FileCacheOptions,
-  ) {}
+  ) {
+    this.copies = new PinnedLru({ maxBytes, dispose: (_key, path) => unlink(path).catch(() => {}) });
+  }
 
   static async open(dir: string, maxBytes: number, options: FileCacheOptions = {}): Promise<FileCache> {
     // Entries from an earlier run are not indexed; starting empty is always correct.
@@ -45,7 +45,7 @@ export class FileCache {
 
   /** Bytes of the copies on disk. */
   get usedBytes(): number {
-    return this.totalBytes;
+    return this.copies.bytes;
   }
 
   /**
@@ -59,89 +59,75 @@ export class FileCache {
     wanted: readonly { digest: Digest; executable: boolean }[],
     atHand?: ReadonlyMap<string, Buffer>,
   ): Promise<{ missing: Digest[]; release(): void }> {
-    const keys = [...new Set(wanted.map((item) => this.key(item.digest, item.executable)))];
-    for (const key of keys) this.pins.set(key, (this.pins.get(key) ?? 0) + 1);
+    const leases: Lease<string>[] = [];
+    const absent = new Map<string, { digest: Digest; executable: boolean }>();
+    for (const item of wanted) {
+      const key = this.key(item.digest, item.executable);
+      if (absent.has(key)) continue;
+      const lease = this.copies.tryAcquire(key);
+      if (lease) leases.push(lease);
+      else absent.set(key, item);
+    }
     let released = false;
     const release = () => {
       if (released) return;
       released = true;
-      for (const key of keys) {
-        const count = (this.pins.get(key) ?? 1) - 1;
-        if (count > 0) this.pins.set(key, count);
-        else this.pins.delete(key);
-      }
-      this.evict();
+      // The cache shrinks back under its cap synchronously; the files go in the background.
+      for (const lease of leases) void lease.release();
     };
     try {
-      return { missing: await this.fetchAbsent(cas, wanted, atHand), release };
+      return { missing: await this.fetchAbsent(cas, absent, atHand, leases), release };
     } catch (err) {
       release();
       throw err;
     }
   }
 
+  /**
+   * Acquires each absent copy, fetching in one batch those no one else is
+   * fetching already; leases go into `leases`, as they come. Returns the
+   * digests the CAS lacks.
+   */
   private async fetchAbsent(
     cas: RemoteCas,
-    wanted: readonly { digest: Digest; executable: boolean }[],
+    absent: ReadonlyMap<string, { digest: Digest; executable: boolean }>,
     atHand: ReadonlyMap<string, Buffer> | undefined,
+    leases: Lease<string>[],
   ): Promise<Digest[]> {
-    const missing: Digest[] = [];
-    const toFetch = new Map<string, { digest: Digest; executable: boolean }>();
-    const waits: Promise<void>[] = [];
-    for (const item of wanted) {
-      const key = this.key(item.digest, item.executable);
-      const size = this.present.get(key);
-      if (size !== undefined) {
-        // Most recently used now.
-        this.present.delete(key);
-        this.present.set(key, size);
-        continue;
-      }
-      if (toFetch.has(key)) continue;
-      const pending = this.fetching.get(key);
-      if (pending) {
-        waits.push(
-          pending.then((ok) => {
-            if (!ok) missing.push(item.digest);
-          }),
-        );
+    if (absent.size === 0) return [];
+    const batch: [string, { digest: Digest; executable: boolean }][] = [];
+    let settleBatch: { resolve(found: Set<string>): void; reject(err: unknown): void } | undefined;
+    const batchFetched = new Promise<Set<string>>((resolve, reject) => {
+      settleBatch = { resolve, reject };
+    });
+    let launched = false;
+    const create = (item: { digest: Digest; executable: boolean }) => async (key: string) => {
+      let found: Set<string>;
+      if (launched) {
+        // Created late, once an evicted copy of the key was unlinked: fetched on its own.
+        found = await this.fetch(cas, [[key, item]], atHand);
       } else {
-        toFetch.set(key, item);
+        batch.push([key, item]);
+        found = await batchFetched;
       }
+      if (!found.has(key)) throw new NotInCas();
+      return { value: join(this.dir, key), size: item.digest.sizeBytes };
+    };
+    // Each acquire calls `create` before returning if no one else is fetching the copy: the batch fills up here.
+    const acquired = [...absent].map(([key, item]) => this.copies.acquire(key, create(item)));
+    launched = true;
+    if (batch.length > 0) this.fetch(cas, batch, atHand).then(settleBatch?.resolve, settleBatch?.reject);
+    const missing: Digest[] = [];
+    let failure: unknown;
+    const settled = await Promise.allSettled(acquired);
+    for (const [i, [, item]] of [...absent].entries()) {
+      const result = settled[i] as PromiseSettledResult<Lease<string>>;
+      if (result.status === "fulfilled") leases.push(result.value);
+      else if (result.reason instanceof NotInCas) missing.push(item.digest);
+      else failure ??= result.reason;
     }
-    if (toFetch.size > 0) {
-      const fetched = this.fetch(cas, [...toFetch.entries()], atHand);
-      for (const [key, item] of toFetch) {
-        const done = fetched.then((found) => found.has(key));
-        this.fetching.set(key, done);
-        waits.push(
-          done.then((ok) => {
-            this.fetching.delete(key);
-            if (ok) this.add(key, item.digest.sizeBytes);
-            else missing.push(item.digest);
-          }),
-        );
-      }
-    }
-    await Promise.all(waits);
+    if (failure !== undefined) throw failure;
     return missing;
-  }
-
-  private add(key: string, size: number): void {
-    this.present.set(key, size);
-    this.totalBytes += size;
-    this.evict();
-  }
-
-  /** Deletes the least recently used copies no action has pinned until the cache fits. */
-  private evict(): void {
-    for (const [key, size] of this.present) {
-      if (this.totalBytes <= this.maxBytes) return;
-      if (this.pins.has(key)) continue;
-      this.present.delete(key);
-      this.totalBytes -= size;
-      unlink(join(this.dir, key)).catch(() => {});
-    }
   }
 
   pathOf(digest: Digest, executable: boolean): string {
@@ -194,6 +180,9 @@ export class FileCache {
     return found;
   }
 }
+
+/** A creation's way of saying the CAS lacks the blob: reported as missing, not as a failure. */
+class NotInCas extends Error {}
 
 export interface FileCacheOptions {
   /**

@@ -16,6 +16,7 @@ import { Directory } from "../gen/build/bazel/remote/execution/v2/remote_executi
 import { hostMode } from "../image/host-mode.js";
 import { imageModeOf } from "../image/open-directories.js";
 import { invalidArgument, missingBlobs } from "../status/status.js";
+import type { ActionInputs } from "./action-inputs.js";
 import type { DirectoryCache } from "./directory-cache.js";
 import { describeMissing, type FileCache } from "./file-cache.js";
 import type { RemoteCas } from "./remote-cas.js";
@@ -37,6 +38,9 @@ const DEFAULT_DIRECTORY_MODE = 0o755;
  * were most of the time it took to lay it out.
  */
 const SYNC_LAYOUT_LIMIT = 64;
+
+/** Where a tree's Directory messages come from, and the bounds it must keep. */
+export type TreeSource = Pick<ActionInputs, "cas" | "directories" | "limits">;
 
 /** What laying out a Directory tree below some target creates, read from its Directory messages. */
 export interface TreePlan {
@@ -72,14 +76,12 @@ export async function materializeInputRoot(
   fn: DigestFunction,
   root: Digest,
   target: string,
-  cas: RemoteCas,
-  cache: FileCache,
-  directoryCache: DirectoryCache,
-  options: Pick<LayOutOptions, "owner" | "files"> = {},
-  limits: InputTreeLimits = DEFAULT_INPUT_TREE_LIMITS,
+  inputs: ActionInputs,
+  /** Contents of some files by digest key (they came with the assignment): written, not fetched. */
+  files?: ReadonlyMap<string, Buffer>,
 ): Promise<void> {
-  const plan = await planTree(fn, root, target, cas, directoryCache, false, limits);
-  await layOutTree(plan, cas, cache, options);
+  const plan = await planTree(fn, root, target, inputs);
+  await layOutTree(plan, inputs.cas, inputs.files, { owner: inputs.owner, files });
 }
 
 /**
@@ -94,12 +96,11 @@ export async function planTree(
   fn: DigestFunction,
   root: Digest,
   target: string,
-  cas: RemoteCas,
-  directoryCache: DirectoryCache,
+  source: TreeSource,
   wholeTree = false,
-  limits: InputTreeLimits = DEFAULT_INPUT_TREE_LIMITS,
 ): Promise<TreePlan> {
-  const directories = await fetchDirectories(fn, root, cas, directoryCache, wholeTree, limits);
+  const { limits } = source;
+  const directories = await fetchDirectories(fn, root, source, wholeTree);
   checkTreeLimits(fn, root, (key) => directories.get(key), limits);
   const plan: TreePlan = { directories: [], files: [], symlinks: [], fileBytes: 0 };
   // Depth first with an explicit stack (children pushed in reverse keep the Directory's order): parents come
@@ -254,11 +255,10 @@ export async function readDirectory(
 async function fetchDirectories(
   fn: DigestFunction,
   root: Digest,
-  cas: RemoteCas,
-  known: DirectoryCache,
+  source: TreeSource,
   wholeTree: boolean,
-  limits: InputTreeLimits,
 ): Promise<Map<string, Directory>> {
+  const { cas, directories: known, limits } = source;
   if (wholeTree || !known.get(digestKey(root))) {
     for (const directory of await cas.getTree(root)) {
       const bytes = Directory.encode(directory).finish();

@@ -5,19 +5,27 @@ import { hostPlatformProperties } from "../action/host-platform.js";
 import type { Property } from "../action/property.js";
 import { type ConnectionOptions, clientChannel } from "../auth/client-channel.js";
 import type { InputTreeLimits } from "../cas/tree-limits.js";
+import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import type { Config } from "../config/config.js";
 import type { Logger } from "../log/log.js";
 import { registryFromConfig } from "../registry/configured-client.js";
+import { BubblewrapRunner } from "../runner/bubblewrap-runner.js";
+import { RecyclingRunner } from "../runner/recycling-runner.js";
+import { Runners } from "../runner/runners.js";
+import { WarmRunnerPool } from "../runner/warm-pool.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
 import { openPrivateDir } from "../store/private-dir.js";
+import { ActionEnvironments } from "./action-environments.js";
+import type { ActionInputs } from "./action-inputs.js";
 import { DirectoryCache } from "./directory-cache.js";
 import { ExpandedRoots } from "./expanded-roots.js";
 import { FileCache } from "./file-cache.js";
 import type { TreeOwner } from "./input-root.js";
 import { CHANNEL_OPTIONS, RemoteCas } from "./remote-cas.js";
 import { Trash } from "./trash.js";
-import { Worker } from "./worker.js";
+import { WarmKeys, Worker } from "./worker.js";
+import { workerExecutor } from "./worker-executor.js";
 import { WorkerImages } from "./worker-images.js";
 
 export interface WorkerPoolOptions {
@@ -69,43 +77,33 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   const hub = clientChannel(options.connection, CHANNEL_OPTIONS);
   const cas = RemoteCas.connect(hub);
   // Mounting an image's overlay needs root; other workers run actions on the host's root only.
-  const mountsOverlays = process.getuid?.() === 0 && options.runImages !== false;
-  const images = mountsOverlays
-    ? await WorkerImages.open({
-        dir: join(options.workDir, "images"),
-        maxBytes: options.images.storeMaxSizeBytes,
-        limits: options.images,
-        registry: await registryFromConfig(options.images),
-        tagRefreshMs: options.images.tagRefreshSeconds * 1000,
-      })
-    : undefined;
-  // Images the farm expanded into the CAS need no registry, only the overlay.
-  const expandedRoots = mountsOverlays
-    ? await ExpandedRoots.open(join(options.workDir, "expanded"), {
-        maxBytes: options.worker.expandedRootsMaxSizeBytes,
-        onError: (err) => options.log.warn({ err }, "removing an expanded image's root failed"),
-      })
-    : undefined;
-  const properties = [
-    // What every client may ask of a worker (OSFamily, ISA, Arch), unless the operator said otherwise.
-    ...hostPlatformProperties(options.properties, process.platform, process.arch, endianness()),
-    ...options.properties,
-    ...(images ? [IMAGE_CAPABILITY] : []),
-    ...(expandedRoots ? [EXPANDED_IMAGE_CAPABILITY] : []),
-  ];
-  const directories = new DirectoryCache();
-  const trash = await Trash.open(join(options.workDir, "trash"));
-  const prefix = options.name ?? `${hostname()}-${process.pid}`;
+  const layeredRoots = process.getuid?.() === 0 && options.runImages !== false;
   const { limits, sandboxUidBase, slirp4netnsPath } = options.worker;
   let warnedNoCgroup = false;
   const cgroups: SlotCgroup[] = [];
-  const workers = Array.from({ length: options.count }, (_, i) => {
-    const workerName = `${prefix}-${i}`;
-    const owner = actionUser(i, sandboxUidBase);
-    const cgroup = openSlotCgroup(i, {
-      memoryBytes: limits.maxMemoryBytes,
-      processes: limits.maxProcesses,
-    });
+  const cgroupLimits = { memoryBytes: limits.maxMemoryBytes, processes: limits.maxProcesses };
+  // Warm runners (recycle-runner) have users and cgroups of their own, numbered after the slots'.
+  const warm = options.worker.warmRunners;
+  const pool = new WarmRunnerPool({
+    dir: join(options.workDir, "runners"),
+    maxRunners: warm.maxRunners,
+    maxMemoryBytes: warm.maxMemoryBytes,
+    maxDiskBytes: warm.maxDiskBytes,
+    idleMillis: warm.idleSeconds * 1000,
+    identity: (index) => {
+      const owner = actionUser(options.count + index, sandboxUidBase);
+      const cgroup = openSlotCgroup(options.count + index, cgroupLimits);
+      if (cgroup) cgroups.push(cgroup);
+      return { index, uid: owner.uid, gid: owner.gid, cgroup };
+    },
+    onIdleKeysChanged: (keys) => warmKeys.publish(keys),
+    onError: (err) => options.log.warn({ err }, "stopping a warm runner failed"),
+  });
+  await pool.open();
+  const warmKeys = new WarmKeys();
+  /** Each slot's runners: its sandbox has the slot's user and cgroup. */
+  const slotRunners = (slot: number, owner: TreeOwner) => {
+    const cgroup = openSlotCgroup(slot, cgroupLimits);
     if (cgroup) cgroups.push(cgroup);
     if (!cgroup && !warnedNoCgroup) {
       warnedNoCgroup = true;
@@ -121,22 +119,64 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       slirp4netnsPath,
       maskedFiles: options.maskedFiles,
     });
+    const fresh = new BubblewrapRunner(sandbox, { layeredRoots });
+    // Warm runners keep sandboxes whose roots root mounts: a worker started as another user keeps none.
+    const sandboxRunner = layeredRoots
+      ? new RecyclingRunner(fresh, pool, { limits, slirp4netnsPath, maskedFiles: options.maskedFiles })
+      : fresh;
+    return new Runners({ "namespace-sandbox": sandboxRunner });
+  };
+  const owners = Array.from({ length: options.count }, (_, i) => actionUser(i, sandboxUidBase));
+  const runners = owners.map((owner, i) => slotRunners(i, owner));
+  // What the runners can do decides which image stores the workers keep.
+  const capabilities = runners[0]?.capabilities ?? [];
+  const offers = (capability: Property) => runners[0]?.offers(capability) ?? false;
+  const images = offers(IMAGE_CAPABILITY)
+    ? await WorkerImages.open({
+        dir: join(options.workDir, "images"),
+        maxBytes: options.images.storeMaxSizeBytes,
+        limits: options.images,
+        registry: await registryFromConfig(options.images),
+        tagRefreshMs: options.images.tagRefreshSeconds * 1000,
+      })
+    : undefined;
+  // Images the farm expanded into the CAS need no registry, only the overlay.
+  const expandedRoots = offers(EXPANDED_IMAGE_CAPABILITY)
+    ? await ExpandedRoots.open(join(options.workDir, "expanded"), {
+        maxBytes: options.worker.expandedRootsMaxSizeBytes,
+        onError: (err) => options.log.warn({ err }, "removing an expanded image's root failed"),
+      })
+    : undefined;
+  const properties = [
+    // What every client may ask of a worker (OSFamily, ISA, Arch), unless the operator said otherwise.
+    ...hostPlatformProperties(options.properties, process.platform, process.arch, endianness()),
+    ...options.properties,
+    ...capabilities,
+  ];
+  const directories = new DirectoryCache();
+  const trash = await Trash.open(join(options.workDir, "trash"));
+  const prefix = options.name ?? `${hostname()}-${process.pid}`;
+  const workers = owners.map((owner, i) => {
+    const workerName = `${prefix}-${i}`;
+    const inputs: ActionInputs = {
+      cas,
+      files: cache,
+      directories,
+      owner: process.getuid?.() === 0 ? owner : undefined,
+      limits: options.inputLimits ?? DEFAULT_INPUT_TREE_LIMITS,
+    };
+    const inputRootPath = options.images.inputRootPath;
+    const environments = new ActionEnvironments({ workerName, images, expandedRoots, inputRootPath });
+    const slot = runners[i] as Runners;
     return new Worker({
       hub,
       workerName,
       properties,
       slots: 1,
+      executor: workerExecutor({ workerName, inputs, environments, runners: slot, trash }),
       workDir: join(options.workDir, "actions"),
-      cas,
-      cache,
-      directories,
-      trash,
       images,
-      expandedRoots,
-      inputRootPath: options.images.inputRootPath,
-      sandbox,
-      owner: process.getuid?.() === 0 ? owner : undefined,
-      inputLimits: options.inputLimits,
+      warmKeys,
       log: options.log,
     });
   });
@@ -144,6 +184,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   return {
     stop: async () => {
       await Promise.all(workers.map((w) => w.stop()));
+      await pool.close();
       for (const cgroup of cgroups) removeSlotCgroup(cgroup);
       cas.close();
       await trash.drain();

@@ -35,6 +35,16 @@ export interface RefusedOutput {
   reason: string;
 }
 
+/** Where an action's outputs are read from. */
+export interface OutputsRoot {
+  /** The input root on the host. */
+  inputRoot: string;
+  /** Relative to the input root; the outputs are relative to it. */
+  workingDirectory: string;
+  /** How the action's absolute paths are read: where it sees its input root, or `chroot` when that is its "/". */
+  view?: ContainedRootOptions;
+}
+
 /** Which output files' bytes to keep from the read that hashes them, for sending inline. */
 export interface KeepInMemory {
   /** Files up to this size... */
@@ -69,12 +79,10 @@ const wire = (d: Digest) => ({ hash: d.hash, sizeBytes: d.sizeBytes });
 export async function collectOutputs(
   fn: DigestFunction,
   command: Command,
-  inputRoot: string,
-  workingDirectory: string,
+  where: OutputsRoot,
   keep: KeepInMemory,
-  /** How the action's absolute paths are read: where it sees its input root, or `chroot` when that is its "/". */
-  rootOptions: ContainedRootOptions = {},
 ): Promise<CollectedOutputs> {
+  const { inputRoot, workingDirectory, view: rootOptions = {} } = where;
   let kept = 0;
   const out: CollectedOutputs = {
     outputFiles: [],

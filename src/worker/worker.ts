@@ -1,3 +1,4 @@
+import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { ClientDuplexStream } from "@grpc/grpc-js";
 import type { Property } from "../action/property.js";
@@ -7,18 +8,49 @@ import { type HubMessage, type ImagePull, WorkerHubClient, type WorkerMessage } 
 import type { Logger } from "../log/log.js";
 import { OK_STATUS, toRpcStatus } from "../status/rpc-status.js";
 import { Code, StatusError, toStatusError } from "../status/status.js";
-import { type ActionRunnerOptions, failedCompletion, runAction } from "./action-runner.js";
-import type { PullProgress } from "./worker-images.js";
+import { type ActionExecutor, executionContext, failedCompletion } from "./action-executor.js";
+import { failureStatus } from "./failure-status.js";
+import type { PullProgress, WorkerImages } from "./worker-images.js";
 
 /** Progress of an image pull is reported at most this often (plus the final report). */
 const PULL_PROGRESS_INTERVAL_MS = 200;
 
-export interface WorkerOptions extends ActionRunnerOptions {
+export interface WorkerOptions {
+  workerName: string;
   /** The farm's gRPC port (scheduler and CAS alike), with the worker's token (and TLS settings). */
   hub: ClientChannel;
+  /** What the worker offers (its runners' capabilities among them). */
   properties: Property[];
   slots: number;
+  /** Runs each assignment (see worker-executor.ts). */
+  executor: ActionExecutor;
+  /** Each action gets a directory below this one, removed when it is done. */
+  workDir: string;
+  /** The worker's images, which the hub may ask it to pull ahead; undefined when it runs none. */
+  images: WorkerImages | undefined;
+  /** The keys of the idle warm runners the worker's process holds, reported to the hub as they change. */
+  warmKeys?: WarmKeys;
   log: Logger;
+}
+
+/** The keys of a worker process's idle warm runners, which each of its workers reports on its stream. */
+export class WarmKeys {
+  private keys: readonly string[] = [];
+  private readonly listeners = new Set<(keys: readonly string[]) => void>();
+
+  get current(): readonly string[] {
+    return this.keys;
+  }
+
+  publish(keys: readonly string[]): void {
+    this.keys = keys;
+    for (const listener of this.listeners) listener(keys);
+  }
+
+  subscribe(listener: (keys: readonly string[]) => void): () => void {
+    this.listeners.add(listener);
+    return () => this.listeners.delete(listener);
+  }
 }
 
 /**
@@ -31,6 +63,7 @@ export class Worker {
   private readonly running = new Map<string, AbortController>();
   private heartbeat: NodeJS.Timeout | undefined;
   private stopped = false;
+  private unsubscribe: (() => void) | undefined;
 
   constructor(private readonly options: WorkerOptions) {
     this.client = new WorkerHubClient(options.hub.target, options.hub.credentials, options.hub.options);
@@ -38,11 +71,14 @@ export class Worker {
 
   /** Connects, and keeps reconnecting with backoff until stop(). */
   start(): void {
+    // Before the completion that gave a runner back is sent, so the scheduler knows of it when it dispatches.
+    this.unsubscribe = this.options.warmKeys?.subscribe((keys) => this.reportWarmKeys(keys));
     void this.loop();
   }
 
   async stop(): Promise<void> {
     this.stopped = true;
+    this.unsubscribe?.();
     for (const controller of this.running.values()) controller.abort();
     clearInterval(this.heartbeat);
     this.stream?.end();
@@ -92,6 +128,8 @@ export class Worker {
       this.heartbeat = setInterval(() => stream.write({ heartbeat: { leaseIds: [...this.running.keys()] } }), ms);
       this.heartbeat.unref();
       this.options.log.info(`worker ${this.options.workerName} connected to ${this.options.hub.target}`);
+      const keys = this.options.warmKeys?.current ?? [];
+      if (keys.length > 0) this.reportWarmKeys(keys);
     }
     if (message.cancellation) this.running.get(message.cancellation.leaseId)?.abort();
     if (message.imagePull) void this.pullImage(stream, message.imagePull);
@@ -99,12 +137,12 @@ export class Worker {
     if (assignment) {
       const controller = new AbortController();
       this.running.set(assignment.leaseId, controller);
-      runAction(assignment, this.options, controller.signal)
-        .catch((err: unknown) =>
-          failedCompletion(
-            assignment.leaseId,
-            new StatusError(Code.INTERNAL, `the worker failed: ${(err as Error).message}`),
-          ),
+      const directory = join(this.options.workDir, assignment.leaseId);
+      this.options.executor
+        .execute(assignment, executionContext(directory, controller.signal))
+        .then(
+          ({ completion }) => completion,
+          (err: unknown) => failedCompletion(assignment.leaseId, failureStatus(err, directory)),
         )
         .then((completion) => {
           this.running.delete(assignment.leaseId);
@@ -148,6 +186,11 @@ export class Worker {
       log.warn({ worker: workerName, image: pull.reference, code: status.code }, status.message);
       send({ ...latest, finished: true, status, manifestDigest: "", reference: "" });
     }
+  }
+
+  private reportWarmKeys(keys: readonly string[]): void {
+    const stream = this.stream;
+    if (stream?.writable) stream.write({ warmRunners: { keys: [...keys] } });
   }
 
   /** The stream is gone, so are the leases: the scheduler queues their actions again. */

@@ -1,0 +1,178 @@
+import { createHash } from "node:crypto";
+import { chownSync, lstatSync, mkdirSync } from "node:fs";
+import { join } from "node:path";
+import type { Property } from "../action/property.js";
+import type { Lease } from "../cache/pinned-lru.js";
+import { type ActionRoot, HOST_ROOT, INPUT_ROOT_AS_ROOT } from "../sandbox/action-root.js";
+import { measureDiskUsage } from "../sandbox/disk-usage.js";
+import { type ResidentSandboxOptions, startResidentSandbox } from "../sandbox/resident-sandbox.js";
+import { overlayRoot } from "./bubblewrap-runner.js";
+import type { RecycleRequest, Runner, RunRequest, RunResult } from "./runner.js";
+import type { RunnerIdentity, WarmRunner, WarmRunnerPool } from "./warm-pool.js";
+import { cleanPreservedWorkspace, emptyWorkspace, giveDirectories, mergeEntries, moveEntries } from "./workspace.js";
+
+/** Left in the working directory by an action, it keeps the action's runner from being used again. */
+export const DO_NOT_RECYCLE_MARKER = ".BERTH_DO_NOT_RECYCLE";
+
+/** What every warm runner's sandbox shares with the worker's fresh ones (limits, masked files, tools). */
+export type WarmSandboxSettings = Pick<
+  ResidentSandboxOptions,
+  "bwrapPath" | "limits" | "slirp4netnsPath" | "maskedFiles"
+>;
+
+/**
+ * A runner that keeps runners (BuildBuddy's recycle-runner): an action that
+ * asks for one runs in a warm runner of its key when the pool has one idle,
+ * else in a new one that, after a clean run, joins the pool with what the
+ * action left running, its /tmp, its writable image layer and (with
+ * preserve-workspace) its files. Actions that ask for none go to `fresh`.
+ *
+ * The action's input root, laid out for it as for any action, is moved into
+ * the runner's workspace (bound into its sandbox since it started), and its
+ * outputs are read there; then the workspace is emptied (its entries moved
+ * back to the action's directory, discarded with it) or, with
+ * preserve-workspace, kept.
+ */
+export class RecyclingRunner implements Runner {
+  readonly capabilities: readonly Property[];
+
+  constructor(
+    private readonly fresh: Runner,
+    private readonly pool: WarmRunnerPool,
+    private readonly settings: WarmSandboxSettings,
+  ) {
+    this.capabilities = fresh.capabilities;
+  }
+
+  async run(request: RunRequest): Promise<RunResult> {
+    const recycle = request.recycle;
+    if (!recycle?.key) return this.fresh.run(request);
+    const poolKey = poolKeyOf(recycle.key, request);
+    let lease = this.pool.take(poolKey);
+    if (lease && !stillWhole(lease.value)) {
+      await this.pool.giveBack(lease, false, 0);
+      lease = undefined;
+    }
+    lease ??= await this.pool.create(poolKey, (dir, identity) => this.start(dir, identity, recycle.key, request));
+    return this.runIn(lease, request, recycle);
+  }
+
+  private async runIn(lease: Lease<WarmRunner>, request: RunRequest, recycle: RecycleRequest): Promise<RunResult> {
+    const runner = lease.value;
+    const { workspace, identity } = runner;
+    let result: RunResult;
+    try {
+      if (recycle.preserveWorkspace && runner.last) {
+        cleanPreservedWorkspace(workspace, runner.last, recycle.cleanInputs);
+      } else {
+        emptyWorkspace(workspace);
+      }
+      giveDirectories(request.inputRoot, identity.uid, identity.gid);
+      let inputs: string[] = [];
+      if (recycle.preserveWorkspace) inputs = mergeEntries(request.inputRoot, workspace);
+      else moveEntries(request.inputRoot, workspace);
+      runner.last = { outputs: recycle.outputs, inputs };
+      result = await runner.sandbox.run({
+        workingDirectory: request.workingDirectory,
+        argv: request.argv,
+        env: request.env,
+        timeoutMs: request.timeoutMs,
+        stdoutPath: request.stdoutPath,
+        stderrPath: request.stderrPath,
+        signal: request.signal,
+      });
+    } catch (err) {
+      await this.pool.giveBack(lease, false, 0);
+      throw err;
+    }
+    const keep = mayRecycle(result, runner, request.workingDirectory);
+    let finished = false;
+    return {
+      ...result,
+      inputRoot: workspace,
+      finish: async () => {
+        if (finished) return;
+        finished = true;
+        // What the next action must not see goes back to the action's directory, discarded with it.
+        if (!recycle.preserveWorkspace) moveEntries(workspace, request.inputRoot);
+        const disk = keep ? await this.diskUse(runner) : 0;
+        await this.pool.giveBack(lease, keep, disk);
+      },
+    };
+  }
+
+  /** A new warm runner: its workspace, its root (an overlay whose upper layer it keeps), its sandbox. */
+  private async start(dir: string, identity: RunnerIdentity, runnerKey: string, request: RunRequest) {
+    mkdirSync(dir, { recursive: true, mode: 0o700 });
+    const workspace = join(dir, "workspace");
+    mkdirSync(workspace, { mode: 0o755 });
+    // The action may write anywhere in its input root, its top level included.
+    chownSync(workspace, identity.uid, identity.gid);
+    let root: ActionRoot = HOST_ROOT;
+    if (request.root.kind === "input-root") root = INPUT_ROOT_AS_ROOT;
+    if (request.root.kind === "layers") root = await overlayRoot(request.root, dir);
+    const sandbox = await startResidentSandbox({
+      ...this.settings,
+      inputRoot: workspace,
+      stateDir: join(dir, "sandbox"),
+      root,
+      user: request.user,
+      network: request.network,
+      uid: identity.uid,
+      gid: identity.gid,
+      cgroup: identity.cgroup,
+    });
+    const layerDirs = request.root.kind === "layers" ? request.root.layerDirs : [];
+    const runner: WarmRunner = { runnerKey, sandbox, dir, workspace, identity, layerDirs, last: undefined };
+    return runner;
+  }
+
+  /** What the runner holds on disk: its workspace (the files of its user) and its writable layer. */
+  private async diskUse(runner: WarmRunner): Promise<number> {
+    const areas = [{ dir: runner.workspace, owner: runner.identity.uid }, { dir: join(runner.dir, "upper") }];
+    const usage = await measureDiskUsage(areas, { bytes: 0, entries: 0 }).catch(() => ({ bytes: 0, entries: 0 }));
+    return usage.bytes;
+  }
+}
+
+/**
+ * The pool's key: the scheduler's (which names the image as the action
+ * did) and what the worker made of it: the very layers (a tag that moved
+ * is another runner), the ids inside, the network.
+ */
+function poolKeyOf(runnerKey: string, request: RunRequest): string {
+  const root =
+    request.root.kind === "layers"
+      ? { kind: "layers", layers: request.root.layerDirs, at: request.root.inputRootPath }
+      : { kind: request.root.kind };
+  const parts = JSON.stringify([runnerKey, root, request.user, request.network]);
+  return createHash("sha256").update(parts).digest("hex");
+}
+
+/**
+ * Only a clean run leaves a runner fit for the next: exit code 0, no
+ * timeout, cancellation or limit reached, a sandbox still whole, and no
+ * marker file saying otherwise in the working directory.
+ */
+function mayRecycle(result: RunResult, runner: WarmRunner, workingDirectory: string): boolean {
+  if (result.exitCode !== 0 || result.timedOut || result.cancelled || result.limitReached) return false;
+  if (!runner.sandbox.usable) return false;
+  try {
+    lstatSync(join(runner.workspace, workingDirectory, DO_NOT_RECYCLE_MARKER));
+    return false;
+  } catch {
+    return true;
+  }
+}
+
+/** A runner whose image layers were evicted meanwhile is not used: its root is no longer what it was. */
+function stillWhole(runner: WarmRunner): boolean {
+  if (!runner.sandbox.usable) return false;
+  return runner.layerDirs.every((dir) => {
+    try {
+      return lstatSync(dir).isDirectory();
+    } catch {
+      return false;
+    }
+  });
+}
