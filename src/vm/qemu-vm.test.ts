@@ -73,6 +73,7 @@ before(async () => {
     runDir: await runDir("vm"),
     rootDisk,
     scratchDisk: join(dir, "scratch.img"),
+    consoleLogMaxBytes: 32 * 1024,
   });
 });
 
@@ -231,6 +232,21 @@ test("nothing of the host's file system is visible in the guest", async () => {
     lines.filter((line) => !/^(vd|sd|nvme|pmem)/.test(line)),
     ["devtmpfs", "overlay", "proc", "sysfs"],
   );
+});
+
+test("a guest flooding its console fills at most the console log's cap on the host", async () => {
+  const flood = await sh("head -c 100000 /dev/zero | tr '\\0' x > /dev/console; echo done");
+  assert.equal(flood.stdout.toString(), "done\n");
+  // The serial port is slow under emulation: wait until the host has read past the cap.
+  let log = "";
+  for (let i = 0; i < 200 && !log.includes("the rest was dropped"); i++) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    log = await readFile(vm.consoleLogFile, "utf8");
+  }
+  assert.match(log, /the console wrote more than 32768 bytes; the rest was dropped/);
+  assert.ok((await stat(vm.consoleLogFile)).size < 33 * 1024);
+  assert.equal((await stat(vm.consoleLogFile)).mode & 0o777, 0o600);
+  assert.equal((await sh("echo still answering")).stdout.toString(), "still answering\n");
 });
 
 test("disks plugged into the running VM carry inputs in (read-only) and outputs out", async () => {

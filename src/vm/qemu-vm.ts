@@ -5,6 +5,7 @@ import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { AgentConnection, type GuestCommandResult, type GuestRunOptions } from "./agent-connection.js";
 import type { GuestCommand } from "./agent-protocol.js";
+import { type ConsoleLog, startConsoleLog } from "./console-log.js";
 import type { RootDiskFormat } from "./disk-image.js";
 import type { GuestAssets } from "./guest-assets.js";
 import { QmpClient } from "./qmp.js";
@@ -30,6 +31,8 @@ export interface QemuVmOptions {
   bootTimeoutMs?: number;
   /** A snapshot file (QemuVm.snapshot) to resume instead of booting: the same disks and options it was taken with. */
   resumeFrom?: string;
+  /** The serial console's log (RUN_DIR/console.log) keeps at most this much; default 1 MiB. */
+  consoleLogMaxBytes?: number;
   /** PCIe root ports left empty for disks attached later (attachDisk), e.g. an action's inputs; default 2. */
   hotplugSlots?: number;
 }
@@ -67,8 +70,10 @@ export function qemuArguments(options: QemuVmOptions): string[] {
     options.assets.initramfs,
     "-append",
     `console=ttyS0 quiet panic=-1 berth.rootfs=${options.rootFormat ?? "erofs"}`,
+    "-chardev",
+    `socket,id=console,path=${join(options.runDir, "console.sock")}`,
     "-serial",
-    `file:${join(options.runDir, "console.log")}`,
+    "chardev:console",
     "-drive",
     `file=${options.rootDisk},if=none,id=root,format=raw,readonly=on`,
     "-device",
@@ -110,6 +115,7 @@ export class QemuVm {
     private readonly options: QemuVmOptions,
     private readonly process: ChildProcess,
     private readonly server: Server,
+    private readonly consoleLog: ConsoleLog,
     readonly exited: Promise<void>,
   ) {}
 
@@ -121,7 +127,7 @@ export class QemuVm {
     return this.process.pid ?? -1;
   }
 
-  get consoleLog(): string {
+  get consoleLogFile(): string {
     return join(this.options.runDir, "console.log");
   }
 
@@ -137,6 +143,11 @@ export class QemuVm {
       server.listen(agentSocket, resolve);
     });
     const connected = new Promise<Socket>((resolve) => server.once("connection", resolve));
+    const consoleLog = await startConsoleLog(
+      join(options.runDir, "console.sock"),
+      join(options.runDir, "console.log"),
+      options.consoleLogMaxBytes ?? 1024 ** 2,
+    );
     // setpriv (util-linux) execs QEMU with a parent-death signal: a worker that dies leaves no VM running.
     const qemu = options.qemuPath ?? "qemu-system-x86_64";
     const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", qemu, ...qemuArguments(options)], {
@@ -144,7 +155,7 @@ export class QemuVm {
       env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
     });
     const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-    const vm = new QemuVm(options, child, server, exited);
+    const vm = new QemuVm(options, child, server, consoleLog, exited);
     child.stderr?.on("data", (chunk: Buffer) => {
       vm.stderrTail = (vm.stderrTail + chunk.toString()).slice(-2000);
     });
@@ -289,12 +300,13 @@ export class QemuVm {
     }
     this.agent?.close(new Error("the VM was killed"));
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await this.consoleLog.close();
     await rm(join(this.options.runDir, "agent.sock"), { force: true });
     await rm(join(this.options.runDir, "qmp.sock"), { force: true });
   }
 
   private async diagnostics(): Promise<string> {
-    const console = await readFile(this.consoleLog, "utf8").catch(() => "");
+    const console = await readFile(this.consoleLogFile, "utf8").catch(() => "");
     const parts = [];
     if (this.stderrTail.trim()) parts.push(`; QEMU said: ${this.stderrTail.trim()}`);
     if (console.trim()) parts.push(`; console: ${console.trim().slice(-1000)}`);
