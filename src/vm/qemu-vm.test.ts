@@ -91,6 +91,11 @@ test("the command runs on the guest's own kernel, not the host's", async () => {
   assert.equal(vm.kernelRelease, assets.kernelRelease);
 });
 
+test("QEMU itself runs under a seccomp filter", async () => {
+  const status = await readFile(`/proc/${vm.pid}/status`, "utf8");
+  assert.match(status, /^Seccomp:\s+2$/m);
+});
+
 test("the image's file is readable, with the command's environment, directory and user", async () => {
   const result = await sh(`cat /${IMAGE_FILE}; echo "$GREETING"; pwd; id -u; id -g`, {
     env: { PATH: "/bin", GREETING: "hi there" },

@@ -59,6 +59,10 @@ export function qemuArguments(options: QemuVmOptions): string[] {
     String(options.vcpus ?? 1),
     "-nodefaults",
     "-no-user-config",
+    // seccomp: no obsolete system calls, no set*id, no scheduler or affinity changes (spawning stays: the snapshot
+    // and resume go through `exec:cat`).
+    "-sandbox",
+    "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
     "-display",
     "none",
     "-no-reboot",
