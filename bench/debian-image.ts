@@ -77,7 +77,7 @@ async function makeDebianImage(ctx: BenchContext): Promise<DebianImage> {
 }
 
 /** Reuses the cached debootstrapped root, or makes it (into a temporary name, renamed when complete). */
-async function ensureRootfs(ctx: BenchContext): Promise<string> {
+export async function ensureRootfs(ctx: BenchContext): Promise<string> {
   if (existsSync(ROOTFS)) return `root reused from ${ROOTFS}`;
   const mirror = await aptMirror();
   const partial = `${ROOTFS}.partial`;

@@ -120,7 +120,8 @@ export function renderMarkdown(input: ReportInput): string {
       "bubblewrap and root, as Berth's workers do to run actions as uid 65534, and the Bazel one Debian's " +
       "bazel-bootstrap; the image benchmarks docker-registry, umoci, skopeo, debootstrap (its Debian root is " +
       "built once from the apt mirror and kept in /var/cache/berth-bench) and docker.io (the benchmark starts " +
-      "its own dockerd); `bash scripts/install.sh --test` installs them all. Berth's servers, the helpers, the " +
+      "its own dockerd), and the MicroVM one QEMU and the guest that scripts/install.sh builds into " +
+      "~/.cache/berth/vm (`scripts/guest-assets.sh`); `bash scripts/install.sh --test` installs them all. Berth's servers, the helpers, the " +
       "registry, dockerd and Bazel's server are stopped and every temporary directory is removed at the end, " +
       "also when the run fails or is interrupted. Options: " +
       "`npm run bench -- --rounds N` (default 5; the execution throughput, Bazel and image pull benchmarks run " +

@@ -5,8 +5,9 @@
  * throughput, BatchUpdateBlobs, FindMissingBlobs, GetActionResult, the Execute round trip, execution
  * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
  * safety checks (blob verification after a restart, input tree limits, flushes), the Remote Asset API's
- * FetchBlob (cached and cold) and a persistent worker's requests (the pool of src/persistent alone) against
- * references measured in the same run, prints a summary and rewrites
+ * FetchBlob (cached and cold), a persistent worker's requests (the pool of src/persistent alone) and MicroVMs
+ * (cold boot, snapshot resume, a running VM against QEMU's boot floor) against references measured in the
+ * same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
 import { execFile } from "node:child_process";
@@ -31,6 +32,7 @@ import { renderMarkdown, type Section } from "./report.js";
 import { benchRunners } from "./runners.js";
 import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
+import { benchVm } from "./vm.js";
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const DOC = join(REPO_ROOT, "docs", "benchmarks.md");
@@ -54,6 +56,7 @@ const BENCHMARKS = {
   safety: "Safety checks: blob verification after a restart, input tree limits and flushes vs the unchecked paths",
   asset: "Remote Asset API: FetchBlob of a cached 64 MiB asset vs ByteStream Read, a cold fetch vs curl",
   persistent: "A persistent worker with a 1 s start-up answering 50 requests vs the tool started per action",
+  vm: "MicroVMs: cold boot, snapshot resume and a running VM's /bin/true vs QEMU's boot floor",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -238,6 +241,11 @@ async function main(): Promise<void> {
       // No server: the pool of worker processes alone (it is not on the Execute path yet).
       persistent: async () => {
         sections.push(await benchPersistentWorker(ctx));
+      },
+      // No server: QEMU guests started by this process (src/vm), each against the boot floor.
+      vm: async () => {
+        await execution?.server.stop();
+        sections.push(await benchVm(ctx));
       },
     };
     for (const [i, name] of only.entries()) {

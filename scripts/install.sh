@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(protobuf-compiler zstd bubblewrap attr slirp4netns)
+packages=(protobuf-compiler zstd bubblewrap attr slirp4netns qemu-system-x86 qemu-utils erofs-utils busybox-static cpio gcc libc6-dev)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(bazel-bootstrap gcc docker-registry apache2-utils umoci skopeo busybox-static debootstrap docker.io python3-grpcio openssl buildstream)
 fi
@@ -26,3 +26,7 @@ if [[ ! -d node_modules ]] || [[ package-lock.json -nt node_modules/.package-loc
   npm ci --no-audit --no-fund
 fi
 npm run build --silent
+
+# The MicroVM guest (Debian's kernel, unpacked, not installed; an initramfs with Berth's agent) into
+# worker.vm.dir's default; `scripts/guest-assets.sh DIR` builds it elsewhere.
+scripts/guest-assets.sh "${BERTH_VM_DIR:-$HOME/.cache/berth/vm}"

@@ -179,6 +179,24 @@ export const ConfigSchema = z
           })
           .strict()
           .prefault({}),
+        /** MicroVMs (workload-isolation-type=firecracker/microvm), run by QEMU. */
+        vm: z
+          .object({
+            /** The guest (kernel, initramfs) scripts/guest-assets.sh builds; default <dataDir>/vm. Absent guest: no VMs. */
+            dir: z.string().min(1).optional(),
+            /** The QEMU binary; a worker where it does not start offers no VMs. */
+            qemuPath: z.string().min(1).default("qemu-system-x86_64"),
+            /** auto: KVM when a real guest boots under the host's /dev/kvm (probed once at start), TCG otherwise. */
+            accelerator: z.enum(["auto", "kvm", "tcg"]).default("auto"),
+            /** Memory and vCPUs of a VM, and the size of its scratch disk (its writes). */
+            memoryBytes: bytes.default(512 * 1024 ** 2),
+            vcpus: z.number().int().min(1).max(64).default(1),
+            scratchDiskBytes: bytes.default(4 * 1024 ** 3),
+            /** A VM whose agent has not answered by then (cold boot or resume) fails. */
+            bootTimeoutSeconds: z.number().positive().default(60),
+          })
+          .strict()
+          .prefault({}),
         /** Bazel's remote persistent workers (platform property persistentWorkerKey), kept between actions. */
         /** Each slot keeps a sandbox started for its next action (the shape of its last), used once. */
         sandboxesAhead: z.boolean().default(true),
@@ -410,6 +428,7 @@ export function parseConfig(raw: unknown, source = "configuration"): Config {
   }
   const config = result.data;
   config.dataDir = expandHome(config.dataDir);
+  if (config.worker.vm.dir !== undefined) config.worker.vm.dir = expandHome(config.worker.vm.dir);
   return config;
 }
 

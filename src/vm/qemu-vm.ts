@@ -1,0 +1,323 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { chmod, readFile, rm, writeFile } from "node:fs/promises";
+import { createServer, type Server, type Socket } from "node:net";
+import { join } from "node:path";
+import { setTimeout as sleep } from "node:timers/promises";
+import { AgentConnection, type GuestCommandResult, type GuestRunOptions } from "./agent-connection.js";
+import type { GuestCommand } from "./agent-protocol.js";
+import { type ConsoleLog, startConsoleLog } from "./console-log.js";
+import type { RootDiskFormat } from "./disk-image.js";
+import type { GuestAssets } from "./guest-assets.js";
+import { QmpClient } from "./qmp.js";
+
+/** kvm where the host's /dev/kvm runs the guest (found by probeAccelerator), tcg (software) elsewhere. */
+export type Accelerator = "kvm" | "tcg";
+
+export interface QemuVmOptions {
+  assets: GuestAssets;
+  /** A private directory of this VM (short: it holds unix sockets): agent and QMP sockets, console log. */
+  runDir: string;
+  /** Mounted read-only as the guest's lower root (QEMU opens it read-only too). */
+  rootDisk: string;
+  rootFormat?: RootDiskFormat;
+  /** The VM's writable disk: ext4 (createScratchDisk), raw or a qcow2 overlay of a snapshot's scratch disk. */
+  scratchDisk: string;
+  scratchFormat?: "raw" | "qcow2";
+  accelerator?: Accelerator;
+  memoryBytes?: number;
+  vcpus?: number;
+  qemuPath?: string;
+  /** A cold boot (or a resume) that has no answering agent by then fails; default 60 s. */
+  bootTimeoutMs?: number;
+  /** A snapshot file (QemuVm.snapshot) to resume instead of booting: the same disks and options it was taken with. */
+  resumeFrom?: string;
+  /** The serial console's log (RUN_DIR/console.log) keeps at most this much; default 1 MiB. */
+  consoleLogMaxBytes?: number;
+  /** PCIe root ports left empty for disks attached later (attachDisk), e.g. an action's inputs; default 2. */
+  hotplugSlots?: number;
+}
+
+/** A disk attached to a running VM; the guest finds it as the /sys/block/vd* whose `serial` is `serial`. */
+export interface AttachedDisk {
+  serial: string;
+  slot: number;
+}
+
+export const DEFAULT_VM_MEMORY_BYTES = 512 * 1024 ** 2;
+
+/** QEMU's command line for a VM: q35, no network, no display, serial console to a file, virtio disks and port. */
+export function qemuArguments(options: QemuVmOptions): string[] {
+  const accelerator = options.accelerator ?? "tcg";
+  const memoryMiB = Math.max(128, Math.floor((options.memoryBytes ?? DEFAULT_VM_MEMORY_BYTES) / 1024 ** 2));
+  const args = [
+    "-M",
+    "q35",
+    ...(accelerator === "kvm" ? ["-enable-kvm", "-cpu", "host"] : ["-accel", "tcg", "-cpu", "max"]),
+    "-m",
+    `${memoryMiB}M`,
+    "-smp",
+    String(options.vcpus ?? 1),
+    "-nodefaults",
+    "-no-user-config",
+    // seccomp: no obsolete system calls, no set*id, no scheduler or affinity changes (spawning stays: the snapshot
+    // and resume go through `exec:cat`).
+    "-sandbox",
+    "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+    "-display",
+    "none",
+    "-no-reboot",
+    "-nic",
+    "none",
+    "-kernel",
+    options.assets.kernel,
+    "-initrd",
+    options.assets.initramfs,
+    "-append",
+    `console=ttyS0 quiet panic=-1 berth.rootfs=${options.rootFormat ?? "erofs"}`,
+    "-chardev",
+    `socket,id=console,path=${join(options.runDir, "console.sock")}`,
+    "-serial",
+    "chardev:console",
+    "-drive",
+    `file=${options.rootDisk},if=none,id=root,format=raw,readonly=on`,
+    "-device",
+    "virtio-blk-pci,drive=root",
+    "-drive",
+    `file=${options.scratchDisk},if=none,id=scratch,format=${options.scratchFormat ?? "raw"}`,
+    "-device",
+    "virtio-blk-pci,drive=scratch",
+    "-device",
+    "virtio-serial-pci",
+    "-chardev",
+    `socket,id=agent,path=${join(options.runDir, "agent.sock")}`,
+    "-device",
+    "virtserialport,chardev=agent,name=berth",
+    "-qmp",
+    `unix:${join(options.runDir, "qmp.sock")},server=on,wait=off`,
+  ];
+  for (let slot = 0; slot < (options.hotplugSlots ?? 2); slot++) {
+    args.push("-device", `pcie-root-port,id=hotplug${slot},chassis=${slot + 1},slot=${slot + 1}`);
+  }
+  for (const path of [options.rootDisk, options.scratchDisk, options.runDir, options.assets.kernel]) {
+    // QEMU's option syntax splits on commas; a path with one would name another file.
+    if (path.includes(",")) throw new Error(`a VM's file paths cannot hold a comma: ${path}`);
+  }
+  if (options.resumeFrom) args.push("-incoming", `exec:cat ${shellQuote(options.resumeFrom)}`);
+  return args;
+}
+
+/**
+ * One QEMU guest: booted (or resumed from a snapshot) up to an answering agent, then running commands one at a
+ * time. The worker talks to the agent over a unix socket it listens on and QEMU connects to (the guest's
+ * virtio-serial port named "berth"); kill() ends the QEMU process and resolves once it is gone.
+ */
+export class QemuVm {
+  private exitReason: string | undefined;
+  private stderrTail = "";
+
+  private constructor(
+    private readonly options: QemuVmOptions,
+    private readonly process: ChildProcess,
+    private readonly server: Server,
+    private readonly consoleLog: ConsoleLog,
+    readonly exited: Promise<void>,
+  ) {}
+
+  /** The guest kernel's release, as the agent reported it (or, for a resumed VM, the assets say). */
+  kernelRelease = "";
+  private agent: AgentConnection | undefined;
+
+  get pid(): number {
+    return this.process.pid ?? -1;
+  }
+
+  get consoleLogFile(): string {
+    return join(this.options.runDir, "console.log");
+  }
+
+  static async start(options: QemuVmOptions): Promise<QemuVm> {
+    // Whoever can reach the agent's socket can run commands as root in the guest.
+    await chmod(options.runDir, 0o700);
+    const server = createServer();
+    server.maxConnections = 1;
+    const agentSocket = join(options.runDir, "agent.sock");
+    await rm(agentSocket, { force: true });
+    await new Promise<void>((resolve, reject) => {
+      server.once("error", reject);
+      server.listen(agentSocket, resolve);
+    });
+    const connected = new Promise<Socket>((resolve) => server.once("connection", resolve));
+    const consoleLog = await startConsoleLog(
+      join(options.runDir, "console.sock"),
+      join(options.runDir, "console.log"),
+      options.consoleLogMaxBytes ?? 1024 ** 2,
+    );
+    // setpriv (util-linux) execs QEMU with a parent-death signal: a worker that dies leaves no VM running.
+    const qemu = options.qemuPath ?? "qemu-system-x86_64";
+    const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", qemu, ...qemuArguments(options)], {
+      stdio: ["ignore", "ignore", "pipe"],
+      env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
+    });
+    const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
+    const vm = new QemuVm(options, child, server, consoleLog, exited);
+    child.stderr?.on("data", (chunk: Buffer) => {
+      vm.stderrTail = (vm.stderrTail + chunk.toString()).slice(-2000);
+    });
+    child.once("error", (error) => {
+      vm.exitReason = `cannot start ${qemu}: ${error.message}`;
+    });
+    child.once("exit", (code, signal) => {
+      vm.exitReason ??= `QEMU exited (${signal ?? `code ${code}`})`;
+      vm.agent?.close(new Error(`the VM is gone: ${vm.exitReason}`));
+    });
+    const timeoutMs = options.bootTimeoutMs ?? 60_000;
+    const timeout = sleep(timeoutMs, "timeout" as const, { ref: false });
+    try {
+      const ready = (async () => {
+        const agent = new AgentConnection(await connected);
+        vm.agent = agent;
+        if (options.resumeFrom) {
+          await agent.ping();
+          vm.kernelRelease = options.assets.kernelRelease;
+        } else {
+          vm.kernelRelease = await agent.hello;
+        }
+        agent.setClock();
+        return "ready" as const;
+      })();
+      const outcome = await Promise.race([ready, exited.then(() => "exited" as const), timeout]);
+      if (outcome !== "ready") {
+        const why = outcome === "timeout" ? `no agent answered within ${timeoutMs} ms` : vm.exitReason;
+        throw new Error(`the VM did not ${options.resumeFrom ? "resume" : "boot"}: ${why}${await vm.diagnostics()}`);
+      }
+      return vm;
+    } catch (error) {
+      await vm.kill();
+      throw error;
+    }
+  }
+
+  run(command: GuestCommand, options?: GuestRunOptions): Promise<GuestCommandResult> {
+    if (!this.agent) return Promise.reject(new Error("the VM has no agent"));
+    return this.agent.run(command, options);
+  }
+
+  /**
+   * Saves the whole VM (memory, devices) to `file` by a QEMU migration, for QemuVm.start({resumeFrom}) with the
+   * same disks: the scratch disk must be kept as it is now (resume each copy over a qcow2 overlay of it). The VM is
+   * paused afterwards and good only for kill().
+   */
+  async snapshot(file: string): Promise<void> {
+    if (this.attached.size > 0) throw new Error("a VM with attached disks cannot be snapshotted: detach them first");
+    const qmp = await QmpClient.connect(join(this.options.runDir, "qmp.sock"));
+    try {
+      // The guest's memory goes into the file: made private before QEMU's `cat >` fills it (and keeps its mode).
+      await writeFile(file, "", { mode: 0o600 });
+      await chmod(file, 0o600);
+      await qmp.execute("migrate-set-parameters", { "max-bandwidth": 8 * 1024 ** 3 });
+      await qmp.execute("migrate", { uri: `exec:cat > ${shellQuote(file)}` });
+      for (;;) {
+        const { status, "error-desc": why } = (await qmp.execute("query-migrate")) as {
+          status?: string;
+          "error-desc"?: string;
+        };
+        if (status === "completed") return;
+        if (status === "failed" || status === "cancelled")
+          throw new Error(`the VM's snapshot failed: ${why ?? status}`);
+        await sleep(10);
+      }
+    } finally {
+      qmp.close();
+    }
+  }
+
+  /**
+   * Plugs `image` into a free hot-plug slot as a virtio disk (read-only unless `writable`); the guest sees a new
+   * /dev/vd* whose /sys/block/vd*\/serial is the returned serial.
+   */
+  async attachDisk(image: string, options: { writable?: boolean } = {}): Promise<AttachedDisk> {
+    const slots = this.options.hotplugSlots ?? 2;
+    const slot = [...Array(slots).keys()].find((candidate) => !this.attached.has(candidate));
+    if (slot === undefined) throw new Error(`all ${slots} hot-plug slots of the VM hold a disk`);
+    const serial = `berth-disk-${++this.disksAttached}`;
+    this.attached.add(slot);
+    try {
+      await this.withQmp(async (qmp) => {
+        const readOnly = !options.writable;
+        await qmp.execute("blockdev-add", {
+          driver: "raw",
+          "node-name": serial,
+          "read-only": readOnly,
+          file: { driver: "file", filename: image, "read-only": readOnly },
+        });
+        await qmp.execute("device_add", {
+          driver: "virtio-blk-pci",
+          id: serial,
+          drive: serial,
+          bus: `hotplug${slot}`,
+          serial,
+        });
+      });
+    } catch (error) {
+      this.attached.delete(slot);
+      throw error;
+    }
+    return { serial, slot };
+  }
+
+  /** Unplugs a disk (unmount it in the guest first) and resolves once QEMU has closed its file. */
+  async detachDisk(disk: AttachedDisk): Promise<void> {
+    await this.withQmp(async (qmp) => {
+      await qmp.execute("device_del", { id: disk.serial });
+      // The guest acknowledges the unplug on its own time; until then the node is in use.
+      for (let attempt = 0; ; attempt++) {
+        try {
+          await qmp.execute("blockdev-del", { "node-name": disk.serial });
+          break;
+        } catch (error) {
+          if (attempt >= 500) throw error;
+          await sleep(10);
+        }
+      }
+    });
+    this.attached.delete(disk.slot);
+  }
+
+  private readonly attached = new Set<number>();
+  private disksAttached = 0;
+
+  private async withQmp<T>(work: (qmp: QmpClient) => Promise<T>): Promise<T> {
+    const qmp = await QmpClient.connect(join(this.options.runDir, "qmp.sock"));
+    try {
+      return await work(qmp);
+    } finally {
+      qmp.close();
+    }
+  }
+
+  /** Ends QEMU (SIGKILL) and resolves once the process is gone and its sockets are removed. */
+  async kill(): Promise<void> {
+    this.exitReason ??= "killed";
+    if (this.process.exitCode === null && this.process.signalCode === null && this.process.pid !== undefined) {
+      this.process.kill("SIGKILL");
+      await this.exited;
+    }
+    this.agent?.close(new Error("the VM was killed"));
+    await new Promise<void>((resolve) => this.server.close(() => resolve()));
+    await this.consoleLog.close();
+    await rm(join(this.options.runDir, "agent.sock"), { force: true });
+    await rm(join(this.options.runDir, "qmp.sock"), { force: true });
+  }
+
+  private async diagnostics(): Promise<string> {
+    const console = await readFile(this.consoleLogFile, "utf8").catch(() => "");
+    const parts = [];
+    if (this.stderrTail.trim()) parts.push(`; QEMU said: ${this.stderrTail.trim()}`);
+    if (console.trim()) parts.push(`; console: ${console.trim().slice(-1000)}`);
+    return parts.join("");
+  }
+}
+
+function shellQuote(path: string): string {
+  return `'${path.replaceAll("'", `'\\''`)}'`;
+}
