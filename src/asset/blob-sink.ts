@@ -7,7 +7,8 @@ import type { DigestFunction, Hasher } from "../digest/functions.js";
 
 /** Where a download's bytes go, a chunk at a time; the blob is in the CAS once finish() resolved. */
 export interface BlobSink {
-  write(chunk: Buffer): Promise<void>;
+  /** The next chunks, in order, in one write; the sink keeps them (the caller does not reuse their memory). */
+  write(chunks: readonly Buffer[]): Promise<void>;
   /** The blob's digest, stored. A CasSink's commit refuses bytes that are not the blob it expected. */
   finish(): Promise<Digest>;
   abort(): Promise<void>;
@@ -23,8 +24,8 @@ export class CasSink implements BlobSink {
     return new CasSink(await cas.createWriter(expected, { durable: false }));
   }
 
-  write(chunk: Buffer): Promise<void> {
-    return this.writer.write(chunk);
+  write(chunks: readonly Buffer[]): Promise<void> {
+    return this.writer.writeAll(chunks);
   }
 
   async finish(): Promise<Digest> {
@@ -62,14 +63,21 @@ export class TempFileSink implements BlobSink {
     return new TempFileSink(path, handle, await fn.createHasher(), fn, cas);
   }
 
-  async write(chunk: Buffer): Promise<void> {
-    this.hasher.update(chunk);
-    let offset = 0;
-    while (offset < chunk.byteLength) {
-      const { bytesWritten } = await this.handle.write(chunk, offset, chunk.byteLength - offset, this.written + offset);
-      offset += bytesWritten;
+  async write(chunks: readonly Buffer[]): Promise<void> {
+    for (const chunk of chunks) {
+      this.hasher.update(chunk);
+      let offset = 0;
+      while (offset < chunk.byteLength) {
+        const { bytesWritten } = await this.handle.write(
+          chunk,
+          offset,
+          chunk.byteLength - offset,
+          this.written + offset,
+        );
+        offset += bytesWritten;
+      }
+      this.written += chunk.byteLength;
     }
-    this.written += chunk.byteLength;
   }
 
   async finish(): Promise<Digest> {
@@ -90,7 +98,7 @@ export class TempFileSink implements BlobSink {
         const buffer = Buffer.allocUnsafe(Math.min(COPY_CHUNK_BYTES, this.written - position));
         const { bytesRead } = await this.handle.read(buffer, 0, buffer.byteLength, position);
         if (bytesRead === 0) break;
-        await writer.write(buffer.subarray(0, bytesRead));
+        await writer.writeAll([buffer.subarray(0, bytesRead)]);
         position += bytesRead;
       }
       await writer.commit();

@@ -41,7 +41,7 @@ export interface Fetched {
   readonly startedAt: number;
 }
 
-/** Bytes gathered before a write reaches the sink: fewer, larger disk writes than the network's 16-64 KiB chunks. */
+/** Bytes gathered before a write reaches the sink: one writev of the network's 16-64 KiB chunks, not copied together. */
 const WRITE_BYTES = 1024 * 1024;
 
 /**
@@ -220,7 +220,7 @@ async function stored<T>(operation: () => Promise<T>): Promise<T> {
   }
 }
 
-/** Streams the body into the sink, a megabyte at a time, counting against the cap. */
+/** Streams the body into the sink, a megabyte of chunks at a time, counting against the cap. */
 async function copyBody(
   origin: OriginBody,
   sink: BlobSink,
@@ -233,11 +233,11 @@ async function copyBody(
   let total = 0;
   const flush = async () => {
     if (pendingBytes === 0) return;
-    const chunk = pending.length === 1 ? (pending[0] as Buffer) : Buffer.concat(pending, pendingBytes);
+    const chunks = pending;
     pending = [];
     pendingBytes = 0;
-    check?.update(chunk);
-    await stored(() => sink.write(chunk));
+    if (check) for (const chunk of chunks) check.update(chunk);
+    await stored(() => sink.write(chunks));
   };
   try {
     for await (const chunk of origin.body as AsyncIterable<Buffer>) {

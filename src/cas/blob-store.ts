@@ -41,6 +41,8 @@ export interface BlobWriter {
   /** Bytes accepted so far. */
   readonly written: number;
   write(chunk: Uint8Array): Promise<void>;
+  /** Several chunks in one write (a network body's, without copying them together); the caller keeps none. */
+  writeAll(chunks: readonly Uint8Array[]): Promise<void>;
   /** Verifies size and hash, then publishes the blob atomically (flushed first, unless made not durable). */
   commit(): Promise<void>;
   /** Drops what was written. */

@@ -45,11 +45,28 @@ async function hashFileInto(handle: FileHandle, hasher: Hasher, expected: number
   }
 }
 
-async function writeFully(handle: FileHandle, chunk: Uint8Array, position: number): Promise<void> {
-  let offset = 0;
-  while (offset < chunk.byteLength) {
-    const { bytesWritten } = await handle.write(chunk, offset, chunk.byteLength - offset, position + offset);
-    offset += bytesWritten;
+/** Writes the chunks at `position` with one writev when it writes them all, as it does to a regular file. */
+async function writeFully(handle: FileHandle, chunks: readonly Uint8Array[], position: number): Promise<void> {
+  const total = chunks.reduce((sum, chunk) => sum + chunk.byteLength, 0);
+  const { bytesWritten } =
+    chunks.length === 1
+      ? await handle.write(chunks[0] as Uint8Array, 0, total, position)
+      : await handle.writev(chunks as Uint8Array[], position);
+  if (bytesWritten === total) return;
+  // A short write: the rest, a chunk (or what is left of one) at a time.
+  let skip = bytesWritten;
+  let at = position + bytesWritten;
+  for (const chunk of chunks) {
+    if (skip >= chunk.byteLength) {
+      skip -= chunk.byteLength;
+      continue;
+    }
+    for (let offset = skip; offset < chunk.byteLength; ) {
+      const written = (await handle.write(chunk, offset, chunk.byteLength - offset, at)).bytesWritten;
+      offset += written;
+      at += written;
+    }
+    skip = 0;
   }
 }
 
@@ -434,6 +451,8 @@ class DiskBlobWriter implements BlobWriter {
   private unflushed = 0;
   /** Writes not yet known done, in the order of their positions (they may finish in another). */
   private readonly unfinished: { end: number; done: boolean }[] = [];
+  /** How far the hash was told the file is written. */
+  private reported = 0;
 
   constructor(
     readonly digest: Digest,
@@ -445,21 +464,27 @@ class DiskBlobWriter implements BlobWriter {
     private readonly durable: boolean,
   ) {}
 
-  async write(chunk: Uint8Array): Promise<void> {
-    checkChunk(this.done, this.digest, this.written, chunk);
-    this.hasher.update(chunk);
-    // Positioned writes may overlap: the next chunk is received and hashed while
-    // earlier ones reach the file. The caller must not reuse `chunk`'s memory.
-    const write = { end: this.written + chunk.byteLength, done: false };
+  write(chunk: Uint8Array): Promise<void> {
+    return this.writeAll([chunk]);
+  }
+
+  async writeAll(chunks: readonly Uint8Array[]): Promise<void> {
+    let bytes = 0;
+    for (const chunk of chunks) bytes += chunk.byteLength;
+    checkChunk(this.done, this.digest, this.written, { byteLength: bytes });
+    for (const chunk of chunks) this.hasher.update(chunk);
+    // Positioned writes may overlap: the next chunks are received and hashed while
+    // earlier ones reach the file. The caller must not reuse the chunks' memory.
+    const write = { end: this.written + bytes, done: false };
     this.unfinished.push(write);
-    const pending = this.writeAt(chunk, this.written).then(() => {
+    const pending = this.writeAt(chunks, this.written).then(() => {
       write.done = true;
       this.reportWritten();
     });
     pending.catch(() => {}); // awaited later (here or in settle); this only marks it handled meanwhile
     this.inFlight.push(pending);
-    this.written += chunk.byteLength;
-    this.unflushed += chunk.byteLength;
+    this.written += bytes;
+    this.unflushed += bytes;
     if (this.durable && this.unflushed >= EARLY_FLUSH_BYTES && !this.earlyFlush) {
       // Only a head start for the disk: the flush at commit is the one that counts, so failures are ignored here.
       this.unflushed = 0;
@@ -473,23 +498,26 @@ class DiskBlobWriter implements BlobWriter {
     if (this.inFlight.length >= MAX_WRITES_IN_FLIGHT) await this.inFlight.shift();
   }
 
-  /** Tells the hash how far the file is written without a gap. */
+  /** Tells the hash how far the file is written without a gap (every few megabytes: each is a message). */
   private reportWritten(): void {
     let upTo: number | undefined;
     while (this.unfinished[0]?.done) upTo = (this.unfinished.shift() as { end: number }).end;
-    if (upTo !== undefined) this.hasher.written(upTo);
+    if (upTo !== undefined && upTo - this.reported >= HASH_ADVANCE_BYTES) {
+      this.reported = upTo;
+      this.hasher.written(upTo);
+    }
   }
 
-  /** One chunk; a full disk gets room made (the rest of the blob's worth) and one more try. */
-  private async writeAt(chunk: Uint8Array, position: number): Promise<void> {
+  /** Chunks, one after the other; a full disk gets room made (the rest of the blob's worth) and one more try. */
+  private async writeAt(chunks: readonly Uint8Array[], position: number): Promise<void> {
     try {
-      await writeFully(this.handle, chunk, position);
+      await writeFully(this.handle, chunks, position);
     } catch (err) {
       if (!isDiskFull(err)) throw err;
       // Writes in flight fail together: the first makes room for the rest of the blob, the others wait for it.
       this.roomMade ??= this.store.makeRoom(this.digest.sizeBytes - position);
       if ((await this.roomMade) === 0) throw this.store.diskFull(err, this.digest);
-      await writeFully(this.handle, chunk, position).catch((again: unknown) => {
+      await writeFully(this.handle, chunks, position).catch((again: unknown) => {
         throw isDiskFull(again) ? this.store.diskFull(again, this.digest) : again;
       });
     }
@@ -555,6 +583,9 @@ class DiskBlobWriter implements BlobWriter {
   }
 }
 
+/** The thread hashing an upload is told of its progress this often. */
+const HASH_ADVANCE_BYTES = 4 * 1024 * 1024;
+
 /** Uploads of this size and more are hashed on a thread, from their files (see HashThread.followFile). */
 const THREAD_HASH_BYTES = 4 * 1024 * 1024;
 
@@ -587,7 +618,7 @@ function followedHash(followed: FollowedFileHash): UploadHash {
 }
 
 /** Refuses a chunk after the upload finished, or one that would pass the blob's size. */
-function checkChunk(done: boolean, digest: Digest, written: number, chunk: Uint8Array): void {
+function checkChunk(done: boolean, digest: Digest, written: number, chunk: { byteLength: number }): void {
   if (done) throw new StatusError(Code.FAILED_PRECONDITION, "write after the upload finished");
   if (written + chunk.byteLength > digest.sizeBytes) {
     throw new StatusError(
@@ -633,6 +664,10 @@ class MemoryBlobWriter implements BlobWriter {
     checkChunk(this.done, this.digest, this.written, chunk);
     this.chunks.push(chunk);
     this.written += chunk.byteLength;
+  }
+
+  async writeAll(chunks: readonly Uint8Array[]): Promise<void> {
+    for (const chunk of chunks) await this.write(chunk);
   }
 
   async commit(): Promise<void> {
