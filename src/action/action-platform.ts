@@ -59,6 +59,8 @@ export interface ActionPlatform {
   isolation: WorkloadIsolation;
   /** recycle-runner (or dockerReuse): the action asks for a warm runner, and how its workspace is treated. */
   recycling: Recycling | undefined;
+  /** Bazel's persistentWorkerKey: the action may be sent to a persistent worker process (see src/persistent). */
+  persistentWorkerKey: string | undefined;
 }
 
 /**
@@ -141,6 +143,7 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
 
   const isolation = readWorkloadIsolation(single(WORKLOAD_ISOLATION_TYPE));
   const recycling = readRecycling(single);
+  const persistentWorkerKey = single(PERSISTENT_WORKER_PROPERTIES[0] as string) || undefined;
 
   const required = properties.filter((p) => !INTERPRETED.has(p.name)).map((p) => ({ name: p.name, value: p.value }));
   if (image) required.push(IMAGE_CAPABILITY);
@@ -156,6 +159,7 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     imageMode,
     isolation,
     recycling,
+    persistentWorkerKey,
   };
 }
 

@@ -206,14 +206,16 @@ export class Executor {
       doNotCache: action.doNotCache,
       queuedAt,
       registryCredentials: headerCredentials || undefined,
-      runnerKey: platform.recycling
-        ? runnerKey({
-            instanceName,
-            client: context.caller ?? "anonymous",
-            properties: platformOf(action, command),
-            image: planned.image ? String(planned.image) : "",
-          })
-        : undefined,
+      // What a warm runner, or a persistent worker's process, may be shared by (and by nothing else).
+      runnerKey:
+        platform.recycling || platform.persistentWorkerKey
+          ? runnerKey({
+              instanceName,
+              client: context.caller ?? "anonymous",
+              properties: platformOf(action, command),
+              image: planned.image ? String(planned.image) : "",
+            })
+          : undefined,
       // In expand mode, too, these are the client's input root: the worker keeps the image's part.
       inputBlobs: await inputTreeBlobs(fn, this.cas, inputRootDigest),
     };

@@ -1,5 +1,6 @@
 import type { Property } from "../action/property.js";
 import type { UpperDirectory } from "../image/open-directories.js";
+import type { PersistentWorkerSpec } from "../persistent/persistent-action.js";
 
 /**
  * Runs one command of one action in isolation and says how it ended. One
@@ -80,6 +81,8 @@ export interface RunRequest {
   signal: AbortSignal;
   /** Set when the action asked for a warm runner (recycle-runner); runners that keep none ignore it. */
   recycle?: RecycleRequest;
+  /** Set for a Bazel persistent-worker action (see PersistentWorkerRunner); others run it as its command. */
+  persistentWorker?: PersistentWorkerSpec;
 }
 
 /** What a warm runner needs to know of the action (see RecyclingRunner). */

@@ -35,6 +35,30 @@ export interface WarmRunner {
   diskBytes: number;
 }
 
+/**
+ * The identities runners take (warm runners, persistent workers' sandboxes),
+ * made once each by `make` and given to one runner at a time.
+ */
+export class RunnerIdentities {
+  private readonly made: RunnerIdentity[] = [];
+  private readonly free: RunnerIdentity[] = [];
+
+  constructor(private readonly make: (index: number) => RunnerIdentity) {}
+
+  acquire(): RunnerIdentity {
+    const free = this.free.shift();
+    if (free) return free;
+    const identity = this.make(this.made.length);
+    this.made.push(identity);
+    return identity;
+  }
+
+  /** Given back once nothing of its runner is left (its processes killed, its files removed). */
+  release(identity: RunnerIdentity): void {
+    this.free.push(identity);
+  }
+}
+
 export interface WarmPoolOptions {
   /** Runners' directories are made below it (emptied at start). */
   dir: string;
@@ -46,8 +70,8 @@ export interface WarmPoolOptions {
   maxDiskBytes: number;
   /** worker.warmRunners.idleSeconds, in milliseconds. */
   idleMillis: number;
-  /** The ids and cgroup of runner `index` (0 ≤ index < maxRunners plus the runners in use at once). */
-  identity(index: number): RunnerIdentity;
+  /** Where runners get their ids and cgroups. */
+  identities: RunnerIdentities;
   /** Called when the keys of the idle runners change (for the worker to report them). */
   onIdleKeysChanged?: (keys: readonly string[]) => void;
   onError?: (err: unknown) => void;
@@ -63,8 +87,6 @@ export interface WarmPoolOptions {
  */
 export class WarmRunnerPool {
   private readonly lru: PinnedLru<string, WarmRunner>;
-  private readonly freeIdentities: number[] = [];
-  private nextIdentity = 0;
   private nextId = 0;
   private lastReported = "";
 
@@ -108,14 +130,14 @@ export class WarmRunnerPool {
     start: (dir: string, identity: RunnerIdentity) => Promise<WarmRunner>,
   ): Promise<Lease<WarmRunner>> {
     const key = `${poolKey}/${this.nextId++}`;
-    const identity = this.options.identity(this.freeIdentities.shift() ?? this.nextIdentity++);
+    const identity = this.options.identities.acquire();
     const dir = join(this.options.dir, String(this.nextId));
     try {
       return await this.lru.acquire(key, async () => ({ value: await start(dir, identity), size: 0 }));
     } catch (err) {
       identity.cgroup?.killAll();
       await rm(dir, { recursive: true, force: true });
-      this.freeIdentities.push(identity.index);
+      this.options.identities.release(identity);
       throw err;
     }
   }
@@ -163,7 +185,7 @@ export class WarmRunnerPool {
       runner.identity.cgroup?.killAll();
       await rm(runner.dir, { recursive: true, force: true });
     } finally {
-      this.freeIdentities.push(runner.identity.index);
+      this.options.identities.release(runner.identity);
       this.report();
     }
   }

@@ -1,4 +1,17 @@
-import { lchownSync, lstatSync, readdirSync, renameSync, rmdirSync, rmSync, type Stats } from "node:fs";
+import {
+  copyFileSync,
+  lchownSync,
+  linkSync,
+  lstatSync,
+  mkdirSync,
+  readdirSync,
+  readlinkSync,
+  renameSync,
+  rmdirSync,
+  rmSync,
+  type Stats,
+  symlinkSync,
+} from "node:fs";
 import { join, posix } from "node:path";
 import picomatch from "picomatch";
 
@@ -132,6 +145,34 @@ export function giveDirectories(dir: string, uid: number, gid: number): void {
   lchownSync(dir, uid, gid);
   for (const entry of readdirSync(dir, { withFileTypes: true })) {
     if (entry.isDirectory()) giveDirectories(join(dir, entry.name), uid, gid);
+  }
+}
+
+/**
+ * A copy of the laid-out tree `from` in the empty directory `to` that
+ * leaves `from` as it is: directories made anew (given to uid and gid, with
+ * their modes), files hard-linked (they are the file cache's read-only
+ * copies; a file at its link limit is copied), symlinks made again as they
+ * are. Nothing is followed.
+ */
+export function linkTree(from: string, to: string, uid: number, gid: number): void {
+  for (const entry of readdirSync(from, { withFileTypes: true })) {
+    const source = join(from, entry.name);
+    const target = join(to, entry.name);
+    if (entry.isDirectory()) {
+      mkdirSync(target, { mode: lstatSync(source).mode & 0o7777 });
+      lchownSync(target, uid, gid);
+      linkTree(source, target, uid, gid);
+    } else if (entry.isSymbolicLink()) {
+      symlinkSync(readlinkSync(source), target);
+    } else if (entry.isFile()) {
+      try {
+        linkSync(source, target);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EMLINK") throw err;
+        copyFileSync(source, target);
+      }
+    }
   }
 }
 

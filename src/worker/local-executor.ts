@@ -3,6 +3,7 @@ import { join, posix } from "node:path";
 import type { ActionPlatform } from "../action/action-platform.js";
 import type { Assignment } from "../gen/berth/worker/v1/worker.js";
 import { mergeEnvironment } from "../image/environment.js";
+import type { FlagfileLimits } from "../persistent/persistent-action.js";
 import { inputRootView, type RecycleRequest, type RunRoot, type RunUser } from "../runner/runner.js";
 import type { Runners } from "../runner/runners.js";
 import { Code, StatusError } from "../status/status.js";
@@ -12,6 +13,7 @@ import { type ActionInputs, inputsForInstance } from "./action-inputs.js";
 import { type ActionRequest, readAssignment } from "./action-request.js";
 import { layOutInputs, prepareWorkingDirectory } from "./input-layout.js";
 import { collectRunOutputs } from "./output-collection.js";
+import { persistentRequest } from "./persistent-request.js";
 import { nowTimestamp, toTimestamp } from "./timestamp.js";
 
 /** The ids an action has when it names none and its root is not its own: nobody. */
@@ -29,6 +31,8 @@ export class LocalActionExecutor implements ActionExecutor {
     private readonly inputs: ActionInputs,
     private readonly environments: ActionEnvironments,
     private readonly runners: Runners,
+    /** Bounds on the @flagfiles read into a persistent worker's request. */
+    private readonly flagfileLimits?: FlagfileLimits,
   ) {}
 
   async execute(assignment: Assignment, context: ExecutionContext): Promise<ExecutedAction> {
@@ -45,6 +49,8 @@ export class LocalActionExecutor implements ActionExecutor {
       if (prepared.used) metadata.auxiliaryMetadata.push(prepared.used);
       const view = inputRootView(prepared.root);
       const workingDirectory = prepareWorkingDirectory(request, inputRoot, view, inputs);
+      const scope = assignment.runnerKey || assignment.instanceName;
+      const persistentWorker = await persistentRequest(request, inputs, scope, this.flagfileLimits);
       metadata.inputFetchCompletedTimestamp = nowTimestamp();
 
       const files = { inputRoot, stdoutPath: join(directory, "stdout"), stderrPath: join(directory, "stderr") };
@@ -61,6 +67,7 @@ export class LocalActionExecutor implements ActionExecutor {
         user: actionUser(request.platform, prepared.root),
         signal: context.signal,
         recycle: recycleRequest(request, assignment.runnerKey, workingDirectory),
+        persistentWorker,
       });
       metadata.executionStartTimestamp = toTimestamp(run.startedAt);
       metadata.executionCompletedTimestamp = toTimestamp(run.completedAt);

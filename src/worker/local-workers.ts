@@ -8,12 +8,16 @@ import type { InputTreeLimits } from "../cas/tree-limits.js";
 import { DEFAULT_INPUT_TREE_LIMITS } from "../cas/tree-limits.js";
 import type { Config } from "../config/config.js";
 import type { Logger } from "../log/log.js";
+import { persistentWorkerLimits } from "../persistent/configured-limits.js";
+import { PersistentWorkerPool } from "../persistent/worker-pool.js";
 import { registryFromConfig } from "../registry/configured-client.js";
 import { AheadRunner } from "../runner/ahead-runner.js";
 import { BubblewrapRunner } from "../runner/bubblewrap-runner.js";
+import { PersistentWorkerRunner } from "../runner/persistent-runner.js";
 import { RecyclingRunner } from "../runner/recycling-runner.js";
 import { Runners } from "../runner/runners.js";
-import { WarmRunnerPool } from "../runner/warm-pool.js";
+import { SandboxedWorkerLauncher } from "../runner/sandboxed-worker-launcher.js";
+import { RunnerIdentities, WarmRunnerPool } from "../runner/warm-pool.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
 import { openPrivateDir } from "../store/private-dir.js";
@@ -85,22 +89,30 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   const cgroupLimits = { memoryBytes: limits.maxMemoryBytes, processes: limits.maxProcesses };
   // Warm runners (recycle-runner) have users and cgroups of their own, numbered after the slots'.
   const warm = options.worker.warmRunners;
+  const identities = new RunnerIdentities((index) => {
+    const owner = actionUser(options.count + index, sandboxUidBase);
+    const cgroup = openSlotCgroup(options.count + index, cgroupLimits);
+    if (cgroup) cgroups.push(cgroup);
+    return { index, uid: owner.uid, gid: owner.gid, cgroup };
+  });
   const pool = new WarmRunnerPool({
     dir: join(options.workDir, "runners"),
     maxRunners: warm.maxRunners,
     maxMemoryBytes: warm.maxMemoryBytes,
     maxDiskBytes: warm.maxDiskBytes,
     idleMillis: warm.idleSeconds * 1000,
-    identity: (index) => {
-      const owner = actionUser(options.count + index, sandboxUidBase);
-      const cgroup = openSlotCgroup(options.count + index, cgroupLimits);
-      if (cgroup) cgroups.push(cgroup);
-      return { index, uid: owner.uid, gid: owner.gid, cgroup };
-    },
+    identities,
     onIdleKeysChanged: (keys) => warmKeys.publish(keys),
     onError: (err) => options.log.warn({ err }, "stopping a warm runner failed"),
   });
   await pool.open();
+  const persistent = persistentWorkerLimits(options.worker.persistentWorkers);
+  const sandboxSettings = { limits, slirp4netnsPath, maskedFiles: options.maskedFiles };
+  // Bazel's persistent workers, each process in a sandbox of its own with an identity from the same set.
+  const persistentPool = new PersistentWorkerPool(
+    new SandboxedWorkerLauncher(join(options.workDir, "persistent"), identities, sandboxSettings),
+    persistent.pool,
+  );
   const warmKeys = new WarmKeys();
   /** Each slot's runners: its sandbox has the slot's user and cgroup. */
   const aheadRunners: AheadRunner[] = [];
@@ -124,7 +136,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     const fresh = new BubblewrapRunner(sandbox, { layeredRoots });
     // Resident sandboxes (made ahead, warm) have roots root mounts: a worker started as another user keeps none.
     if (!layeredRoots) return new Runners({ "namespace-sandbox": fresh });
-    const settings = { limits, slirp4netnsPath, maskedFiles: options.maskedFiles };
+    const settings = sandboxSettings;
     const ahead = options.worker.sandboxesAhead
       ? new AheadRunner(fresh, {
           dir: join(options.workDir, "ahead", String(slot)),
@@ -136,7 +148,8 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
         })
       : undefined;
     if (ahead) aheadRunners.push(ahead);
-    return new Runners({ "namespace-sandbox": new RecyclingRunner(ahead ?? fresh, pool, settings) });
+    const recycling = new RecyclingRunner(ahead ?? fresh, pool, settings);
+    return new Runners({ "namespace-sandbox": new PersistentWorkerRunner(recycling, persistentPool) });
   };
   const owners = Array.from({ length: options.count }, (_, i) => actionUser(i, sandboxUidBase));
   const runners = owners.map((owner, i) => slotRunners(i, owner));
@@ -185,7 +198,14 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       workerName,
       properties,
       slots: 1,
-      executor: workerExecutor({ workerName, inputs, environments, runners: slot, trash }),
+      executor: workerExecutor({
+        workerName,
+        inputs,
+        environments,
+        runners: slot,
+        trash,
+        flagfileLimits: persistent.flagfiles,
+      }),
       workDir: join(options.workDir, "actions"),
       images,
       warmKeys,
@@ -197,6 +217,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     stop: async () => {
       await Promise.all(workers.map((w) => w.stop()));
       await pool.close();
+      await persistentPool.close();
       await Promise.all(aheadRunners.map((ahead) => ahead.close()));
       for (const cgroup of cgroups) removeSlotCgroup(cgroup);
       cas.close();

@@ -1,3 +1,4 @@
+import type { FlagfileLimits } from "../persistent/persistent-action.js";
 import type { Runners } from "../runner/runners.js";
 import type { ActionEnvironments } from "./action-environments.js";
 import type { ActionExecutor } from "./action-executor.js";
@@ -16,6 +17,8 @@ export interface WorkerExecutorParts {
   runners: Runners;
   /** Where the action's directory goes when it is done. */
   trash: Trash;
+  /** Bounds on the @flagfiles read into a persistent worker's request. */
+  flagfileLimits?: FlagfileLimits;
 }
 
 /**
@@ -24,7 +27,7 @@ export interface WorkerExecutorParts {
  * outputs uploaded; the small ones put inline first; the action's own steps.
  */
 export function workerExecutor(parts: WorkerExecutorParts): ActionExecutor {
-  const local = new LocalActionExecutor(parts.inputs, parts.environments, parts.runners);
+  const local = new LocalActionExecutor(parts.inputs, parts.environments, parts.runners, parts.flagfileLimits);
   const uploaded = new UploadingExecutor(new InlineOutputsExecutor(local), parts.inputs.cas);
   return new TimestampedExecutor(new CleanupExecutor(uploaded, parts.trash), parts.workerName);
 }
