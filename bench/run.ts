@@ -29,6 +29,7 @@ import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
 import { benchPersistentWorker } from "./persistent.js";
 import { renderMarkdown, type Section } from "./report.js";
+import { benchRunnerActions } from "./runner-actions.js";
 import { benchRunners } from "./runners.js";
 import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
@@ -49,6 +50,8 @@ const BENCHMARKS = {
   "execute-latency": "Execute round trip of /bin/true vs BubblewrapSandbox.run",
   "execute-throughput": "1,000 distinct actions on two workers vs BubblewrapSandbox × 2",
   runners: "/bin/true in a fresh sandbox, one made ahead, a warm one, and the floor (a fork inside a sandbox)",
+  "runner-actions":
+    "Through Execute: /bin/true fresh, made ahead and warm; a test-like server fresh vs recycled; persistent workers",
   bazel: "Bazel build of 500 genrules, remote on Berth vs local sandboxed",
   "images-pull": "Cold pull and unpack of a Debian image vs skopeo copy + umoci unpack",
   "images-action": "/bin/true in a cached image vs bubblewrap on the unpacked root and docker run",
@@ -209,6 +212,11 @@ async function main(): Promise<void> {
       runners: async () => {
         await execution?.server.stop();
         sections.push(await benchRunners(ctx));
+      },
+      // Two servers of their own (one worker each), fresh and with sandboxes made ahead and warm runners.
+      "runner-actions": async () => {
+        await execution?.server.stop();
+        sections.push(...(await benchRunnerActions(ctx)));
       },
       bazel: async () => {
         // It starts servers of its own; the execution benchmarks' one would only sit beside them.

@@ -123,9 +123,16 @@ export class AheadRunner implements Runner {
     return undefined;
   }
 
+  /**
+   * Starts the next sandbox once the action at hand has answered: starting one spawns processes, which
+   * blocks the event loop for a moment, and that moment is not the action's.
+   */
   private makeNext(shape: Shape): void {
     if (this.next) return;
-    this.next = this.start(shape).catch((err: unknown) => {
+    this.next = (async () => {
+      await new Promise((resolve) => setImmediate(resolve));
+      return this.start(shape);
+    })().catch((err: unknown) => {
       this.options.onError?.(err);
       return undefined;
     });

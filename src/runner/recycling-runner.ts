@@ -11,6 +11,9 @@ import type { RecycleRequest, Runner, RunRequest, RunResult } from "./runner.js"
 import type { RunnerIdentity, WarmRunner, WarmRunnerPool } from "./warm-pool.js";
 import { cleanPreservedWorkspace, emptyWorkspace, giveDirectories, mergeEntries, moveEntries } from "./workspace.js";
 
+/** A warm runner's disk is measured once it has been idle this long. */
+const DISK_MEASURE_DELAY_MS = 200;
+
 /** Left in the working directory by an action, it keeps the action's runner from being used again. */
 export const DO_NOT_RECYCLE_MARKER = ".BERTH_DO_NOT_RECYCLE";
 
@@ -97,8 +100,7 @@ export class RecyclingRunner implements Runner {
         // What the next action must not see goes back to the action's directory, discarded with it.
         if (!recycle.preserveWorkspace) moveEntries(workspace, request.inputRoot);
         await this.pool.giveBack(lease, keep);
-        // Measured off the action's path (a walk of the workspace); the pool's disk cap is checked then.
-        if (keep) void this.diskUse(runner).then((bytes) => this.pool.measured(runner, bytes));
+        if (keep) this.measureLater(runner);
       },
     };
   }
@@ -136,6 +138,18 @@ export class RecyclingRunner implements Runner {
       diskBytes: 0,
     };
     return runner;
+  }
+
+  /**
+   * Measures the runner's disk use (a walk of its workspace by find, a process) once it has been idle a
+   * moment, off the path of the actions that follow one another in it; the pool's disk cap is checked then.
+   */
+  private measureLater(runner: WarmRunner): void {
+    const timer = setTimeout(() => {
+      if (!this.pool.isIdle(runner)) return;
+      void this.diskUse(runner).then((bytes) => this.pool.measured(runner, bytes));
+    }, DISK_MEASURE_DELAY_MS);
+    timer.unref();
   }
 
   /** What the runner holds on disk: its workspace (the files of its user) and its writable layer. */

@@ -159,6 +159,12 @@ export class WarmRunnerPool {
     this.report();
   }
 
+  /** Whether `runner` is in the pool and no action holds it. */
+  isIdle(runner: WarmRunner): boolean {
+    for (const entry of this.lru.entries()) if (entry.value === runner) return !entry.pinned;
+    return false;
+  }
+
   /** The scheduler keys of the idle runners, each once. */
   idleKeys(): string[] {
     const keys = new Set<string>();

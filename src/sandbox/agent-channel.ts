@@ -1,7 +1,10 @@
-import { execFileSync } from "node:child_process";
+import { execFile } from "node:child_process";
 import { constants as fsConstants, openSync, rmSync } from "node:fs";
 import { Socket } from "node:net";
 import { join } from "node:path";
+import { promisify } from "node:util";
+
+const run = promisify(execFile);
 
 /** One command for the agent; the paths are as the agent sees them. */
 export interface AgentCommand {
@@ -37,12 +40,16 @@ export class AgentChannel {
   #onReady: (error?: Error) => void = () => {};
   #gone: string | undefined;
 
-  /** `onGone` hears once why the agent can no longer be reached. */
-  constructor(controlDir: string, onGone: (reason: string) => void) {
+  /** The pipes to an agent about to start, made in `controlDir`; `onGone` hears once why it can no longer be reached. */
+  static async open(controlDir: string, onGone: (reason: string) => void): Promise<AgentChannel> {
+    await mkfifo(join(controlDir, "requests"), join(controlDir, "replies"));
+    return new AgentChannel(controlDir, onGone);
+  }
+
+  private constructor(controlDir: string, onGone: (reason: string) => void) {
     this.#onGone = onGone;
     this.requestPath = join(controlDir, "requests");
     this.replyPath = join(controlDir, "replies");
-    mkfifo(this.requestPath, this.replyPath);
     this.ready = new Promise<void>((done, fail) => {
       this.#onReady = (error) => (error ? fail(error) : done());
     });
@@ -152,6 +159,7 @@ function ended(reason: string): Error {
   return new Error(`the resident sandbox ended: ${reason}`);
 }
 
-export function mkfifo(...paths: string[]): void {
-  execFileSync("mkfifo", ["-m", "0600", "--", ...paths], { stdio: ["ignore", "ignore", "pipe"] });
+export async function mkfifo(...paths: string[]): Promise<void> {
+  // Not execFileSync: a sandbox is made while others run, and a blocked event loop would stall their actions.
+  await run("mkfifo", ["-m", "0600", "--", ...paths]);
 }

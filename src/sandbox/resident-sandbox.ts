@@ -189,7 +189,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     mkdirSync(this.#controlDir, { mode: 0o700 });
     mkdirSync(this.#ioDir, { mode: 0o700 });
     chownSync(this.#ioDir, this.#uid, this.#gid);
-    const channel = new AgentChannel(this.#controlDir, (reason) => {
+    const channel = await AgentChannel.open(this.#controlDir, (reason) => {
       this.#gone ??= new Error(`the resident sandbox ended: ${reason}`);
     });
     this.#channel = channel;
@@ -355,7 +355,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     const id = String(this.#nextId++);
     const names = ["in", "out", "err"].map((name) => `${id}.${name}`);
     const paths = names.map((name) => join(this.#ioDir, name));
-    mkfifo(...paths);
+    await mkfifo(...paths);
     for (const path of paths) chownSync(path, this.#uid, this.#gid);
     const [inPath, outPath, errPath] = paths as [string, string, string];
     const stdout = new Socket({
