@@ -2,7 +2,7 @@
  * Issue #14's runners through the whole farm: the Execute round trip of /bin/true in a fresh sandbox, in a
  * sandbox made ahead and in a warm runner; a test-like action whose server needs 1 s to come up, fresh and
  * recycled; and Bazel 6 persistent-worker actions against the same tool started once per action. Two
- * `berth serve --workers 1` of their own, one with worker.sandboxesAhead off (the fresh side).
+ * `berth serve --workers 1` of their own, one with worker.sandboxesAhead on (the other is the fresh side).
  */
 import { createHash, randomBytes } from "node:crypto";
 import { mkdir } from "node:fs/promises";
@@ -69,8 +69,8 @@ export async function benchRunnerActions(ctx: BenchContext): Promise<Section[]> 
     ctx.defer(() => server.stop());
     return server;
   };
-  const freshServer = await start("runners-fresh", "worker:\n  sandboxesAhead: false\n");
-  const server = await start("runners-ahead", "");
+  const freshServer = await start("runners-fresh", "");
+  const server = await start("runners-ahead", "worker:\n  sandboxesAhead: true\n");
   const salt = randomBytes(8).toString("hex");
   const trueSpec: ActionSpec = { args: ["/bin/true"], files: INPUT_FILES, salt };
   const recycle = [
@@ -138,10 +138,10 @@ export async function benchRunnerActions(ctx: BenchContext): Promise<Section[]> 
     {
       title: "Runners through Execute: /bin/true fresh, in a sandbox made ahead, and in a warm runner",
       setup: [
-        "Two `berth serve --workers 1` of their own: one with `worker.sandboxesAhead: false`, where every " +
-          "action gets a fresh bubblewrap sandbox (a); one as configured by default, where each slot keeps a " +
+        "Two `berth serve --workers 1` of their own: one as configured by default, where every action gets a " +
+          "fresh bubblewrap sandbox (a); one with `worker.sandboxesAhead: true`, where each slot keeps a " +
           "resident sandbox started for its next action (b), and where an action with `recycle-runner=true` " +
-          "runs in a warm runner kept from the previous one with the same key (c).",
+          "runs in a warm runner kept from the previous one with the same key (c; warm runners need no setting).",
         "The action of the Execute round-trip benchmark (`/bin/true`, ten small input files), each Execute with " +
           "skip_cache_lookup, timed at the client until the COMPLETED operation has arrived and checked " +
           `(status OK, exit code 0). ${RUNS} runs of each after ${WARMUP} of warm-up, interleaved run by run ` +

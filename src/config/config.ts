@@ -198,8 +198,12 @@ export const ConfigSchema = z
           .strict()
           .prefault({}),
         /** Bazel's remote persistent workers (platform property persistentWorkerKey), kept between actions. */
-        /** Each slot keeps a sandbox started for its next action (the shape of its last), used once. */
-        sandboxesAhead: z.boolean().default(true),
+        /**
+         * Each slot keeps a sandbox started for its next action (the shape of its last), used once: an
+         * action's latency without the sandbox's start, at the cost of more CPU per action (a resident
+         * sandbox's agent), which a busy worker may not have to spare.
+         */
+        sandboxesAhead: z.boolean().default(false),
         /** Runners kept between actions that ask for it (recycle-runner), with what they left running. */
         warmRunners: z
           .object({

@@ -52,6 +52,7 @@ export class AheadRunner implements Runner {
   readonly capabilities: readonly Property[];
   private next: Promise<Ahead | undefined> | undefined;
   private made = 0;
+  private closed = false;
 
   constructor(
     private readonly fresh: Runner,
@@ -103,8 +104,9 @@ export class AheadRunner implements Runner {
     return result;
   }
 
-  /** Stops the sandbox waiting, if any. */
+  /** Stops the sandbox waiting, if any; none is made afterwards. */
   async close(): Promise<void> {
+    this.closed = true;
     const ahead = await this.next;
     this.next = undefined;
     if (!ahead) return;
@@ -128,10 +130,16 @@ export class AheadRunner implements Runner {
    * blocks the event loop for a moment, and that moment is not the action's.
    */
   private makeNext(shape: Shape): void {
-    if (this.next) return;
+    if (this.next || this.closed) return;
     this.next = (async () => {
       await new Promise((resolve) => setImmediate(resolve));
-      return this.start(shape);
+      if (this.closed) return undefined;
+      const ahead = await this.start(shape);
+      // Closed while it started: it is nobody's.
+      if (!this.closed) return ahead;
+      await this.stop(ahead);
+      rmSync(ahead.dir, { recursive: true, force: true });
+      return undefined;
     })().catch((err: unknown) => {
       this.options.onError?.(err);
       return undefined;
