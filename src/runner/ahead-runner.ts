@@ -6,6 +6,7 @@ import type { SlotCgroup } from "../sandbox/cgroups.js";
 import { type ResidentSandbox, startResidentSandbox } from "../sandbox/resident-sandbox.js";
 import { overlayRoot } from "./bubblewrap-runner.js";
 import type { WarmSandboxSettings } from "./recycling-runner.js";
+import { residentCommand } from "./resident-command.js";
 import type { Runner, RunRequest, RunResult, RunRoot, RunUser } from "./runner.js";
 import { moveEntries } from "./workspace.js";
 
@@ -79,15 +80,7 @@ export class AheadRunner implements Runner {
     let result: RunResult;
     try {
       moveEntries(request.inputRoot, ahead.workspace);
-      result = await ahead.sandbox.run({
-        workingDirectory: request.workingDirectory,
-        argv: request.argv,
-        env: request.env,
-        timeoutMs: request.timeoutMs,
-        stdoutPath: request.stdoutPath,
-        stderrPath: request.stderrPath,
-        signal: request.signal,
-      });
+      result = await ahead.sandbox.run(residentCommand(request));
     } catch (err) {
       await this.stop(ahead);
       moveBack(ahead, request.inputRoot, this.options.onError);

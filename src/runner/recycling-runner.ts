@@ -7,6 +7,7 @@ import { type ActionRoot, HOST_ROOT, INPUT_ROOT_AS_ROOT } from "../sandbox/actio
 import { measureDiskUsage } from "../sandbox/disk-usage.js";
 import { type ResidentSandboxOptions, startResidentSandbox } from "../sandbox/resident-sandbox.js";
 import { overlayRoot } from "./bubblewrap-runner.js";
+import { residentCommand } from "./resident-command.js";
 import type { RecycleRequest, Runner, RunRequest, RunResult } from "./runner.js";
 import type { RunnerIdentity, WarmRunner, WarmRunnerPool } from "./warm-pool.js";
 import { cleanPreservedWorkspace, emptyWorkspace, giveDirectories, mergeEntries, moveEntries } from "./workspace.js";
@@ -76,15 +77,7 @@ export class RecyclingRunner implements Runner {
       if (recycle.preserveWorkspace) inputs = mergeEntries(request.inputRoot, workspace);
       else moveEntries(request.inputRoot, workspace);
       runner.last = { outputs: recycle.outputs, inputs };
-      result = await runner.sandbox.run({
-        workingDirectory: request.workingDirectory,
-        argv: request.argv,
-        env: request.env,
-        timeoutMs: request.timeoutMs,
-        stdoutPath: request.stdoutPath,
-        stderrPath: request.stderrPath,
-        signal: request.signal,
-      });
+      result = await runner.sandbox.run(residentCommand(request));
     } catch (err) {
       await this.pool.giveBack(lease, false);
       throw err;

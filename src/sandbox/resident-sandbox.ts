@@ -15,7 +15,7 @@ import { DEFAULT_LIMITS, describeLimit, limitSteps, type SandboxLimits } from ".
 import { uidProcesses } from "./open-deleted-files.js";
 import { IO_MOUNT, maskableFiles, type ResidentLayout, residentLayout } from "./resident-layout.js";
 import { deliverOutput } from "./resident-output.js";
-import type { SandboxResult, SandboxUser } from "./sandbox.js";
+import type { SandboxRequest, SandboxResult, SandboxUser } from "./sandbox.js";
 
 export interface ResidentSandboxOptions {
   /**
@@ -45,28 +45,17 @@ export interface ResidentSandboxOptions {
   launcher?: Launcher;
 }
 
-/** One command for a resident sandbox: `SandboxRequest` without what was fixed when the sandbox started. */
-export interface ResidentRunRequest {
-  /** Relative to the input root; "" is the input root itself. */
-  workingDirectory: string;
-  /** argv[0] is resolved via PATH from `env` when it has no slash (REAPI 2.3), else relative to the working directory. */
-  argv: string[];
-  /** Exactly the command's environment (plus PWD, the working directory's path, as bwrap sets it). */
-  env: { name: string; value: string }[];
-  /** Wall-clock limit; 0 or Infinity means none. */
-  timeoutMs: number;
-  /**
-   * Host files that receive the command's stdout and stderr (moved there when it ends), in a directory the
-   * slot's user cannot write (outside the input root), as for `SandboxRequest`. A process the command left
-   * running may still hold them open and write on (up to worker.limits.maxFileSizeBytes; once the caller has
-   * deleted them, the disk monitor counts them as deleted files the sandbox holds open): read them right
-   * after the run.
-   */
-  stdoutPath: string;
-  stderrPath: string;
-  /** Aborting it kills the command, and with it the sandbox. */
-  signal?: AbortSignal;
-}
+/**
+ * One command for a resident sandbox: `SandboxRequest` without what was fixed when the sandbox started.
+ * The stdout and stderr files are moved there when the command ends; a process the command left running may
+ * still hold them open and write on (up to worker.limits.maxFileSizeBytes; once the caller has deleted them,
+ * the disk monitor counts them as deleted files the sandbox holds open): read them right after the run.
+ * Aborting `signal` kills the command, and with it the sandbox.
+ */
+export type ResidentRunRequest = Pick<
+  SandboxRequest,
+  "workingDirectory" | "argv" | "env" | "timeoutMs" | "stdoutPath" | "stderrPath" | "signal"
+>;
 
 /** A long-lived process inside a sandbox, with pipes to the worker (a persistent worker, say). */
 export interface PipedProcess {
