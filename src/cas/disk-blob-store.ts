@@ -530,6 +530,8 @@ class DiskBlobWriter implements BlobWriter {
     try {
       await this.settle(durable);
     } catch (err) {
+      // The hash thread holds the file open too: dropped, so that a full disk gets its blocks back.
+      this.hasher.drop();
       await unlink(this.temp).catch(() => {});
       throw isDiskFull(err) ? this.store.diskFull(err, this.digest) : err;
     }
@@ -538,6 +540,7 @@ class DiskBlobWriter implements BlobWriter {
     try {
       wrong = await uploadMismatch(digest, this.written, () => this.hasher.digestHex(this.written));
     } catch (err) {
+      this.hasher.drop();
       await unlink(this.temp).catch(() => {});
       throw err;
     }
