@@ -7,9 +7,8 @@ import { fileURLToPath } from "node:url";
 import { LAUNCH_FAILED, type Launched, type Launcher, type LaunchStep, sharedLauncher } from "../process/launcher.js";
 import { type ActionRoot, HOST_ROOT } from "./action-root.js";
 import { AgentChannel, mkfifo } from "./agent-channel.js";
-import { parseStatus, reachedLimit, waitForSandboxEnd } from "./bubblewrap.js";
+import { type BubblewrapSandboxOptions, parseStatus, reachedLimit, waitForSandboxEnd } from "./bubblewrap.js";
 import { DEFAULT_USER } from "./bwrap-args.js";
-import type { SlotCgroup } from "./cgroups.js";
 import { DiskMonitor } from "./disk-monitor.js";
 import { DEFAULT_LIMITS, describeLimit, limitSteps, type SandboxLimits } from "./limits.js";
 import { uidProcesses } from "./open-deleted-files.js";
@@ -17,7 +16,8 @@ import { IO_MOUNT, maskableFiles, type ResidentLayout, residentLayout } from "./
 import { deliverOutput } from "./resident-output.js";
 import type { SandboxRequest, SandboxResult, SandboxUser } from "./sandbox.js";
 
-export interface ResidentSandboxOptions {
+/** The bwrap path, host ids, limits, cgroup, slirp4netns and masked files are as in BubblewrapSandboxOptions. */
+export interface ResidentSandboxOptions extends BubblewrapSandboxOptions {
   /**
    * Host directory bound as the action's input root; it may be empty when the sandbox starts ("made ahead"):
    * what is laid out in it later shows inside. Prepared as for `SandboxRequest.inputRoot`. The directory
@@ -33,14 +33,6 @@ export interface ResidentSandboxOptions {
   user?: SandboxUser;
   /** Network access for every command (default false: a loopback of the sandbox's own). */
   network?: boolean;
-  /** As in BubblewrapSandboxOptions. */
-  bwrapPath?: string;
-  uid?: number;
-  gid?: number;
-  limits?: SandboxLimits;
-  cgroup?: SlotCgroup;
-  slirp4netnsPath?: string;
-  maskedFiles?: readonly string[];
   /** What starts bwrap; the process's shared launcher when absent (the sandbox then joins `cgroup` itself). */
   launcher?: Launcher;
 }
