@@ -1,28 +1,23 @@
-import { chownSync, lstatSync, mkdirSync, rmSync } from "node:fs";
+import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { Property } from "../action/property.js";
-import { type ActionRoot, HOST_ROOT, INPUT_ROOT_AS_ROOT } from "../sandbox/action-root.js";
 import type { SlotCgroup } from "../sandbox/cgroups.js";
-import { type ResidentSandbox, startResidentSandbox } from "../sandbox/resident-sandbox.js";
-import { overlayRoot } from "./bubblewrap-runner.js";
-import type { WarmSandboxSettings } from "./recycling-runner.js";
-import { residentCommand } from "./resident-command.js";
-import type { Runner, RunRequest, RunResult, RunRoot, RunUser } from "./runner.js";
+import {
+  type ResidentSettings,
+  type ResidentShape,
+  residentCommand,
+  type StartedResident,
+  shapeKey,
+  startResident,
+  stillWhole,
+} from "./resident.js";
+import type { Runner, RunRequest, RunResult } from "./runner.js";
 import { moveEntries } from "./workspace.js";
 
-/** What a sandbox made ahead is made for: an action of another shape runs in a fresh one. */
-interface Shape {
-  root: RunRoot;
-  user: RunUser;
-  network: boolean;
-}
-
-interface Ahead {
+/** A sandbox made ahead for an action of `shape` (see shapeKey); one of another shape runs in a fresh sandbox. */
+interface Ahead extends StartedResident {
   shape: string;
-  sandbox: ResidentSandbox;
   dir: string;
-  workspace: string;
-  layerDirs: readonly string[];
 }
 
 export interface AheadRunnerOptions {
@@ -32,12 +27,12 @@ export interface AheadRunnerOptions {
   uid: number;
   gid: number;
   cgroup: SlotCgroup | undefined;
-  settings: WarmSandboxSettings;
+  settings: ResidentSettings;
   onError?: (err: unknown) => void;
 }
 
 /** The shape most actions have (Bazel's, on the host's root): the first sandbox is made ahead for it. */
-const FIRST_SHAPE: Shape = { root: { kind: "host" }, user: { uid: 65534, gid: 65534 }, network: false };
+const FIRST_SHAPE: ResidentShape = { root: { kind: "host" }, user: { uid: 65534, gid: 65534 }, network: false };
 
 /**
  * One slot's sandboxes made ahead: while no action runs, a resident
@@ -113,7 +108,7 @@ export class AheadRunner implements Runner {
     this.next = undefined;
     const ahead = await pending;
     if (!ahead) return undefined;
-    if (ahead.shape === shape && ahead.sandbox.usable && ahead.layerDirs.every(isDirectory)) return ahead;
+    if (ahead.shape === shape && stillWhole(ahead)) return ahead;
     void this.stop(ahead).then(() => rmSync(ahead.dir, { recursive: true, force: true }));
     return undefined;
   }
@@ -122,7 +117,7 @@ export class AheadRunner implements Runner {
    * Starts the next sandbox once the action at hand has answered: starting one spawns processes, which
    * blocks the event loop for a moment, and that moment is not the action's.
    */
-  private makeNext(shape: Shape): void {
+  private makeNext(shape: ResidentShape): void {
     if (this.next || this.closed) return;
     this.next = (async () => {
       await new Promise((resolve) => setImmediate(resolve));
@@ -139,33 +134,10 @@ export class AheadRunner implements Runner {
     });
   }
 
-  private async start(shape: Shape): Promise<Ahead> {
+  private async start(shape: ResidentShape): Promise<Ahead> {
     const dir = join(this.options.dir, String(this.made++));
-    mkdirSync(dir, { mode: 0o700 });
-    const workspace = join(dir, "workspace");
-    mkdirSync(workspace, { mode: 0o755 });
-    chownSync(workspace, this.options.uid, this.options.gid);
-    try {
-      let root: ActionRoot = HOST_ROOT;
-      if (shape.root.kind === "input-root") root = INPUT_ROOT_AS_ROOT;
-      if (shape.root.kind === "layers") root = await overlayRoot(shape.root, dir);
-      const sandbox = await startResidentSandbox({
-        ...this.options.settings,
-        inputRoot: workspace,
-        stateDir: join(dir, "sandbox"),
-        root,
-        user: shape.user,
-        network: shape.network,
-        uid: this.options.uid,
-        gid: this.options.gid,
-        cgroup: this.options.cgroup,
-      });
-      const layerDirs = shape.root.kind === "layers" ? shape.root.layerDirs : [];
-      return { shape: shapeKey(shape), sandbox, dir, workspace, layerDirs };
-    } catch (err) {
-      rmSync(dir, { recursive: true, force: true });
-      throw err;
-    }
+    const started = await startResident(dir, shape, this.options, this.options.settings);
+    return { ...started, shape: shapeKey(shape), dir };
   }
 
   /** Ends the sandbox and every process in it. */
@@ -180,26 +152,5 @@ function moveBack(ahead: Ahead, inputRoot: string, onError?: (err: unknown) => v
     moveEntries(ahead.workspace, inputRoot);
   } catch (err) {
     onError?.(err);
-  }
-}
-
-function shapeKey(shape: Shape): string {
-  const root =
-    shape.root.kind === "layers"
-      ? {
-          kind: "layers",
-          layers: shape.root.layerDirs,
-          at: shape.root.inputRootPath,
-          upper: shape.root.upperDirectories,
-        }
-      : { kind: shape.root.kind };
-  return JSON.stringify([root, shape.user.uid, shape.user.gid, shape.network]);
-}
-
-function isDirectory(path: string): boolean {
-  try {
-    return lstatSync(path).isDirectory();
-  } catch {
-    return false;
   }
 }

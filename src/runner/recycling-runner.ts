@@ -1,13 +1,10 @@
 import { createHash } from "node:crypto";
-import { chownSync, lstatSync, mkdirSync } from "node:fs";
+import { lstatSync } from "node:fs";
 import { join } from "node:path";
 import type { Property } from "../action/property.js";
 import type { Lease } from "../cache/pinned-lru.js";
-import { type ActionRoot, HOST_ROOT, INPUT_ROOT_AS_ROOT } from "../sandbox/action-root.js";
 import { measureDiskUsage } from "../sandbox/disk-usage.js";
-import { type ResidentSandboxOptions, startResidentSandbox } from "../sandbox/resident-sandbox.js";
-import { overlayRoot } from "./bubblewrap-runner.js";
-import { residentCommand } from "./resident-command.js";
+import { type ResidentSettings, residentCommand, shapeKey, startResident, stillWhole } from "./resident.js";
 import type { RecycleRequest, Runner, RunRequest, RunResult } from "./runner.js";
 import type { RunnerIdentity, WarmRunner, WarmRunnerPool } from "./warm-pool.js";
 import { cleanPreservedWorkspace, emptyWorkspace, giveDirectories, mergeEntries, moveEntries } from "./workspace.js";
@@ -17,12 +14,6 @@ const DISK_MEASURE_DELAY_MS = 200;
 
 /** Left in the working directory by an action, it keeps the action's runner from being used again. */
 export const DO_NOT_RECYCLE_MARKER = ".BERTH_DO_NOT_RECYCLE";
-
-/** What every warm runner's sandbox shares with the worker's fresh ones (limits, masked files, tools). */
-export type WarmSandboxSettings = Pick<
-  ResidentSandboxOptions,
-  "bwrapPath" | "limits" | "slirp4netnsPath" | "maskedFiles"
->;
 
 /**
  * A runner that keeps runners (BuildBuddy's recycle-runner): an action that
@@ -43,7 +34,7 @@ export class RecyclingRunner implements Runner {
   constructor(
     private readonly fresh: Runner,
     private readonly pool: WarmRunnerPool,
-    private readonly settings: WarmSandboxSettings,
+    private readonly settings: ResidentSettings,
   ) {
     this.capabilities = fresh.capabilities;
   }
@@ -100,36 +91,8 @@ export class RecyclingRunner implements Runner {
 
   /** A new warm runner: its workspace, its root (an overlay whose upper layer it keeps), its sandbox. */
   private async start(dir: string, identity: RunnerIdentity, runnerKey: string, request: RunRequest) {
-    mkdirSync(dir, { recursive: true, mode: 0o700 });
-    const workspace = join(dir, "workspace");
-    mkdirSync(workspace, { mode: 0o755 });
-    // The action may write anywhere in its input root, its top level included.
-    chownSync(workspace, identity.uid, identity.gid);
-    let root: ActionRoot = HOST_ROOT;
-    if (request.root.kind === "input-root") root = INPUT_ROOT_AS_ROOT;
-    if (request.root.kind === "layers") root = await overlayRoot(request.root, dir);
-    const sandbox = await startResidentSandbox({
-      ...this.settings,
-      inputRoot: workspace,
-      stateDir: join(dir, "sandbox"),
-      root,
-      user: request.user,
-      network: request.network,
-      uid: identity.uid,
-      gid: identity.gid,
-      cgroup: identity.cgroup,
-    });
-    const layerDirs = request.root.kind === "layers" ? request.root.layerDirs : [];
-    const runner: WarmRunner = {
-      runnerKey,
-      sandbox,
-      dir,
-      workspace,
-      identity,
-      layerDirs,
-      last: undefined,
-      diskBytes: 0,
-    };
+    const started = await startResident(dir, request, identity, this.settings);
+    const runner: WarmRunner = { ...started, runnerKey, dir, identity, last: undefined, diskBytes: 0 };
     return runner;
   }
 
@@ -159,12 +122,9 @@ export class RecyclingRunner implements Runner {
  * is another runner), the ids inside, the network.
  */
 function poolKeyOf(runnerKey: string, request: RunRequest): string {
-  const root =
-    request.root.kind === "layers"
-      ? { kind: "layers", layers: request.root.layerDirs, at: request.root.inputRootPath }
-      : { kind: request.root.kind };
-  const parts = JSON.stringify([runnerKey, root, request.user, request.network]);
-  return createHash("sha256").update(parts).digest("hex");
+  return createHash("sha256")
+    .update(JSON.stringify([runnerKey, shapeKey(request)]))
+    .digest("hex");
 }
 
 /**
@@ -181,16 +141,4 @@ function mayRecycle(result: RunResult, runner: WarmRunner, workingDirectory: str
   } catch {
     return true;
   }
-}
-
-/** A runner whose image layers were evicted meanwhile is not used: its root is no longer what it was. */
-function stillWhole(runner: WarmRunner): boolean {
-  if (!runner.sandbox.usable) return false;
-  return runner.layerDirs.every((dir) => {
-    try {
-      return lstatSync(dir).isDirectory();
-    } catch {
-      return false;
-    }
-  });
 }

@@ -1,9 +1,8 @@
-import { chownSync, mkdirSync, rmSync } from "node:fs";
+import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { LaunchedProcess, WorkerLaunch, WorkerProcessLauncher } from "../persistent/launcher.js";
-import { HOST_ROOT } from "../sandbox/action-root.js";
-import { startResidentSandbox } from "../sandbox/resident-sandbox.js";
-import type { WarmSandboxSettings } from "./recycling-runner.js";
+import type { ResidentSandbox } from "../sandbox/resident-sandbox.js";
+import { type ResidentSettings, startResident } from "./resident.js";
 import type { RunnerIdentities } from "./warm-pool.js";
 
 /** The ids a persistent worker has inside its sandbox, as any action on the host's root: nobody. */
@@ -22,7 +21,7 @@ export class SandboxedWorkerLauncher implements WorkerProcessLauncher {
   constructor(
     private readonly dir: string,
     private readonly identities: RunnerIdentities,
-    private readonly settings: WarmSandboxSettings,
+    private readonly settings: ResidentSettings,
   ) {
     rmSync(dir, { recursive: true, force: true });
     mkdirSync(dir, { recursive: true, mode: 0o700 });
@@ -31,34 +30,25 @@ export class SandboxedWorkerLauncher implements WorkerProcessLauncher {
   async launch(launch: WorkerLaunch, prepare?: (inputRoot: string) => Promise<void>): Promise<LaunchedProcess> {
     const identity = this.identities.acquire();
     const dir = join(this.dir, String(this.started++));
-    const workspace = join(dir, "workspace");
     const cleanUp = () => {
       identity.cgroup?.killAll();
       rmSync(dir, { recursive: true, force: true });
       this.identities.release(identity);
     };
-    let sandbox: Awaited<ReturnType<typeof startResidentSandbox>> | undefined;
+    let sandbox: ResidentSandbox | undefined;
     try {
-      mkdirSync(workspace, { recursive: true, mode: 0o755 });
-      chownSync(workspace, identity.uid, identity.gid);
+      const shape = { root: { kind: "host" as const }, user: NOBODY, network: false };
+      const started = await startResident(dir, shape, identity, this.settings);
+      sandbox = started.sandbox;
+      // The input root is bound already; the tool's files must be in it before the tool starts.
+      const workspace = started.workspace;
       await prepare?.(workspace);
-      sandbox = await startResidentSandbox({
-        ...this.settings,
-        inputRoot: workspace,
-        stateDir: join(dir, "sandbox"),
-        root: HOST_ROOT,
-        user: NOBODY,
-        network: false,
-        uid: identity.uid,
-        gid: identity.gid,
-        cgroup: identity.cgroup,
-      });
       const env = Object.entries(launch.env).map(([name, value]) => ({ name, value }));
       const piped = await sandbox.spawnPiped([...launch.argv], env, launch.workingDirectory);
-      const started = sandbox;
+      const running = sandbox;
       const exited = piped.exited.then(async (code) => {
         // The process is gone; so goes its sandbox, with anything it left running, and its files.
-        await started.close().catch(() => {});
+        await running.close().catch(() => {});
         cleanUp();
         return { code, signal: null };
       });
@@ -71,7 +61,7 @@ export class SandboxedWorkerLauncher implements WorkerProcessLauncher {
         exited,
         kill: () => {
           piped.kill();
-          void started.close().catch(() => {});
+          void running.close().catch(() => {});
         },
       };
     } catch (err) {

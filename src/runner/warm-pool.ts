@@ -2,7 +2,7 @@ import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import { type Lease, PinnedLru } from "../cache/pinned-lru.js";
 import type { SlotCgroup } from "../sandbox/cgroups.js";
-import type { ResidentSandbox } from "../sandbox/resident-sandbox.js";
+import type { StartedResident } from "./resident.js";
 
 /**
  * The host user and cgroup of one warm runner. Runners are not slots: an
@@ -17,18 +17,16 @@ export interface RunnerIdentity {
   readonly cgroup: SlotCgroup | undefined;
 }
 
-/** A runner kept between actions of one key: its sandbox, still running, and its files. */
-export interface WarmRunner {
+/**
+ * A runner kept between actions of one key: its sandbox, still running, and its files. Each action's inputs
+ * are moved into its workspace and its outputs read there.
+ */
+export interface WarmRunner extends StartedResident {
   /** The key the scheduler knows it by (Assignment.runner_key), which workers report while it is idle. */
   readonly runnerKey: string;
-  readonly sandbox: ResidentSandbox;
   /** The runner's own directory: its workspace, its writable layer, its sandbox's state. */
   readonly dir: string;
-  /** Bound into the sandbox as the input root: each action's inputs are moved in, its outputs read from it. */
-  readonly workspace: string;
   readonly identity: RunnerIdentity;
-  /** Layers its root is made of (none on the host's root): it is not used once one of them is gone. */
-  readonly layerDirs: readonly string[];
   /** What the last action had in the workspace, for preserve-workspace. */
   last: { outputs: readonly string[]; inputs: readonly string[] } | undefined;
   /** What its workspace and writable layer held when last measured (after its last action). */

@@ -1,4 +1,4 @@
-import { digestKey } from "../digest/digest.js";
+import { type Digest, digestKey } from "../digest/digest.js";
 import type { FlagfileLimits } from "../persistent/persistent-action.js";
 import {
   PERSISTENT_WORKER_KEY,
@@ -28,8 +28,8 @@ export async function persistentRequest(
   const source = {
     fn: request.fn,
     root: request.inputRootDigest,
-    directory: (digest: Parameters<typeof digestKey>[0]) => inputs.directories.get(digestKey(digest)),
-    readFile: async (digest: Parameters<typeof digestKey>[0]) => {
+    directory: (digest: Digest) => inputs.directories.get(digestKey(digest)),
+    readFile: async (digest: Digest) => {
       const data = (await inputs.cas.readBlobs([digest])).get(digest);
       if (!data) throw new Error(`input ${digest.hash} is not in the CAS`);
       return data;
