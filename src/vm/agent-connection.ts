@@ -9,6 +9,8 @@ export interface GuestRunOptions {
   signal?: AbortSignal;
   /** stdout and stderr together past this are refused (the command is killed); default 64 MiB. */
   maxOutputBytes?: number;
+  /** Runs in the agent's own root (busybox), not the action's: the worker's setup around an action. */
+  inAgentRoot?: boolean;
   /** Called with each chunk as the guest sends it (the result still holds all of it). */
   onOutput?: (stream: "stdout" | "stderr", chunk: Buffer) => void;
 }
@@ -84,7 +86,7 @@ export class AgentConnection {
   run(command: GuestCommand, options: GuestRunOptions = {}): Promise<GuestCommandResult> {
     if (this.closedError) return Promise.reject(this.closedError);
     if (this.pending) return Promise.reject(new Error("the guest agent already runs a command"));
-    const request = encodeRun(command);
+    const request = encodeRun(command, options.inAgentRoot);
     const maxOutputBytes = options.maxOutputBytes ?? 64 * 1024 ** 2;
     return new Promise<GuestCommandResult>((resolve, reject) => {
       let killedFor: "timeout" | "cancel" | "output" | undefined;

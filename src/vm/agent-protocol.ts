@@ -4,7 +4,8 @@
  *
  *   frame = length:u32 big-endian (bytes after this field, 1..MAX_FRAME_BYTES) type:u8 payload
  *
- * Host to guest: 'R' run (NUL-ended fields: uid, gid, cwd, argc, argv…, envc, env…), 'K' kill (signal number
+ * Host to guest: 'R' run (NUL-ended fields: uid, gid, cwd, argc, argv…, envc, env…), 'S' setup (the same, run in
+ * the agent's own root, the initramfs with busybox, rather than the action's: the worker's own steps), 'K' kill (signal number
  * in decimal, sent to the running command's process group), 'P' ping (echoed back), 'T' time ("<seconds>
  * <nanoseconds>" since the epoch: the guest's clock is set to it, since a resumed VM wakes at its snapshot's time).
  * Guest to host: 'H' hello (kernel release, once at start), 'O'/'E' stdout/stderr chunks, 'X' exit
@@ -16,6 +17,7 @@ export const MAX_FRAME_BYTES = 1 << 20;
 
 export const FrameType = {
   run: "R",
+  setup: "S",
   kill: "K",
   ping: "P",
   time: "T",
@@ -52,8 +54,11 @@ export function encodeFrame(type: string, payload: Buffer | string = Buffer.allo
   return Buffer.concat([header, body]);
 }
 
-/** The 'R' payload; a NUL inside any string would shift every later field, so it is refused. */
-export function encodeRun(command: GuestCommand): Buffer {
+/**
+ * The 'R' payload ('S' with `inAgentRoot`: for the worker's own setup); a NUL inside any string would shift every
+ * later field, so it is refused.
+ */
+export function encodeRun(command: GuestCommand, inAgentRoot = false): Buffer {
   const env = Object.entries(command.env).map(([name, value]) => `${name}=${value}`);
   const fields = [
     String(command.uid),
@@ -67,7 +72,7 @@ export function encodeRun(command: GuestCommand): Buffer {
   for (const field of fields) {
     if (field.includes("\0")) throw new Error(`a command's argument, variable or directory holds a NUL: ${field}`);
   }
-  return encodeFrame(FrameType.run, fields.map((field) => `${field}\0`).join(""));
+  return encodeFrame(inAgentRoot ? FrameType.setup : FrameType.run, fields.map((field) => `${field}\0`).join(""));
 }
 
 /** Cuts a byte stream into frames; throws on a length outside 1..MAX_FRAME_BYTES. */

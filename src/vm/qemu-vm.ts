@@ -1,5 +1,6 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { chmod, readFile, rm, writeFile } from "node:fs/promises";
+import { constants } from "node:fs";
+import { chmod, chown, type FileHandle, open, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -35,6 +36,40 @@ export interface QemuVmOptions {
   consoleLogMaxBytes?: number;
   /** PCIe root ports left empty for disks attached later (attachDisk), e.g. an action's inputs; default 2. */
   hotplugSlots?: number;
+  /** More of QEMU's options, after the ones above. */
+  extraArgs?: readonly string[];
+  /** A host directory the guest mounts as 9p with this tag (QEMU's `local` driver, ownership passed through). */
+  share?: { path: string; tag: string };
+  /**
+   * The ids QEMU runs as (setpriv drops to them before QEMU starts): what a guest that broke out of its VM, or
+   * writes through the share, gets on the host. QEMU then reaches every file through a descriptor the worker
+   * opened (the worker's data directory is not theirs to walk); runDir and the scratch disk are given to them.
+   */
+  runAs?: { uid: number; gid: number };
+}
+
+/** How QEMU names the files of a VM: their paths, or /proc/self/fd/N of descriptors it inherited. */
+interface QemuFiles {
+  kernel: string;
+  initramfs: string;
+  rootDisk: string;
+  scratchDisk: string;
+  runDir: string;
+  share?: string;
+  /** -incoming's source. */
+  incoming?: string;
+}
+
+function filesByPath(options: QemuVmOptions): QemuFiles {
+  return {
+    kernel: options.assets.kernel,
+    initramfs: options.assets.initramfs,
+    rootDisk: options.rootDisk,
+    scratchDisk: options.scratchDisk,
+    runDir: options.runDir,
+    share: options.share?.path,
+    incoming: options.resumeFrom && `exec:cat ${shellQuote(options.resumeFrom)}`,
+  };
 }
 
 /** A disk attached to a running VM; the guest finds it as the /sys/block/vd* whose `serial` is `serial`. */
@@ -46,7 +81,7 @@ export interface AttachedDisk {
 export const DEFAULT_VM_MEMORY_BYTES = 512 * 1024 ** 2;
 
 /** QEMU's command line for a VM: q35, no network, no display, serial console to a file, virtio disks and port. */
-export function qemuArguments(options: QemuVmOptions): string[] {
+export function qemuArguments(options: QemuVmOptions, files: QemuFiles = filesByPath(options)): string[] {
   const accelerator = options.accelerator ?? "tcg";
   const memoryMiB = Math.max(128, Math.floor((options.memoryBytes ?? DEFAULT_VM_MEMORY_BYTES) / 1024 ** 2));
   const args = [
@@ -69,40 +104,46 @@ export function qemuArguments(options: QemuVmOptions): string[] {
     "-nic",
     "none",
     "-kernel",
-    options.assets.kernel,
+    files.kernel,
     "-initrd",
-    options.assets.initramfs,
+    files.initramfs,
     "-append",
     `console=ttyS0 quiet panic=-1 berth.rootfs=${options.rootFormat ?? "erofs"}`,
     "-chardev",
-    `socket,id=console,path=${join(options.runDir, "console.sock")}`,
+    `socket,id=console,path=${join(files.runDir, "console.sock")}`,
     "-serial",
     "chardev:console",
     "-drive",
-    `file=${options.rootDisk},if=none,id=root,format=raw,readonly=on`,
+    `file=${files.rootDisk},if=none,id=root,format=raw,readonly=on`,
     "-device",
     "virtio-blk-pci,drive=root",
     "-drive",
-    `file=${options.scratchDisk},if=none,id=scratch,format=${options.scratchFormat ?? "raw"}`,
+    `file=${files.scratchDisk},if=none,id=scratch,format=${options.scratchFormat ?? "raw"}`,
     "-device",
     "virtio-blk-pci,drive=scratch",
     "-device",
     "virtio-serial-pci",
     "-chardev",
-    `socket,id=agent,path=${join(options.runDir, "agent.sock")}`,
+    `socket,id=agent,path=${join(files.runDir, "agent.sock")}`,
     "-device",
     "virtserialport,chardev=agent,name=berth",
     "-qmp",
-    `unix:${join(options.runDir, "qmp.sock")},server=on,wait=off`,
+    `unix:${join(files.runDir, "qmp.sock")},server=on,wait=off`,
   ];
   for (let slot = 0; slot < (options.hotplugSlots ?? 2); slot++) {
     args.push("-device", `pcie-root-port,id=hotplug${slot},chassis=${slot + 1},slot=${slot + 1}`);
   }
-  for (const path of [options.rootDisk, options.scratchDisk, options.runDir, options.assets.kernel]) {
+  if (files.share !== undefined && options.share) {
+    // security_model=none: files keep the ids QEMU has (runAs), and ownership changes fail quietly.
+    args.push("-fsdev", `local,id=share,path=${files.share},security_model=none`);
+    args.push("-device", `virtio-9p-pci,fsdev=share,mount_tag=${options.share.tag}`);
+  }
+  for (const path of [files.rootDisk, files.scratchDisk, files.runDir, files.kernel, files.share ?? ""]) {
     // QEMU's option syntax splits on commas; a path with one would name another file.
     if (path.includes(",")) throw new Error(`a VM's file paths cannot hold a comma: ${path}`);
   }
-  if (options.resumeFrom) args.push("-incoming", `exec:cat ${shellQuote(options.resumeFrom)}`);
+  args.push(...(options.extraArgs ?? []));
+  if (files.incoming) args.push("-incoming", files.incoming);
   return args;
 }
 
@@ -154,10 +195,20 @@ export class QemuVm {
     );
     // setpriv (util-linux) execs QEMU with a parent-death signal: a worker that dies leaves no VM running.
     const qemu = options.qemuPath ?? "qemu-system-x86_64";
-    const child = spawn("setpriv", ["--pdeathsig", "KILL", "--", qemu, ...qemuArguments(options)], {
-      stdio: ["ignore", "ignore", "pipe"],
-      env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
-    });
+    const passed = options.runAs ? await passFiles(options, options.runAs) : undefined;
+    const drop = options.runAs
+      ? [`--reuid=${options.runAs.uid}`, `--regid=${options.runAs.gid}`, "--clear-groups", "--no-new-privs"]
+      : [];
+    let child: ChildProcess;
+    try {
+      child = spawn("setpriv", ["--pdeathsig", "KILL", ...drop, "--", qemu, ...qemuArguments(options, passed?.files)], {
+        stdio: ["ignore", "ignore", "pipe", ...(passed?.handles.map((handle) => handle.fd) ?? [])],
+        env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
+      });
+    } finally {
+      // QEMU holds its own copies from here on.
+      for (const handle of passed?.handles ?? []) await handle.close();
+    }
     const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
     const vm = new QemuVm(options, child, server, consoleLog, exited);
     child.stderr?.on("data", (chunk: Buffer) => {
@@ -315,6 +366,43 @@ export class QemuVm {
     if (this.stderrTail.trim()) parts.push(`; QEMU said: ${this.stderrTail.trim()}`);
     if (console.trim()) parts.push(`; console: ${console.trim().slice(-1000)}`);
     return parts.join("");
+  }
+}
+
+/**
+ * Opens a VM's files for a QEMU that runs as `runAs` and names them as the descriptors it inherits (3, 4, …):
+ * read-only for what it only reads, the run directory and the scratch disk handed to those ids.
+ */
+async function passFiles(
+  options: QemuVmOptions,
+  runAs: { uid: number; gid: number },
+): Promise<{ files: QemuFiles; handles: FileHandle[] }> {
+  await chown(options.runDir, runAs.uid, runAs.gid);
+  for (const socket of ["agent.sock", "console.sock"]) await chown(join(options.runDir, socket), runAs.uid, runAs.gid);
+  await chown(options.scratchDisk, runAs.uid, runAs.gid);
+  const handles: FileHandle[] = [];
+  const pass = async (path: string, flags: number) => {
+    handles.push(await open(path, flags));
+    return `/proc/self/fd/${2 + handles.length}`;
+  };
+  try {
+    const files: QemuFiles = {
+      kernel: await pass(options.assets.kernel, constants.O_RDONLY),
+      initramfs: await pass(options.assets.initramfs, constants.O_RDONLY),
+      rootDisk: await pass(options.rootDisk, constants.O_RDONLY),
+      scratchDisk: await pass(options.scratchDisk, constants.O_RDONLY),
+      runDir: await pass(options.runDir, constants.O_RDONLY | constants.O_DIRECTORY),
+      share: options.share && (await pass(options.share.path, constants.O_RDONLY | constants.O_DIRECTORY)),
+    };
+    // A snapshot is private to the worker: QEMU reads the descriptor it is given, never the file by name.
+    if (options.resumeFrom) {
+      await pass(options.resumeFrom, constants.O_RDONLY);
+      files.incoming = `fd:${2 + handles.length}`;
+    }
+    return { files, handles };
+  } catch (error) {
+    for (const handle of handles) await handle.close();
+    throw error;
   }
 }
 

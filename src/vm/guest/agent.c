@@ -11,6 +11,8 @@
  *   'R' run      payload = fields separated by NUL, each ended by NUL:
  *                uid, gid, cwd, argc, argv[0..argc), envc, env[0..envc)   (numbers in decimal)
  *                Only one command runs at a time; a second 'R' while one runs is answered with 'F'.
+ *   'S' setup    same payload as 'R', run in the agent's own root (the initramfs, with busybox) instead of
+ *                ROOT: the worker's own steps around an action (mounting its input share), never an action's
  *   'K' kill     payload = signal number in decimal; sent to the running command's process group
  *   'P' ping     payload echoed back in a 'P' frame (tells the host a resumed VM is alive)
  *   'T' time     payload = "<seconds> <nanoseconds>" since the epoch: the guest's clock is set to it (a VM
@@ -126,6 +128,7 @@ static char read_frame(char **payload, size_t *size) {
 }
 
 struct request {
+  int in_root; /* chroot into ROOT first ('R'); 0 for the worker's setup ('S') */
   uid_t uid;
   gid_t gid;
   char *cwd;
@@ -165,7 +168,7 @@ static void exec_child(struct request *req, int out, int err, int failure) {
   int null = open("/dev/null", O_RDONLY);
   if (null < 0 || dup2(null, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0) goto fail;
   if (setsid() < 0) goto fail;
-  if (chroot(root) < 0 || chdir("/") < 0) goto fail;
+  if (req->in_root && (chroot(root) < 0 || chdir("/") < 0)) goto fail;
   if (chdir(req->cwd) < 0) goto fail;
   if (setgroups(0, NULL) < 0 || setgid(req->gid) < 0 || setuid(req->uid) < 0) goto fail;
   sigset_t none;
@@ -258,7 +261,7 @@ static void run(struct request *req, int children) {
         if (type == 'K') kill(-pid, atoi(payload) > 0 ? atoi(payload) : SIGKILL);
         else if (type == 'P') send_frame('P', payload, size);
         else if (type == 'T') set_clock(payload);
-        else if (type == 'R') send_text('F', "a command is already running");
+        else if (type == 'R' || type == 'S') send_text('F', "a command is already running");
         free(payload);
       }
     }
@@ -305,8 +308,9 @@ int main(int argc, char **argv) {
       usleep(10000);
       continue;
     }
-    if (type == 'R') {
+    if (type == 'R' || type == 'S') {
       struct request req;
+      req.in_root = type == 'R';
       const char *problem = parse_run(payload, size, &req);
       if (problem) send_text('F', "malformed run request: %s", problem);
       else run(&req, children);
