@@ -2,7 +2,17 @@ import { type ImageReference, ImageReferenceError, isNoImage, parseImageReferenc
 import { invalidArgument } from "../status/status.js";
 import type { Property } from "./property.js";
 import { RECYCLING_PROPERTIES, type Recycling, readRecycling } from "./runner-recycling.js";
-import { readWorkloadIsolation, WORKLOAD_ISOLATION_TYPE, type WorkloadIsolation } from "./workload-isolation.js";
+import {
+  RESOURCE_ESTIMATE_PROPERTIES,
+  type ResourceEstimates,
+  readResourceEstimates,
+} from "./resource-estimates.js";
+import {
+  MICRO_VM_CAPABILITY,
+  readWorkloadIsolation,
+  WORKLOAD_ISOLATION_TYPE,
+  type WorkloadIsolation,
+} from "./workload-isolation.js";
 
 /** The property naming the image an action runs in (Bazel's, Buildbarn's and BuildBuddy's name). */
 export const CONTAINER_IMAGE = "container-image";
@@ -55,8 +65,10 @@ export interface ActionPlatform {
   unixGid: number | undefined;
   /** The action's own choice of image mode, when it makes one. */
   imageMode: ImageMode | undefined;
-  /** workload-isolation-type: the runner the action asks for (only the namespace sandbox exists today). */
+  /** workload-isolation-type: the runner the action asks for (a namespace sandbox, or a microVM). */
   isolation: WorkloadIsolation;
+  /** EstimatedCPU, EstimatedMemory, EstimatedFreeDiskBytes: what sizes a microVM. */
+  estimates: ResourceEstimates;
   /** recycle-runner (or dockerReuse): the action asks for a warm runner, and how its workspace is treated. */
   recycling: Recycling | undefined;
   /** Bazel's persistentWorkerKey: the action may be sent to a persistent worker process (see src/persistent). */
@@ -80,6 +92,7 @@ const INTERPRETED = new Set([
   UNIX_UID,
   UNIX_GID,
   WORKLOAD_ISOLATION_TYPE,
+  ...RESOURCE_ESTIMATE_PROPERTIES,
   ...RECYCLING_PROPERTIES,
   ...PERSISTENT_WORKER_PROPERTIES,
 ]);
@@ -142,11 +155,20 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
   }
 
   const isolation = readWorkloadIsolation(single(WORKLOAD_ISOLATION_TYPE));
+  if (isolation === "microvm" && !image) {
+    throw invalidArgument(
+      `platform property ${WORKLOAD_ISOLATION_TYPE}`,
+      `"${single(WORKLOAD_ISOLATION_TYPE)}" boots a VM from the action's container-image, and the action names none; ` +
+        "give container-image, or leave workload-isolation-type out to run in the namespace sandbox",
+    );
+  }
+  const estimates = readResourceEstimates(single);
   const recycling = readRecycling(single);
   const persistentWorkerKey = single(PERSISTENT_WORKER_PROPERTIES[0] as string) || undefined;
 
   const required = properties.filter((p) => !INTERPRETED.has(p.name)).map((p) => ({ name: p.name, value: p.value }));
   if (image) required.push(IMAGE_CAPABILITY);
+  if (isolation === "microvm") required.push({ ...MICRO_VM_CAPABILITY });
   return {
     required,
     image,
@@ -158,6 +180,7 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     unixGid,
     imageMode,
     isolation,
+    estimates,
     recycling,
     persistentWorkerKey,
   };

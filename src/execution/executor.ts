@@ -10,6 +10,7 @@ import {
   readActionPlatform,
 } from "../action/action-platform.js";
 import { formatProperty, type Property } from "../action/property.js";
+import { MICRO_VM_CAPABILITY, WORKLOAD_ISOLATION_TYPE } from "../action/workload-isolation.js";
 import { runnerKey } from "../action/runner-recycling.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { checkMessageSize, DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/message-size.js";
@@ -306,6 +307,18 @@ function imageWithInputRootAsRoot(instanceName: string, image: ImageReference): 
 }
 
 function unsatisfiable(unmet: Property, image: ImageReference | undefined): StatusError {
+  if (unmet.name === MICRO_VM_CAPABILITY.name) {
+    return new StatusError(
+      Code.FAILED_PRECONDITION,
+      `no worker of this farm runs microVMs (a worker needs QEMU and a guest kernel), and the action asks for one ` +
+        `with platform property ${WORKLOAD_ISOLATION_TYPE}; remove it to run in the namespace sandbox`,
+      {
+        preconditionFailures: [
+          { type: "UNSATISFIABLE_PLATFORM", subject: WORKLOAD_ISOLATION_TYPE, description: "no worker runs microVMs" },
+        ],
+      },
+    );
+  }
   const capability = unmet.name === IMAGE_CAPABILITY.name || unmet.name === EXPANDED_IMAGE_CAPABILITY.name;
   const kind = unmet.name === IMAGE_CAPABILITY.name ? "container images" : "expanded images";
   const message = capability

@@ -32,8 +32,8 @@ export interface OverlayMountArgs {
  */
 export function overlayMountArgs(
   layerDirs: readonly string[],
-  upper: string,
-  work: string,
+  upper: string | undefined,
+  work: string | undefined,
   linkDir: string,
 ): OverlayMountArgs {
   const lowers = [...new Set([...layerDirs].reverse())];
@@ -41,10 +41,10 @@ export function overlayMountArgs(
   if (lowers.length > MAX_LOWER_LAYERS) {
     throw new Error(`an image of ${lowers.length} distinct layers is past overlayfs's limit of ${MAX_LOWER_LAYERS}`);
   }
-  for (const path of [...lowers, upper, work, linkDir]) checkPath(path);
+  for (const path of [...lowers, upper ?? "/", work ?? "/", linkDir]) checkPath(path);
   // volatile: the upper layer is thrown away with the action, so unmounting need not sync the disk it is on
-  // (without it, every action's end waits for whatever any process left dirty there).
-  const tail = `,upperdir=${upper},workdir=${work},volatile`;
+  // (without it, every action's end waits for whatever any process left dirty there). No upper: read-only.
+  const tail = upper === undefined || work === undefined ? "" : `,upperdir=${upper},workdir=${work},volatile`;
   const full = `lowerdir=${lowers.join(":")}${tail}`;
   if (Buffer.byteLength(full) <= MAX_MOUNT_DATA) return { options: full, cwd: "/", links: [] };
   const links = lowers.map((target, i) => ({ path: join(linkDir, String(i)), target }));

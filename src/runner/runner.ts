@@ -1,4 +1,6 @@
 import type { Property } from "../action/property.js";
+import type { ResourceEstimates } from "../action/resource-estimates.js";
+import type { Any } from "../gen/google/protobuf/any.js";
 import type { UpperDirectory } from "../image/open-directories.js";
 import type { PersistentWorkerSpec } from "../persistent/persistent-action.js";
 
@@ -83,6 +85,8 @@ export interface RunRequest {
   recycle?: RecycleRequest;
   /** Set for a Bazel persistent-worker action (see PersistentWorkerRunner); others run it as its command. */
   persistentWorker?: PersistentWorkerSpec;
+  /** What the action says it needs (EstimatedCPU, …): a VM is sized by it; other runners ignore it. */
+  resources?: ResourceEstimates;
 }
 
 /** What a warm runner needs to know of the action (see RecyclingRunner). */
@@ -113,6 +117,8 @@ export interface RunResult {
   inputRoot?: string;
   /** Called once the outputs read there are sent: the runner may then reuse what it lent (see RecyclingRunner). */
   finish?: () => Promise<void>;
+  /** What the runner tells the client of how it ran (ExecutedActionMetadata.auxiliary_metadata): a VM's. */
+  auxiliaryMetadata?: Any[];
 }
 
 /**

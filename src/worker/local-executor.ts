@@ -68,7 +68,9 @@ export class LocalActionExecutor implements ActionExecutor {
         signal: context.signal,
         recycle: recycleRequest(request, assignment.runnerKey, workingDirectory),
         persistentWorker,
+        resources: request.platform.estimates,
       });
+      metadata.auxiliaryMetadata.push(...(run.auxiliaryMetadata ?? []));
       metadata.executionStartTimestamp = toTimestamp(run.startedAt);
       metadata.executionCompletedTimestamp = toTimestamp(run.completedAt);
       if (run.cancelled) throw new StatusError(Code.CANCELLED, "the action was cancelled");
@@ -133,11 +135,12 @@ function recycleRequest(
 /**
  * The ids the action has: unixUID/unixGID when it names them; else root
  * where the root is its own (in a chroot, as BuildStream expects when it
- * names none; in an image with dockerRunAsRoot=true), nobody on the host's
- * root and in images.
+ * names none; in an image with dockerRunAsRoot=true; in a VM, whose whole
+ * machine is the action's), nobody on the host's root and in images.
  */
 function actionUser(platform: ActionPlatform, root: RunRoot): RunUser {
-  const asRoot = root.kind === "input-root" || (root.kind === "layers" && platform.runAsRoot);
+  const asRoot =
+    root.kind === "input-root" || (root.kind === "layers" && platform.runAsRoot) || platform.isolation === "microvm";
   const fallback = asRoot ? { uid: 0, gid: 0 } : NOBODY;
   return { uid: platform.unixUid ?? fallback.uid, gid: platform.unixGid ?? fallback.gid };
 }

@@ -1,0 +1,232 @@
+import { mkdir, rm, writeFile } from "node:fs/promises";
+import { join, posix } from "node:path";
+import type { ResourceEstimates } from "../action/resource-estimates.js";
+import { MICRO_VM_CAPABILITY } from "../action/workload-isolation.js";
+import { VmUsed } from "../gen/berth/vm/v1/vm.js";
+import type { Any } from "../gen/google/protobuf/any.js";
+import type { LayeredRunRoot, Runner, RunRequest, RunResult } from "../runner/runner.js";
+import { Code, StatusError } from "../status/status.js";
+import type { GuestCommandResult } from "./agent-connection.js";
+import { createScratchDisk } from "./disk-image.js";
+import type { GuestAssets } from "./guest-assets.js";
+import { type Accelerator, QemuVm, type QemuVmOptions } from "./qemu-vm.js";
+import type { RootDisks } from "./root-disks.js";
+
+/** A VM's size: what an action gets when it estimates nothing, and the most it gets when it does. */
+export interface VmSizing {
+  memoryBytes: number;
+  vcpus: number;
+  scratchDiskBytes: number;
+  maxMemoryBytes: number;
+  maxVcpus: number;
+  maxScratchDiskBytes: number;
+}
+
+export interface VmSize {
+  memoryBytes: number;
+  vcpus: number;
+  scratchDiskBytes: number;
+}
+
+const MIN_MEMORY_BYTES = 128 * 1024 ** 2;
+const MIN_SCRATCH_DISK_BYTES = 64 * 1024 ** 2;
+
+/** EstimatedCPU/EstimatedMemory/EstimatedFreeDiskBytes, within the sizing's bounds; the defaults where absent. */
+export function vmSize(estimates: ResourceEstimates | undefined, sizing: VmSizing): VmSize {
+  const within = (value: number, min: number, max: number) => Math.min(Math.max(value, min), max);
+  return {
+    vcpus: within(
+      estimates?.cpuMillis === undefined ? sizing.vcpus : Math.ceil(estimates.cpuMillis / 1000),
+      1,
+      sizing.maxVcpus,
+    ),
+    memoryBytes: within(estimates?.memoryBytes ?? sizing.memoryBytes, MIN_MEMORY_BYTES, sizing.maxMemoryBytes),
+    scratchDiskBytes: within(
+      estimates?.freeDiskBytes ?? sizing.scratchDiskBytes,
+      MIN_SCRATCH_DISK_BYTES,
+      sizing.maxScratchDiskBytes,
+    ),
+  };
+}
+
+/** Starts a VM: a cold boot, or a resume of a snapshot (VmSnapshots). */
+export interface VmStarter {
+  start(options: QemuVmOptions, root: { diskKey: string; size: VmSize }): Promise<{ vm: QemuVm; start: string }>;
+}
+
+export interface VmRunnerOptions {
+  assets: GuestAssets;
+  accelerator: Accelerator;
+  qemuPath?: string;
+  disks: RootDisks;
+  sizing: VmSizing;
+  starter: VmStarter;
+  /** The host ids QEMU runs as (the slot's own): what the action's writes to its input root are owned by. */
+  identity: { uid: number; gid: number };
+  bootTimeoutMs: number;
+}
+
+/** The 9p tag under which the guest finds the action's input root. */
+export const INPUT_SHARE_TAG = "berth-inputs";
+
+/**
+ * Run in the agent's own root before the command: mounts the input root
+ * (9p) where the action sees it in its image, and gives directories whose
+ * mode the layer store tamed their image mode back, in the VM's writable
+ * layer (chown and chmod through the overlay copy them up). Arguments: the
+ * input root's path, then mode uid gid path for each directory.
+ */
+const SETUP_SCRIPT = `set -e
+target="/newroot$1"
+shift
+mkdir -p "$target"
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none ${INPUT_SHARE_TAG} "$target"
+while [ "$#" -ge 4 ]; do
+  chown -h "$2:$3" "/newroot/$4"
+  chmod "$1" "/newroot/$4"
+  shift 4
+done`;
+
+/**
+ * Runs each action in a QEMU virtual machine of its own, booted (or resumed
+ * from a snapshot) on the action's image: the image's layers as a read-only
+ * erofs disk (RootDisks), a fresh writable scratch disk over it (an overlay
+ * in the guest), the input root shared in by 9p, where the command's
+ * outputs are written and read back by the worker as for any runner. QEMU
+ * runs as the slot's own host ids, so what the guest writes through the
+ * share is owned by them and can be nothing they could not make. The VM is
+ * killed when the command ends, times out or is cancelled.
+ */
+export class VmRunner implements Runner {
+  readonly capabilities = [MICRO_VM_CAPABILITY];
+
+  constructor(private readonly options: VmRunnerOptions) {}
+
+  async run(request: RunRequest): Promise<RunResult> {
+    const { root } = request;
+    if (root.kind !== "layers") {
+      throw new StatusError(
+        Code.FAILED_PRECONDITION,
+        "a microVM boots from the action's container-image; this action has none (or runs with its input root as /)",
+      );
+    }
+    const size = vmSize(request.resources, this.options.sizing);
+    const disk = await this.options.disks.acquire(root.layerDirs);
+    const runDir = join(request.scratchDir, "vm");
+    let vm: QemuVm | undefined;
+    try {
+      await mkdir(runDir, { mode: 0o700 });
+      const scratchDisk = join(runDir, "scratch.img");
+      await createScratchDisk(scratchDisk, size.scratchDiskBytes);
+      const started = await this.options.starter.start(
+        {
+          assets: this.options.assets,
+          runDir,
+          rootDisk: disk.path,
+          scratchDisk,
+          accelerator: this.options.accelerator,
+          memoryBytes: size.memoryBytes,
+          vcpus: size.vcpus,
+          qemuPath: this.options.qemuPath,
+          bootTimeoutMs: this.options.bootTimeoutMs,
+          share: { path: request.inputRoot, tag: INPUT_SHARE_TAG },
+          runAs: this.options.identity,
+        },
+        { diskKey: disk.key, size },
+      );
+      vm = started.vm;
+      await this.setUp(vm, root);
+      const used = [this.used(vm, size, started.start)];
+      const startedAt = new Date();
+      let result: GuestCommandResult;
+      try {
+        result = await this.runCommand(vm, request, root);
+      } catch (error) {
+        // The agent's refusals: a command that could not start (127, as elsewhere), or past the output limit.
+        if (!(error instanceof StatusError)) throw error;
+        await writeFile(request.stdoutPath, "");
+        await writeFile(request.stderrPath, `${error.message}\n`);
+        const exhausted = error.code === Code.RESOURCE_EXHAUSTED;
+        return {
+          exitCode: exhausted ? 137 : 127,
+          timedOut: false,
+          cancelled: false,
+          limitReached: exhausted ? { limit: "output", message: error.message } : undefined,
+          startedAt,
+          completedAt: new Date(),
+          auxiliaryMetadata: used,
+        };
+      }
+      const completedAt = new Date();
+      await writeFile(request.stdoutPath, result.stdout);
+      await writeFile(request.stderrPath, result.stderr);
+      return {
+        exitCode: result.signal > 0 ? 128 + result.signal : result.exitCode,
+        timedOut: result.timedOut,
+        cancelled: result.cancelled,
+        startedAt,
+        completedAt,
+        auxiliaryMetadata: used,
+      };
+    } finally {
+      // Nothing the action started outlives it: its whole machine goes before its outputs are read.
+      await vm?.kill();
+      await rm(runDir, { recursive: true, force: true });
+      await disk.release();
+    }
+  }
+
+  private async setUp(vm: QemuVm, root: LayeredRunRoot): Promise<void> {
+    const dirs = root.upperDirectories.flatMap((d) => [
+      (d.mode & 0o7777).toString(8),
+      String(d.uid),
+      String(d.gid),
+      d.path,
+    ]);
+    const result = await vm.run(
+      {
+        argv: ["/bin/sh", "-c", SETUP_SCRIPT, "setup", root.inputRootPath, ...dirs],
+        env: { PATH: "/bin" },
+        workingDirectory: "/",
+        uid: 0,
+        gid: 0,
+      },
+      { inAgentRoot: true, timeoutMs: 60_000 },
+    );
+    if (result.exitCode !== 0) {
+      throw new Error(`the VM's setup failed (exit ${result.exitCode}): ${result.stderr.toString().trim()}`);
+    }
+  }
+
+  private runCommand(vm: QemuVm, request: RunRequest, root: LayeredRunRoot): Promise<GuestCommandResult> {
+    const env: Record<string, string> = {};
+    for (const { name, value } of request.env) env[name] = value;
+    return vm.run(
+      {
+        argv: request.argv,
+        env,
+        workingDirectory: posix.join(root.inputRootPath, request.workingDirectory),
+        uid: request.user.uid,
+        gid: request.user.gid,
+      },
+      { timeoutMs: request.timeoutMs, signal: request.signal },
+    );
+  }
+
+  private used(vm: QemuVm, size: VmSize, start: string): Any {
+    const value = VmUsed.encode({
+      accelerator: this.options.accelerator,
+      kernelRelease: vm.kernelRelease,
+      vcpus: size.vcpus,
+      memoryBytes: size.memoryBytes,
+      scratchDiskBytes: size.scratchDiskBytes,
+      start,
+    }).finish();
+    return { typeUrl: "type.googleapis.com/berth.vm.v1.VmUsed", value: Buffer.from(value) };
+  }
+}
+
+/** Boots every VM cold. */
+export const coldStarter: VmStarter = {
+  start: async (options) => ({ vm: await QemuVm.start(options), start: "cold" }),
+};
