@@ -1,12 +1,8 @@
 import { type ImageReference, ImageReferenceError, isNoImage, parseImageReference } from "../image/reference.js";
 import { invalidArgument } from "../status/status.js";
 import type { Property } from "./property.js";
+import { RESOURCE_ESTIMATE_PROPERTIES, type ResourceEstimates, readResourceEstimates } from "./resource-estimates.js";
 import { RECYCLING_PROPERTIES, type Recycling, readRecycling } from "./runner-recycling.js";
-import {
-  RESOURCE_ESTIMATE_PROPERTIES,
-  type ResourceEstimates,
-  readResourceEstimates,
-} from "./resource-estimates.js";
 import {
   MICRO_VM_CAPABILITY,
   readWorkloadIsolation,

@@ -43,7 +43,10 @@ export function readResourceEstimates(single: (name: string) => string | undefin
     const match = /^\s*([0-9]+(?:\.[0-9]+)?)\s*(m?)\s*$/.exec(cpu);
     const millis = match ? Number(match[1]) * (match[2] === "m" ? 1 : 1000) : Number.NaN;
     if (!(millis > 0) || !Number.isFinite(millis)) {
-      throw invalidArgument(`platform property ${ESTIMATED_CPU}`, `"${cpu}" is not a number of cores ("2", "0.5", "500m")`);
+      throw invalidArgument(
+        `platform property ${ESTIMATED_CPU}`,
+        `"${cpu}" is not a number of cores ("2", "0.5", "500m")`,
+      );
     }
     estimates.cpuMillis = Math.ceil(millis);
   }

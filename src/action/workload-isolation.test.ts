@@ -28,18 +28,9 @@ describe("readWorkloadIsolation", () => {
     }
   });
 
-  test("firecracker and microvm are FAILED_PRECONDITION with an UNSATISFIABLE_PLATFORM violation: no microVM runner yet", () => {
+  test("firecracker and microvm, in any case, ask for a microVM", () => {
     for (const value of ["firecracker", "microvm", "Firecracker", "MicroVM"]) {
-      const err = refusal(() => readWorkloadIsolation(value));
-      assert.equal(err.code, Code.FAILED_PRECONDITION, value);
-      assert.match(err.message, new RegExp(`workload-isolation-type=${value} asks for a microVM`));
-      assert.deepEqual(err.details.preconditionFailures, [
-        {
-          type: "UNSATISFIABLE_PLATFORM",
-          subject: `workload-isolation-type=${value}`,
-          description: "no worker of this farm runs microVMs yet",
-        },
-      ]);
+      assert.equal(readWorkloadIsolation(value), "microvm", value);
     }
   });
 
@@ -66,6 +57,19 @@ describe("readActionPlatform with workload-isolation-type", () => {
     const platform = readActionPlatform([...isolation("docker"), { name: "OSFamily", value: "Linux" }]);
     assert.equal(platform.isolation, "namespace-sandbox");
     assert.deepEqual(platform.required, [{ name: "OSFamily", value: "Linux" }]);
+  });
+
+  test("a microVM is a capability the action requires, and needs a container-image", () => {
+    const image = { name: "container-image", value: "docker://127.0.0.1:5000/busybox:1" };
+    const platform = readActionPlatform([...isolation("Firecracker"), image]);
+    assert.equal(platform.isolation, "microvm");
+    assert.deepEqual(
+      platform.required.filter((p) => p.name === WORKLOAD_ISOLATION_TYPE),
+      [{ name: WORKLOAD_ISOLATION_TYPE, value: "microvm" }],
+    );
+    const err = refusal(() => readActionPlatform(isolation("microvm")));
+    assert.equal(err.code, Code.INVALID_ARGUMENT);
+    assert.match(err.message, /boots a VM from the action's container-image, and the action names none/);
   });
 
   test("given twice (even the same value twice) is INVALID_ARGUMENT, as every single-valued property", () => {
@@ -106,23 +110,23 @@ describe("workload-isolation-type on a real farm", () => {
     }
   });
 
-  test("firecracker is FAILED_PRECONDITION with an UNSATISFIABLE_PLATFORM violation, on the Action or the Command, and never runs", async () => {
+  test("firecracker with an image is FAILED_PRECONDITION (UNSATISFIABLE_PLATFORM) on a farm without VMs, on the Action or the Command", async () => {
     for (const [where, value] of [
       ["platform", "firecracker"],
       ["commandPlatform", "microvm"],
     ] as const) {
       const action = await uploadAction(farm.clients, {
         args: ["sh", "-c", "echo ran"],
-        [where]: isolation(value),
+        [where]: [...isolation(value), { name: "container-image", value: "docker://127.0.0.1:9/none:1" }],
         salt: value,
       });
       const { response } = await execute(farm.clients, action);
       assert.equal(response.status?.code, Code.FAILED_PRECONDITION, response.status?.message);
-      assert.match(response.status?.message ?? "", /no worker of this farm runs microVMs yet/);
+      assert.match(response.status?.message ?? "", /no worker of this farm runs microVMs/);
       const violations = response.status ? unpackDetails(response.status).preconditionFailure?.violations : [];
       assert.deepEqual(
         violations?.map((v) => [v.type, v.subject, v.description]),
-        [["UNSATISFIABLE_PLATFORM", `workload-isolation-type=${value}`, "no worker of this farm runs microVMs yet"]],
+        [["UNSATISFIABLE_PLATFORM", "workload-isolation-type", "no worker runs microVMs"]],
       );
       assert.equal(response.result, undefined);
     }

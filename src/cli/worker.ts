@@ -7,6 +7,7 @@ import { PrivateFileError, secretFilePaths } from "../auth/private-file.js";
 import { type Config, ConfigError, loadConfig } from "../config/config.js";
 import { createLogger } from "../log/log.js";
 import { WORKER_UMASK } from "../store/private-dir.js";
+import { guestAssetsDir } from "../vm/guest-assets.js";
 import { defaultWorkerCount, startWorkers } from "../worker/local-workers.js";
 import { type ConnectionFlags, connectionFrom, withConnectionOptions } from "./connection-options.js";
 import { collectProperty } from "./properties.js";
@@ -72,6 +73,7 @@ export function workerCommand(): Command {
         inputLimits: config.execution.inputLimits,
         // Started by `berth serve`, the worker has the farm's configuration and masks the server's secrets too.
         maskedFiles: secretFilePaths(config, options.config, options),
+        vmAssetsDir: guestAssetsDir(config),
         log,
       });
       log.info(`berth worker joined ${options.scheduler}`);

@@ -188,10 +188,16 @@ export const ConfigSchema = z
             qemuPath: z.string().min(1).default("qemu-system-x86_64"),
             /** auto: KVM when a real guest boots under the host's /dev/kvm (probed once at start), TCG otherwise. */
             accelerator: z.enum(["auto", "kvm", "tcg"]).default("auto"),
-            /** Memory and vCPUs of a VM, and the size of its scratch disk (its writes). */
+            /** Memory and vCPUs of a VM, and the size of its scratch disk (its writes), when the action estimates none. */
             memoryBytes: bytes.default(512 * 1024 ** 2),
             vcpus: z.number().int().min(1).max(64).default(1),
             scratchDiskBytes: bytes.default(4 * 1024 ** 3),
+            /** The most an action's EstimatedMemory, EstimatedCPU and EstimatedFreeDiskBytes get. */
+            maxMemoryBytes: bytes.default(4 * 1024 ** 3),
+            maxVcpus: z.number().int().min(1).max(64).default(2),
+            maxScratchDiskBytes: bytes.default(32 * 1024 ** 3),
+            /** Root disks made from images (one per image), least recently used removed past this. */
+            rootDisksMaxSizeBytes: bytes.default(16 * 1024 ** 3),
             /** A VM whose agent has not answered by then (cold boot or resume) fails. */
             bootTimeoutSeconds: z.number().positive().default(60),
           })

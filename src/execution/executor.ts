@@ -10,8 +10,8 @@ import {
   readActionPlatform,
 } from "../action/action-platform.js";
 import { formatProperty, type Property } from "../action/property.js";
-import { MICRO_VM_CAPABILITY, WORKLOAD_ISOLATION_TYPE } from "../action/workload-isolation.js";
 import { runnerKey } from "../action/runner-recycling.js";
+import { MICRO_VM_CAPABILITY, WORKLOAD_ISOLATION_TYPE } from "../action/workload-isolation.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { checkMessageSize, DEFAULT_MAX_ACTION_BYTES, DEFAULT_MAX_COMMAND_BYTES } from "../cas/message-size.js";
 import type { InputTreeLimits } from "../cas/tree-limits.js";

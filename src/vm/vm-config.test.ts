@@ -13,6 +13,10 @@ test("worker.vm: defaults, the guest under the data directory, ~ expanded", () =
     memoryBytes: 512 * 1024 ** 2,
     vcpus: 1,
     scratchDiskBytes: 4 * 1024 ** 3,
+    maxMemoryBytes: 4 * 1024 ** 3,
+    maxVcpus: 2,
+    maxScratchDiskBytes: 32 * 1024 ** 3,
+    rootDisksMaxSizeBytes: 16 * 1024 ** 3,
     bootTimeoutSeconds: 60,
   });
   assert.equal(guestAssetsDir(config), "/srv/berth/vm");

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { randomBytes } from "node:crypto";
 import { execFileSync } from "node:child_process";
+import { randomBytes } from "node:crypto";
 import { chown, lstat, mkdir, mkdtemp, readdir, readFile, readlink, rm, stat, writeFile } from "node:fs/promises";
 import { release, tmpdir } from "node:os";
 import { join } from "node:path";
@@ -220,7 +220,11 @@ test("an action without an image is refused: a VM boots only from one", async ()
 });
 
 test("vmSize: the estimates within the caps, the defaults where absent", () => {
-  assert.deepEqual(vmSize(undefined, SIZING), { vcpus: 1, memoryBytes: 256 * 1024 ** 2, scratchDiskBytes: 256 * 1024 ** 2 });
+  assert.deepEqual(vmSize(undefined, SIZING), {
+    vcpus: 1,
+    memoryBytes: 256 * 1024 ** 2,
+    scratchDiskBytes: 256 * 1024 ** 2,
+  });
   assert.deepEqual(vmSize({ cpuMillis: 1500, memoryBytes: 512 * 1024 ** 2, freeDiskBytes: 10 ** 8 }, SIZING), {
     vcpus: 2,
     memoryBytes: 512 * 1024 ** 2,

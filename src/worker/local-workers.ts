@@ -21,6 +21,8 @@ import { RunnerIdentities, WarmRunnerPool } from "../runner/warm-pool.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
 import { openPrivateDir } from "../store/private-dir.js";
+import { coldStarter, VmRunner } from "../vm/vm-runner.js";
+import { openWorkerVms } from "../vm/worker-vms.js";
 import { ActionEnvironments } from "./action-environments.js";
 import type { ActionInputs } from "./action-inputs.js";
 import { DirectoryCache } from "./directory-cache.js";
@@ -53,6 +55,8 @@ export interface WorkerPoolOptions {
   name?: string;
   /** Files holding secrets, shown empty to actions on the host root (see BubblewrapSandboxOptions). */
   maskedFiles?: readonly string[];
+  /** Where the microVM guest was built (worker.vm.dir); absent: the workers run no VMs. */
+  vmAssetsDir?: string;
   log: Logger;
 }
 
@@ -114,6 +118,11 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     persistent.pool,
   );
   const warmKeys = new WarmKeys();
+  // VMs boot from images, whose root disks are made from the layers by mounting them: as root only.
+  const vms =
+    layeredRoots && options.vmAssetsDir !== undefined
+      ? await openWorkerVms(options.worker.vm, options.vmAssetsDir, options.workDir, options.log)
+      : undefined;
   /** Each slot's runners: its sandbox has the slot's user and cgroup. */
   const aheadRunners: AheadRunner[] = [];
   const slotRunners = (slot: number, owner: TreeOwner) => {
@@ -149,7 +158,12 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       : undefined;
     if (ahead) aheadRunners.push(ahead);
     const recycling = new RecyclingRunner(ahead ?? fresh, pool, settings);
-    return new Runners({ "namespace-sandbox": new PersistentWorkerRunner(recycling, persistentPool) });
+    // QEMU runs as the slot's ids: what a guest writes through its share is the slot's, as its sandbox's writes are.
+    const microvm = vms && new VmRunner({ ...vms, starter: coldStarter, identity: owner });
+    return new Runners({
+      "namespace-sandbox": new PersistentWorkerRunner(recycling, persistentPool),
+      ...(microvm ? { microvm } : {}),
+    });
   };
   const owners = Array.from({ length: options.count }, (_, i) => actionUser(i, sandboxUidBase));
   const runners = owners.map((owner, i) => slotRunners(i, owner));
@@ -219,6 +233,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       await pool.close();
       await persistentPool.close();
       await Promise.all(aheadRunners.map((ahead) => ahead.close()));
+      await vms?.disks.close();
       for (const cgroup of cgroups) removeSlotCgroup(cgroup);
       cas.close();
       await trash.drain();

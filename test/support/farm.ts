@@ -129,6 +129,8 @@ export async function startTestFarm(
           workDir: join(dir, "worker"),
           properties: options.properties ?? [],
           name: "test",
+          // Only a farm configured with a guest (worker.vm.dir) runs VMs: the others never probe QEMU.
+          vmAssetsDir: config.worker.vm.dir,
           log,
         })
       : undefined;
