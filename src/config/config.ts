@@ -198,6 +198,10 @@ export const ConfigSchema = z
             maxScratchDiskBytes: bytes.default(32 * 1024 ** 3),
             /** Root disks made from images (one per image), least recently used removed past this. */
             rootDisksMaxSizeBytes: bytes.default(16 * 1024 ** 3),
+            /** Resume VMs from a snapshot of a booted VM of the same image and size, made at the first one's start. */
+            snapshots: z.boolean().default(true),
+            /** Snapshots (a VM's memory and scratch disk each), least recently used removed past this. */
+            snapshotsMaxSizeBytes: bytes.default(8 * 1024 ** 3),
             /** A VM whose agent has not answered by then (cold boot or resume) fails. */
             bootTimeoutSeconds: z.number().positive().default(60),
           })

@@ -1,6 +1,14 @@
 import type { Socket } from "node:net";
 import { Code, StatusError } from "../status/status.js";
-import { encodeFrame, encodeRun, FrameReader, FrameType, type GuestCommand } from "./agent-protocol.js";
+import {
+  encodeFrame,
+  encodeMount,
+  encodeRun,
+  FrameReader,
+  FrameType,
+  type GuestCommand,
+  type GuestDirectoryMode,
+} from "./agent-protocol.js";
 
 export interface GuestRunOptions {
   /** The command is killed (SIGKILL to its process group) after this long; 0 or absent: no limit. */
@@ -75,6 +83,27 @@ export class AgentConnection {
       this.socket.write(encodeFrame(FrameType.ping, "p"));
     });
   }
+
+  /** Mounts the VM's 9p share `tag` at `target` of the action's root, then sets `directories`' modes (see 'M'). */
+  mount(tag: string, target: string, directories: readonly GuestDirectoryMode[] = []): Promise<void> {
+    if (this.closedError) return Promise.reject(this.closedError);
+    if (this.pending || this.pendingMount) return Promise.reject(new Error("the guest agent is busy"));
+    return new Promise((resolve, reject) => {
+      this.pendingMount = {
+        resolve: () => {
+          this.pendingMount = undefined;
+          resolve();
+        },
+        reject: (error) => {
+          this.pendingMount = undefined;
+          reject(error);
+        },
+      };
+      this.socket.write(encodeMount(tag, target, directories));
+    });
+  }
+
+  private pendingMount: { resolve(): void; reject(error: Error): void } | undefined;
 
   /** Sets the guest's clock to the host's (before the next command, which the agent reads after it). */
   setClock(now = Date.now()): void {
@@ -189,7 +218,14 @@ export class AgentConnection {
           });
           break;
         }
+        case FrameType.mount:
+          this.pendingMount?.resolve();
+          break;
         case FrameType.failure:
+          if (this.pendingMount) {
+            this.pendingMount.reject(new Error(`the VM's setup failed: ${frame.payload}`));
+            break;
+          }
           run?.reject(
             new StatusError(Code.FAILED_PRECONDITION, `the command could not start in the VM: ${frame.payload}`),
           );
@@ -206,6 +242,7 @@ export class AgentConnection {
     this.closedError = error;
     this.rejectHello(error);
     this.pending?.reject(error);
+    this.pendingMount?.reject(error);
     for (const pong of this.pongs.splice(0)) pong.reject(error);
     this.socket.destroy();
   }

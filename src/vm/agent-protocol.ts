@@ -5,7 +5,9 @@
  *   frame = length:u32 big-endian (bytes after this field, 1..MAX_FRAME_BYTES) type:u8 payload
  *
  * Host to guest: 'R' run (NUL-ended fields: uid, gid, cwd, argc, argv…, envc, env…), 'S' setup (the same, run in
- * the agent's own root, the initramfs with busybox, rather than the action's: the worker's own steps), 'K' kill (signal number
+ * the agent's own root, the initramfs with busybox, rather than the action's: the worker's own steps), 'M' mount
+ * (tag, target, then mode uid gid path per directory: the 9p share `tag` at ROOT/target, those directories' ids
+ * and modes; answered by an empty 'M' or an 'F'), 'K' kill (signal number
  * in decimal, sent to the running command's process group), 'P' ping (echoed back), 'T' time ("<seconds>
  * <nanoseconds>" since the epoch: the guest's clock is set to it, since a resumed VM wakes at its snapshot's time).
  * Guest to host: 'H' hello (kernel release, once at start), 'O'/'E' stdout/stderr chunks, 'X' exit
@@ -18,6 +20,7 @@ export const MAX_FRAME_BYTES = 1 << 20;
 export const FrameType = {
   run: "R",
   setup: "S",
+  mount: "M",
   kill: "K",
   ping: "P",
   time: "T",
@@ -94,4 +97,25 @@ export class FrameReader {
     }
     return frames;
   }
+}
+
+/** A directory of the action's root given its image's mode and ids (see UpperDirectory). */
+export interface GuestDirectoryMode {
+  path: string;
+  mode: number;
+  uid: number;
+  gid: number;
+}
+
+/** The 'M' payload: mount the share `tag` at `target` (in the action's root), then set the directories' modes. */
+export function encodeMount(tag: string, target: string, directories: readonly GuestDirectoryMode[]): Buffer {
+  const fields = [
+    tag,
+    target,
+    ...directories.flatMap((d) => [(d.mode & 0o7777).toString(8), String(d.uid), String(d.gid), d.path]),
+  ];
+  for (const field of fields) {
+    if (field.includes("\0")) throw new Error(`a mount request's field holds a NUL: ${field}`);
+  }
+  return encodeFrame(FrameType.mount, fields.map((field) => `${field}\0`).join(""));
 }

@@ -5,7 +5,7 @@ import { createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { AgentConnection, type GuestCommandResult, type GuestRunOptions } from "./agent-connection.js";
-import type { GuestCommand } from "./agent-protocol.js";
+import type { GuestCommand, GuestDirectoryMode } from "./agent-protocol.js";
 import { type ConsoleLog, startConsoleLog } from "./console-log.js";
 import type { RootDiskFormat } from "./disk-image.js";
 import type { GuestAssets } from "./guest-assets.js";
@@ -251,6 +251,13 @@ export class QemuVm {
   run(command: GuestCommand, options?: GuestRunOptions): Promise<GuestCommandResult> {
     if (!this.agent) return Promise.reject(new Error("the VM has no agent"));
     return this.agent.run(command, options);
+  }
+
+  /** Mounts the VM's share at `target` of the action's root and gives `directories` their modes (agent 'M'). */
+  mount(target: string, directories: readonly GuestDirectoryMode[] = []): Promise<void> {
+    if (!this.agent) return Promise.reject(new Error("the VM has no agent"));
+    if (!this.options.share) return Promise.reject(new Error("the VM has no share to mount"));
+    return this.agent.mount(this.options.share.tag, target, directories);
   }
 
   /**

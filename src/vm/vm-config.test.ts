@@ -17,6 +17,8 @@ test("worker.vm: defaults, the guest under the data directory, ~ expanded", () =
     maxVcpus: 2,
     maxScratchDiskBytes: 32 * 1024 ** 3,
     rootDisksMaxSizeBytes: 16 * 1024 ** 3,
+    snapshots: true,
+    snapshotsMaxSizeBytes: 8 * 1024 ** 3,
     bootTimeoutSeconds: 60,
   });
   assert.equal(guestAssetsDir(config), "/srv/berth/vm");

@@ -12,6 +12,7 @@ import { Code, StatusError } from "../status/status.js";
 import type { GuestAssets } from "./guest-assets.js";
 import { RootDisks } from "./root-disks.js";
 import { coldStarter, VmRunner, type VmSizing, vmSize } from "./vm-runner.js";
+import { VmSnapshots } from "./vm-snapshots.js";
 
 // Each test boots a VM under TCG (seconds of CPU): few tests, each asserting much.
 
@@ -203,6 +204,51 @@ test("a command past its timeout is killed with its VM: 137, timed out, no QEMU 
   assert.equal(await readFile(request.stdoutPath, "utf8"), "started\n");
   assert.deepEqual(await qemusLeft(), []);
 });
+
+test("the next VM of a shape resumes a snapshot that holds nothing of any action, each on its own disk", async () => {
+  const snapshots = await VmSnapshots.open({ dir: join(dir, "snapshots"), maxBytes: 1024 ** 3, cold: coldStarter });
+  const resuming = new VmRunner({
+    assets,
+    accelerator: "tcg",
+    disks,
+    sizing: SIZING,
+    starter: snapshots,
+    identity: IDENTITY,
+    bootTimeoutMs: 120_000,
+  });
+  const script = "cat /tmp/left 2>/dev/null; echo left by an action > /tmp/left; cat input.txt; echo out > out/o.txt";
+  const first = await action(script);
+  const cold = await resuming.run(first.request);
+  assert.equal(cold.exitCode, 0, await readFile(first.request.stderrPath, "utf8"));
+  assert.equal(VmUsed.decode(cold.auxiliaryMetadata?.[0]?.value ?? new Uint8Array()).start, "cold");
+  // The snapshot is made beside the first VM, by a VM of its own.
+  const [snapshotDir] = await readdir(join(dir, "snapshots"));
+  assert.ok(snapshotDir, "a snapshot is being made");
+  await waitFor(async () => (await readdir(join(dir, "snapshots"))).every((name) => !name.endsWith(".partial")));
+  const [made] = await readdir(join(dir, "snapshots"));
+  const scratch = join(dir, "snapshots", made as string, "scratch.img");
+  const before = execFileSync("sha256sum", [scratch]).toString();
+  for (let i = 0; i < 2; i++) {
+    const next = await action(script);
+    const resumed = await resuming.run(next.request);
+    assert.equal(resumed.exitCode, 0, await readFile(next.request.stderrPath, "utf8"));
+    assert.equal(VmUsed.decode(resumed.auxiliaryMetadata?.[0]?.value ?? new Uint8Array()).start, "snapshot");
+    // Nothing of the earlier actions (their /tmp): every resumed VM starts from the same idle guest.
+    assert.equal(await readFile(next.request.stdoutPath, "utf8"), "an input file\n");
+    assert.equal(await readFile(join(next.request.inputRoot, "out", "o.txt"), "utf8"), "out\n");
+  }
+  assert.equal(execFileSync("sha256sum", [scratch]).toString(), before, "the snapshot's disk is never written");
+  assert.deepEqual(await qemusLeft(), []);
+  await snapshots.close();
+});
+
+async function waitFor(condition: () => Promise<boolean>): Promise<void> {
+  for (let i = 0; i < 600; i++) {
+    if (await condition()) return;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+  throw new Error("timed out waiting");
+}
 
 test("a program that does not exist is exit code 127 with the reason on stderr", async () => {
   const { request } = await action("", { argv: ["/no/such/tool"] });

@@ -49,9 +49,18 @@ export function vmSize(estimates: ResourceEstimates | undefined, sizing: VmSizin
   };
 }
 
-/** Starts a VM: a cold boot, or a resume of a snapshot (VmSnapshots). */
+/** What a VM is started on: its root disk and its size (with the guest and QEMU, a snapshot's whole key). */
+export interface VmShape {
+  diskKey: string;
+  size: VmSize;
+}
+
+/**
+ * Starts a VM up to an answering agent: a cold boot, or a resume of a
+ * snapshot (VmSnapshots). It makes the scratch disk at `options.scratchDisk`.
+ */
 export interface VmStarter {
-  start(options: QemuVmOptions, root: { diskKey: string; size: VmSize }): Promise<{ vm: QemuVm; start: string }>;
+  start(options: QemuVmOptions, shape: VmShape): Promise<{ vm: QemuVm; start: string }>;
 }
 
 export interface VmRunnerOptions {
@@ -68,24 +77,6 @@ export interface VmRunnerOptions {
 
 /** The 9p tag under which the guest finds the action's input root. */
 export const INPUT_SHARE_TAG = "berth-inputs";
-
-/**
- * Run in the agent's own root before the command: mounts the input root
- * (9p) where the action sees it in its image, and gives directories whose
- * mode the layer store tamed their image mode back, in the VM's writable
- * layer (chown and chmod through the overlay copy them up). Arguments: the
- * input root's path, then mode uid gid path for each directory.
- */
-const SETUP_SCRIPT = `set -e
-target="/newroot$1"
-shift
-mkdir -p "$target"
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000,cache=none ${INPUT_SHARE_TAG} "$target"
-while [ "$#" -ge 4 ]; do
-  chown -h "$2:$3" "/newroot/$4"
-  chmod "$1" "/newroot/$4"
-  shift 4
-done`;
 
 /**
  * Runs each action in a QEMU virtual machine of its own, booted (or resumed
@@ -116,14 +107,12 @@ export class VmRunner implements Runner {
     let vm: QemuVm | undefined;
     try {
       await mkdir(runDir, { mode: 0o700 });
-      const scratchDisk = join(runDir, "scratch.img");
-      await createScratchDisk(scratchDisk, size.scratchDiskBytes);
       const started = await this.options.starter.start(
         {
           assets: this.options.assets,
           runDir,
           rootDisk: disk.path,
-          scratchDisk,
+          scratchDisk: join(runDir, "scratch.img"),
           accelerator: this.options.accelerator,
           memoryBytes: size.memoryBytes,
           vcpus: size.vcpus,
@@ -135,7 +124,9 @@ export class VmRunner implements Runner {
         { diskKey: disk.key, size },
       );
       vm = started.vm;
-      await this.setUp(vm, root);
+      // The input root where the image has it; directories whose mode the layer store tamed get it back (in the
+      // VM's own writable layer), as in mount mode.
+      await vm.mount(root.inputRootPath, root.upperDirectories);
       const used = [this.used(vm, size, started.start)];
       const startedAt = new Date();
       let result: GuestCommandResult;
@@ -176,28 +167,6 @@ export class VmRunner implements Runner {
     }
   }
 
-  private async setUp(vm: QemuVm, root: LayeredRunRoot): Promise<void> {
-    const dirs = root.upperDirectories.flatMap((d) => [
-      (d.mode & 0o7777).toString(8),
-      String(d.uid),
-      String(d.gid),
-      d.path,
-    ]);
-    const result = await vm.run(
-      {
-        argv: ["/bin/sh", "-c", SETUP_SCRIPT, "setup", root.inputRootPath, ...dirs],
-        env: { PATH: "/bin" },
-        workingDirectory: "/",
-        uid: 0,
-        gid: 0,
-      },
-      { inAgentRoot: true, timeoutMs: 60_000 },
-    );
-    if (result.exitCode !== 0) {
-      throw new Error(`the VM's setup failed (exit ${result.exitCode}): ${result.stderr.toString().trim()}`);
-    }
-  }
-
   private runCommand(vm: QemuVm, request: RunRequest, root: LayeredRunRoot): Promise<GuestCommandResult> {
     const env: Record<string, string> = {};
     for (const { name, value } of request.env) env[name] = value;
@@ -226,7 +195,10 @@ export class VmRunner implements Runner {
   }
 }
 
-/** Boots every VM cold. */
+/** Boots every VM cold, on a fresh scratch disk. */
 export const coldStarter: VmStarter = {
-  start: async (options) => ({ vm: await QemuVm.start(options), start: "cold" }),
+  start: async (options, shape) => {
+    await createScratchDisk(options.scratchDisk, shape.size.scratchDiskBytes);
+    return { vm: await QemuVm.start(options), start: "cold" };
+  },
 };

@@ -5,7 +5,8 @@ import { probeAccelerator } from "./accelerator.js";
 import { type GuestAssets, loadGuestAssets, qemuAvailable } from "./guest-assets.js";
 import type { Accelerator } from "./qemu-vm.js";
 import { RootDisks } from "./root-disks.js";
-import type { VmSizing } from "./vm-runner.js";
+import { coldStarter, type VmSizing, type VmStarter } from "./vm-runner.js";
+import { VmSnapshots } from "./vm-snapshots.js";
 
 /** What every slot's VM runner of one worker process shares. */
 export interface WorkerVms {
@@ -13,8 +14,11 @@ export interface WorkerVms {
   accelerator: Accelerator;
   qemuPath: string;
   disks: RootDisks;
+  /** Resumes snapshots (worker.vm.snapshots), or boots every VM cold. */
+  starter: VmStarter;
   sizing: VmSizing;
   bootTimeoutMs: number;
+  close(): Promise<void>;
 }
 
 /**
@@ -45,12 +49,21 @@ export async function openWorkerVms(
     maxBytes: vm.rootDisksMaxSizeBytes,
     onError: (err) => log.warn({ err }, "removing a VM root disk failed"),
   });
+  const snapshots = vm.snapshots
+    ? await VmSnapshots.open({
+        dir: join(workDir, "vm-snapshots"),
+        maxBytes: vm.snapshotsMaxSizeBytes,
+        cold: coldStarter,
+        onError: (err) => log.warn({ err }, "a VM snapshot failed"),
+      })
+    : undefined;
   log.info(`microVMs on this worker: QEMU under ${accelerator}, guest kernel ${assets.kernelRelease}`);
   return {
     assets,
     accelerator,
     qemuPath: vm.qemuPath,
     disks,
+    starter: snapshots ?? coldStarter,
     sizing: {
       memoryBytes: vm.memoryBytes,
       vcpus: vm.vcpus,
@@ -60,5 +73,9 @@ export async function openWorkerVms(
       maxScratchDiskBytes: vm.maxScratchDiskBytes,
     },
     bootTimeoutMs: vm.bootTimeoutSeconds * 1000,
+    close: async () => {
+      await snapshots?.close();
+      await disks.close();
+    },
   };
 }

@@ -21,7 +21,7 @@ import { RunnerIdentities, WarmRunnerPool } from "../runner/warm-pool.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
 import { openPrivateDir } from "../store/private-dir.js";
-import { coldStarter, VmRunner } from "../vm/vm-runner.js";
+import { VmRunner } from "../vm/vm-runner.js";
 import { openWorkerVms } from "../vm/worker-vms.js";
 import { ActionEnvironments } from "./action-environments.js";
 import type { ActionInputs } from "./action-inputs.js";
@@ -159,7 +159,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     if (ahead) aheadRunners.push(ahead);
     const recycling = new RecyclingRunner(ahead ?? fresh, pool, settings);
     // QEMU runs as the slot's ids: what a guest writes through its share is the slot's, as its sandbox's writes are.
-    const microvm = vms && new VmRunner({ ...vms, starter: coldStarter, identity: owner });
+    const microvm = vms && new VmRunner({ ...vms, identity: owner });
     return new Runners({
       "namespace-sandbox": new PersistentWorkerRunner(recycling, persistentPool),
       ...(microvm ? { microvm } : {}),
@@ -233,7 +233,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       await pool.close();
       await persistentPool.close();
       await Promise.all(aheadRunners.map((ahead) => ahead.close()));
-      await vms?.disks.close();
+      await vms?.close();
       for (const cgroup of cgroups) removeSlotCgroup(cgroup);
       cas.close();
       await trash.drain();

@@ -13,6 +13,10 @@
  *                Only one command runs at a time; a second 'R' while one runs is answered with 'F'.
  *   'S' setup    same payload as 'R', run in the agent's own root (the initramfs, with busybox) instead of
  *                ROOT: the worker's own steps around an action (mounting its input share), never an action's
+ *   'M' mount    payload = NUL-ended fields: tag, target, then mode uid gid path for each directory (mode in
+ *                octal): mounts the host's 9p share `tag` at ROOT/target (made if missing), then gives each
+ *                ROOT/path those ids and mode; answered by an empty 'M', or 'F' saying what failed. Done by the
+ *                agent itself: a shell and its commands cost a resumed VM hundreds of milliseconds under TCG
  *   'K' kill     payload = signal number in decimal; sent to the running command's process group
  *   'P' ping     payload echoed back in a 'P' frame (tells the host a resumed VM is alive)
  *   'T' time     payload = "<seconds> <nanoseconds>" since the epoch: the guest's clock is set to it (a VM
@@ -23,6 +27,7 @@
  *   'X' exit     payload = "<exit code> <signal>" in decimal (code -1 when killed by a signal, signal 0 otherwise)
  *   'F' failure  payload = why the command could not start (no 'X' follows)
  *   'P' pong
+ *   'M' mounted  (empty) the 'M' request succeeded
  * While the host end of the port is not connected, reads return EOF at once: the agent then polls.
  */
 #define _GNU_SOURCE
@@ -36,7 +41,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
@@ -182,6 +189,59 @@ fail:;
   _exit(127);
 }
 
+/* Splits a payload of NUL-ended fields; returns how many, or -1 when malformed. */
+static int split_fields(char *payload, size_t size, char **fields, int max) {
+  int count = 0;
+  size_t start = 0;
+  for (size_t i = 0; i < size; i++) {
+    if (payload[i] != 0) continue;
+    if (count == max) return -1;
+    fields[count++] = payload + start;
+    start = i + 1;
+  }
+  return start == size ? count : -1;
+}
+
+/* mkdir -p of an absolute path, without following a link out of it being a concern: the guest is the action's. */
+static int make_dirs(char *path) {
+  for (char *p = path + 1; *p; p++) {
+    if (*p != '/') continue;
+    *p = 0;
+    int failed = mkdir(path, 0755) < 0 && errno != EEXIST;
+    *p = '/';
+    if (failed) return -1;
+  }
+  return mkdir(path, 0755) < 0 && errno != EEXIST ? -1 : 0;
+}
+
+static void mount_share(char *payload, size_t size) {
+  char *fields[4 * 1024 + 2];
+  char path[4096];
+  int count = split_fields(payload, size, fields, (int)(sizeof fields / sizeof fields[0]));
+  if (count < 2 || (count - 2) % 4 != 0) {
+    send_text('F', "malformed mount request");
+    return;
+  }
+  snprintf(path, sizeof path, "%s%s", root, fields[1]);
+  if (make_dirs(path) < 0) {
+    send_text('F', "cannot make the directory %s: %s", fields[1], strerror(errno));
+    return;
+  }
+  if (mount(fields[0], path, "9p", 0, "trans=virtio,version=9p2000.L,msize=512000,cache=none") < 0) {
+    send_text('F', "cannot mount the share %s at %s: %s", fields[0], fields[1], strerror(errno));
+    return;
+  }
+  for (int i = 2; i + 3 < count; i += 4) {
+    snprintf(path, sizeof path, "%s/%s", root, fields[i + 3]);
+    if (lchown(path, (uid_t)strtoul(fields[i + 1], NULL, 10), (gid_t)strtoul(fields[i + 2], NULL, 10)) < 0 ||
+        chmod(path, (mode_t)strtoul(fields[i], NULL, 8)) < 0) {
+      send_text('F', "cannot set the mode of %s: %s", fields[i + 3], strerror(errno));
+      return;
+    }
+  }
+  send_frame('M', NULL, 0);
+}
+
 static void set_clock(const char *payload) {
   struct timespec now = {0, 0};
   char *end;
@@ -314,6 +374,8 @@ int main(int argc, char **argv) {
       const char *problem = parse_run(payload, size, &req);
       if (problem) send_text('F', "malformed run request: %s", problem);
       else run(&req, children);
+    } else if (type == 'M') {
+      mount_share(payload, size);
     } else if (type == 'P') {
       send_frame('P', payload, size);
     } else if (type == 'T') {
