@@ -46,6 +46,11 @@ export interface QemuVmOptions {
    * opened (the worker's data directory is not theirs to walk); runDir and the scratch disk are given to them.
    */
   runAs?: { uid: number; gid: number };
+  /**
+   * A command QEMU is started through, as root before setpriv drops it to runAs: the network namespace of its own
+   * that vm-network.ts gives each VM (`nsenter --net=…` or `unshare --net`). It must exec, never fork.
+   */
+  launchPrefix?: readonly string[];
 }
 
 /** How QEMU names the files of a VM: their paths, or /proc/self/fd/N of descriptors it inherited. */
@@ -201,7 +206,9 @@ export class QemuVm {
       : [];
     let child: ChildProcess;
     try {
-      child = spawn("setpriv", ["--pdeathsig", "KILL", ...drop, "--", qemu, ...qemuArguments(options, passed?.files)], {
+      const [program = "setpriv", ...prefixed] = [...(options.launchPrefix ?? []), "setpriv"];
+      const setpriv = ["--pdeathsig", "KILL", ...drop, "--", qemu, ...qemuArguments(options, passed?.files)];
+      child = spawn(program, [...prefixed, ...setpriv], {
         stdio: ["ignore", "ignore", "pipe", ...(passed?.handles.map((handle) => handle.fd) ?? [])],
         env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
       });
