@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { readdir, readFile } from "node:fs/promises";
+import { readdir, readFile, readlink } from "node:fs/promises";
 import { createServer, type Server, type Socket, connect as tcpConnect } from "node:net";
 import { homedir, networkInterfaces } from "node:os";
 import { join } from "node:path";
@@ -39,17 +39,47 @@ function vmPlatform(extra: { name: string; value: string }[] = []) {
   ];
 }
 
-/** Names of this process's children that a VM's network (or QEMU) would leave behind. */
-async function leftoverHelpers(spare: readonly number[]): Promise<string[]> {
+/** This process's children that a VM's network (or QEMU) would leave behind. */
+async function leftoverHelpers(spare: readonly number[]): Promise<number[]> {
+  const found = await children(/slirp4netns|sleep|unshare|nsenter|setpriv|qemu/);
+  return found.filter((pid) => !spare.includes(pid));
+}
+
+/** This process's children whose command name matches. */
+async function children(comm: RegExp): Promise<number[]> {
   const found = [];
   for (const entry of await readdir("/proc")) {
-    if (!/^\d+$/.test(entry) || spare.includes(Number(entry))) continue;
+    if (!/^\d+$/.test(entry)) continue;
     const stat = await readFile(`/proc/${entry}/stat`, "utf8").catch(() => "");
-    const [, comm = "", rest = ""] = /^\d+ \((.*)\) (.*)$/s.exec(stat) ?? [];
-    if (Number(rest.split(" ")[1]) !== process.pid) continue;
-    if (/slirp4netns|sleep|unshare|nsenter|setpriv|qemu/.test(comm)) found.push(`${entry} ${comm}`);
+    const [, name = "", rest = ""] = /^\d+ \((.*)\) (.*)$/s.exec(stat) ?? [];
+    if (Number(rest.split(" ")[1]) === process.pid && comm.test(name)) found.push(Number(entry));
   }
   return found;
+}
+
+/** While `running` is pending, the network namespace of the QEMU this process starts and that namespace's interfaces. */
+async function qemuNetwork(
+  running: Promise<unknown>,
+): Promise<{ namespace: string; interfaces: string[] } | undefined> {
+  let done = false;
+  void running.finally(() => {
+    done = true;
+  });
+  while (!done) {
+    for (const pid of await children(/^qemu-system/)) {
+      const namespace = await readlink(`/proc/${pid}/ns/net`).catch(() => undefined);
+      const dev = await readFile(`/proc/${pid}/net/dev`, "utf8").catch(() => undefined);
+      if (namespace && dev) {
+        const interfaces = dev
+          .split("\n")
+          .slice(2)
+          .map((line) => line.split(":")[0]?.trim() ?? "");
+        return { namespace, interfaces: interfaces.filter(Boolean).sort() };
+      }
+    }
+    await sleep(20);
+  }
+  return undefined;
 }
 
 /** The host's own IPv4 addresses other than loopback (the test host's veth end among them). */
@@ -92,11 +122,16 @@ describe("a microVM's network", { skip: !isRoot && "makes network namespaces (ro
       platform: vmPlatform(extra),
       salt: `${Math.random()}`,
     });
-    const { response } = await execute(farm.clients, action, { skipCacheLookup: true });
+    const running = execute(farm.clients, action, { skipCacheLookup: true });
+    const qemu = await qemuNetwork(running);
+    const { response } = await running;
+    assert.ok(qemu, "QEMU was seen running");
+    // QEMU itself is never in the host's network namespace, where the farm listens on loopback.
+    assert.notEqual(qemu.namespace, await readlink("/proc/self/ns/net"));
     assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
     const stderr = await readBlob(farm.clients, response.result?.stderrDigest);
     assert.equal(response.result?.exitCode, 0, stderr);
-    return { stdout: await readBlob(farm.clients, response.result?.stdoutDigest), stderr };
+    return { stdout: await readBlob(farm.clients, response.result?.stdoutDigest), stderr, qemu };
   }
 
   /** Every host service a hostile guest would try: the host's loopback (through each gateway) and its addresses. */
@@ -118,7 +153,7 @@ describe("a microVM's network", { skip: !isRoot && "makes network namespaces (ro
 
   test("without the property the guest has no interface but lo and reaches nothing", async () => {
     const before = hostConnections.length;
-    const { stdout } = await runInVm(
+    const { stdout, qemu } = await runInVm(
       [
         "ls /sys/class/net | tr '\\n' ' '; echo",
         "ip link show lo | head -1",
@@ -132,6 +167,8 @@ describe("a microVM's network", { skip: !isRoot && "makes network namespaces (ro
     // Its own loopback is up, as in a sandbox without a network.
     assert.match(lines[1] ?? "", /<LOOPBACK,UP/);
     assert.deepEqual(lines.slice(2), ["no test host", "done", ""]);
+    // QEMU's own namespace is empty: a guest that broke out of QEMU would have no network either.
+    assert.deepEqual(qemu.interfaces, ["lo"]);
     assert.equal(hostConnections.length, before);
     assert.deepEqual(await testHost.requests(), []);
     assert.deepEqual(await leftoverHelpers(testHost.pids), []);
@@ -150,7 +187,7 @@ describe("a microVM's network", { skip: !isRoot && "makes network namespaces (ro
     }
     while (hostConnections.length < accepted) await sleep(10);
     const before = hostConnections.length;
-    const { stdout } = await runInVm(
+    const { stdout, qemu } = await runInVm(
       [
         "ls /sys/class/net | tr '\\n' ' '; echo",
         `timeout 10 wget -q -O - ${testHost.url}from-vm; echo`,
@@ -163,6 +200,8 @@ describe("a microVM's network", { skip: !isRoot && "makes network namespaces (ro
     const lines = stdout.split("\n");
     assert.equal(lines[0], "eth0 lo ");
     assert.equal(lines[1], token);
+    // QEMU's namespace reaches out through slirp4netns's tap0 only.
+    assert.deepEqual(qemu.interfaces, ["lo", "tap0"]);
     assert.equal(lines[2], `nameserver ${GUEST_NETWORK.dns}`);
     // No "reached …" line: every probe of the host failed.
     assert.deepEqual(lines.slice(3), ["done", ""]);
