@@ -1,5 +1,5 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { readlink } from "node:fs/promises";
+import { type FileHandle, open, readlink } from "node:fs/promises";
 import { networkInterfaces } from "node:os";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Code, StatusError } from "../status/status.js";
@@ -9,7 +9,13 @@ import type { QemuVm } from "./qemu-vm.js";
  * The guest's side of QEMU's user-mode network. Not slirp4netns's 10.0.2.0/24 (the namespace QEMU runs in), so
  * that the two gateways stay two addresses a test (and a reader) can tell apart.
  */
-export const GUEST_NETWORK = { address: "10.0.3.15", prefixLength: 24, gateway: "10.0.3.2", dns: "10.0.3.3" };
+export const GUEST_NETWORK = {
+  network: "10.0.3.0",
+  address: "10.0.3.15",
+  prefixLength: 24,
+  gateway: "10.0.3.2",
+  dns: "10.0.3.3",
+};
 
 /** What QEMU is started with so that the VM has the network it may have. */
 export interface VmNetworkLaunch {
@@ -64,11 +70,19 @@ export interface VmNetworkOptions {
 export async function openVmNetwork(options: VmNetworkOptions = {}): Promise<VmNetwork> {
   const slirp4netns = options.slirp4netnsPath ?? "slirp4netns";
   const readyTimeoutMs = options.readyTimeoutMs ?? 10_000;
-  // The namespace lives as long as this process, which does nothing else (and dies with the worker).
+  // unshare makes the namespace; the worker then holds it by a descriptor, which every helper names (a path
+  // under /proc/WORKER/fd, never the holder's pid, which could be reused once it is gone).
   const holder = spawnHelper("unshare", ["unshare", "--net", "--", "sleep", "infinity"]);
   let slirp: Helper | undefined;
+  let held: FileHandle | undefined;
+  const end = async () => {
+    await stopAll(slirp ? [slirp, holder] : [holder]);
+    await held?.close();
+  };
   try {
-    const namespace = await namespaceOf(holder, readyTimeoutMs);
+    held = await open(await namespaceOf(holder, readyTimeoutMs), "r");
+    await stopAll([holder]);
+    const namespace = `/proc/${process.pid}/fd/${held.fd}`;
     slirp = spawnHelper(
       "slirp4netns",
       [
@@ -79,30 +93,30 @@ export async function openVmNetwork(options: VmNetworkOptions = {}): Promise<VmN
         "--enable-sandbox",
         "--enable-seccomp",
         "--ready-fd=3",
-        String(holder.process.pid),
+        "--netns-type=path",
+        namespace,
         "tap0",
       ],
       true,
     );
     await ready(slirp, readyTimeoutMs);
     await runIn(namespace, ["ip", "-batch", "-"], prohibitedRoutes().join("\n"));
-    const helpers = [slirp, holder];
     return {
       launch: {
         launchPrefix: ["nsenter", `--net=${namespace}`, "--"],
         extraArgs: [
           "-netdev",
-          `user,id=net,ipv6=off,net=${GUEST_NETWORK.address}/${GUEST_NETWORK.prefixLength},` +
+          `user,id=net,ipv6=off,net=${GUEST_NETWORK.network}/${GUEST_NETWORK.prefixLength},` +
             `host=${GUEST_NETWORK.gateway},dns=${GUEST_NETWORK.dns}`,
           "-device",
           "virtio-net-pci,netdev=net",
         ],
       },
       configure: configureGuest,
-      close: () => stopAll(helpers),
+      close: end,
     };
   } catch (error) {
-    await stopAll(slirp ? [slirp, holder] : [holder]);
+    await end();
     if (error instanceof StatusError) throw error;
     throw new StatusError(
       Code.FAILED_PRECONDITION,
