@@ -15,7 +15,7 @@ dir="$(cd "$dir" && pwd)"
 # The modules the guest loads; their dependencies come from modules.dep. crc32c_generic is what ext4 and
 # erofs ask the crypto API for (there is no modprobe helper in the guest to load it on demand). 9p carries an
 # action's input root in and its outputs out (a share of the host's directory, see src/vm/vm-runner.ts).
-modules=(virtio_pci virtio_blk virtio_console crc32c_generic ext4 erofs overlay 9pnet_virtio 9p)
+modules=(virtio_pci virtio_blk virtio_console crc32c_generic ext4 erofs overlay 9pnet_virtio 9p virtio_net)
 
 package="$(apt-cache depends linux-image-amd64 | sed -n 's/^ *Depends: \(linux-image-[^ ]*-amd64\)$/\1/p' | head -1)"
 [[ -n "$package" ]] || { echo "guest-assets: linux-image-amd64 names no kernel package" >&2; exit 1; }

@@ -346,7 +346,13 @@ test("kill() leaves no QEMU process behind", async () => {
     await each.kill();
     assert.equal(existsSync(`/proc/${pid}`), false, `QEMU ${pid} still runs`);
   }
-  assert.deepEqual(await processesMentioning(dir), []);
+  const qemus = [];
+  for (const pid of await childrenOf(process.pid)) {
+    if ((await readFile(`/proc/${pid}/comm`, "latin1").catch(() => "")).startsWith("qemu") && (await running(pid))) {
+      qemus.push(pid);
+    }
+  }
+  assert.deepEqual(qemus, []);
 });
 
 test("an ext4 root disk (mkfs.ext4 -d) boots as well, read-only", async () => {
@@ -390,15 +396,39 @@ test("QEMU dies with the process that started it, even one killed with SIGKILL",
     ],
     { stdio: "ignore" },
   );
-  let qemu: number[] = [];
-  for (let i = 0; i < 200 && qemu.length === 0; i++) {
-    await new Promise((resolve) => setTimeout(resolve, 50));
-    qemu = (await processesMentioning(owned)).filter((pid) => pid !== owner.pid);
+  try {
+    // QEMU names its files by inherited descriptors: it is found as the owner's child.
+    let qemu: number[] = [];
+    for (let i = 0; i < 200 && qemu.length === 0; i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+      qemu = await childrenOf(owner.pid ?? -1);
+    }
+    assert.equal(qemu.length, 1, "the owner started no QEMU");
+    owner.kill("SIGKILL");
+    const alive = async () => (await Promise.all(qemu.map(running))).some(Boolean);
+    for (let i = 0; i < 100 && (await alive()); i++) {
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    assert.equal(await alive(), false, "QEMU outlived its owner");
+  } finally {
+    owner.kill("SIGKILL");
   }
-  assert.equal(qemu.length, 1, "the owner started no QEMU");
-  owner.kill("SIGKILL");
-  for (let i = 0; i < 100 && (await processesMentioning(owned)).length > 0; i++) {
-    await new Promise((resolve) => setTimeout(resolve, 50));
-  }
-  assert.deepEqual(await processesMentioning(owned), []);
 });
+
+/** Processes whose parent is `pid`. */
+async function childrenOf(pid: number): Promise<number[]> {
+  const found: number[] = [];
+  for (const entry of await readdir("/proc")) {
+    if (!/^\d+$/.test(entry)) continue;
+    const stat = await readFile(`/proc/${entry}/stat`, "latin1").catch(() => "");
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    if (Number(fields[1]) === pid) found.push(Number(entry));
+  }
+  return found;
+}
+
+/** Whether `pid` still runs (a zombie waiting for its reaper has ended). */
+async function running(pid: number): Promise<boolean> {
+  const stat = await readFile(`/proc/${pid}/stat`, "latin1").catch(() => "");
+  return stat !== "" && stat.slice(stat.lastIndexOf(")") + 2)[0] !== "Z";
+}

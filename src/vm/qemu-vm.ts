@@ -46,6 +46,11 @@ export interface QemuVmOptions {
    * opened (the worker's data directory is not theirs to walk); runDir and the scratch disk are given to them.
    */
   runAs?: { uid: number; gid: number };
+  /**
+   * A command QEMU is started through, as root before setpriv drops it to runAs: the network namespace of its own
+   * that vm-network.ts gives each VM (`nsenter --net=…` or `unshare --net`). It must exec, never fork.
+   */
+  launchPrefix?: readonly string[];
 }
 
 /** How QEMU names the files of a VM: their paths, or /proc/self/fd/N of descriptors it inherited. */
@@ -162,7 +167,14 @@ export class QemuVm {
     private readonly server: Server,
     private readonly consoleLog: ConsoleLog,
     readonly exited: Promise<void>,
+    /** The run directory, held open: its sockets are named through it (see start). */
+    private readonly runDirHandle: FileHandle,
   ) {}
+
+  /** The run directory by the worker's own descriptor: a short path, however deep runDir is. */
+  private get sockets(): string {
+    return `/proc/self/fd/${this.runDirHandle.fd}`;
+  }
 
   /** The guest kernel's release, as the agent reported it (or, for a resumed VM, the assets say). */
   kernelRelease = "";
@@ -179,9 +191,13 @@ export class QemuVm {
   static async start(options: QemuVmOptions): Promise<QemuVm> {
     // Whoever can reach the agent's socket can run commands as root in the guest.
     await chmod(options.runDir, 0o700);
+    // A unix socket's path holds at most 107 bytes, and a data directory may be deeper: the worker names the
+    // sockets through a descriptor of the run directory, QEMU through one it inherits.
+    const runDirHandle = await open(options.runDir, constants.O_RDONLY | constants.O_DIRECTORY);
+    const sockets = `/proc/self/fd/${runDirHandle.fd}`;
     const server = createServer();
     server.maxConnections = 1;
-    const agentSocket = join(options.runDir, "agent.sock");
+    const agentSocket = join(sockets, "agent.sock");
     await rm(agentSocket, { force: true });
     await new Promise<void>((resolve, reject) => {
       server.once("error", reject);
@@ -189,19 +205,21 @@ export class QemuVm {
     });
     const connected = new Promise<Socket>((resolve) => server.once("connection", resolve));
     const consoleLog = await startConsoleLog(
-      join(options.runDir, "console.sock"),
+      join(sockets, "console.sock"),
       join(options.runDir, "console.log"),
       options.consoleLogMaxBytes ?? 1024 ** 2,
     );
     // setpriv (util-linux) execs QEMU with a parent-death signal: a worker that dies leaves no VM running.
     const qemu = options.qemuPath ?? "qemu-system-x86_64";
-    const passed = options.runAs ? await passFiles(options, options.runAs) : undefined;
+    const passed = await passFiles(options);
     const drop = options.runAs
       ? [`--reuid=${options.runAs.uid}`, `--regid=${options.runAs.gid}`, "--clear-groups", "--no-new-privs"]
       : [];
     let child: ChildProcess;
     try {
-      child = spawn("setpriv", ["--pdeathsig", "KILL", ...drop, "--", qemu, ...qemuArguments(options, passed?.files)], {
+      const [program = "setpriv", ...prefixed] = [...(options.launchPrefix ?? []), "setpriv"];
+      const setpriv = ["--pdeathsig", "KILL", ...drop, "--", qemu, ...qemuArguments(options, passed?.files)];
+      child = spawn(program, [...prefixed, ...setpriv], {
         stdio: ["ignore", "ignore", "pipe", ...(passed?.handles.map((handle) => handle.fd) ?? [])],
         env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
       });
@@ -210,7 +228,7 @@ export class QemuVm {
       for (const handle of passed?.handles ?? []) await handle.close();
     }
     const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
-    const vm = new QemuVm(options, child, server, consoleLog, exited);
+    const vm = new QemuVm(options, child, server, consoleLog, exited, runDirHandle);
     child.stderr?.on("data", (chunk: Buffer) => {
       vm.stderrTail = (vm.stderrTail + chunk.toString()).slice(-2000);
     });
@@ -267,7 +285,7 @@ export class QemuVm {
    */
   async snapshot(file: string): Promise<void> {
     if (this.attached.size > 0) throw new Error("a VM with attached disks cannot be snapshotted: detach them first");
-    const qmp = await QmpClient.connect(join(this.options.runDir, "qmp.sock"));
+    const qmp = await QmpClient.connect(join(this.sockets, "qmp.sock"));
     try {
       // The guest's memory goes into the file: made private before QEMU's `cat >` fills it (and keeps its mode).
       await writeFile(file, "", { mode: 0o600 });
@@ -345,7 +363,7 @@ export class QemuVm {
   private disksAttached = 0;
 
   private async withQmp<T>(work: (qmp: QmpClient) => Promise<T>): Promise<T> {
-    const qmp = await QmpClient.connect(join(this.options.runDir, "qmp.sock"));
+    const qmp = await QmpClient.connect(join(this.sockets, "qmp.sock"));
     try {
       return await work(qmp);
     } finally {
@@ -365,6 +383,7 @@ export class QemuVm {
     await this.consoleLog.close();
     await rm(join(this.options.runDir, "agent.sock"), { force: true });
     await rm(join(this.options.runDir, "qmp.sock"), { force: true });
+    await this.runDirHandle.close().catch(() => {});
   }
 
   private async diagnostics(): Promise<string> {
@@ -377,16 +396,19 @@ export class QemuVm {
 }
 
 /**
- * Opens a VM's files for a QEMU that runs as `runAs` and names them as the descriptors it inherits (3, 4, …):
- * read-only for what it only reads, the run directory and the scratch disk handed to those ids.
+ * Opens a VM's files and names them as the descriptors QEMU inherits (3, 4, …): read-only for what it only reads.
+ * A QEMU that runs as `runAs` cannot walk the worker's data directory, and gets the run directory and the scratch
+ * disk as its own; the run directory's sockets keep short paths either way.
  */
-async function passFiles(
-  options: QemuVmOptions,
-  runAs: { uid: number; gid: number },
-): Promise<{ files: QemuFiles; handles: FileHandle[] }> {
-  await chown(options.runDir, runAs.uid, runAs.gid);
-  for (const socket of ["agent.sock", "console.sock"]) await chown(join(options.runDir, socket), runAs.uid, runAs.gid);
-  await chown(options.scratchDisk, runAs.uid, runAs.gid);
+async function passFiles(options: QemuVmOptions): Promise<{ files: QemuFiles; handles: FileHandle[] }> {
+  const { runAs } = options;
+  if (runAs) {
+    await chown(options.runDir, runAs.uid, runAs.gid);
+    for (const socket of ["agent.sock", "console.sock"]) {
+      await chown(join(options.runDir, socket), runAs.uid, runAs.gid);
+    }
+    await chown(options.scratchDisk, runAs.uid, runAs.gid);
+  }
   const handles: FileHandle[] = [];
   const pass = async (path: string, flags: number) => {
     handles.push(await open(path, flags));

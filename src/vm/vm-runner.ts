@@ -11,6 +11,7 @@ import { createScratchDisk } from "./disk-image.js";
 import type { GuestAssets } from "./guest-assets.js";
 import { type Accelerator, QemuVm, type QemuVmOptions } from "./qemu-vm.js";
 import type { RootDisks } from "./root-disks.js";
+import { NO_VM_NETWORK, openVmNetwork, type VmNetwork } from "./vm-network.js";
 
 /** A VM's size: what an action gets when it estimates nothing, and the most it gets when it does. */
 export interface VmSizing {
@@ -73,6 +74,8 @@ export interface VmRunnerOptions {
   /** The host ids QEMU runs as (the slot's own): what the action's writes to its input root are owned by. */
   identity: { uid: number; gid: number };
   bootTimeoutMs: number;
+  /** For network=external actions (worker.slirp4netnsPath); default "slirp4netns". */
+  slirp4netnsPath?: string;
 }
 
 /** The 9p tag under which the guest finds the action's input root. */
@@ -105,9 +108,13 @@ export class VmRunner implements Runner {
     const disk = await this.options.disks.acquire(root.layerDirs);
     const runDir = join(request.scratchDir, "vm");
     let vm: QemuVm | undefined;
+    let network: VmNetwork = NO_VM_NETWORK;
     try {
+      if (request.network) network = await openVmNetwork({ slirp4netnsPath: this.options.slirp4netnsPath });
       await mkdir(runDir, { mode: 0o700 });
-      const started = await this.options.starter.start(
+      // A snapshot holds a VM without a NIC: one with a network boots cold.
+      const starter = request.network ? coldStarter : this.options.starter;
+      const started = await starter.start(
         {
           assets: this.options.assets,
           runDir,
@@ -120,10 +127,12 @@ export class VmRunner implements Runner {
           bootTimeoutMs: this.options.bootTimeoutMs,
           share: { path: request.inputRoot, tag: INPUT_SHARE_TAG },
           runAs: this.options.identity,
+          ...network.launch,
         },
         { diskKey: disk.key, size },
       );
       vm = started.vm;
+      await network.configure(vm);
       // The input root where the image has it; directories whose mode the layer store tamed get it back (in the
       // VM's own writable layer), as in mount mode.
       await vm.mount(root.inputRootPath, root.upperDirectories);
@@ -162,6 +171,7 @@ export class VmRunner implements Runner {
     } finally {
       // Nothing the action started outlives it: its whole machine goes before its outputs are read.
       await vm?.kill();
+      await network.close();
       await rm(runDir, { recursive: true, force: true });
       await disk.release();
     }

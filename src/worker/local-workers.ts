@@ -159,7 +159,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     if (ahead) aheadRunners.push(ahead);
     const recycling = new RecyclingRunner(ahead ?? fresh, pool, settings);
     // QEMU runs as the slot's ids: what a guest writes through its share is the slot's, as its sandbox's writes are.
-    const microvm = vms && new VmRunner({ ...vms, identity: owner });
+    const microvm = vms && new VmRunner({ ...vms, identity: owner, slirp4netnsPath });
     return new Runners({
       "namespace-sandbox": new PersistentWorkerRunner(recycling, persistentPool),
       ...(microvm ? { microvm } : {}),

@@ -67,4 +67,7 @@ chmod 1777 /newroot/tmp
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
+# The guest's own loopback, as a sandboxed action has; any other interface is configured by the worker
+# (src/vm/vm-network.ts), and only for an action with a network.
+ip link set lo up || fail "cannot bring up the loopback interface"
 exec /bin/berth-agent "$port" /newroot
