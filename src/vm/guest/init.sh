@@ -67,4 +67,10 @@ chmod 1777 /newroot/tmp
 mount -t proc proc /newroot/proc
 mount -t sysfs sys /newroot/sys
 mount -t devtmpfs dev /newroot/dev
+# The links of a container's /dev (OCI runtime spec) that devtmpfs lacks: bash's process substitution
+# (`diff <(a) <(b)`, common in shell tests) opens /dev/fd/N, and many tools write to /dev/stdout.
+ln -sfn /proc/self/fd /newroot/dev/fd
+ln -sfn /proc/self/fd/0 /newroot/dev/stdin
+ln -sfn /proc/self/fd/1 /newroot/dev/stdout
+ln -sfn /proc/self/fd/2 /newroot/dev/stderr
 exec /bin/berth-agent "$port" /newroot
