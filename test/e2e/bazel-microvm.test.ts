@@ -243,10 +243,13 @@ describe("Bazel 4.2.3 running a genrule and sh_tests in microVMs on Berth", { ti
       // The farm refuses a microVM action until a worker offering VMs has joined: wait for it.
       if (/worker \S+ connected to /.test(line)) connected();
     });
+    let timer: NodeJS.Timeout | undefined;
     await Promise.race([
       workerConnected,
-      new Promise((_, reject) => setTimeout(() => reject(new Error("the worker did not join within 60 s")), 60_000)),
-    ]);
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error("the worker did not join within 60 s")), 60_000);
+      }),
+    ]).finally(() => clearTimeout(timer));
     assert.ok(
       berthLog.some((line) =>
         line.includes(`microVMs on this worker: QEMU under tcg, guest kernel ${assets.kernelRelease}`),
