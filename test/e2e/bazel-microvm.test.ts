@@ -52,6 +52,8 @@ const PASSED_LINE = "in_vm_test: every check held";
 const GREETING = "hello through the runfiles\n";
 /** Bazel 4 runs a test with one spawn, and writes its test.xml with another (--experimental_split_xml_generation). */
 const TEST_SCRIPTS = ["generate-xml.sh", "test-setup.sh"];
+/** Bazel's exit code for a remote execution failure (ExitCode.REMOTE_ERROR). */
+const BAZEL_REMOTE_ERROR = 34;
 /** `bazel test`'s exit code when the build succeeded but a test failed. */
 const BAZEL_TESTS_FAILED = 3;
 
@@ -128,6 +130,36 @@ function testScripts(spawns: SpawnExec[], test: string): string[] {
     .sort();
 }
 
+/**
+ * `berth serve` with one local worker, once that worker has joined: until then the farm knows no worker's
+ * platform and refuses a microVM action (as any other) as unsatisfiable. `log` collects its log's lines.
+ */
+async function spawnFarm(args: string[], log: string[]): Promise<ServerProcess> {
+  let joined: () => void = () => undefined;
+  const workerJoined = new Promise<void>((resolve) => {
+    joined = resolve;
+  });
+  const farm = await spawnBerth([...args, "--workers", "1"], [], (line) => {
+    log.push(line);
+    if (/worker \S+ connected to /.test(line)) joined();
+  });
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    await Promise.race([
+      workerJoined,
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`the worker did not join within 60 s:\n${log.join("\n")}`)), 60_000);
+      }),
+    ]);
+  } catch (error) {
+    await farm.stop();
+    throw error;
+  } finally {
+    clearTimeout(timer);
+  }
+  return farm;
+}
+
 describe("Bazel 4.2.3 running a genrule and sh_tests in microVMs on Berth", { timeout: 600_000 }, () => {
   let root = "";
   let workspace = "";
@@ -141,14 +173,14 @@ describe("Bazel 4.2.3 running a genrule and sh_tests in microVMs on Berth", { ti
 
   const startup = () => startupOptions(root, rcFile);
 
-  /** A remote `bazel COMMAND ARGS…`: every spawn on Berth, or the command fails. */
-  const remote = async (command: string, args: string[]) => {
-    assert.ok(berth, "berth is not running");
+  /** A remote `bazel COMMAND ARGS…`: every spawn on Berth (`farm`, by default the one with VMs), or it fails. */
+  const remote = async (command: string, args: string[], farm = berth) => {
+    assert.ok(farm, "berth is not running");
     const executionLog = join(root, `execution-${++logs}.json`);
     const full = [
       ...startup(),
       command,
-      `--remote_executor=grpc://${berth.address}`,
+      `--remote_executor=grpc://${farm.address}`,
       "--spawn_strategy=remote",
       `--execution_log_json_file=${executionLog}`,
       ...args,
@@ -217,6 +249,14 @@ describe("Bazel 4.2.3 running a genrule and sh_tests in microVMs on Berth", { ti
         "    exec_properties = VM,",
         ")",
         "",
+        "# Built only against a farm without VMs.",
+        "genrule(",
+        '    name = "refused",',
+        '    outs = ["refused.txt"],',
+        '    cmd = "uname -r > $@",',
+        "    exec_properties = VM,",
+        ")",
+        "",
       ].join("\n"),
     );
     await writeFile(join(workspace, "greeting.txt"), GREETING);
@@ -234,22 +274,7 @@ describe("Bazel 4.2.3 running a genrule and sh_tests in microVMs on Berth", { ti
     const config = join(root, "berth.json");
     const guestDir = process.env.BERTH_VM_DIR ?? join(homedir(), ".cache", "berth", "vm");
     await writeFile(config, JSON.stringify({ worker: { vm: { dir: guestDir, accelerator: "tcg" } } }));
-    let connected: () => void = () => undefined;
-    const workerConnected = new Promise<void>((resolve) => {
-      connected = resolve;
-    });
-    berth = await spawnBerth(["--data-dir", join(root, "data"), "--workers", "1", "--config", config], [], (line) => {
-      berthLog.push(line);
-      // The farm refuses a microVM action until a worker offering VMs has joined: wait for it.
-      if (/worker \S+ connected to /.test(line)) connected();
-    });
-    let timer: NodeJS.Timeout | undefined;
-    await Promise.race([
-      workerConnected,
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error("the worker did not join within 60 s")), 60_000);
-      }),
-    ]).finally(() => clearTimeout(timer));
+    berth = await spawnFarm(["--data-dir", join(root, "data"), "--config", config], berthLog);
     assert.ok(
       berthLog.some((line) =>
         line.includes(`microVMs on this worker: QEMU under tcg, guest kernel ${assets.kernelRelease}`),
@@ -318,5 +343,46 @@ describe("Bazel 4.2.3 running a genrule and sh_tests in microVMs on Berth", { ti
     const log = await readFile(join(workspace, "bazel-testlogs", "host_kernel_test", "test.log"), "utf8");
     assert.ok(log.includes(`host_kernel_test: expected kernel ${release()}`), log);
     assert.ok(log.includes(`host_kernel_test runs on kernel ${assets.kernelRelease}`), log);
+  });
+
+  test("a farm whose worker runs no VMs fails the build at once with FAILED_PRECONDITION naming the property", async () => {
+    // The same Bazel server and image, another farm: a plain `berth serve`, whose worker offers no microVMs.
+    const plainLog: string[] = [];
+    const plainData = join(root, "plain-data");
+    const plain = await spawnFarm(["--data-dir", plainData], plainLog);
+    try {
+      // Its guest would be in <dataDir>/vm, which has none, whatever the default data directory holds.
+      const noGuest = `no microVMs on this worker: no guest in ${join(plainData, "vm")} `;
+      assert.ok(
+        plainLog.some((line) => line.includes(noGuest)),
+        `the plain farm's worker does not say "${noGuest}":\n${plainLog.join("\n")}`,
+      );
+      const started = performance.now();
+      const { result, report, spawns } = await remote("build", ["//:refused"], plain);
+      assert.equal(result.code, BAZEL_REMOTE_ERROR, report);
+      assert.match(
+        result.stderr,
+        /^ERROR: .*\/BUILD:\d+:\d+: Executing genrule \/\/:refused failed: \(Exit 34\): Remote Execution Failure:$/m,
+        report,
+      );
+      assert.match(
+        result.stderr,
+        /^Failed Precondition: no worker of this farm runs microVMs .*workload-isolation-type/m,
+        report,
+      );
+      assert.match(
+        result.stderr,
+        /^ +\(UNSATISFIABLE_PLATFORM\) workload-isolation-type: no worker runs microVMs/m,
+        report,
+      );
+      // Nothing ran: no remote process, and no VM booted on the other farm either.
+      assert.deepEqual(nonInternalKinds(processSummary(result.stderr)), [], report);
+      assert.equal(spawns.find((s) => s.mnemonic === "Genrule")?.status, "EXECUTION_FAILED", report);
+      assert.equal(existsSync(join(workspace, "bazel-bin", "refused.txt")), false);
+      // Refused, not queued: the whole command (Bazel's analysis included) takes seconds.
+      assert.ok(performance.now() - started < 60_000, "refused at once");
+    } finally {
+      await plain.stop();
+    }
   });
 });
