@@ -30,8 +30,14 @@ import {
  * TCG, the guest of scripts/guest-assets.sh): a genrule and two sh_tests whose exec_properties ask for
  * workload-isolation-type=firecracker in an image from a loopback registry run, remotely, each in a VM booted on
  * that image. The genrule records the kernel it ran on; the passing sh_test checks, inside the VM, the guest's
- * kernel, the image's marker, its runfiles (a source file and the genrule's output) and its TEST_TMPDIR; the
- * other sh_test expects the host's kernel and must fail, which shows the checks can fail.
+ * kernel, the image's marker, its runfiles (a source file and the genrule's output), its TEST_TMPDIR, what shell
+ * tests use (process substitution, /dev/stdout), and, as a hostile test would, that it cannot write its inputs;
+ * the other sh_test expects the host's kernel and must fail, which shows the checks can fail. A farm without
+ * VMs fails the same kind of genrule at once.
+ *
+ * What Bazel sends: runfiles as regular files (no symlinks in Bazel 4's input trees), which the guest sees
+ * through the 9p share of the input root, as it sees TEST_TMPDIR (execroot/_tmp/…); the test runs as root in its
+ * VM (Berth's default for microVM actions without unixUid).
  *
  * Bazel 4 runs a test as `test-setup.sh ./TEST` and writes its test.xml with a second spawn,
  * `generate-xml.sh`; both are `#!/bin/bash` scripts, as is the genrule's `/bin/bash -c`, so the image is busybox
@@ -375,7 +381,7 @@ describe("Bazel 4.2.3 running a genrule and sh_tests in microVMs on Berth", { ti
         /^ +\(UNSATISFIABLE_PLATFORM\) workload-isolation-type: no worker runs microVMs/m,
         report,
       );
-      // Nothing ran: no remote process, and no VM booted on the other farm either.
+      // Nothing ran: no remote process.
       assert.deepEqual(nonInternalKinds(processSummary(result.stderr)), [], report);
       assert.equal(spawns.find((s) => s.mnemonic === "Genrule")?.status, "EXECUTION_FAILED", report);
       assert.equal(existsSync(join(workspace, "bazel-bin", "refused.txt")), false);
