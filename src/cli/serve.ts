@@ -8,6 +8,7 @@ import { ConfigError, loadConfig } from "../config/config.js";
 import { openFarm } from "../farm/farm.js";
 import { createLogger } from "../log/log.js";
 import { SERVER_UMASK } from "../store/private-dir.js";
+import { guestAssetsDir } from "../vm/guest-assets.js";
 import { defaultWorkerCount } from "../worker/local-workers.js";
 import { startWorkerProcess } from "../worker/worker-process.js";
 import { collectProperty } from "./properties.js";
@@ -83,6 +84,8 @@ export function serveCommand(): Command {
             name: "local",
             logLevel: config.logLevel,
             configFile: options.config,
+            // --data-dir is the farm's alone: the child would look for the guest under the default one.
+            vmDir: guestAssetsDir(config),
             log,
           });
           stoppers.push(() => workers.stop());

@@ -26,6 +26,10 @@ export function workerCommand(): Command {
       [] as Property[],
     )
     .option("--config <file>", "YAML or JSON configuration file; its `images` and `worker` sections apply (see README)")
+    .option(
+      "--vm-dir <dir>",
+      "the microVM guest (scripts/guest-assets.sh DIR); default worker.vm.dir, else <dataDir>/vm",
+    )
     .option("--log-level <level>", "trace, debug, info, warn, error or silent", "info");
   return withConnectionOptions(
     command,
@@ -39,6 +43,7 @@ export function workerCommand(): Command {
         workDir?: string;
         property: Property[];
         config?: string;
+        vmDir?: string;
         logLevel: string;
       } & ConnectionFlags,
     ) => {
@@ -73,7 +78,7 @@ export function workerCommand(): Command {
         inputLimits: config.execution.inputLimits,
         // Started by `berth serve`, the worker has the farm's configuration and masks the server's secrets too.
         maskedFiles: secretFilePaths(config, options.config, options),
-        vmAssetsDir: guestAssetsDir(config),
+        vmAssetsDir: options.vmDir ?? guestAssetsDir(config),
         log,
       });
       log.info(`berth worker joined ${options.scheduler}`);

@@ -17,6 +17,8 @@ export interface WorkerProcessOptions {
   logLevel: string;
   /** The farm's configuration file, for its `images` section. */
   configFile: string | undefined;
+  /** Where the microVM guest is: the farm's worker.vm.dir, else its own <dataDir>/vm (not the worker's default). */
+  vmDir: string;
   log: Logger;
 }
 
@@ -51,6 +53,8 @@ export function startWorkerProcess(options: WorkerProcessOptions): { stop(): Pro
     "--log-level",
     options.logLevel,
     ...(options.configFile === undefined ? [] : ["--config", options.configFile]),
+    "--vm-dir",
+    options.vmDir,
     ...options.properties.flatMap((p) => ["--property", `${p.name}=${p.value}`]),
   ];
 

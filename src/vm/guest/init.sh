@@ -70,4 +70,10 @@ mount -t devtmpfs dev /newroot/dev
 # The guest's own loopback, as a sandboxed action has; any other interface is configured by the worker
 # (src/vm/vm-network.ts), and only for an action with a network.
 ip link set lo up || fail "cannot bring up the loopback interface"
+# The links of a container's /dev (OCI runtime spec) that devtmpfs lacks: bash's process substitution
+# (`diff <(a) <(b)`, common in shell tests) opens /dev/fd/N, and many tools write to /dev/stdout.
+ln -sfn /proc/self/fd /newroot/dev/fd
+ln -sfn /proc/self/fd/0 /newroot/dev/stdin
+ln -sfn /proc/self/fd/1 /newroot/dev/stdout
+ln -sfn /proc/self/fd/2 /newroot/dev/stderr
 exec /bin/berth-agent "$port" /newroot
