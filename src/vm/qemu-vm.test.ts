@@ -41,7 +41,7 @@ function sha256(path: string): Promise<string> {
 }
 
 /** Process ids whose command line holds `needle` (QEMU's names the VM's run directory). */
-async function processesMentioning(needle: string): Promise<number[]> {
+async function _processesMentioning(needle: string): Promise<number[]> {
   const found: number[] = [];
   for (const entry of await readdir("/proc")) {
     if (!/^\d+$/.test(entry)) continue;

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { chmod, mkdir, mkdtemp, readFile, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -16,6 +16,7 @@ import {
   readExecutionLog,
   runBazel,
   startupOptions,
+  tearDownBazel,
 } from "./bazel.js";
 
 /**
@@ -152,18 +153,9 @@ for (const mode of ["mount", "expand"] as const) {
       berth = await spawnBerth(["--data-dir", join(root, "data"), "--workers", "2", "--config", config]);
     });
 
-    after(async () => {
-      try {
-        if (root !== "" && existsSync(join(workspace, "WORKSPACE"))) {
-          await runBazel(workspace, [...startup(), "shutdown"], 60_000).catch(() => undefined);
-        }
-      } finally {
-        await berth?.stop();
-        await registry?.stop();
-        // Bazel marks its output tree read-only; force removal still succeeds as the owner.
-        if (root !== "") await rm(root, { recursive: true, force: true });
-      }
-    });
+    after(() =>
+      tearDownBazel(root, workspace, root === "" ? [] : startup(), [() => berth?.stop(), () => registry?.stop()]),
+    );
 
     test("a genrule with exec_properties container-image runs inside that image", async () => {
       assert.equal(existsSync(MARKER_FILE), false, `the host must not have ${MARKER_FILE}`);

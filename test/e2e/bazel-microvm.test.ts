@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { chmod, cp, mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { chmod, cp, mkdir, mkdtemp, readFile, writeFile } from "node:fs/promises";
 import { homedir, release, tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -23,6 +23,7 @@ import {
   runBazel,
   type SpawnExec,
   startupOptions,
+  tearDownBazel,
 } from "./bazel.js";
 
 /**
@@ -289,18 +290,9 @@ describe("Bazel 4.2.3 running a genrule and sh_tests in microVMs on Berth", { ti
     );
   });
 
-  after(async () => {
-    try {
-      if (root !== "" && existsSync(join(workspace, "WORKSPACE"))) {
-        await runBazel(workspace, [...startup(), "shutdown"], 60_000).catch(() => undefined);
-      }
-    } finally {
-      await berth?.stop();
-      await registry?.stop();
-      // Bazel marks its output tree read-only; force removal still succeeds as the owner.
-      if (root !== "") await rm(root, { recursive: true, force: true });
-    }
-  });
+  after(() =>
+    tearDownBazel(root, workspace, root === "" ? [] : startup(), [() => berth?.stop(), () => registry?.stop()]),
+  );
 
   test("a genrule with exec_properties firecracker runs remotely in a VM on the guest's kernel", async () => {
     const { result, report, spawns } = await remote("build", ["//:kernel"]);

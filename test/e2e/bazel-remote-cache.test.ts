@@ -1,12 +1,20 @@
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
-import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdir, mkdtemp, readFile, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { type ServerProcess, spawnBerth } from "../support/farm.js";
-import { assertNoRemoteWarnings, BAZEL, describeRun, processSummary, runBazel, startupOptions } from "./bazel.js";
+import {
+  assertNoRemoteWarnings,
+  BAZEL,
+  describeRun,
+  processSummary,
+  runBazel,
+  startupOptions,
+  tearDownBazel,
+} from "./bazel.js";
 
 /**
  * Bazel 4.2.3 (Debian's bazel-bootstrap) against a spawned `berth serve` as its --remote_cache: a cold build
@@ -147,18 +155,7 @@ describe("Bazel 4.2.3 with Berth as its remote cache", { timeout: 300_000 }, () 
     berth = await spawnBerth(["--data-dir", dataDir]);
   });
 
-  after(async () => {
-    if (root === "") return;
-    try {
-      if (existsSync(join(workspace, "WORKSPACE"))) {
-        await runBazel(workspace, [...startupOptions(root), "shutdown"], 60_000).catch(() => undefined);
-      }
-    } finally {
-      await berth?.stop();
-      // Bazel marks its output tree read-only; force removal still succeeds as the owner.
-      await rm(root, { recursive: true, force: true });
-    }
-  });
+  after(() => tearDownBazel(root, workspace, root === "" ? [] : startupOptions(root), [() => berth?.stop()]));
 
   it("builds every target locally and uploads the results, the 1 MiB output over ByteStream", async () => {
     const { summary, grpcLog } = await build();

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { existsSync } from "node:fs";
-import { chmod, cp, mkdtemp, readdir, readFile, readlink, rm, writeFile } from "node:fs/promises";
+import { chmod, cp, mkdtemp, readdir, readFile, readlink, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -21,6 +21,7 @@ import {
   runBazel,
   type SpawnExec,
   startupOptions,
+  tearDownBazel,
 } from "./bazel.js";
 
 /**
@@ -204,18 +205,7 @@ describe("Bazel 4.2.3 with Berth as its remote executor", { timeout: 300_000 }, 
     berth = await spawnBerth(["--data-dir", join(root, "data"), "--workers", "2"]);
   });
 
-  after(async () => {
-    if (root === "") return;
-    try {
-      if (existsSync(join(workspace, "WORKSPACE"))) {
-        await runBazel(workspace, [...startup(), "shutdown"], 60_000).catch(() => undefined);
-      }
-    } finally {
-      await berth?.stop();
-      // Bazel marks its output tree read-only; force removal still succeeds as the owner.
-      await rm(root, { recursive: true, force: true });
-    }
-  });
+  after(() => tearDownBazel(root, workspace, root === "" ? [] : startup(), [() => berth?.stop()]));
 
   it("builds every target remotely, in Berth's sandbox, with correct outputs", async () => {
     const { result, report, spawns, grpc, summary } = await remote("build", ["//..."]);

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
-import { readFile } from "node:fs/promises";
+import { readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
 
 /** Helpers for the end-to-end tests that drive Bazel 4.2.3 (Debian's bazel-bootstrap) against Berth. */
@@ -134,4 +134,25 @@ export async function readExecutionLog(file: string): Promise<SpawnExec[]> {
   const text = (await readFile(file, "utf8")).trim();
   if (text === "") return [];
   return JSON.parse(`[${text.replace(/^\}\{$/gm, "},{")}]`) as SpawnExec[];
+}
+
+/**
+ * A Bazel test's teardown: Bazel's server is shut down (when a workspace was made), then `stops` run in order
+ * (the farm, the registry), then `root` goes, even when the shutdown failed. Bazel marks its output tree
+ * read-only; force removal still succeeds as the owner.
+ */
+export async function tearDownBazel(
+  root: string,
+  workspace: string,
+  startup: readonly string[],
+  stops: readonly (() => Promise<unknown> | undefined)[],
+): Promise<void> {
+  try {
+    if (root !== "" && existsSync(join(workspace, "WORKSPACE"))) {
+      await runBazel(workspace, [...startup, "shutdown"], 60_000).catch(() => undefined);
+    }
+  } finally {
+    for (const stop of stops) await stop();
+    if (root !== "") await rm(root, { recursive: true, force: true });
+  }
 }
