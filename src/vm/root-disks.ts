@@ -55,6 +55,8 @@ export class RootDisks {
       const path = join(options.dir, name);
       const match = /^([0-9a-f]{64})\.erofs$/.exec(name);
       if (!match) {
+        // A merge a killed worker left mounted goes first: removing through its read-only overlay would fail.
+        if (name.startsWith(".merge-")) await run("umount", ["-l", join(path, "merged")]).catch(() => {});
         await rm(path, { recursive: true, force: true });
         continue;
       }
@@ -80,9 +82,8 @@ export class RootDisks {
     return this.disks.bytes;
   }
 
-  close(): Promise<void> {
-    return this.disks.close();
-  }
+  /** Nothing to stop: the disks stay on disk for the next worker (open() finds them). */
+  async close(): Promise<void> {}
 
   private async build(layerDirs: readonly string[], path: string): Promise<void> {
     if (layerDirs.length === 1) {

@@ -100,9 +100,8 @@ export class VmSnapshots implements VmStarter {
     return this.snapshots.has(key);
   }
 
-  close(): Promise<void> {
-    return this.snapshots.close();
-  }
+  /** Nothing to stop: the snapshots stay on disk for the next worker (open() finds them). */
+  async close(): Promise<void> {}
 
   private makeLater(key: string, options: QemuVmOptions, shape: VmShape): void {
     if (this.making.has(key)) return;
