@@ -104,6 +104,11 @@ test("on an 8 MiB data directory, uploads past its size evict the least recently
 });
 
 test("a blob larger than the whole disk, or any blob when others filled it, is RESOURCE_EXHAUSTED naming the data directory and the blob; nothing half-written stays", async () => {
+  // A farm whose CAS holds nothing: with blobs of the test above still stored, eviction could make room for
+  // the uploads below once the file system is full, and they would rightly succeed.
+  await (farm as TestFarm).close();
+  for (const entry of await readdir(dataDir)) await rm(join(dataDir, entry), { recursive: true, force: true });
+  farm = await startTestFarm({ cas: { memoryCacheSizeBytes: 0 } }, dataDir);
   const huge = randomBlob(10 * MIB);
   const refused = await upload(huge, MIB);
   assert.equal(refused.code, Code.RESOURCE_EXHAUSTED, refused.message);

@@ -101,13 +101,18 @@ async function action(
   return { request, directory };
 }
 
-/** QEMU processes running as the test's identity. */
+/** QEMU processes this test started (its children) still running as the test's identity. */
 async function qemusLeft(): Promise<number[]> {
   const found: number[] = [];
   for (const entry of await readdir("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
     const status = await readFile(`/proc/${entry}/status`, "utf8").catch(() => "");
-    if (/^Name:\s*qemu/m.test(status) && new RegExp(`^Uid:\\s+${IDENTITY.uid}\\b`, "m").test(status)) {
+    if (
+      /^Name:\s*qemu/m.test(status) &&
+      new RegExp(`^PPid:\\s+${process.pid}\\b`, "m").test(status) &&
+      new RegExp(`^Uid:\\s+${IDENTITY.uid}\\b`, "m").test(status) &&
+      !/^State:\s*Z/m.test(status)
+    ) {
       found.push(Number(entry));
     }
   }
