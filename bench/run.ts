@@ -28,7 +28,7 @@ import { benchImageAction, benchImagePull } from "./images.js";
 import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
 import { benchPersistentWorker } from "./persistent.js";
-import { renderMarkdown, type Section } from "./report.js";
+import { renderMarkdown, renderSection, type Section } from "./report.js";
 import { benchRunnerActions } from "./runner-actions.js";
 import { benchRunners } from "./runners.js";
 import { benchSafety } from "./safety.js";
@@ -282,7 +282,10 @@ async function main(): Promise<void> {
       benchmarkNames: Object.keys(BENCHMARKS),
     });
     if (!writeDoc) {
-      console.log(`\n(${values["no-doc"] ? "--no-doc" : "--only"}: docs/benchmarks.md left as it was)`);
+      // The sections as docs/benchmarks.md would have them (numbered as in this run), to paste by hand.
+      console.log("");
+      for (const [i, section] of sections.entries()) console.log(renderSection(section, i + 1).join("\n"));
+      console.log(`(${values["no-doc"] ? "--no-doc" : "--only"}: docs/benchmarks.md left as it was)`);
     } else {
       await writeFile(DOC, markdown);
       console.log(`\nwrote ${DOC} (${durationSeconds.toFixed(0)} s)`);
