@@ -9,6 +9,7 @@
  */
 import { execFile } from "node:child_process";
 import { chown, mkdir, readdir, readFile, rm } from "node:fs/promises";
+import { loadavg } from "node:os";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { promisify } from "node:util";
@@ -46,6 +47,7 @@ const IDENTITY = { uid: 61_234, gid: 61_234 };
 const SNAPSHOT_WAIT_MS = 300_000;
 
 export async function benchVm(ctx: BenchContext): Promise<Section> {
+  const loadAtStart = loadavg();
   const assets = await testGuestAssets();
   const accelerator = await probeAccelerator(assets);
   const origin = await ensureRootfs(ctx);
@@ -316,6 +318,7 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
       `Raw ready agent per round: ${fmtList(rawReadyMs)} ms; raw resume: ${fmtList(rawResumeMs)} ms.`,
       `Running VM: p90 ${fmt(percentile(runningMs, 90))} ms over ${runningMs.length} commands.`,
       `mkfs.erofs per round: ${fmtList(erofsMs)} ms; mkfs.ext4 -d: ${fmtList(ext4Ms)} ms.`,
+      `Load average (1/5/15 min) at this benchmark's start: ${fmtList(loadAtStart, 2)}; at its end: ${fmtList(loadavg(), 2)} (2 cores; a load above 2 slows every number here, the floor too).`,
     ],
   };
 }
