@@ -89,23 +89,7 @@ export function renderMarkdown(input: ReportInput): string {
     }
   }
   lines.push("");
-  for (const [i, section] of input.sections.entries()) {
-    lines.push(`## ${i + 1}. ${section.title}`);
-    lines.push("");
-    for (const line of section.setup) lines.push(`- ${line}`);
-    lines.push("");
-    lines.push("| Metric | Berth (median) | Reference | Ratio | Target | Result |");
-    lines.push("|---|---|---|---|---|---|");
-    for (const row of section.rows) {
-      const verdict = row.verdict === "—" ? "—" : `**${row.verdict}**`;
-      lines.push(`| ${row.metric} | ${row.berth} | ${row.reference} | ${row.ratio} | ${row.target} | ${verdict} |`);
-    }
-    lines.push("");
-    if (section.notes.length > 0) {
-      for (const note of section.notes) lines.push(`- ${note}`);
-      lines.push("");
-    }
-  }
+  for (const [i, section] of input.sections.entries()) lines.push(...renderSection(section, i + 1));
   lines.push("## Reproducing");
   lines.push("");
   lines.push("```sh");
@@ -133,4 +117,25 @@ export function renderMarkdown(input: ReportInput): string {
   );
   lines.push("");
   return lines.join("\n");
+}
+
+/** One benchmark's part of the document: its heading, setup, table and notes (ends with an empty line). */
+export function renderSection(section: Section, number: number): string[] {
+  const lines: string[] = [];
+  lines.push(`## ${number}. ${section.title}`);
+  lines.push("");
+  for (const line of section.setup) lines.push(`- ${line}`);
+  lines.push("");
+  lines.push("| Metric | Berth (median) | Reference | Ratio | Target | Result |");
+  lines.push("|---|---|---|---|---|---|");
+  for (const row of section.rows) {
+    const verdict = row.verdict === "—" ? "—" : `**${row.verdict}**`;
+    lines.push(`| ${row.metric} | ${row.berth} | ${row.reference} | ${row.ratio} | ${row.target} | ${verdict} |`);
+  }
+  lines.push("");
+  if (section.notes.length > 0) {
+    for (const note of section.notes) lines.push(`- ${note}`);
+    lines.push("");
+  }
+  return lines;
 }

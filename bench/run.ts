@@ -6,7 +6,7 @@
  * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
  * safety checks (blob verification after a restart, input tree limits, flushes), the Remote Asset API's
  * FetchBlob (cached and cold), a persistent worker's requests (the pool of src/persistent alone) and MicroVMs
- * (cold boot, snapshot resume, a running VM against QEMU's boot floor) against references measured in the
+ * (actions through the VM runner: first use, cold, resumed from a snapshot; a running VM, against QEMU's boot floor) against references measured in the
  * same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
@@ -28,7 +28,7 @@ import { benchImageAction, benchImagePull } from "./images.js";
 import { benchFindMissing, benchGetActionResult } from "./latency.js";
 import { describeMachine } from "./machine.js";
 import { benchPersistentWorker } from "./persistent.js";
-import { renderMarkdown, type Section } from "./report.js";
+import { renderMarkdown, renderSection, type Section } from "./report.js";
 import { benchRunnerActions } from "./runner-actions.js";
 import { benchRunners } from "./runners.js";
 import { benchSafety } from "./safety.js";
@@ -59,7 +59,7 @@ const BENCHMARKS = {
   safety: "Safety checks: blob verification after a restart, input tree limits and flushes vs the unchecked paths",
   asset: "Remote Asset API: FetchBlob of a cached 64 MiB asset vs ByteStream Read, a cold fetch vs curl",
   persistent: "A persistent worker with a 1 s start-up answering 50 requests vs the tool started per action",
-  vm: "MicroVMs: cold boot, snapshot resume and a running VM's /bin/true vs QEMU's boot floor",
+  vm: "MicroVMs: /bin/true through the VM runner (first use, cold, snapshot-resumed) and in a running VM vs QEMU's boot floor",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -282,7 +282,10 @@ async function main(): Promise<void> {
       benchmarkNames: Object.keys(BENCHMARKS),
     });
     if (!writeDoc) {
-      console.log(`\n(${values["no-doc"] ? "--no-doc" : "--only"}: docs/benchmarks.md left as it was)`);
+      // The sections as docs/benchmarks.md would have them (numbered as in this run), to paste by hand.
+      console.log("");
+      for (const [i, section] of sections.entries()) console.log(renderSection(section, i + 1).join("\n"));
+      console.log(`(${values["no-doc"] ? "--no-doc" : "--only"}: docs/benchmarks.md left as it was)`);
     } else {
       await writeFile(DOC, markdown);
       console.log(`\nwrote ${DOC} (${durationSeconds.toFixed(0)} s)`);
