@@ -4,7 +4,7 @@
  * root turned into an erofs disk in the round), a cold action with the disk already made, and an action resumed
  * from the VmSnapshots snapshot. Beside them the floor (QEMU booting the guest's kernel and initramfs to a marker
  * printed by init, no Berth) and raw QemuVm numbers: a cold boot to a ready agent, a resume of a snapshot to the
- * end of /bin/true, and /bin/true in a running VM (the lower bound of a recycled VM, which is not built yet);
+ * end of /bin/true, /bin/true in a recycled VM (recycle-runner) and, raw, in a running VM;
  * plus mkfs.erofs and mkfs.ext4 -d of the Debian root. Interleaved round by round.
  */
 import { execFile } from "node:child_process";
@@ -15,11 +15,13 @@ import { setTimeout as sleep } from "node:timers/promises";
 import { promisify } from "node:util";
 import { parseConfig } from "../src/config/config.js";
 import { VmUsed } from "../src/gen/berth/vm/v1/vm.js";
-import type { LayeredRunRoot, RunRequest } from "../src/runner/runner.js";
+import type { LayeredRunRoot, Runner, RunRequest } from "../src/runner/runner.js";
+import { RunnerIdentities } from "../src/runner/warm-pool.js";
 import { bootToMarker, probeAccelerator } from "../src/vm/accelerator.js";
 import type { GuestCommand } from "../src/vm/agent-protocol.js";
 import { buildRootDisk, createScratchDisk } from "../src/vm/disk-image.js";
 import { QemuVm } from "../src/vm/qemu-vm.js";
+import { RecyclingVmRunner, WarmVms } from "../src/vm/recycling-vm-runner.js";
 import { RootDisks } from "../src/vm/root-disks.js";
 import { coldStarter, VmRunner, type VmSizing, type VmStarter } from "../src/vm/vm-runner.js";
 import { VmSnapshots } from "../src/vm/vm-snapshots.js";
@@ -38,6 +40,8 @@ const TRUE: GuestCommand = {
   gid: 0,
 };
 const RUNNING_VM_COMMANDS = 20;
+const RECYCLED_PER_ROUND = 10;
+const RECYCLED_TARGET_MS = 100;
 /** Resumed actions are cheap: several per round give their p50 more than a sample a round. */
 const RESUMED_PER_ROUND = 5;
 const RESUME_TARGET_MS = 500;
@@ -94,11 +98,32 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
   });
   ctx.defer(() => snapshots.close());
   const convertedRunner = runnerWith(disks, coldStarter);
+  // recycle-runner: VMs kept between actions of one key, with ids of their own.
+  const warmVms = new WarmVms(convertedRunner, {
+    dir: join(dir, "warm"),
+    maxRunners: 1,
+    maxMemoryBytes: vmConfig.maxMemoryBytes,
+    idleMillis: 600_000,
+    identities: new RunnerIdentities((index) => ({
+      index,
+      uid: 61_300 + index,
+      gid: 61_300 + index,
+      cgroup: undefined,
+    })),
+  });
+  await warmVms.open();
+  ctx.defer(() => warmVms.close());
+  const recyclingRunner = new RecyclingVmRunner(convertedRunner, warmVms);
+  const RECYCLE = { key: "bench", preserveWorkspace: false, cleanInputs: [], outputs: [] };
   const snapshotRunner = runnerWith(disks, snapshots);
 
   let actions = 0;
   /** One action through the runner: /bin/true in a fresh input root, as the worker lays it out. */
-  const action = async (runner: VmRunner, expectedStart: "cold" | "snapshot"): Promise<number> => {
+  const action = async (
+    runner: Runner,
+    expectedStart: "cold" | "snapshot" | "recycled",
+    recycle?: RunRequest["recycle"],
+  ): Promise<number> => {
     const scratchDir = join(dir, `action-${++actions}`);
     const inputRoot = join(scratchDir, "root");
     await mkdir(inputRoot, { recursive: true });
@@ -116,9 +141,12 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
       network: false,
       user: { uid: 0, gid: 0 },
       signal: new AbortController().signal,
+      recycle,
     };
     const start = process.hrtime.bigint();
     const result = await runner.run(request);
+    // A recycled VM lends its workspace until the outputs are read: that is part of its action.
+    await result.finish?.();
     const ms = elapsedMs(start);
     if (result.exitCode !== 0) {
       throw new Error(`/bin/true in the VM exited ${result.exitCode}: ${await readFile(request.stderrPath, "utf8")}`);
@@ -191,6 +219,7 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
   const firstUseMs: number[] = [];
   const coldMs: number[] = [];
   const resumedMs: number[] = [];
+  const recycledMs: number[] = [];
   const rawReadyMs: number[] = [];
   const rawResumeMs: number[] = [];
   const runningMs: number[] = [];
@@ -214,6 +243,9 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
     coldMs.push(await action(convertedRunner, "cold"));
     // (c) Resumed from the snapshot.
     for (let i = 0; i < RESUMED_PER_ROUND; i++) resumedMs.push(await action(snapshotRunner, "snapshot"));
+    // (d) In a recycled VM (the first action of the key, before the rounds, booted it).
+    if (round === 0) await action(recyclingRunner, "cold", RECYCLE);
+    for (let i = 0; i < RECYCLED_PER_ROUND; i++) recycledMs.push(await action(recyclingRunner, "recycled", RECYCLE));
 
     // Raw QemuVm: a resume of the snapshot to /bin/true's end; a cold boot to a ready agent, then commands in it.
     let start = process.hrtime.bigint();
@@ -283,7 +315,15 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
       verdict: "—",
     },
     {
-      metric: "A command in a running VM (what a recycled VM would cost; recycling not built yet) (p50)",
+      metric: `VmRunner: action in a recycled VM, recycle-runner (p50 of ${RECYCLED_PER_ROUND} × rounds)`,
+      berth: `${fmt(median(recycledMs))} ms`,
+      reference: `${fmt(median(runningMs))} ms (a command in a running VM)`,
+      ratio: ratio(median(recycledMs), median(runningMs)),
+      target: `≤ ${RECYCLED_TARGET_MS} ms`,
+      verdict: verdictAtMost(median(recycledMs), RECYCLED_TARGET_MS),
+    },
+    {
+      metric: "A command in a running VM, raw QemuVm (p50)",
       berth: `${fmt(median(runningMs))} ms`,
       reference: "—",
       ratio: "—",
@@ -308,7 +348,7 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
       "VmRunner: `VmRunner.run` as the worker calls it (QEMU as the slot's uid 61234, the input root shared by 9p and mounted at /run/berth/execroot, /bin/true as root in the image), timed from the call to its return, which is after the VM is killed and its run directory removed. " +
         "First use: a new, empty RootDisks store each round, so the action converts the image. Disk converted: the store already holds the disk, cold boot (coldStarter). " +
         `Resumed: VmSnapshots as the worker opens it; its snapshot was made beside a first cold action before the rounds, in the background as on a worker (that action took ${fmt(firstMs)} ms with the snapshot's own boot competing for the cores; the snapshot was ready ${fmt(snapshotReadyMs / 1000)} s after the action's start); ${RESUMED_PER_ROUND} resumed actions per round. The runner's metadata (VmUsed.start) is checked to say cold or snapshot as expected.`,
-      `Raw QemuVm (no runner, no share): a cold boot from QemuVm.start to the agent's hello; a resume from a qcow2 overlay of a snapshot's scratch disk to /bin/true's exit status (snapshot of the idle VM taken once: ${fmt(snapshotMs)} ms); ${RUNNING_VM_COMMANDS} commands per round in the cold-booted VM. Recycled VMs are not built yet: that last number is only what a command costs in a VM already running, with no target claimed.`,
+      `Raw QemuVm (no runner, no share): a cold boot from QemuVm.start to the agent's hello; a resume from a qcow2 overlay of a snapshot's scratch disk to /bin/true's exit status (snapshot of the idle VM taken once: ${fmt(snapshotMs)} ms); ${RUNNING_VM_COMMANDS} commands per round in the cold-booted VM. Recycled: RecyclingVmRunner (recycle-runner) around the converted-disk runner, the same key each time: the inputs moved into the kept VM's workspace, /bin/true, the workspace emptied again.`,
     ],
     rows,
     notes: [

@@ -180,6 +180,11 @@ export class QemuVm {
   kernelRelease = "";
   private agent: AgentConnection | undefined;
 
+  /** Whether QEMU still runs (a guest that powered itself off, or crashed, is no VM to reuse). */
+  get running(): boolean {
+    return this.process.exitCode === null && this.process.signalCode === null;
+  }
+
   get pid(): number {
     return this.process.pid ?? -1;
   }

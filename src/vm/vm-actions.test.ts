@@ -97,6 +97,27 @@ describe("microVM actions on a farm whose workers run VMs", () => {
     assert.equal(await readBlob(farm.clients, after.response.result?.stdoutDigest), "next\n");
   });
 
+  test("recycle-runner keeps the VM: the next action of the key finds what the first left in its /tmp", async () => {
+    const run = async (script: string) => {
+      const action = await uploadAction(farm.clients, {
+        args: ["sh", "-c", script],
+        platform: vmPlatform("firecracker", [{ name: "recycle-runner", value: "true" }]),
+        salt: `${Math.random()}`,
+      });
+      const { response } = await execute(farm.clients, action);
+      assert.equal(response.result?.exitCode, 0, response.status?.message);
+      const vm = response.result?.executionMetadata?.auxiliaryMetadata.find((a) => a.typeUrl.endsWith("VmUsed"));
+      return {
+        out: await readBlob(farm.clients, response.result?.stdoutDigest),
+        start: VmUsed.decode(vm?.value ?? new Uint8Array()).start,
+      };
+    };
+    const first = await run("echo left by the first > /tmp/left; echo first");
+    assert.equal(first.out, "first\n");
+    const second = await run("cat /tmp/left");
+    assert.deepEqual(second, { out: "left by the first\n", start: "recycled" });
+  });
+
   test("without a container-image the property is INVALID_ARGUMENT: a VM boots from an image", async () => {
     const action = await uploadAction(farm.clients, {
       args: ["true"],

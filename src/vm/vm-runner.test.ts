@@ -8,8 +8,10 @@ import { after, before, test } from "node:test";
 import { busyboxRootFolder, testGuestAssets } from "../../test/support/guest.js";
 import { VmUsed } from "../gen/berth/vm/v1/vm.js";
 import type { LayeredRunRoot, RunRequest } from "../runner/runner.js";
+import { RunnerIdentities } from "../runner/warm-pool.js";
 import { Code, StatusError } from "../status/status.js";
 import type { GuestAssets } from "./guest-assets.js";
+import { RecyclingVmRunner, WarmVms } from "./recycling-vm-runner.js";
 import { RootDisks } from "./root-disks.js";
 import { coldStarter, VmRunner, type VmSizing, vmSize } from "./vm-runner.js";
 import { VmSnapshots } from "./vm-snapshots.js";
@@ -102,7 +104,12 @@ async function action(
 }
 
 /** QEMU processes this test started (its children) still running as the test's identity. */
-async function qemusLeft(): Promise<number[]> {
+function qemusLeft(): Promise<number[]> {
+  return qemusLeftAs(IDENTITY.uid);
+}
+
+/** QEMU processes this test started still running as uids from `uid` on (warm VMs have ids of their own). */
+async function qemusLeftAs(uid: number): Promise<number[]> {
   const found: number[] = [];
   for (const entry of await readdir("/proc")) {
     if (!/^\d+$/.test(entry)) continue;
@@ -110,7 +117,8 @@ async function qemusLeft(): Promise<number[]> {
     if (
       /^Name:\s*qemu/m.test(status) &&
       new RegExp(`^PPid:\\s+${process.pid}\\b`, "m").test(status) &&
-      new RegExp(`^Uid:\\s+${IDENTITY.uid}\\b`, "m").test(status) &&
+      Number(/^Uid:\s+(\d+)/m.exec(status)?.[1]) >= uid &&
+      Number(/^Uid:\s+(\d+)/m.exec(status)?.[1]) < uid + 100 &&
       !/^State:\s*Z/m.test(status)
     ) {
       found.push(Number(entry));
@@ -254,6 +262,61 @@ async function waitFor(condition: () => Promise<boolean>): Promise<void> {
   }
   throw new Error("timed out waiting");
 }
+
+test("recycle-runner: a process one action left in its VM answers the next of the key; another key gets a fresh VM", async () => {
+  const warmIds = { uid: 61_300, gid: 61_300 };
+  const identities = new RunnerIdentities((index) => ({
+    index,
+    uid: warmIds.uid + index,
+    gid: warmIds.gid + index,
+    cgroup: undefined,
+  }));
+  const warmVms = new WarmVms(runner, {
+    dir: join(dir, "warm"),
+    maxRunners: 2,
+    maxMemoryBytes: 1024 ** 3,
+    idleMillis: 600_000,
+    identities,
+  });
+  await warmVms.open();
+  const recycling = new RecyclingVmRunner(runner, warmVms);
+  const recycle = (key: string) => ({ key, preserveWorkspace: false, cleanInputs: [], outputs: ["out"] });
+  const run = async (script: string, key: string) => {
+    const { request } = await action(script, { recycle: recycle(key) });
+    const result = await recycling.run(request);
+    const out = await readFile(request.stdoutPath, "utf8");
+    const err = await readFile(request.stderrPath, "utf8");
+    const outputs = await readdir(join(result.inputRoot ?? request.inputRoot, "out"));
+    await result.finish?.();
+    return {
+      result,
+      out,
+      err,
+      outputs,
+      start: VmUsed.decode(result.auxiliaryMetadata?.[0]?.value ?? new Uint8Array()).start,
+    };
+  };
+  // A server: answers each line written to /tmp/q with "pong LINE" in /tmp/a, kept running after the action.
+  const server =
+    "mkfifo /tmp/q /tmp/a; setsid sh -c 'while :; do read x < /tmp/q; echo pong $x > /tmp/a; done' </dev/null >/dev/null 2>&1 & echo first > out/first.txt; echo started";
+  const first = await run(server, "key-a");
+  assert.deepEqual([first.result.exitCode, first.out, first.start], [0, "started\n", "cold"]);
+  assert.deepEqual(first.outputs, ["first.txt"]);
+  // The same key: the same VM, its server still running; the workspace holds only this action's inputs.
+  const second = await run("echo hi > /tmp/q; cat /tmp/a; ls out", "key-a");
+  assert.deepEqual([second.result.exitCode, second.out, second.start], [0, "pong hi\n", "recycled"]);
+  // Another key: a fresh VM, without the server.
+  const other = await run("test -p /tmp/q && echo a VM of another key; echo fresh", "key-b");
+  assert.deepEqual([other.result.exitCode, other.out, other.start], [0, "fresh\n", "cold"], other.err);
+  // A failed action's VM is not kept: the next of its key starts fresh.
+  const failed = await run("exit 1", "key-a");
+  assert.equal(failed.result.exitCode, 1);
+  const after = await run("test -p /tmp/q && echo kept; echo after", "key-a");
+  assert.deepEqual([after.out, after.start], ["after\n", "cold"]);
+  await warmVms.close();
+  assert.deepEqual(await qemusLeftAs(warmIds.uid), []);
+  assert.deepEqual(await readdir(join(dir, "warm")), []);
+});
 
 test("a program that does not exist is exit code 127 with the reason on stderr", async () => {
   const { request } = await action("", { argv: ["/no/such/tool"] });

@@ -10,7 +10,7 @@ import type { GuestCommandResult } from "./agent-connection.js";
 import { createScratchDisk } from "./disk-image.js";
 import type { GuestAssets } from "./guest-assets.js";
 import { type Accelerator, QemuVm, type QemuVmOptions } from "./qemu-vm.js";
-import type { RootDisks } from "./root-disks.js";
+import type { RootDiskLease, RootDisks } from "./root-disks.js";
 import { NO_VM_NETWORK, openVmNetwork, type VmNetwork } from "./vm-network.js";
 
 /** A VM's size: what an action gets when it estimates nothing, and the most it gets when it does. */
@@ -78,6 +78,17 @@ export interface VmRunnerOptions {
   slirp4netnsPath?: string;
 }
 
+/** A started VM and what it holds (VmRunner.start), until VmRunner.stop. */
+export interface VmSession {
+  vm: QemuVm | undefined;
+  runDir: string;
+  network: VmNetwork;
+  disk: RootDiskLease;
+  size: VmSize;
+  /** How the VM started: cold, snapshot (then recycled, once kept). */
+  start: string;
+}
+
 /** The 9p tag under which the guest finds the action's input root. */
 export const INPUT_SHARE_TAG = "berth-inputs";
 
@@ -96,7 +107,32 @@ export class VmRunner implements Runner {
 
   constructor(private readonly options: VmRunnerOptions) {}
 
+  get sizing(): VmSizing {
+    return this.options.sizing;
+  }
+
   async run(request: RunRequest): Promise<RunResult> {
+    const session = await this.start(request, {
+      runDir: join(request.scratchDir, "vm"),
+      share: request.inputRoot,
+      identity: this.options.identity,
+    });
+    try {
+      return await this.execute(session, request);
+    } finally {
+      // Nothing the action started outlives it: its whole machine goes before its outputs are read.
+      await this.stop(session);
+    }
+  }
+
+  /**
+   * A VM for `request`'s image and size, started (QEMU as `identity`), with the host directory `share` mounted
+   * where the action sees its input root. Its files are in `runDir` (made here, removed by stop).
+   */
+  async start(
+    request: RunRequest,
+    where: { runDir: string; share: string; identity: { uid: number; gid: number } },
+  ): Promise<VmSession> {
     const { root } = request;
     if (root.kind !== "layers") {
       throw new StatusError(
@@ -106,75 +142,85 @@ export class VmRunner implements Runner {
     }
     const size = vmSize(request.resources, this.options.sizing);
     const disk = await this.options.disks.acquire(root.layerDirs);
-    const runDir = join(request.scratchDir, "vm");
-    let vm: QemuVm | undefined;
-    let network: VmNetwork = NO_VM_NETWORK;
+    const session: VmSession = { vm: undefined, runDir: where.runDir, network: NO_VM_NETWORK, disk, size, start: "" };
     try {
-      if (request.network) network = await openVmNetwork({ slirp4netnsPath: this.options.slirp4netnsPath });
-      await mkdir(runDir, { mode: 0o700 });
+      if (request.network) session.network = await openVmNetwork({ slirp4netnsPath: this.options.slirp4netnsPath });
+      await mkdir(where.runDir, { mode: 0o700 });
       // A snapshot holds a VM without a NIC: one with a network boots cold.
       const starter = request.network ? coldStarter : this.options.starter;
       const started = await starter.start(
         {
           assets: this.options.assets,
-          runDir,
+          runDir: where.runDir,
           rootDisk: disk.path,
-          scratchDisk: join(runDir, "scratch.img"),
+          scratchDisk: join(where.runDir, "scratch.img"),
           accelerator: this.options.accelerator,
           memoryBytes: size.memoryBytes,
           vcpus: size.vcpus,
           qemuPath: this.options.qemuPath,
           bootTimeoutMs: this.options.bootTimeoutMs,
-          share: { path: request.inputRoot, tag: INPUT_SHARE_TAG },
-          runAs: this.options.identity,
-          ...network.launch,
+          share: { path: where.share, tag: INPUT_SHARE_TAG },
+          runAs: where.identity,
+          ...session.network.launch,
         },
         { diskKey: disk.key, size },
       );
-      vm = started.vm;
-      await network.configure(vm);
+      session.vm = started.vm;
+      session.start = started.start;
+      await session.network.configure(started.vm);
       // The input root where the image has it; directories whose mode the layer store tamed get it back (in the
       // VM's own writable layer), as in mount mode.
-      await vm.mount(root.inputRootPath, root.upperDirectories);
-      const used = [this.used(vm, size, started.start)];
-      const startedAt = new Date();
-      let result: GuestCommandResult;
-      try {
-        result = await this.runCommand(vm, request, root);
-      } catch (error) {
-        // The agent's refusals: a command that could not start (127, as elsewhere), or past the output limit.
-        if (!(error instanceof StatusError)) throw error;
-        await writeFile(request.stdoutPath, "");
-        await writeFile(request.stderrPath, `${error.message}\n`);
-        const exhausted = error.code === Code.RESOURCE_EXHAUSTED;
-        return {
-          exitCode: exhausted ? 137 : 127,
-          timedOut: false,
-          cancelled: false,
-          limitReached: exhausted ? { limit: "output", message: error.message } : undefined,
-          startedAt,
-          completedAt: new Date(),
-          auxiliaryMetadata: used,
-        };
-      }
-      const completedAt = new Date();
-      await writeFile(request.stdoutPath, result.stdout);
-      await writeFile(request.stderrPath, result.stderr);
+      await started.vm.mount(root.inputRootPath, root.upperDirectories);
+      return session;
+    } catch (error) {
+      await this.stop(session);
+      throw error;
+    }
+  }
+
+  /** Runs the action's command in the session's VM, its input root already in the VM's share. */
+  async execute(session: VmSession, request: RunRequest): Promise<RunResult> {
+    const vm = session.vm as QemuVm;
+    const used = [this.used(vm, session.size, session.start)];
+    const startedAt = new Date();
+    let result: GuestCommandResult;
+    try {
+      result = await this.runCommand(vm, request, request.root as LayeredRunRoot);
+    } catch (error) {
+      // The agent's refusals: a command that could not start (127, as elsewhere), or past the output limit.
+      if (!(error instanceof StatusError)) throw error;
+      await writeFile(request.stdoutPath, "");
+      await writeFile(request.stderrPath, `${error.message}\n`);
+      const exhausted = error.code === Code.RESOURCE_EXHAUSTED;
       return {
-        exitCode: result.signal > 0 ? 128 + result.signal : result.exitCode,
-        timedOut: result.timedOut,
-        cancelled: result.cancelled,
+        exitCode: exhausted ? 137 : 127,
+        timedOut: false,
+        cancelled: false,
+        limitReached: exhausted ? { limit: "output", message: error.message } : undefined,
         startedAt,
-        completedAt,
+        completedAt: new Date(),
         auxiliaryMetadata: used,
       };
-    } finally {
-      // Nothing the action started outlives it: its whole machine goes before its outputs are read.
-      await vm?.kill();
-      await network.close();
-      await rm(runDir, { recursive: true, force: true });
-      await disk.release();
     }
+    const completedAt = new Date();
+    await writeFile(request.stdoutPath, result.stdout);
+    await writeFile(request.stderrPath, result.stderr);
+    return {
+      exitCode: result.signal > 0 ? 128 + result.signal : result.exitCode,
+      timedOut: result.timedOut,
+      cancelled: result.cancelled,
+      startedAt,
+      completedAt,
+      auxiliaryMetadata: used,
+    };
+  }
+
+  /** Kills the VM and removes what it had: its network, its run directory, its hold on the root disk. */
+  async stop(session: VmSession): Promise<void> {
+    await session.vm?.kill();
+    await session.network.close();
+    await rm(session.runDir, { recursive: true, force: true });
+    await session.disk.release();
   }
 
   private runCommand(vm: QemuVm, request: RunRequest, root: LayeredRunRoot): Promise<GuestCommandResult> {

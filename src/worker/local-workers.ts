@@ -21,6 +21,7 @@ import { RunnerIdentities, WarmRunnerPool } from "../runner/warm-pool.js";
 import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
 import { openPrivateDir } from "../store/private-dir.js";
+import { RecyclingVmRunner, WarmVms } from "../vm/recycling-vm-runner.js";
 import { VmRunner } from "../vm/vm-runner.js";
 import { openWorkerVms } from "../vm/worker-vms.js";
 import { ActionEnvironments } from "./action-environments.js";
@@ -159,14 +160,28 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     if (ahead) aheadRunners.push(ahead);
     const recycling = new RecyclingRunner(ahead ?? fresh, pool, settings);
     // QEMU runs as the slot's ids: what a guest writes through its share is the slot's, as its sandbox's writes are.
-    const microvm = vms && new VmRunner({ ...vms, identity: owner, slirp4netnsPath });
+    const vmRunner = vms && new VmRunner({ ...vms, identity: owner, slirp4netnsPath });
+    // Warm VMs (recycle-runner) are the worker's, with ids of their own from the warm runners' set.
+    warmVms ??=
+      vmRunner &&
+      new WarmVms(vmRunner, {
+        dir: join(options.workDir, "warm-vms"),
+        maxRunners: warm.maxRunners,
+        maxMemoryBytes: warm.maxMemoryBytes,
+        idleMillis: warm.idleSeconds * 1000,
+        identities,
+        onError: (err) => options.log.warn({ err }, "stopping a warm VM failed"),
+      });
+    const microvm = vmRunner && warmVms && new RecyclingVmRunner(vmRunner, warmVms);
     return new Runners({
       "namespace-sandbox": new PersistentWorkerRunner(recycling, persistentPool),
       ...(microvm ? { microvm } : {}),
     });
   };
   const owners = Array.from({ length: options.count }, (_, i) => actionUser(i, sandboxUidBase));
+  let warmVms: WarmVms | undefined;
   const runners = owners.map((owner, i) => slotRunners(i, owner));
+  await warmVms?.open();
   // What the runners can do decides which image stores the workers keep.
   const capabilities = runners[0]?.capabilities ?? [];
   const offers = (capability: Property) => runners[0]?.offers(capability) ?? false;
@@ -233,6 +248,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       await pool.close();
       await persistentPool.close();
       await Promise.all(aheadRunners.map((ahead) => ahead.close()));
+      await warmVms?.close();
       await vms?.close();
       for (const cgroup of cgroups) removeSlotCgroup(cgroup);
       cas.close();

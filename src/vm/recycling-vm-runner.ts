@@ -1,0 +1,195 @@
+import { createHash } from "node:crypto";
+import { lstatSync } from "node:fs";
+import { chown, mkdir, rm } from "node:fs/promises";
+import { join } from "node:path";
+import { type Lease, PinnedLru } from "../cache/pinned-lru.js";
+import { DO_NOT_RECYCLE_MARKER } from "../runner/recycling-runner.js";
+import type { Runner, RunRequest, RunResult } from "../runner/runner.js";
+import type { RunnerIdentities, RunnerIdentity } from "../runner/warm-pool.js";
+import {
+  cleanPreservedWorkspace,
+  emptyWorkspace,
+  giveDirectories,
+  mergeEntries,
+  moveEntries,
+} from "../runner/workspace.js";
+import { type VmRunner, type VmSession, vmSize } from "./vm-runner.js";
+
+/** A VM kept between actions of one key: its machine (processes, memory, scratch disk) and its workspace. */
+interface WarmVm {
+  session: VmSession;
+  /** The host directory shared into the VM as its input root; each action's inputs are moved in. */
+  workspace: string;
+  dir: string;
+  identity: RunnerIdentity;
+  last: { outputs: readonly string[]; inputs: readonly string[] } | undefined;
+}
+
+export interface WarmVmsOptions {
+  /** Warm VMs' directories are made below it (emptied at start). */
+  dir: string;
+  /** worker.warmRunners.maxRunners: idle VMs kept (with the warm sandboxes' own count, not against it). */
+  maxRunners: number;
+  /** worker.warmRunners.maxMemoryBytes: the idle VMs' memory together. */
+  maxMemoryBytes: number;
+  idleMillis: number;
+  /** Each warm VM's QEMU runs as ids of its own, never a slot's or another runner's. */
+  identities: RunnerIdentities;
+  onError?: (err: unknown) => void;
+}
+
+/** The idle VMs of a worker process, least recently used first, each taken by one action at a time. */
+export class WarmVms {
+  private readonly lru: PinnedLru<string, WarmVm>;
+  private nextId = 0;
+
+  constructor(
+    private readonly runner: VmRunner,
+    private readonly options: WarmVmsOptions,
+  ) {
+    this.lru = new PinnedLru<string, WarmVm>({
+      maxEntries: options.maxRunners,
+      overCap: () => this.idleMemory() > options.maxMemoryBytes,
+      idleMillis: options.idleMillis,
+      dispose: (_key, warm) => this.stop(warm),
+      onError: options.onError,
+    });
+  }
+
+  async open(): Promise<void> {
+    await rm(this.options.dir, { recursive: true, force: true });
+    await mkdir(this.options.dir, { recursive: true, mode: 0o700 });
+  }
+
+  take(poolKey: string): Lease<WarmVm> | undefined {
+    for (const entry of this.lru.entries()) {
+      if (entry.pinned || !entry.key.startsWith(`${poolKey}/`)) continue;
+      const lease = this.lru.take(entry.key);
+      if (lease) return lease;
+    }
+    return undefined;
+  }
+
+  /** A new warm VM for `request`, held by the caller. */
+  async create(poolKey: string, request: RunRequest): Promise<Lease<WarmVm>> {
+    const id = this.nextId++;
+    const identity = this.options.identities.acquire();
+    const dir = join(this.options.dir, String(id));
+    const workspace = join(dir, "workspace");
+    try {
+      await mkdir(workspace, { recursive: true, mode: 0o755 });
+      await chown(workspace, identity.uid, identity.gid);
+      return await this.lru.acquire(`${poolKey}/${id}`, async () => {
+        const session = await this.runner.start(request, { runDir: join(dir, "vm"), share: workspace, identity });
+        return { value: { session, workspace, dir, identity, last: undefined }, size: 0 };
+      });
+    } catch (err) {
+      await rm(dir, { recursive: true, force: true });
+      this.options.identities.release(identity);
+      throw err;
+    }
+  }
+
+  async giveBack(lease: Lease<WarmVm>, keep: boolean): Promise<void> {
+    if (keep && this.options.maxRunners > 0) await lease.release();
+    else await lease.discard();
+  }
+
+  close(): Promise<void> {
+    return this.lru.close();
+  }
+
+  private idleMemory(): number {
+    let sum = 0;
+    for (const entry of this.lru.entries()) if (!entry.pinned) sum += entry.value.session.size.memoryBytes;
+    return sum;
+  }
+
+  private async stop(warm: WarmVm): Promise<void> {
+    try {
+      await this.runner.stop(warm.session);
+      await rm(warm.dir, { recursive: true, force: true });
+    } finally {
+      this.options.identities.release(warm.identity);
+    }
+  }
+}
+
+/**
+ * recycle-runner for microVMs: after a clean run the VM is kept, with the
+ * processes the action left, its memory and its scratch disk, and the next
+ * action of the same key (the scheduler's: instance, caller, image, whole
+ * platform; here also the layers, the size and the ids inside) runs in it.
+ * Its inputs are moved into the VM's workspace (the share it mounted once)
+ * and its outputs read there, as for warm sandboxes. Not reused after a
+ * failed, timed-out or cancelled action, a limit, or the marker file; an
+ * action with a network always gets a fresh VM.
+ */
+export class RecyclingVmRunner implements Runner {
+  readonly capabilities: Runner["capabilities"];
+
+  constructor(
+    private readonly fresh: VmRunner,
+    private readonly pool: WarmVms,
+  ) {
+    this.capabilities = fresh.capabilities;
+  }
+
+  async run(request: RunRequest): Promise<RunResult> {
+    const recycle = request.recycle;
+    if (!recycle?.key || request.network || request.root.kind !== "layers") return this.fresh.run(request);
+    const poolKey = createHash("sha256")
+      .update(
+        JSON.stringify([
+          recycle.key,
+          request.root.layerDirs,
+          request.root.inputRootPath,
+          vmSize(request.resources, this.fresh.sizing),
+          request.user,
+        ]),
+      )
+      .digest("hex");
+    const lease = this.pool.take(poolKey) ?? (await this.pool.create(poolKey, request));
+    const warm = lease.value;
+    let result: RunResult;
+    try {
+      if (recycle.preserveWorkspace && warm.last)
+        cleanPreservedWorkspace(warm.workspace, warm.last, recycle.cleanInputs);
+      else emptyWorkspace(warm.workspace);
+      giveDirectories(request.inputRoot, warm.identity.uid, warm.identity.gid);
+      let inputs: string[] = [];
+      if (recycle.preserveWorkspace) inputs = mergeEntries(request.inputRoot, warm.workspace);
+      else moveEntries(request.inputRoot, warm.workspace);
+      warm.last = { outputs: recycle.outputs, inputs };
+      result = await this.fresh.execute(warm.session, { ...request, inputRoot: warm.workspace });
+      warm.session.start = "recycled";
+    } catch (err) {
+      await this.pool.giveBack(lease, false);
+      throw err;
+    }
+    const keep = mayRecycle(result, warm, request.workingDirectory);
+    let finished = false;
+    return {
+      ...result,
+      inputRoot: warm.workspace,
+      finish: async () => {
+        if (finished) return;
+        finished = true;
+        // What the next action must not see goes back to the action's directory, discarded with it.
+        if (!recycle.preserveWorkspace) moveEntries(warm.workspace, request.inputRoot);
+        await this.pool.giveBack(lease, keep);
+      },
+    };
+  }
+}
+
+function mayRecycle(result: RunResult, warm: WarmVm, workingDirectory: string): boolean {
+  if (result.exitCode !== 0 || result.timedOut || result.cancelled || result.limitReached) return false;
+  if (!warm.session.vm?.running) return false;
+  try {
+    lstatSync(join(warm.workspace, workingDirectory, DO_NOT_RECYCLE_MARKER));
+    return false;
+  } catch {
+    return true;
+  }
+}
