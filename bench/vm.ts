@@ -30,6 +30,7 @@ import type { BenchContext } from "./context.js";
 import { ensureRootfs, ROOTFS } from "./debian-image.js";
 import { ratio, type Section, verdictAtMost } from "./report.js";
 import { elapsedMs, fmt, fmtList, median, percentile } from "./stats.js";
+import { measureVmIo } from "./vm-io.js";
 
 const run = promisify(execFile);
 const TRUE: GuestCommand = {
@@ -273,6 +274,9 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
 
   const floor = median(floorMs);
   const floorRef = `${fmt(floor)} ms (floor)`;
+  // How the action's files cross: the 9p share VmRunner uses, against plugged-in disks (issue #15 asks for both).
+  const io = await measureVmIo(assets, accelerator, rootDisk, dir, Math.min(ctx.rounds, 3), "large");
+  const ioSmall = await measureVmIo(assets, accelerator, rootDisk, dir, Math.min(ctx.rounds, 3), "small");
   const rows: Section["rows"] = [
     {
       metric: "VmRunner: cold action, first use (disk conversion included)",
@@ -331,6 +335,22 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
       verdict: "—",
     },
     {
+      metric: "Inputs in and outputs out, a large tree: 9p share (VmRunner's way) vs plugged-in disks",
+      berth: `${fmt(median(io.shareMs))} ms`,
+      reference: `${fmt(median(io.diskMs))} ms (erofs in, ext4 out)`,
+      ratio: ratio(median(io.shareMs), median(io.diskMs)),
+      target: "—",
+      verdict: "—",
+    },
+    {
+      metric: "Inputs in and outputs out, a small tree: 9p share vs plugged-in disks",
+      berth: `${fmt(median(ioSmall.shareMs))} ms`,
+      reference: `${fmt(median(ioSmall.diskMs))} ms (erofs in, ext4 out)`,
+      ratio: ratio(median(ioSmall.shareMs), median(ioSmall.diskMs)),
+      target: "—",
+      verdict: "—",
+    },
+    {
       metric: "Root disk from the Debian root: mkfs.erofs / mkfs.ext4 -d",
       berth: `${fmt(median(erofsMs))} ms / ${fmt(median(ext4Ms))} ms`,
       reference: "—",
@@ -349,6 +369,7 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
         "First use: a new, empty RootDisks store each round, so the action converts the image. Disk converted: the store already holds the disk, cold boot (coldStarter). " +
         `Resumed: VmSnapshots as the worker opens it; its snapshot was made beside a first cold action before the rounds, in the background as on a worker (that action took ${fmt(firstMs)} ms with the snapshot's own boot competing for the cores; the snapshot was ready ${fmt(snapshotReadyMs / 1000)} s after the action's start); ${RESUMED_PER_ROUND} resumed actions per round. The runner's metadata (VmUsed.start) is checked to say cold or snapshot as expected.`,
       `Raw QemuVm (no runner, no share): a cold boot from QemuVm.start to the agent's hello; a resume from a qcow2 overlay of a snapshot's scratch disk to /bin/true's exit status (snapshot of the idle VM taken once: ${fmt(snapshotMs)} ms); ${RUNNING_VM_COMMANDS} commands per round in the cold-booted VM. Recycled: RecyclingVmRunner (recycle-runner) around the converted-disk runner, the same key each time: the inputs moved into the kept VM's workspace, /bin/true, the workspace emptied again.`,
+      "Inputs and outputs (bench/vm-io.ts), one booted VM, the same trees both ways (large: 300 files of 4 KiB in 10 directories and one of 16 MiB in, 20 files of 4 KiB and one of 8 MiB out; small: 3 files of 1 KiB in, one of 4 KiB out): the 9p share mounted by the agent, used, unmounted, the outputs read where they are on the host; against an erofs disk of the inputs made on the host and an empty ext4 disk, plugged in, mounted, used, unplugged, and the outputs dumped from the ext4 image (debugfs rdump).",
     ],
     rows,
     notes: [
@@ -358,6 +379,8 @@ export async function benchVm(ctx: BenchContext): Promise<Section> {
       `Raw ready agent per round: ${fmtList(rawReadyMs)} ms; raw resume: ${fmtList(rawResumeMs)} ms.`,
       `Running VM: p90 ${fmt(percentile(runningMs, 90))} ms over ${runningMs.length} commands.`,
       `mkfs.erofs per round: ${fmtList(erofsMs)} ms; mkfs.ext4 -d: ${fmtList(ext4Ms)} ms.`,
+      `Recycled VM, in order: ${fmtList(recycledMs)} ms (p90 ${fmt(percentile(recycledMs, 90))} ms).`,
+      `Inputs and outputs per round, large tree: share ${fmtList(io.shareMs)} ms, disks ${fmtList(io.diskMs)} ms; small tree: share ${fmtList(ioSmall.shareMs)} ms, disks ${fmtList(ioSmall.diskMs)} ms.`,
       `Load average (1/5/15 min) at this benchmark's start: ${fmtList(loadAtStart, 2)}; at its end: ${fmtList(loadavg(), 2)} (2 cores; a load above 2 slows every number here, the floor too).`,
     ],
   };
