@@ -132,6 +132,24 @@ describe("microVM actions on a farm whose workers run VMs", () => {
   });
 });
 
+describe("a farm whose worker has the guest but no QEMU", () => {
+  let farm: TestFarm;
+  before(async () => {
+    const dir = process.env.BERTH_VM_DIR ?? join(homedir(), ".cache", "berth", "vm");
+    farm = await startTestFarm({ worker: { vm: { dir, qemuPath: "/nonexistent/qemu-system-x86_64" } } }, undefined, {
+      workers: 1,
+    });
+  });
+  after(() => farm?.close());
+
+  test("offers no microVMs: the action is refused at once, naming the property", async () => {
+    const action = await uploadAction(farm.clients, { args: ["true"], platform: vmPlatform("firecracker") });
+    const { response } = await execute(farm.clients, action);
+    assert.equal(response.status?.code, Code.FAILED_PRECONDITION, response.status?.message);
+    assert.match(response.status?.message ?? "", /no worker of this farm runs microVMs/);
+  });
+});
+
 describe("a farm whose workers run no VMs", () => {
   let farm: TestFarm;
   before(async () => {
