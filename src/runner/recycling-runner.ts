@@ -7,7 +7,7 @@ import { measureDiskUsage } from "../sandbox/disk-usage.js";
 import { type ResidentSettings, residentCommand, shapeKey, startResident, stillWhole } from "./resident.js";
 import type { RecycleRequest, Runner, RunRequest, RunResult } from "./runner.js";
 import type { RunnerIdentity, WarmRunner, WarmRunnerPool } from "./warm-pool.js";
-import { cleanPreservedWorkspace, emptyWorkspace, giveDirectories, mergeEntries, moveEntries } from "./workspace.js";
+import { enterWorkspace, moveEntries } from "./workspace.js";
 
 /** A warm runner's disk is measured once it has been idle this long. */
 const DISK_MEASURE_DELAY_MS = 200;
@@ -58,22 +58,13 @@ export class RecyclingRunner implements Runner {
     const { workspace, identity } = runner;
     let result: RunResult;
     try {
-      if (recycle.preserveWorkspace && runner.last) {
-        cleanPreservedWorkspace(workspace, runner.last, recycle.cleanInputs);
-      } else {
-        emptyWorkspace(workspace);
-      }
-      giveDirectories(request.inputRoot, identity.uid, identity.gid);
-      let inputs: string[] = [];
-      if (recycle.preserveWorkspace) inputs = mergeEntries(request.inputRoot, workspace);
-      else moveEntries(request.inputRoot, workspace);
-      runner.last = { outputs: recycle.outputs, inputs };
+      runner.last = enterWorkspace(workspace, request.inputRoot, recycle, identity, runner.last);
       result = await runner.sandbox.run(residentCommand(request));
     } catch (err) {
       await this.pool.giveBack(lease, false);
       throw err;
     }
-    const keep = mayRecycle(result, runner, request.workingDirectory);
+    const keep = mayRecycle(result, runner.sandbox.usable, workspace, request.workingDirectory);
     let finished = false;
     return {
       ...result,
@@ -129,14 +120,15 @@ function poolKeyOf(runnerKey: string, request: RunRequest): string {
 
 /**
  * Only a clean run leaves a runner fit for the next: exit code 0, no
- * timeout, cancellation or limit reached, a sandbox still whole, and no
- * marker file saying otherwise in the working directory.
+ * timeout, cancellation or limit reached, a runner still whole, and no
+ * marker file saying otherwise in the working directory. Warm VMs decide
+ * the same way (see vm/recycling-vm-runner.ts).
  */
-function mayRecycle(result: RunResult, runner: WarmRunner, workingDirectory: string): boolean {
+export function mayRecycle(result: RunResult, whole: boolean, workspace: string, workingDirectory: string): boolean {
   if (result.exitCode !== 0 || result.timedOut || result.cancelled || result.limitReached) return false;
-  if (!runner.sandbox.usable) return false;
+  if (!whole) return false;
   try {
-    lstatSync(join(runner.workspace, workingDirectory, DO_NOT_RECYCLE_MARKER));
+    lstatSync(join(workspace, workingDirectory, DO_NOT_RECYCLE_MARKER));
     return false;
   } catch {
     return true;

@@ -183,3 +183,31 @@ function lstatOrUndefined(path: string): Stats | undefined {
     return undefined;
   }
 }
+
+/** What a warm runner's workspace held after its last action, for preserve-workspace. */
+export interface WorkspaceContents {
+  outputs: readonly string[];
+  inputs: readonly string[];
+}
+
+/**
+ * A warm runner's workspace made ready for the next action: what the last
+ * one left removed (all of it, or with preserve-workspace its outputs and
+ * the inputs clean-workspace-inputs names), then the new input root, given
+ * to the runner's ids, moved (or merged) in. Returns what it now holds.
+ */
+export function enterWorkspace(
+  workspace: string,
+  inputRoot: string,
+  recycle: { preserveWorkspace: boolean; cleanInputs: readonly string[]; outputs: readonly string[] },
+  owner: { uid: number; gid: number },
+  last: WorkspaceContents | undefined,
+): WorkspaceContents {
+  if (recycle.preserveWorkspace && last) cleanPreservedWorkspace(workspace, last, recycle.cleanInputs);
+  else emptyWorkspace(workspace);
+  giveDirectories(inputRoot, owner.uid, owner.gid);
+  let inputs: string[] = [];
+  if (recycle.preserveWorkspace) inputs = mergeEntries(inputRoot, workspace);
+  else moveEntries(inputRoot, workspace);
+  return { outputs: recycle.outputs, inputs };
+}

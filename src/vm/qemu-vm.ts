@@ -53,7 +53,7 @@ export interface QemuVmOptions {
   launchPrefix?: readonly string[];
 }
 
-/** How QEMU names the files of a VM: their paths, or /proc/self/fd/N of descriptors it inherited. */
+/** How QEMU names the files of a VM: /proc/self/fd/N of descriptors it inherited (see passFiles). */
 interface QemuFiles {
   kernel: string;
   initramfs: string;
@@ -65,18 +65,6 @@ interface QemuFiles {
   incoming?: string;
 }
 
-function filesByPath(options: QemuVmOptions): QemuFiles {
-  return {
-    kernel: options.assets.kernel,
-    initramfs: options.assets.initramfs,
-    rootDisk: options.rootDisk,
-    scratchDisk: options.scratchDisk,
-    runDir: options.runDir,
-    share: options.share?.path,
-    incoming: options.resumeFrom && `exec:cat ${shellQuote(options.resumeFrom)}`,
-  };
-}
-
 /** A disk attached to a running VM; the guest finds it as the /sys/block/vd* whose `serial` is `serial`. */
 export interface AttachedDisk {
   serial: string;
@@ -86,7 +74,7 @@ export interface AttachedDisk {
 export const DEFAULT_VM_MEMORY_BYTES = 512 * 1024 ** 2;
 
 /** QEMU's command line for a VM: q35, no network, no display, serial console to a file, virtio disks and port. */
-export function qemuArguments(options: QemuVmOptions, files: QemuFiles = filesByPath(options)): string[] {
+export function qemuArguments(options: QemuVmOptions, files: QemuFiles): string[] {
   const accelerator = options.accelerator ?? "tcg";
   const memoryMiB = Math.max(128, Math.floor((options.memoryBytes ?? DEFAULT_VM_MEMORY_BYTES) / 1024 ** 2));
   const args = [
@@ -223,14 +211,14 @@ export class QemuVm {
     let child: ChildProcess;
     try {
       const [program = "setpriv", ...prefixed] = [...(options.launchPrefix ?? []), "setpriv"];
-      const setpriv = ["--pdeathsig", "KILL", ...drop, "--", qemu, ...qemuArguments(options, passed?.files)];
+      const setpriv = ["--pdeathsig", "KILL", ...drop, "--", qemu, ...qemuArguments(options, passed.files)];
       child = spawn(program, [...prefixed, ...setpriv], {
-        stdio: ["ignore", "ignore", "pipe", ...(passed?.handles.map((handle) => handle.fd) ?? [])],
+        stdio: ["ignore", "ignore", "pipe", ...passed.handles.map((handle) => handle.fd)],
         env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
       });
     } finally {
       // QEMU holds its own copies from here on.
-      for (const handle of passed?.handles ?? []) await handle.close();
+      for (const handle of passed.handles) await handle.close();
     }
     const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
     const vm = new QemuVm(options, child, server, consoleLog, exited, runDirHandle);

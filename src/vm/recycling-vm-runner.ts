@@ -1,18 +1,11 @@
 import { createHash } from "node:crypto";
-import { lstatSync } from "node:fs";
 import { chown, mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import { type Lease, PinnedLru } from "../cache/pinned-lru.js";
-import { DO_NOT_RECYCLE_MARKER } from "../runner/recycling-runner.js";
+import { mayRecycle } from "../runner/recycling-runner.js";
 import type { Runner, RunRequest, RunResult } from "../runner/runner.js";
 import type { RunnerIdentities, RunnerIdentity } from "../runner/warm-pool.js";
-import {
-  cleanPreservedWorkspace,
-  emptyWorkspace,
-  giveDirectories,
-  mergeEntries,
-  moveEntries,
-} from "../runner/workspace.js";
+import { enterWorkspace, moveEntries, type WorkspaceContents } from "../runner/workspace.js";
 import { type VmRunner, type VmSession, vmSize } from "./vm-runner.js";
 
 /** A VM kept between actions of one key: its machine (processes, memory, scratch disk) and its workspace. */
@@ -22,7 +15,7 @@ interface WarmVm {
   workspace: string;
   dir: string;
   identity: RunnerIdentity;
-  last: { outputs: readonly string[]; inputs: readonly string[] } | undefined;
+  last: WorkspaceContents | undefined;
 }
 
 export interface WarmVmsOptions {
@@ -153,21 +146,14 @@ export class RecyclingVmRunner implements Runner {
     const warm = lease.value;
     let result: RunResult;
     try {
-      if (recycle.preserveWorkspace && warm.last)
-        cleanPreservedWorkspace(warm.workspace, warm.last, recycle.cleanInputs);
-      else emptyWorkspace(warm.workspace);
-      giveDirectories(request.inputRoot, warm.identity.uid, warm.identity.gid);
-      let inputs: string[] = [];
-      if (recycle.preserveWorkspace) inputs = mergeEntries(request.inputRoot, warm.workspace);
-      else moveEntries(request.inputRoot, warm.workspace);
-      warm.last = { outputs: recycle.outputs, inputs };
+      warm.last = enterWorkspace(warm.workspace, request.inputRoot, recycle, warm.identity, warm.last);
       result = await this.fresh.execute(warm.session, { ...request, inputRoot: warm.workspace });
       warm.session.start = "recycled";
     } catch (err) {
       await this.pool.giveBack(lease, false);
       throw err;
     }
-    const keep = mayRecycle(result, warm, request.workingDirectory);
+    const keep = mayRecycle(result, warm.session.vm?.running ?? false, warm.workspace, request.workingDirectory);
     let finished = false;
     return {
       ...result,
@@ -180,16 +166,5 @@ export class RecyclingVmRunner implements Runner {
         await this.pool.giveBack(lease, keep);
       },
     };
-  }
-}
-
-function mayRecycle(result: RunResult, warm: WarmVm, workingDirectory: string): boolean {
-  if (result.exitCode !== 0 || result.timedOut || result.cancelled || result.limitReached) return false;
-  if (!warm.session.vm?.running) return false;
-  try {
-    lstatSync(join(warm.workspace, workingDirectory, DO_NOT_RECYCLE_MARKER));
-    return false;
-  } catch {
-    return true;
   }
 }
