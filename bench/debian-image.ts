@@ -4,21 +4,22 @@
  * with skopeo and umoci.
  */
 import { execFile } from "node:child_process";
-import { existsSync } from "node:fs";
-import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
+import { mkdir } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { promisify } from "node:util";
-import { type BuiltImage, startRegistry, type TestRegistry } from "../test/support/registry.js";
+import { ensureDebootstrapRoot, packRoot } from "../test/support/debootstrap.js";
+import { startRegistry, type TestRegistry } from "../test/support/registry.js";
 import type { BenchContext } from "./context.js";
 import { elapsedMs, fmt, MB } from "./stats.js";
 
 const run = promisify(execFile);
 
+export { missing } from "../test/support/debootstrap.js";
+
 /** The debootstrapped root is kept here between runs (33 s to make, 206 MB). */
 const CACHE_DIR = "/var/cache/berth-bench";
 export const SUITE = "bookworm";
 export const ROOTFS = join(CACHE_DIR, `debootstrap-${SUITE}`);
-const FALLBACK_MIRROR = "http://deb.debian.org/debian";
 const REPOSITORY = "debian";
 const TAG = "bench";
 /** A file only the benchmark's image has, which the action checks to prove it ran there. */
@@ -53,7 +54,7 @@ async function makeDebianImage(ctx: BenchContext): Promise<DebianImage> {
   const layout = join(ctx.scratchDir, "images", "debian-layout");
   await mkdir(dirname(layout), { recursive: true });
   const start = process.hrtime.bigint();
-  const built = await buildLayout(layout);
+  const built = await packRoot(ROOTFS, layout, TAG, { path: MARKER, content: "berth benchmark image" });
   const buildMs = elapsedMs(start);
   const registry = await startRegistry();
   ctx.defer(() => registry.stop());
@@ -77,110 +78,8 @@ async function makeDebianImage(ctx: BenchContext): Promise<DebianImage> {
 }
 
 /** Reuses the cached debootstrapped root, or makes it (into a temporary name, renamed when complete). */
-export async function ensureRootfs(ctx: BenchContext): Promise<string> {
-  if (existsSync(ROOTFS)) return `root reused from ${ROOTFS}`;
-  const mirror = await aptMirror();
-  const partial = `${ROOTFS}.partial`;
-  await mkdir(CACHE_DIR, { recursive: true });
-  await rm(partial, { recursive: true, force: true });
-  ctx.log(`  debootstrap --variant=minbase ${SUITE} ${partial} ${mirror} (about 35 s, once; cached in ${ROOTFS})`);
-  const start = process.hrtime.bigint();
-  try {
-    await run("debootstrap", ["--variant=minbase", SUITE, partial, mirror], { maxBuffer: 64 * 1024 * 1024 });
-  } catch (err) {
-    await rm(partial, { recursive: true, force: true });
-    throw missing(err, "debootstrap");
-  }
-  await rename(partial, ROOTFS);
-  return `root debootstrapped in this run (${fmt(elapsedMs(start) / 1000)} s) and kept in ${ROOTFS}`;
-}
-
-/** An ENOENT from execFile means the program is not installed: say which package brings it. */
-export function missing(err: unknown, pkg: string): unknown {
-  if ((err as NodeJS.ErrnoException).code === "ENOENT") {
-    return new Error(`${pkg} is not installed: apt-get install ${pkg} (bash scripts/install.sh --test)`);
-  }
-  return err;
-}
-
-/** The first apt source for the suite, from /etc/apt/sources.list and /etc/apt/sources.list.d/. */
-async function aptMirror(): Promise<string> {
-  const files = ["/etc/apt/sources.list"];
-  const listDir = "/etc/apt/sources.list.d";
-  for (const name of (await readdir(listDir).catch(() => [])).sort()) {
-    if (name.endsWith(".list") || name.endsWith(".sources")) files.push(join(listDir, name));
-  }
-  for (const file of files) {
-    const text = await readFile(file, "utf8").catch(() => "");
-    if (file.endsWith(".sources")) {
-      // deb822: stanzas separated by blank lines.
-      for (const stanza of text.split(/\n\s*\n/)) {
-        const field = (name: string) => new RegExp(`^${name}:\\s*(.+)$`, "mi").exec(stanza)?.[1]?.trim().split(/\s+/);
-        const uri = field("URIs")?.[0];
-        if (field("Types")?.includes("deb") && field("Suites")?.includes(SUITE) && uri) return uri;
-      }
-    } else {
-      for (const line of text.split("\n")) {
-        const words = line
-          .replace(/#.*/, "")
-          .replace(/\[[^\]]*\]/, "")
-          .trim()
-          .split(/\s+/);
-        if (words[0] === "deb" && words[2] === SUITE && words[1]) return words[1];
-      }
-    }
-  }
-  return FALLBACK_MIRROR;
-}
-
-/**
- * Two gzip layers made by umoci: the debootstrapped root, then a one-file layer (each an `umoci repack` of a
- * bundle; `umoci insert` 0.4.7 writes layers without the last file's padding and the end-of-archive blocks,
- * which GNU tar and Berth refuse); the configuration as Docker's Debian images have it (PATH, /bin/bash).
- */
-async function buildLayout(
-  layout: string,
-): Promise<{ image: BuiltImage; layerSizes: number[]; layerDigests: string[] }> {
-  const image = `${layout}:${TAG}`;
-  const bundle = `${layout}-bundle`;
-  await run("umoci", ["init", "--layout", layout]);
-  await run("umoci", ["new", "--image", image]);
-  await run("umoci", ["unpack", "--image", image, bundle]);
-  const rootfs = join(bundle, "rootfs");
-  await run("cp", ["-a", `${ROOTFS}/.`, `${rootfs}/`]);
-  // --refresh-bundle: the next repack diffs against this layer, not the empty image.
-  await run("umoci", ["repack", "--refresh-bundle", "--image", image, bundle]);
-  await writeFile(join(rootfs, MARKER), "berth benchmark image\n");
-  await run("umoci", ["repack", "--refresh-bundle", "--image", image, bundle]);
-  await rm(bundle, { recursive: true, force: true });
-  await run("umoci", [
-    "config",
-    "--image",
-    image,
-    "--os",
-    "linux",
-    "--architecture",
-    "amd64",
-    "--config.env",
-    "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    "--config.cmd",
-    "/bin/bash",
-    "--config.workingdir",
-    "/",
-  ]);
-  const index = JSON.parse(await readFile(join(layout, "index.json"), "utf8")) as {
-    manifests: { digest: string; annotations?: Record<string, string> }[];
-  };
-  const entry = index.manifests.find((m) => m.annotations?.["org.opencontainers.image.ref.name"] === TAG);
-  if (!entry) throw new Error(`no tag ${TAG} in ${layout}`);
-  const manifest = JSON.parse(await readFile(join(layout, "blobs", ...entry.digest.split(":")), "utf8")) as {
-    layers: { size: number; digest: string }[];
-  };
-  return {
-    image: { layout, tag: TAG, digest: entry.digest, multiArch: false, marker: "berth benchmark image" },
-    layerSizes: manifest.layers.map((l) => l.size),
-    layerDigests: manifest.layers.map((l) => l.digest),
-  };
+export function ensureRootfs(ctx: BenchContext): Promise<string> {
+  return ensureDebootstrapRoot({ dir: ROOTFS, suite: SUITE, variant: "minbase", estimate: "about 35 s" }, ctx.log);
 }
 
 /** `skopeo copy` of the image from the registry into an OCI layout, then `umoci unpack` of it; each timed. */
