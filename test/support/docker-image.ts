@@ -48,7 +48,7 @@ export function dockerRoot(log: (line: string) => void = () => {}): Promise<stri
 
 /**
  * The image with Docker installed as an OCI layout: the cached one when it was packed from the current root,
- * or packed now (about a minute) and cached. Once per process.
+ * or packed now (about 40 s) and cached. Once per process.
  */
 export function dockerImage(log: (line: string) => void = () => {}): Promise<BuiltImage> {
   image ??= (async () => {
@@ -62,7 +62,7 @@ export function dockerImage(log: (line: string) => void = () => {}): Promise<Bui
       if (packedMeanwhile) return packedMeanwhile;
       const partial = `${DOCKER_LAYOUT}.partial`;
       await rm(partial, { recursive: true, force: true });
-      log(`  umoci: packing ${rootDir} into ${DOCKER_LAYOUT} (about a minute, once per root)`);
+      log(`  umoci: packing ${rootDir} into ${DOCKER_LAYOUT} (about 40 s, once per root)`);
       const packed = await packRoot(rootDir, partial, DOCKER_IMAGE_TAG, {
         path: MARKER_PATH,
         content: DOCKER_IMAGE_MARKER,
