@@ -22,6 +22,9 @@ const UNIX_UID = "unixUID";
 const UNIX_GID = "unixGID";
 /** The largest id accepted: bwrap and the kernel's id maps take them as signed 32-bit numbers. */
 const MAX_ID = 2 ** 31 - 1;
+/** BuildBuddy's: a Docker daemon is started in the action's microVM before its command (and on TCP 2375). */
+export const INIT_DOCKERD = "init-dockerd";
+export const ENABLE_DOCKERD_TCP = "enable-dockerd-tcp";
 /** Berth's own: how this action's image is honoured, overriding the farm's images.mode. */
 export const IMAGE_MODE = "berth-image-mode";
 
@@ -69,6 +72,8 @@ export interface ActionPlatform {
   recycling: Recycling | undefined;
   /** Bazel's persistentWorkerKey: the action may be sent to a persistent worker process (see src/persistent). */
   persistentWorkerKey: string | undefined;
+  /** init-dockerd=true: a Docker daemon in the action's VM; `tcp` from enable-dockerd-tcp. */
+  dockerd: { tcp: boolean } | undefined;
 }
 
 /**
@@ -88,6 +93,8 @@ const INTERPRETED = new Set([
   UNIX_UID,
   UNIX_GID,
   WORKLOAD_ISOLATION_TYPE,
+  INIT_DOCKERD,
+  ENABLE_DOCKERD_TCP,
   ...RESOURCE_ESTIMATE_PROPERTIES,
   ...RECYCLING_PROPERTIES,
   ...PERSISTENT_WORKER_PROPERTIES,
@@ -158,6 +165,12 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
         "give container-image, or leave workload-isolation-type out to run in the namespace sandbox",
     );
   }
+  const dockerd = readDockerd(
+    single(INIT_DOCKERD),
+    single(ENABLE_DOCKERD_TCP),
+    isolation,
+    single(WORKLOAD_ISOLATION_TYPE),
+  );
   const estimates = readResourceEstimates(single);
   const recycling = readRecycling(single);
   const persistentWorkerKey = single(PERSISTENT_WORKER_PROPERTIES[0] as string) || undefined;
@@ -179,7 +192,36 @@ export function readActionPlatform(properties: readonly Property[]): ActionPlatf
     estimates,
     recycling,
     persistentWorkerKey,
+    dockerd,
   };
+}
+
+/**
+ * init-dockerd and enable-dockerd-tcp. A daemon needs a machine of the action's own: in a namespace sandbox it
+ * would need the host's privileges, so it is refused there rather than started without them.
+ */
+function readDockerd(
+  init: string | undefined,
+  tcp: string | undefined,
+  isolation: WorkloadIsolation,
+  isolationValue: string | undefined,
+): { tcp: boolean } | undefined {
+  const start = oneOf(INIT_DOCKERD, init, ["true", "false"]) === "true";
+  const listen = oneOf(ENABLE_DOCKERD_TCP, tcp, ["true", "false"]) === "true";
+  if (start && isolation !== "microvm") {
+    throw invalidArgument(
+      `platform property ${INIT_DOCKERD}`,
+      `starts Docker's daemon inside the action's own VM, and needs ${WORKLOAD_ISOLATION_TYPE}=firecracker (or microvm); ` +
+        `this action's ${WORKLOAD_ISOLATION_TYPE} is ${isolationValue === undefined ? "not given (a namespace sandbox)" : `"${isolationValue}"`}`,
+    );
+  }
+  if (listen && !start) {
+    throw invalidArgument(
+      `platform property ${ENABLE_DOCKERD_TCP}`,
+      `makes the daemon that ${INIT_DOCKERD}=true starts listen on TCP; give ${INIT_DOCKERD}=true with it`,
+    );
+  }
+  return start ? { tcp: listen } : undefined;
 }
 
 function oneOf(name: string, value: string | undefined, allowed: string[]): string | undefined {

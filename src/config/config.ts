@@ -204,6 +204,16 @@ export const ConfigSchema = z
             snapshotsMaxSizeBytes: bytes.default(8 * 1024 ** 3),
             /** A VM whose agent has not answered by then (cold boot or resume) fails. */
             bootTimeoutSeconds: z.number().positive().default(60),
+            /** Docker daemons started in VMs (init-dockerd=true). */
+            dockerd: z
+              .object({
+                /** A daemon that does not answer by then fails its action (DEADLINE_EXCEEDED). */
+                startTimeoutSeconds: z.number().positive().default(120),
+                /** Mirrors the daemon pulls through (its registry-mirrors); each is reachable from the VM. */
+                registryMirrors: z.array(z.string().min(1)).default([]),
+              })
+              .strict()
+              .prefault({}),
           })
           .strict()
           .prefault({}),

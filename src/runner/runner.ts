@@ -87,6 +87,20 @@ export interface RunRequest {
   persistentWorker?: PersistentWorkerSpec;
   /** What the action says it needs (EstimatedCPU, …): a VM is sized by it; other runners ignore it. */
   resources?: ResourceEstimates;
+  /** init-dockerd=true: a Docker daemon runs in the action's VM before its command (VM runner only). */
+  dockerd?: DockerdRequest;
+}
+
+/** What an action asks of its VM's Docker daemon (init-dockerd=true). */
+export interface DockerdRequest {
+  /** The action's container-image, as it named it (for messages). */
+  image: string;
+  /** enable-dockerd-tcp: the daemon also listens on TCP port 2375 inside the guest. */
+  tcp: boolean;
+  /** The action's own registry credentials, for the registry of its image; given to the guest's docker client. */
+  auth?: { registry: string; username: string; password: string };
+  /** The registry of the action's image: reachable from the guest like the farm's own. */
+  imageRegistry?: string;
 }
 
 /** What a warm runner needs to know of the action (see RecyclingRunner). */

@@ -32,6 +32,8 @@ export interface VmNetwork {
   configure(vm: QemuVm): Promise<void>;
   /** Ends the network's helper processes (after the VM is gone). */
   close(): Promise<void>;
+  /** The network namespace QEMU runs in (a path nsenter opens), when the worker holds one. */
+  readonly namespace?: string;
 }
 
 /**
@@ -50,6 +52,11 @@ export interface VmNetworkOptions {
   slirp4netnsPath?: string;
   /** How long the namespace and slirp4netns may take to be ready; default 10 s. */
   readyTimeoutMs?: number;
+  /**
+   * false: the guest gets a NIC, but its namespace has no way out (no slirp4netns): only what the worker
+   * listens on there is reachable (a Docker VM's registry forwards, registry-forwards.ts). Default true.
+   */
+  outside?: boolean;
 }
 
 /**
@@ -83,6 +90,16 @@ export async function openVmNetwork(options: VmNetworkOptions = {}): Promise<VmN
     held = await open(await namespaceOf(holder, readyTimeoutMs), "r");
     await stopAll([holder]);
     const namespace = `/proc/${process.pid}/fd/${held.fd}`;
+    // The namespace's loopback is where QEMU's slirp takes the guest's connections to its gateway.
+    await runIn(namespace, ["ip", "link", "set", "lo", "up"], "");
+    if (options.outside === false) {
+      return {
+        launch: { launchPrefix: ["nsenter", `--net=${namespace}`, "--"], extraArgs: guestNic() },
+        configure: configureGuestNetwork,
+        close: end,
+        namespace,
+      };
+    }
     slirp = spawnHelper(
       "slirp4netns",
       [
@@ -104,16 +121,11 @@ export async function openVmNetwork(options: VmNetworkOptions = {}): Promise<VmN
     return {
       launch: {
         launchPrefix: ["nsenter", `--net=${namespace}`, "--"],
-        extraArgs: [
-          "-netdev",
-          `user,id=net,ipv6=off,net=${GUEST_NETWORK.network}/${GUEST_NETWORK.prefixLength},` +
-            `host=${GUEST_NETWORK.gateway},dns=${GUEST_NETWORK.dns}`,
-          "-device",
-          "virtio-net-pci,netdev=net",
-        ],
+        extraArgs: guestNic(),
       },
-      configure: configureGuest,
+      configure: configureGuestNetwork,
       close: end,
+      namespace,
     };
   } catch (error) {
     await end();
@@ -123,6 +135,17 @@ export async function openVmNetwork(options: VmNetworkOptions = {}): Promise<VmN
       `network: this worker cannot give the VM a network of its own: ${(error as Error).message}`,
     );
   }
+}
+
+/** QEMU's options for the guest's NIC on QEMU's user-mode network. */
+export function guestNic(): string[] {
+  return [
+    "-netdev",
+    `user,id=net,ipv6=off,net=${GUEST_NETWORK.network}/${GUEST_NETWORK.prefixLength},` +
+      `host=${GUEST_NETWORK.gateway},dns=${GUEST_NETWORK.dns}`,
+    "-device",
+    "virtio-net-pci,netdev=net",
+  ];
 }
 
 /** Routes of the VM's namespace that refuse the host's own addresses (what listens on them is the farm's). */
@@ -159,7 +182,8 @@ if [ -d "$etc" ] && [ ! -L "$etc" ] && [ ! -e "$etc/resolv.conf" ] && [ ! -L "$e
   echo "nameserver ${GUEST_NETWORK.dns}" >"$etc/resolv.conf"
 fi`;
 
-async function configureGuest(vm: QemuVm): Promise<void> {
+/** Sets up the guest's NIC (see CONFIGURE_SCRIPT); the same for every VM with one. */
+export async function configureGuestNetwork(vm: QemuVm): Promise<void> {
   const result = await vm.run(
     {
       argv: ["/bin/sh", "-c", CONFIGURE_SCRIPT],

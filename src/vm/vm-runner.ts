@@ -9,9 +9,19 @@ import { Code, StatusError } from "../status/status.js";
 import type { GuestCommandResult } from "./agent-connection.js";
 import { createScratchDisk } from "./disk-image.js";
 import type { GuestAssets } from "./guest-assets.js";
+import {
+  type DockerdPlan,
+  type DockerdSettings,
+  dockerdPlan,
+  imageHasDockerd,
+  noDockerd,
+  startGuestDockerd,
+  writeGuestDockerAuth,
+} from "./guest-dockerd.js";
 import { type Accelerator, QemuVm, type QemuVmOptions } from "./qemu-vm.js";
+import { openRegistryForwards, type RegistryForwards } from "./registry-forwards.js";
 import type { RootDiskLease, RootDisks } from "./root-disks.js";
-import { NO_VM_NETWORK, openVmNetwork, type VmNetwork } from "./vm-network.js";
+import { configureGuestNetwork, NO_VM_NETWORK, openVmNetwork, type VmNetwork } from "./vm-network.js";
 
 /** A VM's size: what an action gets when it estimates nothing, and the most it gets when it does. */
 export interface VmSizing {
@@ -54,6 +64,18 @@ export function vmSize(estimates: ResourceEstimates | undefined, sizing: VmSizin
 export interface VmShape {
   diskKey: string;
   size: VmSize;
+  /**
+   * What every VM of the shape runs before its first action (a Docker daemon), the same for all of them: a
+   * snapshot is taken after it, so a resumed VM has it done. Resolves to what it tells the client (VmUsed).
+   */
+  prepare?: { key: string; run(vm: QemuVm): Promise<string> };
+}
+
+/** A started VM; `prepared` is what the shape's prepare said when the VM was resumed with it done. */
+export interface StartedVm {
+  vm: QemuVm;
+  start: string;
+  prepared?: string;
 }
 
 /**
@@ -61,7 +83,7 @@ export interface VmShape {
  * snapshot (VmSnapshots). It makes the scratch disk at `options.scratchDisk`.
  */
 export interface VmStarter {
-  start(options: QemuVmOptions, shape: VmShape): Promise<{ vm: QemuVm; start: string }>;
+  start(options: QemuVmOptions, shape: VmShape): Promise<StartedVm>;
 }
 
 export interface VmRunnerOptions {
@@ -76,6 +98,8 @@ export interface VmRunnerOptions {
   bootTimeoutMs: number;
   /** For network=external actions (worker.slirp4netnsPath); default "slirp4netns". */
   slirp4netnsPath?: string;
+  /** Docker daemons in VMs (init-dockerd=true); default: 120 s to start, no registry but the image's. */
+  dockerd?: DockerdSettings;
 }
 
 /** A started VM and what it holds (VmRunner.start), until VmRunner.stop. */
@@ -87,7 +111,13 @@ export interface VmSession {
   size: VmSize;
   /** How the VM started: cold, snapshot (then recycled, once kept). */
   start: string;
+  /** The worker's forwards of the registries a Docker daemon in the VM reaches. */
+  forwards?: RegistryForwards;
+  /** How the VM's Docker daemon runs (init-dockerd), as VmUsed says it. */
+  dockerd?: string;
 }
+
+const DEFAULT_DOCKERD: DockerdSettings = { startTimeoutMs: 120_000, insecureRegistries: [], registryMirrors: [] };
 
 /** The 9p tag under which the guest finds the action's input root. */
 export const INPUT_SHARE_TAG = "berth-inputs";
@@ -141,12 +171,21 @@ export class VmRunner implements Runner {
       );
     }
     const size = vmSize(request.resources, this.options.sizing);
+    const docker = request.dockerd && dockerdPlan(this.options.dockerd ?? DEFAULT_DOCKERD, request.dockerd);
+    if (request.dockerd && !(await imageHasDockerd(root.layerDirs))) throw noDockerd(request.dockerd.image);
     const disk = await this.options.disks.acquire(root.layerDirs);
     const session: VmSession = { vm: undefined, runDir: where.runDir, network: NO_VM_NETWORK, disk, size, start: "" };
     try {
-      if (request.network) session.network = await openVmNetwork({ slirp4netnsPath: this.options.slirp4netnsPath });
+      if (request.network || docker) {
+        // A Docker VM always has a NIC: without a network, its namespace leads only to the registry forwards.
+        session.network = await openVmNetwork({
+          slirp4netnsPath: this.options.slirp4netnsPath,
+          outside: request.network,
+        });
+      }
+      if (docker) session.forwards = await openRegistryForwards(session.network.namespace as string, docker.relays);
       await mkdir(where.runDir, { mode: 0o700 });
-      // A snapshot holds a VM without a NIC: one with a network boots cold.
+      // A snapshot's VM has no way out: one with a network boots cold.
       const starter = request.network ? coldStarter : this.options.starter;
       const started = await starter.start(
         {
@@ -163,11 +202,18 @@ export class VmRunner implements Runner {
           runAs: where.identity,
           ...session.network.launch,
         },
-        { diskKey: disk.key, size },
+        { diskKey: disk.key, size, prepare: docker && dockerPreparation(docker, request.dockerd?.image ?? "") },
       );
       session.vm = started.vm;
       session.start = started.start;
-      await session.network.configure(started.vm);
+      if (started.start === "snapshot") {
+        // The network's setup and the daemon are in the snapshot.
+        session.dockerd = started.prepared;
+      } else {
+        await session.network.configure(started.vm);
+        if (docker) session.dockerd = await startGuestDockerd(started.vm, docker, request.dockerd?.image ?? "");
+      }
+      if (request.dockerd?.auth) await writeGuestDockerAuth(started.vm, request.dockerd.auth);
       // The input root where the image has it; directories whose mode the layer store tamed get it back (in the
       // VM's own writable layer), as in mount mode.
       await started.vm.mount(root.inputRootPath, root.upperDirectories);
@@ -181,7 +227,7 @@ export class VmRunner implements Runner {
   /** Runs the action's command in the session's VM, its input root already in the VM's share. */
   async execute(session: VmSession, request: RunRequest): Promise<RunResult> {
     const vm = session.vm as QemuVm;
-    const used = [this.used(vm, session.size, session.start)];
+    const used = [this.used(vm, session)];
     const startedAt = new Date();
     let result: GuestCommandResult;
     try {
@@ -218,6 +264,7 @@ export class VmRunner implements Runner {
   /** Kills the VM and removes what it had: its network, its run directory, its hold on the root disk. */
   async stop(session: VmSession): Promise<void> {
     await session.vm?.kill();
+    await session.forwards?.close();
     await session.network.close();
     await rm(session.runDir, { recursive: true, force: true });
     await session.disk.release();
@@ -238,17 +285,29 @@ export class VmRunner implements Runner {
     );
   }
 
-  private used(vm: QemuVm, size: VmSize, start: string): Any {
+  private used(vm: QemuVm, session: VmSession): Any {
     const value = VmUsed.encode({
       accelerator: this.options.accelerator,
       kernelRelease: vm.kernelRelease,
-      vcpus: size.vcpus,
-      memoryBytes: size.memoryBytes,
-      scratchDiskBytes: size.scratchDiskBytes,
-      start,
+      vcpus: session.size.vcpus,
+      memoryBytes: session.size.memoryBytes,
+      scratchDiskBytes: session.size.scratchDiskBytes,
+      start: session.start,
+      dockerd: session.dockerd ?? "",
     }).finish();
     return { typeUrl: "type.googleapis.com/berth.vm.v1.VmUsed", value: Buffer.from(value) };
   }
+}
+
+/** A snapshot of a Docker VM is taken with its network set up and its daemon answering (never its credentials). */
+function dockerPreparation(plan: DockerdPlan, image: string): NonNullable<VmShape["prepare"]> {
+  return {
+    key: plan.key,
+    run: async (vm) => {
+      await configureGuestNetwork(vm);
+      return startGuestDockerd(vm, plan, image);
+    },
+  };
 }
 
 /** Boots every VM cold, on a fresh scratch disk. */

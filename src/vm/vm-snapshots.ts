@@ -1,12 +1,12 @@
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdir, readdir, rename, rm, stat } from "node:fs/promises";
+import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { PinnedLru } from "../cache/pinned-lru.js";
 import { createScratchDisk } from "./disk-image.js";
 import { QemuVm, type QemuVmOptions } from "./qemu-vm.js";
-import type { VmShape, VmStarter } from "./vm-runner.js";
+import type { StartedVm, VmShape, VmStarter } from "./vm-runner.js";
 
 const run = promisify(execFile);
 
@@ -27,6 +27,8 @@ interface Snapshot {
 
 const MEMORY = "memory";
 const SCRATCH = "scratch.img";
+/** What the shape's prepare said in the snapshot's VM (how its Docker daemon runs). */
+const PREPARED = "prepared";
 
 /**
  * Starts VMs by resuming a snapshot of a booted, idle VM of the same shape
@@ -75,7 +77,7 @@ export class VmSnapshots implements VmStarter {
     return snapshots;
   }
 
-  async start(options: QemuVmOptions, shape: VmShape): Promise<{ vm: QemuVm; start: string }> {
+  async start(options: QemuVmOptions, shape: VmShape): Promise<StartedVm> {
     const key = await snapshotKey(options, shape);
     const lease = this.snapshots.tryAcquire(key);
     if (!lease) {
@@ -85,8 +87,9 @@ export class VmSnapshots implements VmStarter {
     try {
       // Each resumed VM writes its own copy; the snapshot's disk stays as the snapshot's memory expects it.
       await run("cp", ["--sparse=always", join(lease.value.dir, SCRATCH), options.scratchDisk]);
+      const prepared = shape.prepare && (await readFile(join(lease.value.dir, PREPARED), "utf8"));
       const vm = await QemuVm.start({ ...options, resumeFrom: join(lease.value.dir, MEMORY) });
-      return { vm, start: "snapshot" };
+      return { vm, start: "snapshot", prepared };
     } finally {
       // QEMU has read the whole migration stream once the agent answers.
       await lease.release();
@@ -126,8 +129,11 @@ export class VmSnapshots implements VmStarter {
         share: options.share && { ...options.share, path: join(partial, "share") },
         runAs: undefined,
         resumeFrom: undefined,
+        // A namespace of its own, empty: the VM's own (its network, its forwards) is not the snapshot's.
+        launchPrefix: ["unshare", "--net", "--"],
       });
       try {
+        if (shape.prepare) await writeFile(join(partial, PREPARED), await shape.prepare.run(vm));
         await vm.snapshot(join(partial, MEMORY));
       } finally {
         await vm.kill();
@@ -166,6 +172,8 @@ async function snapshotKey(options: QemuVmOptions, shape: VmShape): Promise<stri
     shape.size.scratchDiskBytes,
     options.share?.tag ?? "",
     options.rootFormat ?? "erofs",
+    options.extraArgs ?? [],
+    shape.prepare?.key ?? "",
   ];
   return createHash("sha256").update(JSON.stringify(parts)).digest("hex");
 }

@@ -3,8 +3,15 @@ import { join, posix } from "node:path";
 import type { ActionPlatform } from "../action/action-platform.js";
 import type { Assignment } from "../gen/berth/worker/v1/worker.js";
 import { mergeEnvironment } from "../image/environment.js";
+import { apiHost } from "../image/reference.js";
 import type { FlagfileLimits } from "../persistent/persistent-action.js";
-import { inputRootView, type RecycleRequest, type RunRoot, type RunUser } from "../runner/runner.js";
+import {
+  type DockerdRequest,
+  inputRootView,
+  type RecycleRequest,
+  type RunRoot,
+  type RunUser,
+} from "../runner/runner.js";
 import type { Runners } from "../runner/runners.js";
 import { Code, StatusError } from "../status/status.js";
 import type { ActionEnvironments, PreparedEnvironment } from "./action-environments.js";
@@ -69,6 +76,7 @@ export class LocalActionExecutor implements ActionExecutor {
         recycle: recycleRequest(request, assignment.runnerKey, workingDirectory),
         persistentWorker,
         resources: request.platform.estimates,
+        dockerd: dockerdRequest(request.platform),
       });
       metadata.auxiliaryMetadata.push(...(run.auxiliaryMetadata ?? []));
       metadata.executionStartTimestamp = toTimestamp(run.startedAt);
@@ -129,6 +137,20 @@ function recycleRequest(
     preserveWorkspace: recycling.preserveWorkspace,
     cleanInputs: recycling.cleanInputs,
     outputs: [...command.outputFiles, ...command.outputDirectories, ...command.outputPaths].map(inRoot),
+  };
+}
+
+/** What the action asks of its VM's Docker daemon (init-dockerd=true), or undefined. */
+function dockerdRequest(platform: ActionPlatform): DockerdRequest | undefined {
+  const { dockerd, image, credentials } = platform;
+  if (!dockerd || !image) return undefined;
+  const registry = apiHost(image.registry);
+  return {
+    image: image.toString(),
+    tcp: dockerd.tcp,
+    imageRegistry: registry,
+    // The action's own credentials, for its own image's registry; the farm's (images.credentials) never reach a VM.
+    auth: credentials && { registry: image.registry, ...credentials },
   };
 }
 

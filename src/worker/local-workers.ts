@@ -160,7 +160,19 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     if (ahead) aheadRunners.push(ahead);
     const recycling = new RecyclingRunner(ahead ?? fresh, pool, settings);
     // QEMU runs as the slot's ids: what a guest writes through its share is the slot's, as its sandbox's writes are.
-    const vmRunner = vms && new VmRunner({ ...vms, identity: owner, slirp4netnsPath });
+    const vmRunner =
+      vms &&
+      new VmRunner({
+        ...vms,
+        identity: owner,
+        slirp4netnsPath,
+        // The registries the farm pulls from over plain HTTP are the ones a Docker VM reaches (and its image's).
+        dockerd: {
+          startTimeoutMs: options.worker.vm.dockerd.startTimeoutSeconds * 1000,
+          insecureRegistries: options.images.insecureRegistries,
+          registryMirrors: options.worker.vm.dockerd.registryMirrors,
+        },
+      });
     // Warm VMs (recycle-runner) are the worker's, with ids of their own from the warm runners' set.
     warmVms ??=
       vmRunner &&
