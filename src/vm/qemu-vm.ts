@@ -1,6 +1,6 @@
 import { type ChildProcess, spawn } from "node:child_process";
-import { constants } from "node:fs";
-import { chmod, chown, type FileHandle, open, readFile, rm, writeFile } from "node:fs/promises";
+import { constants, createWriteStream } from "node:fs";
+import { chmod, chown, type FileHandle, open, readFile, rm } from "node:fs/promises";
 import { createServer, type Server, type Socket } from "node:net";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
@@ -87,10 +87,10 @@ export function qemuArguments(options: QemuVmOptions, files: QemuFiles): string[
     String(options.vcpus ?? 1),
     "-nodefaults",
     "-no-user-config",
-    // seccomp: no obsolete system calls, no set*id, no scheduler or affinity changes (spawning stays: the snapshot
-    // and resume go through `exec:cat`).
+    // seccomp: no obsolete system calls, no set*id, no process spawned (snapshots go to a socket of the worker's,
+    // resumes come from a descriptor), no scheduler or affinity changes.
     "-sandbox",
-    "on,obsolete=deny,elevateprivileges=deny,resourcecontrol=deny",
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
     "-display",
     "none",
     "-no-reboot",
@@ -166,6 +166,8 @@ export class QemuVm {
 
   /** The guest kernel's release, as the agent reported it (or, for a resumed VM, the assets say). */
   kernelRelease = "";
+  /** The run directory as QEMU names it (a descriptor it inherited). */
+  private qemuRunDir = "";
   private agent: AgentConnection | undefined;
 
   /** Whether QEMU still runs (a guest that powered itself off, or crashed, is no VM to reuse). */
@@ -222,6 +224,7 @@ export class QemuVm {
     }
     const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
     const vm = new QemuVm(options, child, server, consoleLog, exited, runDirHandle);
+    vm.qemuRunDir = passed.files.runDir;
     child.stderr?.on("data", (chunk: Buffer) => {
       vm.stderrTail = (vm.stderrTail + chunk.toString()).slice(-2000);
     });
@@ -274,29 +277,59 @@ export class QemuVm {
   /**
    * Saves the whole VM (memory, devices) to `file` by a QEMU migration, for QemuVm.start({resumeFrom}) with the
    * same disks: the scratch disk must be kept as it is now (resume each copy over a qcow2 overlay of it). The VM is
-   * paused afterwards and good only for kill().
+   * gone afterwards.
    */
   async snapshot(file: string): Promise<void> {
     if (this.attached.size > 0) throw new Error("a VM with attached disks cannot be snapshotted: detach them first");
-    const qmp = await QmpClient.connect(join(this.sockets, "qmp.sock"));
+    // QEMU sends its migration stream to a socket of the worker's (in the run directory QEMU may use), and the
+    // worker writes it: a QEMU that runs as runAs cannot write into the worker's data directory, and needs not.
+    const socket = join(this.sockets, "migrate.sock");
+    await rm(socket, { force: true });
+    // A new file, private to the worker (the guest's memory goes into it).
+    await rm(file, { force: true });
+    const out = createWriteStream(file, { flags: "wx", mode: 0o600 });
+    const server = createServer();
+    server.maxConnections = 1;
     try {
-      // The guest's memory goes into the file: made private before QEMU's `cat >` fills it (and keeps its mode).
-      await writeFile(file, "", { mode: 0o600 });
-      await chmod(file, 0o600);
-      await qmp.execute("migrate-set-parameters", { "max-bandwidth": 8 * 1024 ** 3 });
-      await qmp.execute("migrate", { uri: `exec:cat > ${shellQuote(file)}` });
-      for (;;) {
-        const { status, "error-desc": why } = (await qmp.execute("query-migrate")) as {
-          status?: string;
-          "error-desc"?: string;
-        };
-        if (status === "completed") return;
-        if (status === "failed" || status === "cancelled")
-          throw new Error(`the VM's snapshot failed: ${why ?? status}`);
-        await sleep(10);
-      }
+      await new Promise<void>((resolve, reject) => {
+        server.once("error", reject);
+        server.listen(socket, resolve);
+      });
+      if (this.options.runAs)
+        await chown(join(this.options.runDir, "migrate.sock"), this.options.runAs.uid, this.options.runAs.gid);
+      const written = new Promise<void>((resolve, reject) => {
+        out.once("error", reject);
+        out.once("close", resolve);
+        server.once("connection", (connection: Socket) => {
+          connection.once("error", reject);
+          connection.pipe(out);
+        });
+      });
+      written.catch(() => {});
+      await this.withQmp(async (qmp) => {
+        await qmp.execute("migrate-set-parameters", { "max-bandwidth": 8 * 1024 ** 3 });
+        await qmp.execute("migrate", { uri: `unix:${join(this.qemuRunDir, "migrate.sock")}` });
+        for (;;) {
+          const { status, "error-desc": why } = (await qmp.execute("query-migrate")) as {
+            status?: string;
+            "error-desc"?: string;
+          };
+          if (status === "completed") return;
+          if (status === "failed" || status === "cancelled")
+            throw new Error(`the VM's snapshot failed: ${why ?? status}`);
+          await sleep(10);
+        }
+      });
+      // QEMU keeps its end open after the stream is complete: ending it (the VM is good only for that now) closes
+      // the socket, and the file is whole once the worker has written what was left in it.
+      await this.kill();
+      await written;
+      const handle = await open(file, constants.O_RDONLY);
+      await handle.sync().finally(() => handle.close());
     } finally {
-      qmp.close();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+      out.destroy();
+      await rm(join(this.options.runDir, "migrate.sock"), { force: true });
     }
   }
 
@@ -426,8 +459,4 @@ async function passFiles(options: QemuVmOptions): Promise<{ files: QemuFiles; ha
     for (const handle of handles) await handle.close();
     throw error;
   }
-}
-
-function shellQuote(path: string): string {
-  return `'${path.replaceAll("'", `'\\''`)}'`;
 }

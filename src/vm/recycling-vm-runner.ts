@@ -1,16 +1,21 @@
 import { createHash } from "node:crypto";
 import { chown, mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
-import { type Lease, PinnedLru } from "../cache/pinned-lru.js";
+import { type DisposeReason, type Lease, PinnedLru } from "../cache/pinned-lru.js";
 import { mayRecycle } from "../runner/recycling-runner.js";
 import type { Runner, RunRequest, RunResult } from "../runner/runner.js";
 import type { RunnerIdentities, RunnerIdentity } from "../runner/warm-pool.js";
 import { enterWorkspace, moveEntries, type WorkspaceContents } from "../runner/workspace.js";
 import { type VmRunner, type VmSession, vmSize } from "./vm-runner.js";
+import type { WarmVmSnapshots } from "./warm-vm-snapshots.js";
 
 /** A VM kept between actions of one key: its machine (processes, memory, scratch disk) and its workspace. */
 interface WarmVm {
   session: VmSession;
+  /** Where the guest mounted the workspace (the image's input root path). */
+  shareTarget: string;
+  /** Given back after a clean run: worth saving when it leaves the pool (never after a failed one). */
+  reusable: boolean;
   /** The host directory shared into the VM as its input root; each action's inputs are moved in. */
   workspace: string;
   dir: string;
@@ -28,6 +33,8 @@ export interface WarmVmsOptions {
   idleMillis: number;
   /** Each warm VM's QEMU runs as ids of its own, never a slot's or another runner's. */
   identities: RunnerIdentities;
+  /** Warm VMs leaving the pool (idle, caps) are saved there and resumed by their key's next action; else stopped. */
+  saved?: WarmVmSnapshots;
   onError?: (err: unknown) => void;
 }
 
@@ -44,7 +51,7 @@ export class WarmVms {
       maxEntries: options.maxRunners,
       overCap: () => this.idleMemory() > options.maxMemoryBytes,
       idleMillis: options.idleMillis,
-      dispose: (_key, warm) => this.stop(warm),
+      dispose: (key, warm, _size, reason) => this.stop(key, warm, reason),
       onError: options.onError,
     });
   }
@@ -72,9 +79,19 @@ export class WarmVms {
     try {
       await mkdir(workspace, { recursive: true, mode: 0o755 });
       await chown(workspace, identity.uid, identity.gid);
+      const saved = this.options.saved;
       return await this.lru.acquire(`${poolKey}/${id}`, async () => {
-        const session = await this.runner.start(request, { runDir: join(dir, "vm"), share: workspace, identity });
-        return { value: { session, workspace, dir, identity, last: undefined }, size: 0 };
+        const session = await this.runner.start(request, {
+          runDir: join(dir, "vm"),
+          share: workspace,
+          identity,
+          starter: saved && ((fallback) => saved.starter(poolKey, fallback)),
+        });
+        const shareTarget = request.root.kind === "layers" ? request.root.inputRootPath : "";
+        return {
+          value: { session, shareTarget, reusable: false, workspace, dir, identity, last: undefined },
+          size: 0,
+        };
       });
     } catch (err) {
       await rm(dir, { recursive: true, force: true });
@@ -84,6 +101,7 @@ export class WarmVms {
   }
 
   async giveBack(lease: Lease<WarmVm>, keep: boolean): Promise<void> {
+    lease.value.reusable = keep;
     if (keep && this.options.maxRunners > 0) await lease.release();
     else await lease.discard();
   }
@@ -98,8 +116,15 @@ export class WarmVms {
     return sum;
   }
 
-  private async stop(warm: WarmVm): Promise<void> {
+  private async stop(key: string, warm: WarmVm, reason: DisposeReason): Promise<void> {
     try {
+      // Pushed out or idle, after a clean run: saved for its key's next action (deleted: a failure, or the end).
+      if (reason !== "deleted" && warm.reusable && this.options.saved) {
+        const poolKey = key.slice(0, key.indexOf("/"));
+        await this.options.saved
+          .save(poolKey, warm.session, warm.shareTarget, warm.session.disk.path)
+          .catch((err: unknown) => this.options.onError?.(err));
+      }
       await this.runner.stop(warm.session);
       await rm(warm.dir, { recursive: true, force: true });
     } finally {

@@ -161,7 +161,13 @@ export class VmRunner implements Runner {
    */
   async start(
     request: RunRequest,
-    where: { runDir: string; share: string; identity: { uid: number; gid: number } },
+    where: {
+      runDir: string;
+      share: string;
+      identity: { uid: number; gid: number };
+      /** How to start it instead of the runner's own starter (a warm VM's saved snapshot). */
+      starter?: (fallback: VmStarter) => VmStarter;
+    },
   ): Promise<VmSession> {
     const { root } = request;
     if (root.kind !== "layers") {
@@ -186,7 +192,7 @@ export class VmRunner implements Runner {
       if (docker) session.forwards = await openRegistryForwards(session.network.namespace as string, docker.relays);
       await mkdir(where.runDir, { mode: 0o700 });
       // A snapshot's VM has no way out: one with a network boots cold.
-      const starter = request.network ? coldStarter : this.options.starter;
+      const starter = request.network ? coldStarter : (where.starter?.(this.options.starter) ?? this.options.starter);
       const started = await starter.start(
         {
           assets: this.options.assets,
@@ -206,7 +212,7 @@ export class VmRunner implements Runner {
       );
       session.vm = started.vm;
       session.start = started.start;
-      if (started.start === "snapshot") {
+      if (started.start !== "cold") {
         // The network's setup and the daemon are in the snapshot.
         session.dockerd = started.prepared;
       } else {

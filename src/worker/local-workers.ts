@@ -23,6 +23,7 @@ import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cg
 import { openPrivateDir } from "../store/private-dir.js";
 import { RecyclingVmRunner, WarmVms } from "../vm/recycling-vm-runner.js";
 import { VmRunner } from "../vm/vm-runner.js";
+import { WarmVmSnapshots } from "../vm/warm-vm-snapshots.js";
 import { openWorkerVms } from "../vm/worker-vms.js";
 import { ActionEnvironments } from "./action-environments.js";
 import type { ActionInputs } from "./action-inputs.js";
@@ -124,6 +125,15 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     layeredRoots && options.vmAssetsDir !== undefined
       ? await openWorkerVms(options.worker.vm, options.vmAssetsDir, options.workDir, options.log)
       : undefined;
+  // Warm VMs leaving the pool are saved (with their daemons and images) when the worker makes snapshots at all.
+  const savedVms =
+    vms && options.worker.vm.snapshots
+      ? await WarmVmSnapshots.open({
+          dir: join(options.workDir, "warm-vm-snapshots"),
+          maxBytes: options.worker.vm.snapshotsMaxSizeBytes,
+          onError: (err) => options.log.warn({ err }, "removing a saved warm VM failed"),
+        })
+      : undefined;
   /** Each slot's runners: its sandbox has the slot's user and cgroup. */
   const aheadRunners: AheadRunner[] = [];
   const slotRunners = (slot: number, owner: TreeOwner) => {
@@ -182,6 +192,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
         maxMemoryBytes: warm.maxMemoryBytes,
         idleMillis: warm.idleSeconds * 1000,
         identities,
+        saved: savedVms,
         onError: (err) => options.log.warn({ err }, "stopping a warm VM failed"),
       });
     const microvm = vmRunner && warmVms && new RecyclingVmRunner(vmRunner, warmVms);
@@ -261,6 +272,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       await persistentPool.close();
       await Promise.all(aheadRunners.map((ahead) => ahead.close()));
       await warmVms?.close();
+      await savedVms?.close();
       await vms?.close();
       for (const cgroup of cgroups) removeSlotCgroup(cgroup);
       cas.close();
