@@ -1,13 +1,13 @@
 import assert from "node:assert/strict";
 import { lookup } from "node:dns/promises";
-import { readdir } from "node:fs/promises";
+import { readdir, readFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
 import { after, before, describe, test } from "node:test";
 import { Metadata, type ServiceError } from "@grpc/grpc-js";
 import { pino } from "pino";
-import { failsWith, fetchBlob, sri } from "../../test/support/assets.js";
+import { failsWith, fetchBlob, readBlob, sri } from "../../test/support/assets.js";
 import { sha256 } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { type HttpOrigin, startHttpOrigin } from "../../test/support/http-origin.js";
@@ -26,6 +26,28 @@ async function loopbackName(): Promise<string | undefined> {
   } catch {
     return undefined;
   }
+}
+
+/** The curl processes this process started (the farm runs in it), with their command lines as /proc shows them to anyone. */
+async function curlChildren(): Promise<{ pid: number; cmdline: string }[]> {
+  const found: { pid: number; cmdline: string }[] = [];
+  for (const entry of await readdir("/proc")) {
+    if (!/^[0-9]+$/.test(entry)) continue;
+    try {
+      const stat = await readFile(`/proc/${entry}/stat`, "utf8");
+      // pid (comm) state ppid ...
+      const [comm, rest] = [
+        stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")")),
+        stat.slice(stat.lastIndexOf(")") + 2),
+      ];
+      if (comm !== "curl" || Number(rest.split(" ")[1]) !== process.pid) continue;
+      const cmdline = (await readFile(`/proc/${entry}/cmdline`, "utf8")).split("\0").join(" ").trim();
+      found.push({ pid: Number(entry), cmdline });
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return found;
 }
 
 describe("FetchBlob against hostile URLs and origins", () => {
@@ -175,6 +197,49 @@ describe("FetchBlob against hostile URLs and origins", () => {
       fetchBlob(farm, { uris: [`${origin.url}/endless`] }),
       failsWith(Code.NOT_FOUND, /it sent more than asset\.fetch\.maxBlobBytes \(1048576 bytes\)/),
     );
+    assert.deepEqual(await tempFiles(), []);
+  });
+
+  test("a body of unknown length one byte over maxBlobBytes is refused; one of exactly maxBlobBytes is stored", async () => {
+    // curl runs under prlimit --fsize=max+1: the file may reach max+1 bytes, which must still be a refusal.
+    const over = Buffer.alloc(1024 * 1024 + 1, 3);
+    origin.routes.set("/over-by-one", { kind: "file", body: over, chunked: true });
+    await assert.rejects(
+      fetchBlob(farm, { uris: [`${origin.url}/over-by-one`] }),
+      failsWith(Code.NOT_FOUND, /it sent more than asset\.fetch\.maxBlobBytes \(1048576 bytes\)/),
+    );
+    const exact = Buffer.alloc(1024 * 1024, 4);
+    origin.routes.set("/exactly-max", { kind: "file", body: exact, chunked: true });
+    const answer = await fetchBlob(farm, { uris: [`${origin.url}/exactly-max`], qualifiers: [sri(exact)] });
+    assert.deepEqual(answer.blobDigest, sha256(exact));
+    assert.deepEqual(await readBlob(farm, sha256(exact)), exact);
+    assert.deepEqual(await tempFiles(), []);
+  });
+
+  test("curl's command line shows neither the URL nor the credentials, and a hanging download leaves no curl behind", async () => {
+    const secret = "Bearer cmdline-s3cr3t";
+    origin.routes.set("/hang-private", { kind: "hang", first: Buffer.from("partial"), length: 1000 });
+    // A pre-signed URL keeps its signature in the query: as secret as a header.
+    const uri = `${origin.url}/hang-private?X-Amz-Signature=query-s3cr3t`;
+    const pending = fetchBlob(farm, {
+      uris: [uri],
+      qualifiers: [{ name: "bazel.auth_headers", value: JSON.stringify({ [uri]: { Authorization: secret } }) }],
+      timeout: { seconds: 2, nanos: 0 },
+    });
+    const outcome = pending.then(
+      () => undefined,
+      (err: ServiceError) => err,
+    );
+    while (origin.hits("/hang-private") === 0) await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(origin.lastHeaders("/hang-private")?.authorization, secret, "the origin got the credentials");
+    const running = await curlChildren();
+    assert.equal(running.length, 1, "one curl runs the download");
+    for (const { cmdline } of running) {
+      assert.doesNotMatch(cmdline, /s3cr3t|hang-private|127\.0\.0\.1/, `curl's command line: ${cmdline}`);
+    }
+    const err = await outcome;
+    assert.equal(err?.code, Code.DEADLINE_EXCEEDED);
+    assert.deepEqual(await curlChildren(), [], "curl was killed before the answer");
     assert.deepEqual(await tempFiles(), []);
   });
 
