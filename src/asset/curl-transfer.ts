@@ -8,7 +8,7 @@ export interface CurlRequest {
   readonly addresses: readonly string[] | undefined;
   /** Sent as they are (a client's credentials): on curl's standard input, never on its command line. */
   readonly headers: Readonly<Record<string, string>>;
-  /** The body is written here (an existing empty file of the farm's temporary directory). */
+  /** The body is written here: a new name in the farm's temporary directory (0700), which curl creates. */
   readonly outputPath: string;
   /** The body may not be longer: curl refuses a longer Content-Length, and the kernel stops the file growing past it. */
   readonly maxBytes: number;

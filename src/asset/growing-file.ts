@@ -1,11 +1,17 @@
-import { open } from "node:fs/promises";
+import { type FileHandle, open } from "node:fs/promises";
 import type { CurlTransfer } from "./curl-transfer.js";
 
 /** Bytes read at a time: one read and one hash update per megabyte while curl writes. */
 const READ_BYTES = 1024 * 1024;
-/** How long to wait for more when the reader has caught up with curl: short at first, longer while nothing comes. */
+/**
+ * How long to wait for more when the reader has caught up with curl: short while bytes flow (what is left to
+ * hash when curl exits is at most a few milliseconds' worth), longer once nothing came for a while (an origin
+ * that hangs costs a read every 50 ms, not hundreds a second).
+ */
 const FIRST_WAIT_MS = 1;
-const LONGEST_WAIT_MS = 25;
+const FLOWING_WAIT_MS = 4;
+const IDLE_WAIT_MS = 50;
+const IDLE_AFTER_MS = 250;
 
 /**
  * Reads the file curl is writing from its start as it grows, giving every
@@ -22,10 +28,12 @@ export async function readGrowingFile(
   take: (chunk: Buffer) => void,
   signal: AbortSignal,
 ): Promise<number> {
-  const handle = await open(path, "r");
+  const handle = await openWhenCreated(path, transfer, signal);
+  if (!handle) return 0;
   const buffer = Buffer.allocUnsafe(READ_BYTES);
   let position = 0;
   let wait = FIRST_WAIT_MS;
+  let lastBytesAt = Date.now();
   try {
     for (;;) {
       if (signal.aborted) throw signal.reason;
@@ -37,14 +45,37 @@ export async function readGrowingFile(
         take(buffer.subarray(0, bytesRead));
         position += bytesRead;
         wait = FIRST_WAIT_MS;
+        lastBytesAt = Date.now();
         continue;
       }
       if (finished) return position;
       await Promise.race([delay(wait), transfer.done.catch(() => {})]);
-      wait = Math.min(wait * 2, LONGEST_WAIT_MS);
+      wait = Math.min(wait * 2, Date.now() - lastBytesAt < IDLE_AFTER_MS ? FLOWING_WAIT_MS : IDLE_WAIT_MS);
     }
   } finally {
     await handle.close();
+  }
+}
+
+/** The file once curl has created it (at the body's first bytes); undefined when curl ended without creating it. */
+async function openWhenCreated(
+  path: string,
+  transfer: CurlTransfer,
+  signal: AbortSignal,
+): Promise<FileHandle | undefined> {
+  let wait = FIRST_WAIT_MS;
+  for (;;) {
+    if (signal.aborted) throw signal.reason;
+    const finished = !transfer.running;
+    if (finished) await transfer.done;
+    try {
+      return await open(path, "r");
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+    }
+    if (finished) return undefined;
+    await Promise.race([delay(wait), transfer.done.catch(() => {})]);
+    wait = Math.min(wait * 2, IDLE_WAIT_MS);
   }
 }
 

@@ -216,6 +216,16 @@ describe("FetchBlob against hostile URLs and origins", () => {
     assert.deepEqual(await tempFiles(), []);
   });
 
+  test("an empty body, announced or not, is the empty blob (curl creates no file for it)", async () => {
+    origin.routes.set("/empty", { kind: "file", body: Buffer.alloc(0) });
+    origin.routes.set("/empty-chunked", { kind: "file", body: Buffer.alloc(0), chunked: true });
+    for (const path of ["/empty", "/empty-chunked"]) {
+      const answer = await fetchBlob(farm, { uris: [`${origin.url}${path}`], qualifiers: [sri(Buffer.alloc(0))] });
+      assert.deepEqual(answer.blobDigest, sha256(Buffer.alloc(0)));
+    }
+    assert.deepEqual(await tempFiles(), []);
+  });
+
   test("curl's command line shows neither the URL nor the credentials, and a hanging download leaves no curl behind", async () => {
     const secret = "Bearer cmdline-s3cr3t";
     origin.routes.set("/hang-private", { kind: "hang", first: Buffer.from("partial"), length: 1000 });

@@ -179,7 +179,12 @@ export class OriginFetcher {
       // Verified, and nothing writes the file any more: it becomes the blob by a rename. A downloaded asset is a
       // copy of what its URL serves, named by a write-behind association: flushed in the background (see
       // PutOptions.durable); a crash may lose both, and the next fetch downloads it again.
-      await stored(() => this.cas.adoptFile(digest, origin.path, { durable: false }));
+      await stored(() =>
+        // An empty body may leave no file (curl creates it at the first byte).
+        digest.sizeBytes === 0
+          ? this.cas.put(digest, new Uint8Array(0), { durable: false })
+          : this.cas.adoptFile(digest, origin.path, { durable: false }),
+      );
       return digest;
     } catch (err) {
       throw err instanceof StoreFailure ? err : failureOf(err, signal);

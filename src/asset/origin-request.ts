@@ -1,5 +1,5 @@
 import { randomBytes } from "node:crypto";
-import { unlink, writeFile } from "node:fs/promises";
+import { unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { CurlTransfer, type ResponseHead } from "./curl-transfer.js";
 import { type OriginPolicy, OriginRefused } from "./origin-policy.js";
@@ -57,8 +57,9 @@ export async function openOrigin(
       throw new UriFailure(hop === 0 ? err.message : `redirected to ${describeUrl(url)}: ${err.message}`, "refused");
     }
     if (signal.aborted) throw failureOf(signal.reason, signal);
-    const path = join(limits.tempDir, `download-${randomBytes(8).toString("hex")}`);
-    await writeFile(path, "", { flag: "wx", mode: 0o600 });
+    // curl creates the file itself: one opened with O_TRUNC over an existing empty file would be flushed to
+    // disk when curl closes it (ext4's auto_da_alloc), a write-back no download needs before it is verified.
+    const path = join(limits.tempDir, `download-${randomBytes(12).toString("hex")}`);
     const transfer = CurlTransfer.start({
       url,
       addresses,

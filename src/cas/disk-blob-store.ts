@@ -1,5 +1,5 @@
 import { constants } from "node:fs";
-import { copyFile, type FileHandle, link, open, readFile, stat, unlink } from "node:fs/promises";
+import { copyFile, type FileHandle, open, readFile, stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { Readable } from "node:stream";
 import { type Digest, digestKey, digestOf, formatDigest, verifyBlob } from "../digest/digest.js";
@@ -450,30 +450,24 @@ export class DiskBlobStore implements BlobStore {
       // An unchecked file of the same name (found at start) is replaced by this checked one.
       if (this.files.has(key)) await this.files.remove(key);
       // A rename: no new blocks, so a full disk does not stop it (the directory of a new prefix aside).
-      const moved = await this.sameFileSystem(path);
       try {
-        await this.files.commit(moved, key, digest.sizeBytes, { durable });
+        await this.files.commit(path, key, digest.sizeBytes, { durable });
       } catch (err) {
-        await unlink(moved).catch(() => {});
-        throw err;
+        if ((err as NodeJS.ErrnoException).code !== "EXDEV") throw err;
+        // Another file system: a copy in the store's own temporary directory is moved instead.
+        const copy = this.files.tempPath();
+        await copyFile(path, copy, constants.COPYFILE_EXCL);
+        try {
+          await this.files.commit(copy, key, digest.sizeBytes, { durable });
+        } catch (again) {
+          await unlink(copy).catch(() => {});
+          throw again;
+        }
       }
     } catch (err) {
       throw isDiskFull(err) ? this.diskFull(err, digest) : err;
     } finally {
       await unlink(path).catch(() => {});
-    }
-  }
-
-  /** `path`, or a copy of it in the store's temporary directory when a rename cannot reach the store from there. */
-  private async sameFileSystem(path: string): Promise<string> {
-    const probe = this.files.tempPath();
-    try {
-      await link(path, probe);
-      return probe;
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "EXDEV") throw err;
-      await copyFile(path, probe, constants.COPYFILE_EXCL);
-      return probe;
     }
   }
 
