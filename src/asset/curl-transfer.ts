@@ -1,4 +1,4 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import type { ChildProcess } from "node:child_process";
 import { UriFailure } from "./uri-failure.js";
 
 /** One GET, exactly as the policy allowed it: where to connect, what to send, where the body goes. */
@@ -10,7 +10,7 @@ export interface CurlRequest {
   readonly headers: Readonly<Record<string, string>>;
   /** The body is written here: a new name in the farm's temporary directory (0700), which curl creates. */
   readonly outputPath: string;
-  /** The body may not be longer: curl refuses a longer Content-Length, and the kernel stops the file growing past it. */
+  /** The body may not be longer: curl refuses a longer Content-Length (the launcher's prlimit stops the file growing past it). */
   readonly maxBytes: number;
   /** curl's own deadline, a backstop behind the caller's signal. */
   readonly maxTimeMs: number;
@@ -29,7 +29,8 @@ const MAX_HEAD_BYTES = 256 * 1024;
 const MAX_STDERR_BYTES = 4096;
 
 /**
- * One HTTP GET run by curl (Debian's, on PATH) in a process of its own,
+ * One HTTP GET run by curl (Debian's, on PATH) in a process of its own
+ * (started by a CurlLauncher),
  * the body written by curl straight into a file: no byte of it passes
  * through the event loop. Every choice that matters is fixed here and given
  * on curl's standard input as a config file (`-K -`), so that neither the
@@ -101,15 +102,9 @@ export class CurlTransfer {
     this.done.catch(() => {});
   }
 
-  static start(request: CurlRequest): CurlTransfer {
-    // prlimit (util-linux) sets RLIMIT_FSIZE and executes curl in its place: the pid is curl's.
-    const child = spawn("prlimit", [`--fsize=${request.maxBytes + 1}`, "curl", "-q", "-K", "-"], {
-      stdio: ["pipe", "pipe", "pipe"],
-      // Nothing of the farm's environment: no proxy, no CA bundle, no curl home.
-      env: { PATH: process.env.PATH ?? "/usr/bin:/bin", LC_ALL: "C" },
-    });
+  /** Gives `child` (a CurlLauncher's, waiting on its standard input) the request. */
+  static start(child: ChildProcess, request: CurlRequest): CurlTransfer {
     const transfer = new CurlTransfer(child, request);
-    child.stdin?.on("error", () => {}); // curl gone early: its exit says why
     child.stdin?.end(curlConfig(request));
     return transfer;
   }

@@ -4,6 +4,7 @@ import type { Digest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import type { Logger } from "../log/log.js";
 import { Code, StatusError } from "../status/status.js";
+import { CurlLauncher } from "./curl-launcher.js";
 import { DownloadSlots } from "./download-slots.js";
 import { readGrowingFile } from "./growing-file.js";
 import type { OriginPolicy } from "./origin-policy.js";
@@ -52,6 +53,7 @@ export interface Fetched {
 export class OriginFetcher {
   private readonly stopping = new AbortController();
   private readonly slots: DownloadSlots;
+  private readonly launcher: CurlLauncher;
 
   constructor(
     private readonly cas: BlobStore,
@@ -60,17 +62,20 @@ export class OriginFetcher {
     private readonly log: Logger,
   ) {
     this.slots = new DownloadSlots(options.maxConcurrentDownloads);
+    this.launcher = new CurlLauncher(options.maxBlobBytes);
   }
 
   /** Empties the temporary directory: what an earlier run left is of no use. */
   async open(): Promise<void> {
     await rm(this.options.tempDir, { recursive: true, force: true });
     await mkdir(this.options.tempDir, { recursive: true, mode: 0o700 });
+    if (this.policy.fetches) this.launcher.prepare();
   }
 
   /** Aborts every download under way. */
   close(): void {
     this.stopping.abort(new Error("the server is stopping"));
+    this.launcher.close();
   }
 
   /**
@@ -105,6 +110,8 @@ export class OriginFetcher {
         return await this.tryUris(request, controller.signal, started + request.timeoutMs);
       } finally {
         release();
+        // The next download's curl starts now, between downloads rather than during one.
+        this.launcher.prepare();
       }
     } finally {
       clearTimeout(timer);
@@ -162,7 +169,7 @@ export class OriginFetcher {
     deadline: number,
   ): Promise<Digest> {
     const max = this.options.maxBlobBytes;
-    const limits = { tempDir: this.options.tempDir, maxBytes: max, deadline };
+    const limits = { launcher: this.launcher, tempDir: this.options.tempDir, maxBytes: max, deadline };
     const origin = await openOrigin(url, headers, this.policy, signal, limits);
     try {
       if (origin.length !== undefined && origin.length > max) {

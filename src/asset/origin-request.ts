@@ -1,6 +1,7 @@
 import { randomBytes } from "node:crypto";
 import { unlink } from "node:fs/promises";
 import { join } from "node:path";
+import type { CurlLauncher } from "./curl-launcher.js";
 import { CurlTransfer, type ResponseHead } from "./curl-transfer.js";
 import { type OriginPolicy, OriginRefused } from "./origin-policy.js";
 import { UriFailure } from "./uri-failure.js";
@@ -25,6 +26,8 @@ export interface OriginBody {
 }
 
 export interface OriginLimits {
+  /** Starts curl under the same byte cap as `maxBytes`. */
+  readonly launcher: CurlLauncher;
   /** Where the body's file is made. */
   readonly tempDir: string;
   readonly maxBytes: number;
@@ -60,7 +63,7 @@ export async function openOrigin(
     // curl creates the file itself: one opened with O_TRUNC over an existing empty file would be flushed to
     // disk when curl closes it (ext4's auto_da_alloc), a write-back no download needs before it is verified.
     const path = join(limits.tempDir, `download-${randomBytes(12).toString("hex")}`);
-    const transfer = CurlTransfer.start({
+    const transfer = CurlTransfer.start(limits.launcher.take(), {
       url,
       addresses,
       headers: url.origin === start.origin ? headers : {},

@@ -80,7 +80,7 @@ export class SriCheck {
     for (const c of this.checksums) if (c.algorithm === this.known && knownHex) actual.set(c.algorithm, knownHex);
     if (this.checksums.some((c) => actual.get(c.algorithm) === c.hex)) return undefined;
     const had = [...actual].map(([algorithm, hex]) => sriOf(algorithm, hex)).join(" ");
-    return `the content has ${had}, not the checksum.sri asked for (${this.checksums.map((c) => c.text).join(" ")})`;
+    return `the content does not match checksum.sri ${this.checksums.map((c) => c.text).join(" ")}: it has ${had}`;
   }
 }
 
