@@ -146,8 +146,11 @@ function curlConfig(request: CurlRequest): string {
     const addresses = request.addresses.map((a) => (a.includes(":") ? `[${a}]` : a)).join(",");
     lines.push(`resolve = ${quoted(`${url.hostname}:${port}:${addresses}`)}`);
   }
-  // Names and values were checked (no line break, no NUL) when the qualifiers were read.
-  for (const [name, value] of Object.entries(request.headers)) lines.push(`header = ${quoted(`${name}: ${value}`)}`);
+  // Names and values were checked (no line break, no NUL) when the qualifiers were read. For curl, "Name:" with
+  // nothing after it removes a header; "Name;" is how an empty one is sent.
+  for (const [name, value] of Object.entries(request.headers)) {
+    lines.push(`header = ${quoted(value.trim() === "" ? `${name};` : `${name}: ${value}`)}`);
+  }
   return `${lines.join("\n")}\n`;
 }
 

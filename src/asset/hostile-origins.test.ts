@@ -235,6 +235,22 @@ describe("FetchBlob against hostile URLs and origins", () => {
     assert.deepEqual(await newCurls(), [], "the waiting curl ended with the farm");
   });
 
+  test("request headers reach the origin as given: quotes, backslashes and an empty value, none taken as curl syntax", async () => {
+    origin.routes.set("/headers", { kind: "file", body: Buffer.from("headers") });
+    const tricky = 'a "quoted" \\back\\slash\\" \\n -o /etc/passwd';
+    await fetchBlob(farm, {
+      uris: [`${origin.url}/headers`],
+      qualifiers: [
+        { name: "http_header:X-Tricky", value: tricky },
+        { name: "http_header:X-Empty", value: "" },
+      ],
+    });
+    const received = origin.lastHeaders("/headers");
+    assert.equal(received?.["x-tricky"], tricky);
+    assert.equal(received?.["x-empty"], "");
+    assert.equal(received?.["user-agent"], "berth-remote-asset");
+  });
+
   test("an empty body, announced or not, is the empty blob (curl creates no file for it)", async () => {
     origin.routes.set("/empty", { kind: "file", body: Buffer.alloc(0) });
     origin.routes.set("/empty-chunked", { kind: "file", body: Buffer.alloc(0), chunked: true });
