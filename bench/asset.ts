@@ -210,7 +210,10 @@ export async function benchAsset(ctx: BenchContext, options: { cpuProfileDir?: s
         `the rounds. ${CACHED_PAIRS_PER_ROUND} pairs per round, the side going first alternating.`,
       "Cold: every round serves a new file (its first 32 bytes new random bytes) under a new URI; FetchBlob is " +
         "timed until it answers (the server has downloaded the file, hashed and verified it against the " +
-        "checksum and stored it in its CAS). Reference: `curl -sSf -o FILE URL` of the same file into the same " +
+        "checksum and stored it in its CAS). Berth downloads with curl too: a child process under `prlimit`, " +
+        "configured on its stdin, writing the body into a file of the data directory that the server hashes " +
+        "as it grows and then renames into the CAS; one such curl is started ahead between downloads " +
+        "(src/asset/curl-launcher.ts), as a running farm has it. Reference: `curl -sSf -o FILE URL` of the same file into the same " +
         "file system, timed as a command (process start included). For information, also `curl` followed by " +
         "`sync FILE`: a download on disk before it ends; Berth, like curl, answers before a downloaded asset is " +
         "flushed (it is flushed in the background, as the write-behind association naming it). The three " +

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(protobuf-compiler zstd bubblewrap attr slirp4netns qemu-system-x86 qemu-utils erofs-utils busybox-static cpio gcc libc6-dev)
+packages=(protobuf-compiler curl util-linux zstd bubblewrap attr slirp4netns qemu-system-x86 qemu-utils erofs-utils busybox-static cpio gcc libc6-dev)
 if [[ "${1:-}" == "--test" ]]; then
   packages+=(bazel-bootstrap gcc docker-registry apache2-utils umoci skopeo busybox-static debootstrap docker.io python3-grpcio openssl buildstream bash-static)
 fi

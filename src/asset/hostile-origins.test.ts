@@ -1,13 +1,13 @@
 import assert from "node:assert/strict";
 import { lookup } from "node:dns/promises";
-import { readdir } from "node:fs/promises";
+import { readdir, readFile } from "node:fs/promises";
 import { hostname } from "node:os";
 import { join } from "node:path";
 import { Writable } from "node:stream";
 import { after, before, describe, test } from "node:test";
 import { Metadata, type ServiceError } from "@grpc/grpc-js";
 import { pino } from "pino";
-import { failsWith, fetchBlob, sri } from "../../test/support/assets.js";
+import { failsWith, fetchBlob, readBlob, sri } from "../../test/support/assets.js";
 import { sha256 } from "../../test/support/blobs.js";
 import { startTestFarm, type TestFarm } from "../../test/support/farm.js";
 import { type HttpOrigin, startHttpOrigin } from "../../test/support/http-origin.js";
@@ -26,6 +26,28 @@ async function loopbackName(): Promise<string | undefined> {
   } catch {
     return undefined;
   }
+}
+
+/** The curl processes this process started (the farm runs in it), with their command lines as /proc shows them to anyone. */
+async function curlChildren(): Promise<{ pid: number; cmdline: string }[]> {
+  const found: { pid: number; cmdline: string }[] = [];
+  for (const entry of await readdir("/proc")) {
+    if (!/^[0-9]+$/.test(entry)) continue;
+    try {
+      const stat = await readFile(`/proc/${entry}/stat`, "utf8");
+      // pid (comm) state ppid ...
+      const [comm, rest] = [
+        stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")")),
+        stat.slice(stat.lastIndexOf(")") + 2),
+      ];
+      if (comm !== "curl" || Number(rest.split(" ")[1]) !== process.pid) continue;
+      const cmdline = (await readFile(`/proc/${entry}/cmdline`, "utf8")).split("\0").join(" ").trim();
+      found.push({ pid: Number(entry), cmdline });
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return found;
 }
 
 describe("FetchBlob against hostile URLs and origins", () => {
@@ -174,6 +196,100 @@ describe("FetchBlob against hostile URLs and origins", () => {
     await assert.rejects(
       fetchBlob(farm, { uris: [`${origin.url}/endless`] }),
       failsWith(Code.NOT_FOUND, /it sent more than asset\.fetch\.maxBlobBytes \(1048576 bytes\)/),
+    );
+    assert.deepEqual(await tempFiles(), []);
+  });
+
+  test("a body of unknown length one byte over maxBlobBytes is refused; one of exactly maxBlobBytes is stored", async () => {
+    // curl runs under prlimit --fsize=max+1: the file may reach max+1 bytes, which must still be a refusal.
+    const over = Buffer.alloc(1024 * 1024 + 1, 3);
+    origin.routes.set("/over-by-one", { kind: "file", body: over, chunked: true });
+    await assert.rejects(
+      fetchBlob(farm, { uris: [`${origin.url}/over-by-one`] }),
+      failsWith(Code.NOT_FOUND, /it sent more than asset\.fetch\.maxBlobBytes \(1048576 bytes\)/),
+    );
+    const exact = Buffer.alloc(1024 * 1024, 4);
+    origin.routes.set("/exactly-max", { kind: "file", body: exact, chunked: true });
+    const answer = await fetchBlob(farm, { uris: [`${origin.url}/exactly-max`], qualifiers: [sri(exact)] });
+    assert.deepEqual(answer.blobDigest, sha256(exact));
+    assert.deepEqual(await readBlob(farm, sha256(exact)), exact);
+    assert.deepEqual(await tempFiles(), []);
+  });
+
+  test("a farm that may download keeps one curl started ahead, and ends it when it stops", async () => {
+    const before = new Set((await curlChildren()).map((c) => c.pid));
+    const newCurls = async () => (await curlChildren()).filter((c) => !before.has(c.pid));
+    const other = await startTestFarm({ asset: { fetch: { allowedHosts: [`127.0.0.1:${origin.port}`] } } });
+    let started: { pid: number; cmdline: string }[] = [];
+    try {
+      for (let i = 0; i < 100 && started.length === 0; i++) {
+        started = await newCurls();
+        if (started.length === 0) await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      assert.equal(started.length, 1, "one curl waits for the first download");
+      assert.equal(started[0]?.cmdline, "curl -q -K -");
+    } finally {
+      await other.close();
+    }
+    for (let i = 0; i < 100 && (await newCurls()).length > 0; i++) await new Promise((r) => setTimeout(r, 20));
+    assert.deepEqual(await newCurls(), [], "the waiting curl ended with the farm");
+  });
+
+  test("request headers reach the origin as given: quotes, backslashes and an empty value, none taken as curl syntax", async () => {
+    origin.routes.set("/headers", { kind: "file", body: Buffer.from("headers") });
+    const tricky = 'a "quoted" \\back\\slash\\" \\n -o /etc/passwd';
+    await fetchBlob(farm, {
+      uris: [`${origin.url}/headers`],
+      qualifiers: [
+        { name: "http_header:X-Tricky", value: tricky },
+        { name: "http_header:X-Empty", value: "" },
+      ],
+    });
+    const received = origin.lastHeaders("/headers");
+    assert.equal(received?.["x-tricky"], tricky);
+    assert.equal(received?.["x-empty"], "");
+    assert.equal(received?.["user-agent"], "berth-remote-asset");
+  });
+
+  test("an empty body, announced or not, is the empty blob (curl creates no file for it)", async () => {
+    origin.routes.set("/empty", { kind: "file", body: Buffer.alloc(0) });
+    origin.routes.set("/empty-chunked", { kind: "file", body: Buffer.alloc(0), chunked: true });
+    for (const path of ["/empty", "/empty-chunked"]) {
+      const answer = await fetchBlob(farm, { uris: [`${origin.url}${path}`], qualifiers: [sri(Buffer.alloc(0))] });
+      assert.deepEqual(answer.blobDigest, sha256(Buffer.alloc(0)));
+    }
+    assert.deepEqual(await tempFiles(), []);
+  });
+
+  test("curl's command line shows neither the URL nor the credentials, and a hanging download leaves no curl behind", async () => {
+    const secret = "Bearer cmdline-s3cr3t";
+    origin.routes.set("/hang-private", { kind: "hang", first: Buffer.from("partial"), length: 1000 });
+    // A pre-signed URL keeps its signature in the query: as secret as a header.
+    const uri = `${origin.url}/hang-private?X-Amz-Signature=query-s3cr3t`;
+    const pending = fetchBlob(farm, {
+      uris: [uri],
+      qualifiers: [{ name: "bazel.auth_headers", value: JSON.stringify({ [uri]: { Authorization: secret } }) }],
+      timeout: { seconds: 2, nanos: 0 },
+    });
+    const outcome = pending.then(
+      () => undefined,
+      (err: ServiceError) => err,
+    );
+    while (origin.hits("/hang-private") === 0) await new Promise((resolve) => setTimeout(resolve, 20));
+    assert.equal(origin.lastHeaders("/hang-private")?.authorization, secret, "the origin got the credentials");
+    // The download's curl, and at most one started ahead for the next download (curl-launcher.ts).
+    const running = await curlChildren();
+    assert.ok(running.length >= 1 && running.length <= 2, `curl processes: ${JSON.stringify(running)}`);
+    for (const { cmdline } of running) {
+      assert.equal(cmdline, "curl -q -K -", "curl's whole command line");
+    }
+    const err = await outcome;
+    assert.equal(err?.code, Code.DEADLINE_EXCEEDED);
+    const left = new Set((await curlChildren()).map((c) => c.pid));
+    assert.ok(left.size <= 1, "at most the one started ahead is left");
+    assert.ok(
+      running.filter((c) => left.has(c.pid)).length < running.length,
+      "the download's curl was killed before the answer",
     );
     assert.deepEqual(await tempFiles(), []);
   });

@@ -4,14 +4,16 @@ import type { Digest } from "../digest/digest.js";
 import type { DigestFunction } from "../digest/functions.js";
 import type { Logger } from "../log/log.js";
 import { Code, StatusError } from "../status/status.js";
-import { type BlobSink, CasSink, TempFileSink } from "./blob-sink.js";
+import { CurlLauncher } from "./curl-launcher.js";
 import { DownloadSlots } from "./download-slots.js";
+import { readGrowingFile } from "./growing-file.js";
 import type { OriginPolicy } from "./origin-policy.js";
-import { describeUrl, failureOf, type OriginBody, openOrigin, UriFailure } from "./origin-request.js";
+import { describeUrl, discard, failureOf, type OriginBody, openOrigin } from "./origin-request.js";
 import { SriCheck, type SriChecksum } from "./sri.js";
+import { UriFailure } from "./uri-failure.js";
 
 export interface OriginFetcherOptions {
-  /** Where downloads whose digest is not known in advance are written first (emptied at start). */
+  /** Where curl writes downloads before they are verified and moved into the CAS (emptied at start). */
   tempDir: string;
   /** asset.fetch.maxBlobBytes */
   maxBlobBytes: number;
@@ -41,17 +43,17 @@ export interface Fetched {
   readonly startedAt: number;
 }
 
-/** Bytes gathered before a write reaches the sink: one writev of the network's 16-64 KiB chunks, not copied together. */
-const WRITE_BYTES = 1024 * 1024;
-
 /**
  * Downloads a blob from the first URI that gives content satisfying the
- * checksums, into the CAS, within a deadline. The body streams to disk as it
- * arrives (a chunk in memory at a time) and is cut off past maxBlobBytes.
+ * checksums, into the CAS, within a deadline. curl writes the body into a
+ * file of the temporary directory (origin-request.ts, curl-transfer.ts)
+ * and cannot make it longer than maxBlobBytes; the body is hashed here as
+ * it grows, and the file, once complete and verified, is moved into the CAS.
  */
 export class OriginFetcher {
   private readonly stopping = new AbortController();
   private readonly slots: DownloadSlots;
+  private readonly launcher: CurlLauncher;
 
   constructor(
     private readonly cas: BlobStore,
@@ -60,17 +62,20 @@ export class OriginFetcher {
     private readonly log: Logger,
   ) {
     this.slots = new DownloadSlots(options.maxConcurrentDownloads);
+    this.launcher = new CurlLauncher(options.maxBlobBytes);
   }
 
   /** Empties the temporary directory: what an earlier run left is of no use. */
   async open(): Promise<void> {
     await rm(this.options.tempDir, { recursive: true, force: true });
     await mkdir(this.options.tempDir, { recursive: true, mode: 0o700 });
+    if (this.policy.fetches) this.launcher.prepare();
   }
 
   /** Aborts every download under way. */
   close(): void {
     this.stopping.abort(new Error("the server is stopping"));
+    this.launcher.close();
   }
 
   /**
@@ -81,6 +86,7 @@ export class OriginFetcher {
     if (this.stopping.signal.aborted) throw new StatusError(Code.UNAVAILABLE, "the server is stopping");
     // One controller per fetch, ended by its timeout or by close(); both hooks are removed when it is done.
     const controller = new AbortController();
+    const started = Date.now();
     const timer = setTimeout(
       () => controller.abort(new DOMException("the fetch's timeout passed", "TimeoutError")),
       request.timeoutMs,
@@ -101,9 +107,11 @@ export class OriginFetcher {
         );
       }
       try {
-        return await this.tryUris(request, controller.signal);
+        return await this.tryUris(request, controller.signal, started + request.timeoutMs);
       } finally {
         release();
+        // The next download's curl starts now, between downloads rather than during one.
+        this.launcher.prepare();
       }
     } finally {
       clearTimeout(timer);
@@ -111,7 +119,7 @@ export class OriginFetcher {
     }
   }
 
-  private async tryUris(request: OriginFetch, signal: AbortSignal): Promise<Fetched> {
+  private async tryUris(request: OriginFetch, signal: AbortSignal, deadline: number): Promise<Fetched> {
     const startedAt = Date.now();
     const reasons: string[] = [];
     let allRefused = true;
@@ -123,7 +131,7 @@ export class OriginFetcher {
       }
       const began = Date.now();
       try {
-        const digest = await this.fetchOne(url, request, request.headersFor(i), signal);
+        const digest = await this.fetchOne(url, request, request.headersFor(i), signal, deadline);
         this.log.info(
           { instance: request.instanceName, uri: describeUrl(url), bytes: digest.sizeBytes, ms: Date.now() - began },
           `fetched ${describeUrl(url)} (${digest.sizeBytes} bytes) into the CAS`,
@@ -158,50 +166,64 @@ export class OriginFetcher {
     request: OriginFetch,
     headers: Readonly<Record<string, string>>,
     signal: AbortSignal,
+    deadline: number,
   ): Promise<Digest> {
-    const origin = await openOrigin(url, headers, this.policy, signal);
     const max = this.options.maxBlobBytes;
-    if (origin.length !== undefined && origin.length > max) {
-      origin.body.destroy();
-      throw new UriFailure(`its ${origin.length} bytes are more than asset.fetch.maxBlobBytes (${max})`);
-    }
-    // With a checksum in the CAS's own function and the length announced, the blob's digest is known now:
-    // the bytes go straight into the CAS, whose writer checks them.
-    const sameFunction = request.checksums?.filter((c) => c.algorithm === request.fn.name) ?? [];
-    const expected =
-      sameFunction.length === 1 && origin.length !== undefined
-        ? { fn: request.fn, hash: (sameFunction[0] as SriChecksum).hex, sizeBytes: origin.length }
-        : undefined;
-    // The CAS may hold that blob already (another URL, an association evicted before its blob): no need to read on.
-    if (expected && (await stored(() => this.cas.findMissing([expected]))).length === 0) {
-      origin.body.destroy();
-      return expected;
-    }
-    const sink = await stored<BlobSink>(() =>
-      expected ? CasSink.open(this.cas, expected) : TempFileSink.open(this.cas, request.fn, this.options.tempDir),
-    );
-    const check = expected || !request.checksums ? undefined : new SriCheck(request.checksums);
+    const limits = { launcher: this.launcher, tempDir: this.options.tempDir, maxBytes: max, deadline };
+    const origin = await openOrigin(url, headers, this.policy, signal, limits);
     try {
-      await copyBody(origin, sink, check, max, signal);
-    } catch (err) {
-      origin.body.destroy();
-      await sink.abort();
-      throw err instanceof StoreFailure ? err : failureOf(err, signal);
-    }
-    const mismatch = check?.mismatch();
-    if (mismatch) {
-      await sink.abort();
-      throw new UriFailure(mismatch);
-    }
-    try {
-      return await sink.finish();
-    } catch (err) {
-      if (expected && err instanceof StatusError && err.code === Code.INVALID_ARGUMENT) {
-        const asked = (sameFunction[0] as SriChecksum).text;
-        throw new UriFailure(`the content does not match checksum.sri ${asked} (its ${request.fn.name} differs)`);
+      if (origin.length !== undefined && origin.length > max) {
+        throw new UriFailure(`its ${origin.length} bytes are more than asset.fetch.maxBlobBytes (${max})`);
       }
-      throw new StoreFailure(err);
+      // With a checksum in the CAS's own function and the length announced, the blob's digest is known now:
+      // the CAS may hold that blob already (another URL, an association evicted before its blob).
+      const sameFunction = request.checksums?.filter((c) => c.algorithm === request.fn.name) ?? [];
+      if (sameFunction.length === 1 && origin.length !== undefined) {
+        const expected = { fn: request.fn, hash: (sameFunction[0] as SriChecksum).hex, sizeBytes: origin.length };
+        if ((await stored(() => this.cas.findMissing([expected]))).length === 0) return expected;
+      }
+      const digest = await this.readBody(origin, request, signal);
+      // Verified, and nothing writes the file any more: it becomes the blob by a rename. A downloaded asset is a
+      // copy of what its URL serves, named by a write-behind association: flushed in the background (see
+      // PutOptions.durable); a crash may lose both, and the next fetch downloads it again.
+      await stored(() =>
+        // An empty body may leave no file (curl creates it at the first byte).
+        digest.sizeBytes === 0
+          ? this.cas.put(digest, new Uint8Array(0), { durable: false })
+          : this.cas.adoptFile(digest, origin.path, { durable: false }),
+      );
+      return digest;
+    } catch (err) {
+      throw err instanceof StoreFailure ? err : failureOf(err, signal);
+    } finally {
+      // Whatever happened, curl is gone and its file too before the download slot is given back.
+      await discard(origin.transfer, origin.path);
     }
+  }
+
+  /** Hashes the body as curl writes it; the blob's digest once it is complete, of the right length and checksum. */
+  private async readBody(origin: OriginBody, request: OriginFetch, signal: AbortSignal): Promise<Digest> {
+    const max = this.options.maxBlobBytes;
+    const hasher = await request.fn.createHasher();
+    const check = request.checksums ? new SriCheck(request.checksums, request.fn.name) : undefined;
+    const size = await readGrowingFile(
+      origin.path,
+      origin.transfer,
+      (chunk) => {
+        hasher.update(chunk);
+        check?.update(chunk);
+      },
+      signal,
+    );
+    // The file may hold one byte past the cap (prlimit lets it grow to max + 1): a body longer than the cap.
+    if (size > max) throw new UriFailure(`it sent more than asset.fetch.maxBlobBytes (${max} bytes)`);
+    if (origin.length !== undefined && size !== origin.length) {
+      throw new UriFailure(`the body ended after ${size} of ${origin.length} bytes`);
+    }
+    const digest: Digest = { fn: request.fn, hash: hasher.digestHex(), sizeBytes: size };
+    const mismatch = check?.mismatch(digest.hash);
+    if (mismatch) throw new UriFailure(mismatch);
+    return digest;
   }
 }
 
@@ -217,42 +239,5 @@ async function stored<T>(operation: () => Promise<T>): Promise<T> {
     return await operation();
   } catch (err) {
     throw new StoreFailure(err);
-  }
-}
-
-/** Streams the body into the sink, a megabyte of chunks at a time, counting against the cap. */
-async function copyBody(
-  origin: OriginBody,
-  sink: BlobSink,
-  check: SriCheck | undefined,
-  max: number,
-  signal: AbortSignal,
-): Promise<void> {
-  let pending: Buffer[] = [];
-  let pendingBytes = 0;
-  let total = 0;
-  const flush = async () => {
-    if (pendingBytes === 0) return;
-    const chunks = pending;
-    pending = [];
-    pendingBytes = 0;
-    if (check) for (const chunk of chunks) check.update(chunk);
-    await stored(() => sink.write(chunks));
-  };
-  try {
-    for await (const chunk of origin.body as AsyncIterable<Buffer>) {
-      total += chunk.byteLength;
-      if (total > max) throw new UriFailure(`it sent more than asset.fetch.maxBlobBytes (${max} bytes)`);
-      pending.push(chunk);
-      pendingBytes += chunk.byteLength;
-      if (pendingBytes >= WRITE_BYTES) await flush();
-    }
-    if (signal.aborted) throw signal.reason;
-    if (origin.length !== undefined && total !== origin.length) {
-      throw new UriFailure(`the body ended after ${total} of ${origin.length} bytes`);
-    }
-    await flush();
-  } finally {
-    origin.body.destroy();
   }
 }

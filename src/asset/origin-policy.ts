@@ -128,6 +128,22 @@ export class OriginPolicy {
     });
   };
 
+  /**
+   * The addresses a connection to `url` may go to: undefined for an IP
+   * literal (the host check covered it); for a name, every address it
+   * resolves to, each checked as `lookup` does (OriginRefused otherwise).
+   */
+  addressesFor(url: URL): Promise<string[] | undefined> {
+    const host = url.hostname.replace(/^\[(.*)\]$/, "$1");
+    if (isIP(host) !== 0) return Promise.resolve(undefined);
+    return new Promise((resolve, reject) => {
+      this.lookup(host, { all: true }, (err, addresses) => {
+        if (err) return reject(err);
+        resolve((addresses as LookupAddress[]).map((a) => a.address));
+      });
+    });
+  }
+
   private addressAllowed(hostname: string, address: string): boolean {
     switch (addressKind(address)) {
       case "public":

@@ -1,16 +1,10 @@
-import { request as httpRequest, type IncomingMessage, type RequestOptions } from "node:http";
-import { request as httpsRequest } from "node:https";
+import { randomBytes } from "node:crypto";
+import { unlink } from "node:fs/promises";
+import { join } from "node:path";
+import type { CurlLauncher } from "./curl-launcher.js";
+import { CurlTransfer, type ResponseHead } from "./curl-transfer.js";
 import { type OriginPolicy, OriginRefused } from "./origin-policy.js";
-
-/** Why one URI gave nothing: the origin's answer, the policy's refusal, or the fetch's deadline. */
-export class UriFailure extends Error {
-  constructor(
-    message: string,
-    readonly kind: "failed" | "refused" | "timedOut" = "failed",
-  ) {
-    super(message);
-  }
-}
+import { UriFailure } from "./uri-failure.js";
 
 const MAX_REDIRECTS = 10;
 const REDIRECTS = new Set([301, 302, 303, 307, 308]);
@@ -20,40 +14,79 @@ export function describeUrl(url: URL): string {
   return `${url.protocol}//${url.host}${url.pathname.length > 200 ? `${url.pathname.slice(0, 200)}…` : url.pathname}`;
 }
 
-/** A 200 answer of an origin, its body not read yet. */
+/** A 200 answer of an origin, its body being written by curl into `path`. */
 export interface OriginBody {
-  readonly body: IncomingMessage;
+  readonly transfer: CurlTransfer;
+  /** The file the body is written to (the caller removes it). */
+  readonly path: string;
   /** Content-Length, when the origin sent one. */
   readonly length: number | undefined;
   /** Where the body came from, after redirects. */
   readonly url: URL;
 }
 
+export interface OriginLimits {
+  /** Starts curl under the same byte cap as `maxBytes`. */
+  readonly launcher: CurlLauncher;
+  /** Where the body's file is made. */
+  readonly tempDir: string;
+  readonly maxBytes: number;
+  /** When the whole fetch must be over (Date.now() clock): curl's own backstop deadline. */
+  readonly deadline: number;
+}
+
 /**
  * GETs `start`, following redirects by hand so that every hop is checked by
- * the policy (host, port, scheme, the addresses its name resolves to);
- * `headers` (a client's credentials) go only to the first URL's origin.
- * Anything but 200 at the end is a UriFailure.
+ * the policy (host, port, scheme, the addresses its name resolves to, which
+ * are the only ones curl may connect to); `headers` (a client's
+ * credentials) go only to the first URL's origin. Anything but 200 at the
+ * end is a UriFailure. Each hop's curl is killed when `signal` aborts.
  */
 export async function openOrigin(
   start: URL,
   headers: Readonly<Record<string, string>>,
   policy: OriginPolicy,
   signal: AbortSignal,
+  limits: OriginLimits,
 ): Promise<OriginBody> {
   let url = start;
   for (let hop = 0; ; hop++) {
+    let addresses: string[] | undefined;
     try {
       policy.check(url);
+      addresses = await policy.addressesFor(url);
     } catch (err) {
-      if (!(err instanceof OriginRefused)) throw err;
+      if (!(err instanceof OriginRefused)) throw failureOf(err, signal);
       throw new UriFailure(hop === 0 ? err.message : `redirected to ${describeUrl(url)}: ${err.message}`, "refused");
     }
-    const sent = url.origin === start.origin ? headers : {};
-    const response = await get(url, sent, policy, signal);
-    const location = response.headers.location;
-    if (REDIRECTS.has(response.statusCode ?? 0) && location !== undefined) {
-      response.resume();
+    if (signal.aborted) throw failureOf(signal.reason, signal);
+    // curl creates the file itself: one opened with O_TRUNC over an existing empty file would be flushed to
+    // disk when curl closes it (ext4's auto_da_alloc), a write-back no download needs before it is verified.
+    const path = join(limits.tempDir, `download-${randomBytes(12).toString("hex")}`);
+    const transfer = CurlTransfer.start(limits.launcher.take(), {
+      url,
+      addresses,
+      headers: url.origin === start.origin ? headers : {},
+      outputPath: path,
+      maxBytes: limits.maxBytes,
+      maxTimeMs: limits.deadline - Date.now() + CURL_DEADLINE_GRACE_MS,
+    });
+    const stop = () => transfer.kill();
+    signal.addEventListener("abort", stop, { once: true });
+    transfer.done.then(
+      () => signal.removeEventListener("abort", stop),
+      () => signal.removeEventListener("abort", stop),
+    );
+    let head: ResponseHead;
+    try {
+      head = await transfer.head;
+    } catch (err) {
+      await discard(transfer, path);
+      throw failureOf(err, signal);
+    }
+    const location = head.headers.get("location");
+    if (REDIRECTS.has(head.status) && location !== undefined) {
+      await discard(transfer, path);
       if (hop >= MAX_REDIRECTS) throw new UriFailure(`more than ${MAX_REDIRECTS} redirects`);
       try {
         url = new URL(location, url);
@@ -62,42 +95,29 @@ export async function openOrigin(
       }
       continue;
     }
-    if (response.statusCode !== 200) {
-      response.resume();
+    if (head.status !== 200) {
+      await discard(transfer, path);
       const where = hop === 0 ? "" : ` (after redirects, at ${describeUrl(url)})`;
-      throw new UriFailure(`HTTP ${response.statusCode} ${response.statusMessage ?? ""}`.trim() + where);
+      throw new UriFailure(`HTTP ${head.status} ${head.statusText}`.trim() + where);
     }
-    const header = response.headers["content-length"];
+    const header = head.headers.get("content-length");
     const length = header !== undefined && /^[0-9]+$/.test(header) ? Number(header) : undefined;
-    return { body: response, length, url };
+    return { transfer, path, length, url };
   }
 }
 
-function get(
-  url: URL,
-  headers: Readonly<Record<string, string>>,
-  policy: OriginPolicy,
-  signal: AbortSignal,
-): Promise<IncomingMessage> {
-  const options: RequestOptions = {
-    method: "GET",
-    headers: { "user-agent": "berth-remote-asset", ...headers },
-    // One connection per download: nothing pooled is reused past the policy's checks.
-    agent: false,
-    lookup: policy.lookup as RequestOptions["lookup"],
-    signal,
-  };
-  return new Promise((resolve, reject) => {
-    const send = url.protocol === "https:" ? httpsRequest : httpRequest;
-    const req = send(url, options, resolve);
-    req.on("error", (err) => reject(failureOf(err, signal)));
-    req.end();
-  });
+/** curl's --max-time is set this much past the fetch's deadline: the fetch's own timer is the one that counts. */
+const CURL_DEADLINE_GRACE_MS = 2000;
+
+/** Stops a transfer whose body is not wanted and removes its file once curl is gone. */
+export async function discard(transfer: CurlTransfer, path: string): Promise<void> {
+  transfer.kill();
+  await transfer.done.catch(() => {});
+  await unlink(path).catch(() => {});
 }
 
-/** What a failed request or body read says, in words a person can act on. */
+/** What a failed hop says, in words a person can act on; once the signal aborted, that is the reason. */
 export function failureOf(err: unknown, signal: AbortSignal): UriFailure {
-  if (err instanceof UriFailure) return err;
   if (signal.aborted) {
     const reason: unknown = signal.reason;
     const timedOut = reason instanceof Error && reason.name === "TimeoutError";
@@ -105,31 +125,19 @@ export function failureOf(err: unknown, signal: AbortSignal): UriFailure {
       ? new UriFailure("the fetch's timeout passed", "timedOut")
       : new UriFailure("the fetch was stopped");
   }
+  if (err instanceof UriFailure) return err;
   if (err instanceof OriginRefused) return new UriFailure(err.message, "refused");
-  // The lookup's refusal reaches here wrapped by net when it cannot be passed on as it is.
-  const cause = (err as { cause?: unknown }).cause;
-  if (cause instanceof OriginRefused) return new UriFailure(cause.message, "refused");
-  return new UriFailure(networkCause(err));
+  return new UriFailure(lookupCause(err));
 }
 
-const ERRNO_WORDS: Record<string, string> = {
-  ECONNREFUSED: "connection refused",
-  ECONNRESET: "the connection was reset",
+/** What the policy's DNS lookup failed with (curl does no lookup of its own). */
+const LOOKUP_WORDS: Record<string, string> = {
   ENOTFOUND: "the host name does not resolve",
   EAI_AGAIN: "the host name could not be resolved",
-  ETIMEDOUT: "the connection timed out",
-  EHOSTUNREACH: "the host is unreachable",
-  ENETUNREACH: "the network is unreachable",
-  CERT_HAS_EXPIRED: "its TLS certificate has expired",
-  DEPTH_ZERO_SELF_SIGNED_CERT: "its TLS certificate is self-signed",
-  SELF_SIGNED_CERT_IN_CHAIN: "its TLS certificate chain is self-signed",
-  UNABLE_TO_VERIFY_LEAF_SIGNATURE: "its TLS certificate cannot be verified",
-  ERR_TLS_CERT_ALTNAME_INVALID: "its TLS certificate is for another name",
-  ERR_SSL_WRONG_VERSION_NUMBER: "it does not speak TLS",
 };
 
-function networkCause(err: unknown): string {
+function lookupCause(err: unknown): string {
   const code = (err as NodeJS.ErrnoException).code;
-  if (typeof code === "string") return `${ERRNO_WORDS[code] ?? (err as Error).message} [${code}]`;
+  if (typeof code === "string") return `${LOOKUP_WORDS[code] ?? (err as Error).message} [${code}]`;
   return err instanceof Error ? err.message : String(err);
 }

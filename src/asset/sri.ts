@@ -52,25 +52,35 @@ export function sriOf(algorithm: SriAlgorithm, hex: string): string {
   return `${algorithm}-${Buffer.from(hex, "hex").toString("base64")}`;
 }
 
-/** Hashes content once per algorithm the checksums use, then says whether one of them matched. */
+/**
+ * Hashes content once per algorithm the checksums use, then says whether one
+ * of them matched. `known`: an algorithm whose hash the caller computes
+ * anyway (the CAS's digest function), not computed a second time here.
+ */
 export class SriCheck {
   private readonly hashes = new Map<SriAlgorithm, Hash>();
 
-  constructor(private readonly checksums: readonly SriChecksum[]) {
-    for (const c of checksums) if (!this.hashes.has(c.algorithm)) this.hashes.set(c.algorithm, createHash(c.algorithm));
+  constructor(
+    private readonly checksums: readonly SriChecksum[],
+    private readonly known?: string,
+  ) {
+    for (const c of checksums) {
+      if (c.algorithm !== known && !this.hashes.has(c.algorithm)) this.hashes.set(c.algorithm, createHash(c.algorithm));
+    }
   }
 
   update(chunk: Uint8Array): void {
     for (const hash of this.hashes.values()) hash.update(chunk);
   }
 
-  /** undefined when a checksum matched; otherwise what the content's checksums were instead. */
-  mismatch(): string | undefined {
+  /** undefined when a checksum matched; otherwise what the content's checksums were instead. `knownHex`: the known algorithm's hash. */
+  mismatch(knownHex?: string): string | undefined {
     const actual = new Map<SriAlgorithm, string>();
     for (const [algorithm, hash] of this.hashes) actual.set(algorithm, hash.digest("hex"));
+    for (const c of this.checksums) if (c.algorithm === this.known && knownHex) actual.set(c.algorithm, knownHex);
     if (this.checksums.some((c) => actual.get(c.algorithm) === c.hex)) return undefined;
     const had = [...actual].map(([algorithm, hex]) => sriOf(algorithm, hex)).join(" ");
-    return `the content has ${had}, not the checksum.sri asked for (${this.checksums.map((c) => c.text).join(" ")})`;
+    return `the content does not match checksum.sri ${this.checksums.map((c) => c.text).join(" ")}: it has ${had}`;
   }
 }
 

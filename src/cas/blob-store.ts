@@ -18,6 +18,14 @@ export interface BlobStore {
   /** Starts a streamed upload of one blob. */
   /** `durable: false`: see PutOptions.durable (the writer then never waits for, or starts, a flush). */
   createWriter(digest: Digest, options?: { durable?: boolean }): Promise<BlobWriter>;
+  /**
+   * Takes in, as the blob `digest`, a complete file at `path` on the data
+   * directory's file system that nothing writes any more and whose bytes the
+   * caller hashed in this process (a download; see PutOptions.hashedByCaller
+   * and PutOptions.durable). The file is moved, not copied; it is gone
+   * afterwards either way. INVALID_ARGUMENT when its size is not the digest's.
+   */
+  adoptFile(digest: Digest, path: string, options?: { durable?: boolean }): Promise<void>;
 }
 
 /** How a blob reaches `put`, for callers inside Berth that know more than a client would. */

@@ -1,11 +1,12 @@
 import assert from "node:assert/strict";
-import { mkdtemp, open, readdir, rm, truncate } from "node:fs/promises";
+import { mkdir, mkdtemp, open, readdir, rm, truncate, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { text } from "node:stream/consumers";
 import { after, before, test } from "node:test";
 import { type Digest, digestOf } from "../digest/digest.js";
 import { SHA256 } from "../digest/functions.js";
+import { Code, type StatusError } from "../status/status.js";
 import { DiskBlobStore, LOGGED_BLOB_BYTES } from "./disk-blob-store.js";
 
 let root: string;
@@ -203,5 +204,43 @@ test("large streamed uploads, hashed on a thread from their files, are verified 
   );
   await new Promise((resolve) => setTimeout(resolve, 100));
   assert.equal(await fds(), before);
+  store.close();
+});
+
+test("a file taken in (adoptFile) becomes the blob by a move, small or large; a wrong size is refused; the file is gone either way", async () => {
+  const dir = join(root, `cas-${++count}`);
+  let store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  const outside = join(root, `downloads-${count}`);
+  await mkdir(outside);
+  const place = async (name: string, data: Buffer) => {
+    const path = join(outside, name);
+    await writeFile(path, data);
+    return path;
+  };
+  const small = await blob(Buffer.from("a small download"));
+  const large = await blob(Buffer.alloc(LOGGED_BLOB_BYTES + 7, 5));
+  for (const b of [small, large]) await store.adoptFile(b.digest, await place("file", b.data), { durable: false });
+  assert.deepEqual(await store.get(small.digest), small.data);
+  assert.deepEqual(await store.get(large.digest), large.data);
+  // A blob held already: the file is dropped, the blob stays.
+  await store.adoptFile(large.digest, await place("again", large.data));
+  assert.deepEqual(await store.get(large.digest), large.data);
+  // A file whose size is not the digest's is not taken in.
+  const other = await blob(Buffer.alloc(LOGGED_BLOB_BYTES + 9, 6));
+  await assert.rejects(
+    store.adoptFile(other.digest, await place("short", other.data.subarray(1))),
+    (err: StatusError) => err.code === Code.INVALID_ARGUMENT && /has \d+ bytes, not \d+/.test(err.message),
+  );
+  assert.deepEqual(await store.findMissing([other.digest]), [other.digest]);
+  assert.deepEqual(await readdir(outside), [], "every file given was moved or removed");
+  assert.deepEqual(
+    (await filesIn(dir)).filter((f) => f.startsWith("tmp")),
+    [],
+    "nothing left in the store's temporary directory",
+  );
+  // Taken-in files are blob files like any other: still there after a restart.
+  store.close();
+  store = await DiskBlobStore.open(dir, { maxBytes: STORE_BYTES });
+  assert.deepEqual(await store.get(large.digest), large.data);
   store.close();
 });

@@ -1,4 +1,5 @@
-import { type FileHandle, open, unlink } from "node:fs/promises";
+import { constants } from "node:fs";
+import { copyFile, type FileHandle, open, readFile, stat, unlink } from "node:fs/promises";
 import { join } from "node:path";
 import { Readable } from "node:stream";
 import { type Digest, digestKey, digestOf, formatDigest, verifyBlob } from "../digest/digest.js";
@@ -419,6 +420,54 @@ export class DiskBlobStore implements BlobStore {
       this.onDamaged(key, "the logged blob's bytes do not match its digest; dropped");
       this.log.remove(key);
       return undefined;
+    }
+  }
+
+  async adoptFile(digest: Digest, path: string, options?: { durable?: boolean }): Promise<void> {
+    const durable = options?.durable ?? true;
+    try {
+      const size = (await stat(path)).size;
+      if (size !== digest.sizeBytes) {
+        throw new StatusError(
+          Code.INVALID_ARGUMENT,
+          `the file taken in as blob ${formatDigest(digest)} has ${size} bytes, not ${digest.sizeBytes}`,
+        );
+      }
+      const key = digestKey(digest);
+      if (digest.sizeBytes <= this.logLimit) {
+        await this.put(digest, await readFile(path), { hashedByCaller: true, durable });
+        return;
+      }
+      if (this.files.isVerified(key) && this.files.touch(key)) return;
+      if (durable) {
+        const handle = await open(path, "r+");
+        try {
+          await handle.sync();
+        } finally {
+          await handle.close();
+        }
+      }
+      // An unchecked file of the same name (found at start) is replaced by this checked one.
+      if (this.files.has(key)) await this.files.remove(key);
+      // A rename: no new blocks, so a full disk does not stop it (the directory of a new prefix aside).
+      try {
+        await this.files.commit(path, key, digest.sizeBytes, { durable });
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "EXDEV") throw err;
+        // Another file system: a copy in the store's own temporary directory is moved instead.
+        const copy = this.files.tempPath();
+        await copyFile(path, copy, constants.COPYFILE_EXCL);
+        try {
+          await this.files.commit(copy, key, digest.sizeBytes, { durable });
+        } catch (again) {
+          await unlink(copy).catch(() => {});
+          throw again;
+        }
+      }
+    } catch (err) {
+      throw isDiskFull(err) ? this.diskFull(err, digest) : err;
+    } finally {
+      await unlink(path).catch(() => {});
     }
   }
 

@@ -57,6 +57,10 @@ export class MemoryCachedBlobStore implements BlobStore {
     return this.inner.createWriter(digest, options);
   }
 
+  adoptFile(digest: Digest, path: string, options?: { durable?: boolean }): Promise<void> {
+    return this.inner.adoptFile(digest, path, options);
+  }
+
   async #lookup(digest: Digest): Promise<Buffer | undefined> {
     const key = digestKey(digest);
     const cached = this.#blobs.get(key);

@@ -313,6 +313,7 @@ describe("checkInputTree with a memory of checked directories", () => {
       openRead: (digest, offset, limit) => store.openRead(digest, offset, limit),
       put: (digest, data, options) => store.put(digest, data, options),
       createWriter: (digest) => store.createWriter(digest),
+      adoptFile: (digest, path) => store.adoptFile(digest, path),
     };
     return { cas, reads: () => reads };
   }

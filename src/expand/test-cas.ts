@@ -42,4 +42,9 @@ export class CountingBlobStore implements BlobStore {
     this.writers++;
     return this.inner.createWriter(digest);
   }
+
+  adoptFile(digest: Digest, path: string, options?: { durable?: boolean }): Promise<void> {
+    this.writers++;
+    return this.inner.adoptFile(digest, path, options);
+  }
 }
