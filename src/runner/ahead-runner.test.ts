@@ -19,6 +19,20 @@ function hostProcesses(argv: string[]): string[] {
   });
 }
 
+/** Sandbox agents (perl, the resident sandboxes' pid 1) on the host running as a uid in [from, from + count). */
+function agentsOf(from: number, count: number): string[] {
+  return readdirSync("/proc").filter((pid) => {
+    if (!/^\d+$/.test(pid)) return false;
+    try {
+      const status = readFileSync(`/proc/${pid}/status`, "utf8");
+      const uid = Number(/^Uid:\s+(\d+)/m.exec(status)?.[1]);
+      return /^Name:\s+perl$/m.test(status) && uid >= from && uid < from + count;
+    } catch {
+      return false;
+    }
+  });
+}
+
 describe("sandboxes made ahead (worker.sandboxesAhead) on a real farm", () => {
   let farm: TestFarm;
   before(async () => {
@@ -46,9 +60,19 @@ describe("sandboxes made ahead (worker.sandboxesAhead) on a real farm", () => {
 
   test("a process the action leaves running is gone before its outputs are read, as in a fresh sandbox", async () => {
     const argv = ["sleep", "4242"];
+    // No pause after the response: a used sandbox is ended off the action's path only when nothing ran on in it.
     await run("sleep 4242 >/dev/null 2>&1 & echo started");
-    await sleep(100);
     assert.deepEqual(hostProcesses(argv), [], "the action's background process outlived it");
+    await run("setsid sleep 4242 >/dev/null 2>&1 & (sh -c 'sleep 4242 >/dev/null 2>&1 &' &); echo started");
+    assert.deepEqual(hostProcesses(argv), [], "a process of another session, or an orphan, outlived the action");
+  });
+
+  test("the sandboxes used end after their actions: of five, none is left, only the one made for the next", async () => {
+    for (let i = 0; i < 5; i++) assert.equal(await run("echo used"), "used\n");
+    // The farm's slots run as uids from sandboxUidBase on (test/support/farm.ts gives each farm 16).
+    const sandboxes = () => agentsOf(farm.config.worker.sandboxUidBase, 16);
+    for (let waited = 0; waited < 2000 && sandboxes().length !== 1; waited += 50) await sleep(50);
+    assert.equal(sandboxes().length, 1, "the agents of this farm's sandboxes, one per sandbox");
   });
 
   test("an action of another shape (other ids inside) runs in a fresh sandbox; the next of that shape in one made ahead", async () => {

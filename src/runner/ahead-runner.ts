@@ -2,6 +2,7 @@ import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import type { Property } from "../action/property.js";
 import type { SlotCgroup } from "../sandbox/cgroups.js";
+import type { ResidentRunResult } from "../sandbox/resident-sandbox.js";
 import {
   type ResidentSettings,
   type ResidentShape,
@@ -18,6 +19,7 @@ import { moveEntries } from "./workspace.js";
 interface Ahead extends StartedResident {
   shape: string;
   dir: string;
+  stopped?: Promise<void>;
 }
 
 export interface AheadRunnerOptions {
@@ -47,6 +49,8 @@ const FIRST_SHAPE: ResidentShape = { root: { kind: "host" }, user: { uid: 65534,
 export class AheadRunner implements Runner {
   readonly capabilities: readonly Property[];
   private next: Promise<Ahead | undefined> | undefined;
+  /** The used sandbox being ended, off the action's path. */
+  private retiring: Promise<void> = Promise.resolve();
   private made = 0;
   private closed = false;
 
@@ -72,29 +76,31 @@ export class AheadRunner implements Runner {
         this.makeNext(shape);
       }
     }
-    let result: RunResult;
+    let result: ResidentRunResult;
     try {
       moveEntries(request.inputRoot, ahead.workspace);
       result = await ahead.sandbox.run(residentCommand(request));
     } catch (err) {
       await this.stop(ahead);
       moveBack(ahead, request.inputRoot, this.options.onError);
-      rmSync(ahead.dir, { recursive: true, force: true });
-      this.makeNext(shape);
+      this.retire(ahead, shape);
       throw err;
     }
+    const { aloneAfter, ...ran } = result;
     // As in a fresh sandbox, nothing the command started outlives it: no process writes while outputs are read,
-    // which they are where the action's directory holds them.
-    await this.stop(ahead);
+    // which they are where the action's directory holds them. When the command left none (the agent saw
+    // itself alone in the sandbox), nothing can write, and the sandbox's end (the kernel's teardown of its
+    // namespaces, milliseconds) is left off the action's path; else it is awaited here.
+    if (!aloneAfter) await this.stop(ahead);
     moveBack(ahead, request.inputRoot, this.options.onError);
-    rmSync(ahead.dir, { recursive: true, force: true });
-    this.makeNext(shape);
-    return result;
+    this.retire(ahead, shape);
+    return ran;
   }
 
   /** Stops the sandbox waiting, if any; none is made afterwards. */
   async close(): Promise<void> {
     this.closed = true;
+    await this.retiring;
     const ahead = await this.next;
     this.next = undefined;
     if (!ahead) return;
@@ -114,13 +120,28 @@ export class AheadRunner implements Runner {
   }
 
   /**
-   * Starts the next sandbox once the action at hand has answered: starting one spawns processes, which
-   * blocks the event loop for a moment, and that moment is not the action's.
+   * Ends a used sandbox and removes its files off the action's path, then makes the next: one sandbox
+   * ending or starting at a time, each after the action at hand has gone on (an action arriving meanwhile
+   * waits for the next sandbox, which is still sooner than a fresh one).
+   */
+  private retire(ahead: Ahead, shape: ResidentShape): void {
+    this.retiring = (async () => {
+      await this.stop(ahead);
+      rmSync(ahead.dir, { recursive: true, force: true });
+    })().catch((err: unknown) => this.options.onError?.(err));
+    this.makeNext(shape);
+  }
+
+  /**
+   * Starts the next sandbox once the last one has ended and the action at hand has gone on: starting one
+   * spawns processes, which blocks the event loop for a moment, and that moment is not the action's.
    */
   private makeNext(shape: ResidentShape): void {
     if (this.next || this.closed) return;
+    const retiring = this.retiring;
     this.next = (async () => {
       await new Promise((resolve) => setImmediate(resolve));
+      await retiring;
       if (this.closed) return undefined;
       const ahead = await this.start(shape);
       // Closed while it started: it is nobody's.
@@ -140,9 +161,10 @@ export class AheadRunner implements Runner {
     return { ...started, shape: shapeKey(shape), dir };
   }
 
-  /** Ends the sandbox and every process in it. */
-  private async stop(ahead: Ahead): Promise<void> {
-    await ahead.sandbox.close().catch((err: unknown) => this.options.onError?.(err));
+  /** Ends the sandbox and every process in it (once: its agent's pid is not signalled after its end). */
+  private stop(ahead: Ahead): Promise<void> {
+    ahead.stopped ??= ahead.sandbox.close().catch((err: unknown) => this.options.onError?.(err));
+    return ahead.stopped;
   }
 }
 

@@ -21,7 +21,8 @@
 #   kill ID
 # Replies, one line each: `ready` once, then `started ID` (for a spawn only,
 # once its files are open), `failed ID REASON`, `exited ID CODE` (128 + the
-# signal number for a command a signal ended).
+# signal number for a command a signal ended), followed by ` alone` when no
+# process but the agent was left in the sandbox as the command's end was seen.
 # STDIN is opened read-only, STDOUT and STDERR write-only, created and
 # truncated (FIFOs as well as files). A command that cannot be started exits
 # 127 with the reason on its stderr, as a shell's would. When the worker
@@ -85,13 +86,19 @@ while (1) {
 exit 0;
 
 sub reap {
-  while ((my $pid = waitpid(-1, POSIX::WNOHANG())) > 0) {
+  my @exits;
+  my $pid;
+  while (($pid = waitpid(-1, POSIX::WNOHANG())) > 0) {
     my $status = $?;
     my $id = delete $running{$pid};
     next unless defined $id;
     my $code = ($status & 127) ? 128 + ($status & 127) : $status >> 8;
-    print "exited $id $code\n";
+    push @exits, "$id $code";
   }
+  # No child at all: every other process of the sandbox is a descendant of the agent (its pid 1, to which
+  # orphans are handed before their parent's exit is reported), so none is left.
+  my $alone = $pid < 0 && $!{ECHILD} ? ' alone' : '';
+  print "exited $_$alone\n" for @exits;
 }
 
 # The next whole request in the buffer, removed from it, or undef.

@@ -49,6 +49,17 @@ export type ResidentRunRequest = Pick<
   "workingDirectory" | "argv" | "env" | "timeoutMs" | "stdoutPath" | "stderrPath" | "signal"
 >;
 
+/** How a command in a resident sandbox ended. */
+export interface ResidentRunResult extends SandboxResult {
+  /**
+   * When the command's end was seen, no process but the agent was left in the sandbox (nothing the command or
+   * an earlier one started ran on): nothing of the sandbox can write any more unless it is asked to run
+   * something, so what the commands wrote may be read before the sandbox is closed. False after a timeout or
+   * a cancellation (the sandbox has then ended).
+   */
+  aloneAfter: boolean;
+}
+
 /** A long-lived process inside a sandbox, with pipes to the worker (a persistent worker, say). */
 export interface PipedProcess {
   stdin: Writable;
@@ -251,7 +262,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
    * Runs one command and resolves once it has exited (its own process; what it left running stays). Rejects
    * when the sandbox cannot run it: closed, ended, its agent gone, or no process left to start it with.
    */
-  async run(request: ResidentRunRequest): Promise<SandboxResult> {
+  async run(request: ResidentRunRequest): Promise<ResidentRunResult> {
     this.#checkUsable();
     const cwd = this.#workingDirectory(request.workingDirectory);
     checkCommand(request.argv, request.env);
@@ -282,7 +293,11 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     try {
       if (request.signal?.aborted) onAbort();
       const command = { stdin: "/dev/null", stdout: join(IO_MOUNT, out), stderr: join(IO_MOUNT, err), cwd };
-      const exitCode = await this.#agent().run(id, { ...command, argv: request.argv, env: request.env });
+      const { code: exitCode, alone } = await this.#agent().run(id, {
+        ...command,
+        argv: request.argv,
+        env: request.env,
+      });
       const completedAt = new Date();
       deliverOutput(this.#ioDir, this.#controlDir, out, request.stdoutPath);
       if (!sameFile) deliverOutput(this.#ioDir, this.#controlDir, err, request.stderrPath);
@@ -295,6 +310,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
         exitCode,
         timedOut: false,
         cancelled: false,
+        aloneAfter: alone,
         startedAt,
         completedAt,
         ...(limit ? { limitReached: { limit, message: describeLimit(limit, this.#limits) } } : {}),
@@ -310,6 +326,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
         exitCode: KILLED,
         timedOut: ending === "timeout",
         cancelled: ending === "cancel",
+        aloneAfter: false,
         startedAt,
         completedAt: new Date(),
         ...(limit ? { limitReached: { limit, message: describeLimit(limit, this.#limits) } } : {}),
@@ -366,10 +383,13 @@ export class ResidentSandbox implements WorkerProcessLauncher {
         started = true;
         onStart();
       })
-      .catch((error: Error) => {
-        failure = error;
-        return KILLED;
-      });
+      .then(
+        ({ code }) => code,
+        (error: Error) => {
+          failure = error;
+          return KILLED;
+        },
+      );
     try {
       await Promise.race([running, exited]);
     } finally {
