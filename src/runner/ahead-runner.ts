@@ -1,6 +1,8 @@
 import { mkdirSync, rmSync } from "node:fs";
+import { rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { Property } from "../action/property.js";
+import type { Launcher } from "../process/launcher.js";
 import type { SlotCgroup } from "../sandbox/cgroups.js";
 import type { ResidentRunResult } from "../sandbox/resident-sandbox.js";
 import {
@@ -29,6 +31,8 @@ export interface AheadRunnerOptions {
   uid: number;
   gid: number;
   cgroup: SlotCgroup | undefined;
+  /** The slot's launcher, living in its cgroup (its fresh sandboxes' too). */
+  launcher?: Launcher;
   settings: ResidentSettings;
   onError?: (err: unknown) => void;
 }
@@ -49,8 +53,8 @@ const FIRST_SHAPE: ResidentShape = { root: { kind: "host" }, user: { uid: 65534,
 export class AheadRunner implements Runner {
   readonly capabilities: readonly Property[];
   private next: Promise<Ahead | undefined> | undefined;
-  /** The used sandbox being ended, off the action's path. */
-  private retiring: Promise<void> = Promise.resolve();
+  /** Sandboxes being ended, off the actions' path. */
+  private readonly discarding = new Set<Promise<void>>();
   private made = 0;
   private closed = false;
 
@@ -97,15 +101,13 @@ export class AheadRunner implements Runner {
     return ran;
   }
 
-  /** Stops the sandbox waiting, if any; none is made afterwards. */
+  /** Stops the sandbox waiting, if any, and waits for the used ones to end; none is made afterwards. */
   async close(): Promise<void> {
     this.closed = true;
-    await this.retiring;
     const ahead = await this.next;
     this.next = undefined;
-    if (!ahead) return;
-    await this.stop(ahead);
-    rmSync(ahead.dir, { recursive: true, force: true });
+    if (ahead) void this.discard(ahead);
+    await Promise.all([...this.discarding]);
   }
 
   /** The sandbox made ahead if it has `shape` (waiting for it to be ready); else it is stopped. */
@@ -115,39 +117,33 @@ export class AheadRunner implements Runner {
     const ahead = await pending;
     if (!ahead) return undefined;
     if (ahead.shape === shape && stillWhole(ahead)) return ahead;
-    void this.stop(ahead).then(() => rmSync(ahead.dir, { recursive: true, force: true }));
+    void this.discard(ahead);
     return undefined;
   }
 
   /**
-   * Ends a used sandbox and removes its files off the action's path, then makes the next: one sandbox
-   * ending or starting at a time, each after the action at hand has gone on (an action arriving meanwhile
-   * waits for the next sandbox, which is still sooner than a fresh one).
+   * Ends a used sandbox and removes its files, and makes the next, both off the action's path and side by
+   * side: the end is mostly the kernel's teardown of the namespaces, and an action that arrives meanwhile
+   * waits for the next sandbox, which the wait for the teardown would only delay.
    */
   private retire(ahead: Ahead, shape: ResidentShape): void {
-    this.retiring = (async () => {
-      await this.stop(ahead);
-      rmSync(ahead.dir, { recursive: true, force: true });
-    })().catch((err: unknown) => this.options.onError?.(err));
+    void this.discard(ahead);
     this.makeNext(shape);
   }
 
   /**
-   * Starts the next sandbox once the last one has ended and the action at hand has gone on: starting one
-   * spawns processes, which blocks the event loop for a moment, and that moment is not the action's.
+   * Starts the next sandbox once the action at hand has gone on: starting one spawns processes, which
+   * blocks the event loop for a moment, and that moment is not the action's.
    */
   private makeNext(shape: ResidentShape): void {
     if (this.next || this.closed) return;
-    const retiring = this.retiring;
     this.next = (async () => {
       await new Promise((resolve) => setImmediate(resolve));
-      await retiring;
       if (this.closed) return undefined;
       const ahead = await this.start(shape);
       // Closed while it started: it is nobody's.
       if (!this.closed) return ahead;
-      await this.stop(ahead);
-      rmSync(ahead.dir, { recursive: true, force: true });
+      await this.discard(ahead);
       return undefined;
     })().catch((err: unknown) => {
       this.options.onError?.(err);
@@ -159,6 +155,17 @@ export class AheadRunner implements Runner {
     const dir = join(this.options.dir, String(this.made++));
     const started = await startResident(dir, shape, this.options, this.options.settings);
     return { ...started, shape: shapeKey(shape), dir };
+  }
+
+  /** Ends the sandbox, then removes its files (without blocking the event loop: this is off any action's path). */
+  private discard(ahead: Ahead): Promise<void> {
+    const discarding = (async () => {
+      await this.stop(ahead);
+      await rm(ahead.dir, { recursive: true, force: true }).catch((err: unknown) => this.options.onError?.(err));
+    })();
+    this.discarding.add(discarding);
+    void discarding.finally(() => this.discarding.delete(discarding));
+    return discarding;
   }
 
   /** Ends the sandbox and every process in it (once: its agent's pid is not signalled after its end). */

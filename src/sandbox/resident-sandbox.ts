@@ -82,7 +82,8 @@ const KILLED = 128 + 9;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 /** bwrap and the agent take milliseconds to start; far longer means something is wrong. */
 const START_LIMIT_MS = 30_000;
-const PRCTL: Partial<Record<NodeJS.Architecture, number>> = { x64: 157, arm64: 167 };
+/** The agent's system calls perl has no built-in for: prctl, close, dup3, exit_group (see agent.pl). */
+const AGENT_SYSCALLS: Partial<Record<NodeJS.Architecture, string>> = { x64: "157,3,292,231", arm64: "167,57,24,94" };
 
 let agentScript: string | undefined;
 /** The agent's source, passed with perl -e: nothing inside the sandbox needs to reach a file of Berth's. */
@@ -172,8 +173,9 @@ export class ResidentSandbox implements WorkerProcessLauncher {
   async start(): Promise<void> {
     const options = this.#options;
     if (!isAbsolute(options.inputRoot)) throw new Error(`input root ${options.inputRoot} is not an absolute path`);
-    const prctl = PRCTL[process.arch];
-    if (prctl === undefined) throw new Error(`the sandbox agent does not know prctl's number on ${process.arch}`);
+    const syscalls = AGENT_SYSCALLS[process.arch];
+    if (syscalls === undefined)
+      throw new Error(`the sandbox agent does not know system call numbers on ${process.arch}`);
     // The control directory is root's alone and never bound into the sandbox; the io directory is the
     // action's user's, bound at IO_MOUNT for the agent to create output files in.
     mkdirSync(options.stateDir, { mode: 0o700 });
@@ -215,7 +217,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     const statusPath = join(this.#controlDir, "status");
     this.#launched = await launcher
       .launch({
-        argv: [bwrap, ...layout.bwrapOptions, "--", "/usr/bin/perl", "-e", agent(), String(prctl), layout.commandRoot],
+        argv: [bwrap, ...layout.bwrapOptions, "--", "/usr/bin/perl", "-e", agent(), syscalls, layout.commandRoot],
         env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
         user: { uid: this.#uid, gid: this.#gid },
         stdoutPath: channel.replyPath,
