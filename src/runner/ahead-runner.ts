@@ -37,22 +37,34 @@ export interface AheadRunnerOptions {
   onError?: (err: unknown) => void;
 }
 
+/**
+ * A slot given no new action for this long after its last is taken as idle, and its next sandbox is made
+ * then. Actions that come back to back (the next one arrives within a few milliseconds of the last one's
+ * answer) run in fresh sandboxes: making one ahead between them would only compete with them for the cores,
+ * and they would wait for it, since making one takes longer than a fresh sandbox's whole run.
+ */
+export const IDLE_BEFORE_MAKING_MS = 25;
+
 /** The shape most actions have (Bazel's, on the host's root): the first sandbox is made ahead for it. */
 const FIRST_SHAPE: ResidentShape = { root: { kind: "host" }, user: { uid: 65534, gid: 65534 }, network: false };
 
 /**
- * One slot's sandboxes made ahead: while no action runs, a resident
- * sandbox of the shape of the slot's last action (its root, ids and
- * network) is started and waits, its input root bound while still empty.
- * An action of that shape has its inputs moved in and runs at once; the
- * sandbox is used once and closed, and the next is made. An action of
- * another shape, or one arriving while none is ready, runs in `fresh`.
+ * One slot's sandboxes made ahead: once the slot is idle (no new action
+ * for IDLE_BEFORE_MAKING_MS), a resident sandbox of the shape of the
+ * slot's last action (its root, ids and network) is started and waits, its
+ * input root bound while still empty. An action of that shape has its
+ * inputs moved in and runs at once (one arriving while it is still being
+ * started waits for it); the sandbox is used once and closed, after the
+ * action when nothing of it runs on. An action of another shape, or one
+ * arriving before the slot was idle, runs in `fresh`.
  * The isolation is a fresh sandbox's: same ids, cgroup, namespaces,
  * mounts and limits, and nothing of an earlier action (each is new).
  */
 export class AheadRunner implements Runner {
   readonly capabilities: readonly Property[];
   private next: Promise<Ahead | undefined> | undefined;
+  /** Set while the slot waits to be idle before its next sandbox is made. */
+  private idleTimer: NodeJS.Timeout | undefined;
   /** Sandboxes being ended, off the actions' path. */
   private readonly discarding = new Set<Promise<void>>();
   private made = 0;
@@ -72,12 +84,15 @@ export class AheadRunner implements Runner {
     const shape = { root: request.root, user: request.user, network: request.network };
     // A chroot's sandbox mounts /proc, /dev and /tmp on its input root's own: they must be there when it starts.
     if (shape.root.kind === "input-root") return this.fresh.run(request);
+    // Back to back with the last action: nothing is being made, and nothing will be while this one runs.
+    clearTimeout(this.idleTimer);
+    this.idleTimer = undefined;
     const ahead = await this.take(shapeKey(shape));
     if (!ahead) {
       try {
         return await this.fresh.run(request);
       } finally {
-        this.makeNext(shape);
+        this.makeWhenIdle(shape);
       }
     }
     let result: ResidentRunResult;
@@ -104,6 +119,7 @@ export class AheadRunner implements Runner {
   /** Stops the sandbox waiting, if any, and waits for the used ones to end; none is made afterwards. */
   async close(): Promise<void> {
     this.closed = true;
+    clearTimeout(this.idleTimer);
     const ahead = await this.next;
     this.next = undefined;
     if (ahead) void this.discard(ahead);
@@ -122,13 +138,23 @@ export class AheadRunner implements Runner {
   }
 
   /**
-   * Ends a used sandbox and removes its files, and makes the next, both off the action's path and side by
-   * side: the end is mostly the kernel's teardown of the namespaces, and an action that arrives meanwhile
-   * waits for the next sandbox, which the wait for the teardown would only delay.
+   * Ends a used sandbox and removes its files off the action's path, and makes the next once the slot is
+   * idle, without waiting for that end (mostly the kernel's teardown of the namespaces).
    */
   private retire(ahead: Ahead, shape: ResidentShape): void {
     void this.discard(ahead);
-    this.makeNext(shape);
+    this.makeWhenIdle(shape);
+  }
+
+  /** Makes the next sandbox once the slot has been idle for IDLE_BEFORE_MAKING_MS (see there). */
+  private makeWhenIdle(shape: ResidentShape): void {
+    if (this.next || this.closed) return;
+    clearTimeout(this.idleTimer);
+    this.idleTimer = setTimeout(() => {
+      this.idleTimer = undefined;
+      this.makeNext(shape);
+    }, IDLE_BEFORE_MAKING_MS);
+    this.idleTimer.unref();
   }
 
   /**
