@@ -9,6 +9,7 @@ import { mkdir } from "node:fs/promises";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import { Action } from "../src/gen/build/bazel/remote/execution/v2/remote_execution.js";
+import { IDLE_BEFORE_MAKING_MS } from "../src/runner/ahead-runner.js";
 import { type ActionSpec, execute, uploadAction, uploadBlobs } from "../test/support/actions.js";
 import type { Clients } from "../test/support/farm.js";
 import { bazelWorkerAction } from "../test/support/persistent-actions.js";
@@ -23,8 +24,8 @@ const WARMUP = 10;
 const AHEAD_TARGET = 0.6;
 /**
  * Between two Executes of the idle-arrival measurement: longer than what a worker does in the background
- * after an action (a used sandbox's end and the next one's start, 20 to 40 ms on this machine), so that each
- * action arrives at an idle worker, and the kernel's teardown of a fresh sandbox is over too.
+ * after an action with sandboxes made ahead (IDLE_BEFORE_MAKING_MS, then the next sandbox's start), so that
+ * each action arrives at an idle worker; the kernel's teardown of a fresh sandbox is over by then too.
  */
 const IDLE_GAP_MS = 60;
 /** Back to back: this many Executes of one kind one right after the other, fresh and made-ahead blocks taking turns. */
@@ -193,14 +194,15 @@ export async function benchRunnerActions(ctx: BenchContext): Promise<Section[]> 
           "skip_cache_lookup, timed at the client until the COMPLETED operation has arrived and checked " +
           "(status OK, exit code 0).",
         `Idle arrival (the target's row): ${RUNS} runs of each after ${WARMUP} of warm-up, interleaved run by ` +
-          `run in ${ctx.rounds} rounds, each Execute sent ${IDLE_GAP_MS} ms after the last answer, so that it ` +
-          "arrives at an idle worker: longer than what a worker does in the background after an action (with " +
-          "sandboxes made ahead: the used sandbox's end and the next one's start, 20 to 40 ms here), and the " +
-          "same pause for every kind. This is the case issue #14's \"a fresh action should not wait for its " +
-          'sandbox" is about: an action arriving while its sandbox is still being made waits for it.',
+          `run in ${ctx.rounds} rounds, each Execute sent ${IDLE_GAP_MS} ms after the last answer, the same ` +
+          "pause for every kind, so that it arrives at an idle worker: with sandboxes made ahead, a slot makes " +
+          `its next sandbox once it has had no action for ${IDLE_BEFORE_MAKING_MS} ms, which then takes 15 to ` +
+          '30 ms here. This is the case of issue #14\'s "a fresh action should not wait for its sandbox".',
         `Back to back: blocks of ${BLOCK} Executes of one kind, each sent as soon as the last has answered, ` +
-          `fresh and made-ahead blocks taking turns, ${ctx.rounds} of each: the next sandbox made ahead is then ` +
-          "still being started (on the same 2 cores) when the next action arrives, and the action waits for it.",
+          `fresh and made-ahead blocks taking turns, ${ctx.rounds} of each. The made-ahead slot is then never ` +
+          `idle for ${IDLE_BEFORE_MAKING_MS} ms, so its actions run in fresh sandboxes, but the first of a ` +
+          "block and any that arrives while a sandbox is being started, which waits for it; a used sandbox " +
+          "still ends in the background.",
         "The floor of issue #14, `/bin/true` forked by a process already inside a sandbox, is measured without " +
           "a server in the `runners` benchmark (the sandbox library alone); an Execute adds the farm's own " +
           "round trip (gRPC, scheduling, the input layout, the result's upload and caching) to every kind.",
