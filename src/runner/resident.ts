@@ -1,5 +1,6 @@
 import { chownSync, lstatSync, mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
+import type { Launcher } from "../process/launcher.js";
 import { type ActionRoot, HOST_ROOT, INPUT_ROOT_AS_ROOT } from "../sandbox/action-root.js";
 import type { SlotCgroup } from "../sandbox/cgroups.js";
 import {
@@ -29,6 +30,8 @@ export interface HostIdentity {
   uid: number;
   gid: number;
   cgroup: SlotCgroup | undefined;
+  /** A launcher living in `cgroup` (the slot's); without it the sandbox is started outside and moved in. */
+  launcher?: Launcher;
 }
 
 /** What every resident sandbox shares with the worker's fresh ones (limits, masked files, tools). */
@@ -71,6 +74,7 @@ export async function startResident(
       uid: identity.uid,
       gid: identity.gid,
       cgroup: identity.cgroup,
+      launcher: identity.launcher,
     });
     const layerDirs = shape.root.kind === "layers" ? shape.root.layerDirs : [];
     return { sandbox, workspace, layerDirs };

@@ -16,10 +16,18 @@ export interface AgentCommand {
   env: { name: string; value: string }[];
 }
 
+/** How a command ended, as the agent saw it. */
+export interface CommandExit {
+  /** 128 + the signal number for a command a signal ended. */
+  code: number;
+  /** Nothing but the agent was left in the sandbox: no process of this command or of any other ran on. */
+  alone: boolean;
+}
+
 interface Pending {
   started: () => void;
   failed: (error: Error) => void;
-  exited: (code: number) => void;
+  exited: (exit: CommandExit) => void;
 }
 
 /**
@@ -70,12 +78,12 @@ export class AgentChannel {
   }
 
   /**
-   * Asks the agent to run a command and resolves with its exit code. `started`, if given, makes it a spawn:
+   * Asks the agent to run a command and resolves with how it ended. `started`, if given, makes it a spawn:
    * called once the agent has forked it with its files open.
    */
-  run(id: string, command: AgentCommand, started?: () => void): Promise<number> {
+  run(id: string, command: AgentCommand, started?: () => void): Promise<CommandExit> {
     if (this.#gone !== undefined) return Promise.reject(ended(this.#gone));
-    const exited = new Promise<number>((done, fail) => {
+    const exited = new Promise<CommandExit>((done, fail) => {
       this.#pending.set(id, {
         started: started ?? (() => {}),
         failed: fail,
@@ -150,7 +158,7 @@ export class AgentChannel {
       return;
     }
     this.#pending.delete(id);
-    if (kind === "exited") pending.exited(Number(rest[0]));
+    if (kind === "exited") pending.exited({ code: Number(rest[0]), alone: rest[1] === "alone" });
     else pending.failed(new Error(`the sandbox could not start the command: ${rest.join(" ")}`));
   }
 }

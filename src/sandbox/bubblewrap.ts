@@ -50,6 +50,11 @@ export interface BubblewrapSandboxOptions {
    * root already (auth/private-file.ts); this is a second wall.
    */
   maskedFiles?: readonly string[];
+  /**
+   * What starts bwrap: the slot's launcher, living in its cgroup (see Launcher), which the slot's sandboxes
+   * made ahead share; when absent, one of its own for a slot with a cgroup, else the process's shared one.
+   */
+  launcher?: Launcher;
 }
 
 const NOBODY = 65534;
@@ -109,7 +114,7 @@ export class BubblewrapSandbox implements Sandbox {
     this.#gid = options.gid ?? NOBODY;
     this.#limits = options.limits ?? DEFAULT_LIMITS;
     this.#cgroup = options.cgroup;
-    this.#launcher = options.cgroup ? new Launcher({ cgroupProcsFiles: options.cgroup.procsFiles }) : sharedLauncher();
+    this.#launcher = options.launcher ?? (options.cgroup ? slotLauncher(options.cgroup) : sharedLauncher());
     this.#slirp4netnsPath = options.slirp4netnsPath ?? "slirp4netns";
     this.#maskedFiles = options.maskedFiles ?? [];
   }
@@ -498,6 +503,15 @@ function sandboxEnded(pid: number, pidNamespace: number): boolean {
   } catch {
     return true;
   }
+}
+
+/**
+ * A launcher living in the slot's cgroup: what it starts is in the cgroup from its first instruction, where
+ * moving a process there afterwards (the shared launcher's way) costs a wait for the kernel's cgroup lock,
+ * milliseconds to tens of them on a busy machine.
+ */
+export function slotLauncher(cgroup: SlotCgroup): Launcher {
+  return new Launcher({ cgroupProcsFiles: cgroup.procsFiles });
 }
 
 function readOrEmpty(path: string): string {

@@ -11,8 +11,12 @@ import { INPUT_ROOT_MOUNT } from "./bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup } from "./cgroups.js";
 import { DEFAULT_LIMITS } from "./limits.js";
 import { IO_MOUNT } from "./resident-layout.js";
-import { type ResidentRunRequest, type ResidentSandbox, startResidentSandbox } from "./resident-sandbox.js";
-import type { SandboxResult } from "./sandbox.js";
+import {
+  type ResidentRunRequest,
+  type ResidentRunResult,
+  type ResidentSandbox,
+  startResidentSandbox,
+} from "./resident-sandbox.js";
 
 const isRoot = process.getuid?.() === 0;
 /** A range of uids of this test process's own, so that any process of one was started here. */
@@ -55,7 +59,7 @@ async function start(
   return sandbox;
 }
 
-interface Run extends SandboxResult {
+interface Run extends ResidentRunResult {
   stdout: string;
   stderr: string;
 }
@@ -209,6 +213,7 @@ for (const ending of ["timeout", "cancel"] as const) {
     assert.equal(result.exitCode, 137);
     assert.equal(result.timedOut, ending === "timeout");
     assert.equal(result.cancelled, ending === "cancel");
+    assert.equal(result.aloneAfter, false);
     assert.equal(result.stdout, "started\n");
     assert.deepEqual(await processesOf(ws.uid), [], "no process of the sandbox is left");
     assert.equal(sandbox.usable, false);
@@ -245,6 +250,36 @@ test("close() kills every process the commands left, wherever they went, and rem
   }
   assert.equal(await exists(stateDir), false, "close() removes the sandbox's directory");
   assert.equal(await exists(ws.inputRoot), true, "the input root is the caller's");
+});
+
+test("a run says whether anything was left running: never while a process the command started lives on, wherever it went", {
+  skip: !isRoot,
+}, async (t) => {
+  const ws = await workspace(t);
+  const sandbox = await start(t, ws);
+  assert.equal((await run(sandbox, ws, ["/bin/true"])).aloneAfter, true, "/bin/true leaves nothing");
+  const waited = await sh(sandbox, ws, "sleep 0.05 & wait; echo done");
+  assert.equal(waited.aloneAfter, true, "a child the command waited for is gone");
+  const leftovers = {
+    "a background process": "sleep 1000 >/dev/null 2>&1 &",
+    "a session of its own": "setsid sleep 1000 >/dev/null 2>&1 &",
+    "an orphan (double fork)": "(sh -c 'sleep 1000 >/dev/null 2>&1 &' &)",
+    "a process that exits a moment later": "(sleep 0.3; echo late > late.txt) >/dev/null 2>&1 &",
+  };
+  for (const [what, script] of Object.entries(leftovers)) {
+    const left = await sh(sandbox, ws, script);
+    assert.equal(left.exitCode, 0, left.stderr);
+    assert.equal(left.aloneAfter, false, `${what} is still running`);
+  }
+  await sandbox.close();
+  assert.deepEqual(await processesOf(ws.uid), [], "close() leaves no process");
+
+  // Once what the last command left has ended on its own, the next command's end is seen alone again.
+  const ws2 = await workspace(t);
+  const second = await start(t, ws2);
+  assert.equal((await sh(second, ws2, "sleep 0.2 >/dev/null 2>&1 &")).aloneAfter, false);
+  await sleep(400);
+  assert.equal((await run(second, ws2, ["/bin/true"])).aloneAfter, true, "the sleep ended and was reaped");
 });
 
 test("hostile: a command cannot reach the agent's pipes or its descriptors, trace it, kill it or stop it", {

@@ -49,6 +49,17 @@ export type ResidentRunRequest = Pick<
   "workingDirectory" | "argv" | "env" | "timeoutMs" | "stdoutPath" | "stderrPath" | "signal"
 >;
 
+/** How a command in a resident sandbox ended. */
+export interface ResidentRunResult extends SandboxResult {
+  /**
+   * When the command's end was seen, no process but the agent was left in the sandbox (nothing the command or
+   * an earlier one started ran on): nothing of the sandbox can write any more unless it is asked to run
+   * something, so what the commands wrote may be read before the sandbox is closed. False after a timeout or
+   * a cancellation (the sandbox has then ended).
+   */
+  aloneAfter: boolean;
+}
+
 /** A long-lived process inside a sandbox, with pipes to the worker (a persistent worker, say). */
 export interface PipedProcess {
   stdin: Writable;
@@ -71,7 +82,8 @@ const KILLED = 128 + 9;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 /** bwrap and the agent take milliseconds to start; far longer means something is wrong. */
 const START_LIMIT_MS = 30_000;
-const PRCTL: Partial<Record<NodeJS.Architecture, number>> = { x64: 157, arm64: 167 };
+/** The agent's system calls perl has no built-in for: prctl, close, dup3, exit_group (see agent.pl). */
+const AGENT_SYSCALLS: Partial<Record<NodeJS.Architecture, string>> = { x64: "157,3,292,231", arm64: "167,57,24,94" };
 
 let agentScript: string | undefined;
 /** The agent's source, passed with perl -e: nothing inside the sandbox needs to reach a file of Berth's. */
@@ -161,8 +173,9 @@ export class ResidentSandbox implements WorkerProcessLauncher {
   async start(): Promise<void> {
     const options = this.#options;
     if (!isAbsolute(options.inputRoot)) throw new Error(`input root ${options.inputRoot} is not an absolute path`);
-    const prctl = PRCTL[process.arch];
-    if (prctl === undefined) throw new Error(`the sandbox agent does not know prctl's number on ${process.arch}`);
+    const syscalls = AGENT_SYSCALLS[process.arch];
+    if (syscalls === undefined)
+      throw new Error(`the sandbox agent does not know system call numbers on ${process.arch}`);
     // The control directory is root's alone and never bound into the sandbox; the io directory is the
     // action's user's, bound at IO_MOUNT for the agent to create output files in.
     mkdirSync(options.stateDir, { mode: 0o700 });
@@ -204,7 +217,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     const statusPath = join(this.#controlDir, "status");
     this.#launched = await launcher
       .launch({
-        argv: [bwrap, ...layout.bwrapOptions, "--", "/usr/bin/perl", "-e", agent(), String(prctl), layout.commandRoot],
+        argv: [bwrap, ...layout.bwrapOptions, "--", "/usr/bin/perl", "-e", agent(), syscalls, layout.commandRoot],
         env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
         user: { uid: this.#uid, gid: this.#gid },
         stdoutPath: channel.replyPath,
@@ -251,7 +264,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
    * Runs one command and resolves once it has exited (its own process; what it left running stays). Rejects
    * when the sandbox cannot run it: closed, ended, its agent gone, or no process left to start it with.
    */
-  async run(request: ResidentRunRequest): Promise<SandboxResult> {
+  async run(request: ResidentRunRequest): Promise<ResidentRunResult> {
     this.#checkUsable();
     const cwd = this.#workingDirectory(request.workingDirectory);
     checkCommand(request.argv, request.env);
@@ -282,7 +295,11 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     try {
       if (request.signal?.aborted) onAbort();
       const command = { stdin: "/dev/null", stdout: join(IO_MOUNT, out), stderr: join(IO_MOUNT, err), cwd };
-      const exitCode = await this.#agent().run(id, { ...command, argv: request.argv, env: request.env });
+      const { code: exitCode, alone } = await this.#agent().run(id, {
+        ...command,
+        argv: request.argv,
+        env: request.env,
+      });
       const completedAt = new Date();
       deliverOutput(this.#ioDir, this.#controlDir, out, request.stdoutPath);
       if (!sameFile) deliverOutput(this.#ioDir, this.#controlDir, err, request.stderrPath);
@@ -295,6 +312,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
         exitCode,
         timedOut: false,
         cancelled: false,
+        aloneAfter: alone,
         startedAt,
         completedAt,
         ...(limit ? { limitReached: { limit, message: describeLimit(limit, this.#limits) } } : {}),
@@ -310,6 +328,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
         exitCode: KILLED,
         timedOut: ending === "timeout",
         cancelled: ending === "cancel",
+        aloneAfter: false,
         startedAt,
         completedAt: new Date(),
         ...(limit ? { limitReached: { limit, message: describeLimit(limit, this.#limits) } } : {}),
@@ -366,10 +385,13 @@ export class ResidentSandbox implements WorkerProcessLauncher {
         started = true;
         onStart();
       })
-      .catch((error: Error) => {
-        failure = error;
-        return KILLED;
-      });
+      .then(
+        ({ code }) => code,
+        (error: Error) => {
+          failure = error;
+          return KILLED;
+        },
+      );
     try {
       await Promise.race([running, exited]);
     } finally {

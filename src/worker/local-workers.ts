@@ -18,7 +18,7 @@ import { RecyclingRunner } from "../runner/recycling-runner.js";
 import { Runners } from "../runner/runners.js";
 import { SandboxedWorkerLauncher } from "../runner/sandboxed-worker-launcher.js";
 import { RunnerIdentities, WarmRunnerPool } from "../runner/warm-pool.js";
-import { BubblewrapSandbox } from "../sandbox/bubblewrap.js";
+import { BubblewrapSandbox, slotLauncher } from "../sandbox/bubblewrap.js";
 import { openSlotCgroup, removeSlotCgroup, type SlotCgroup } from "../sandbox/cgroups.js";
 import { openPrivateDir } from "../store/private-dir.js";
 import { RecyclingVmRunner, WarmVms } from "../vm/recycling-vm-runner.js";
@@ -145,11 +145,14 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
         "no writable cgroup with the memory and pids controllers: actions are bounded by rlimits only (RLIMIT_AS for memory)",
       );
     }
+    // One launcher in the slot's cgroup starts the slot's fresh sandboxes and those made ahead alike.
+    const launcher = cgroup && slotLauncher(cgroup);
     const sandbox = new BubblewrapSandbox({
       uid: owner.uid,
       gid: owner.gid,
       limits,
       cgroup,
+      launcher,
       slirp4netnsPath,
       maskedFiles: options.maskedFiles,
     });
@@ -163,6 +166,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
           uid: owner.uid,
           gid: owner.gid,
           cgroup,
+          launcher,
           settings,
           onError: (err) => options.log.warn({ err }, "a sandbox made ahead failed"),
         })
