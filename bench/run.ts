@@ -34,6 +34,7 @@ import { benchRunners } from "./runners.js";
 import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
 import { benchVm } from "./vm.js";
+import { benchVmDocker } from "./vm-docker.js";
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const DOC = join(REPO_ROOT, "docs", "benchmarks.md");
@@ -60,6 +61,7 @@ const BENCHMARKS = {
   asset: "Remote Asset API: FetchBlob of a cached 64 MiB asset vs ByteStream Read, a cold fetch vs curl",
   persistent: "A persistent worker with a 1 s start-up answering 50 requests vs the tool started per action",
   vm: "MicroVMs: /bin/true through the VM runner (first use, cold, snapshot-resumed) and in a running VM vs QEMU's boot floor",
+  "vm-docker": "Docker in a microVM: docker run through Execute cold, snapshot-resumed and recycled vs a host dockerd",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -254,6 +256,11 @@ async function main(): Promise<void> {
       vm: async () => {
         await execution?.server.stop();
         sections.push(await benchVm(ctx));
+      },
+      // Two servers of its own (one worker each, microVMs), a loopback registry and a dockerd on the host.
+      "vm-docker": async () => {
+        await execution?.server.stop();
+        sections.push(await benchVmDocker(ctx));
       },
     };
     for (const [i, name] of only.entries()) {
