@@ -6,7 +6,8 @@
  * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
  * safety checks (blob verification after a restart, input tree limits, flushes), the Remote Asset API's
  * FetchBlob (cached and cold), a persistent worker's requests (the pool of src/persistent alone) and MicroVMs
- * (actions through the VM runner: first use, cold, resumed from a snapshot; a running VM, against QEMU's boot floor) against references measured in the
+ * (actions through the VM runner: first use, cold, resumed from a snapshot; a running VM, against QEMU's boot floor) and
+ * Docker in microVMs (`docker run` through Execute cold, resumed and recycled, against a dockerd on the host) against references measured in the
  * same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
