@@ -6,7 +6,8 @@
  * throughput, a Bazel build, a cold image pull, the per-action cost of running in an image and the cost of the
  * safety checks (blob verification after a restart, input tree limits, flushes), the Remote Asset API's
  * FetchBlob (cached and cold), a persistent worker's requests (the pool of src/persistent alone) and MicroVMs
- * (actions through the VM runner: first use, cold, resumed from a snapshot; a running VM, against QEMU's boot floor) against references measured in the
+ * (actions through the VM runner: first use, cold, resumed from a snapshot; a running VM, against QEMU's boot floor) and
+ * Docker in microVMs (`docker run` through Execute cold, resumed and recycled, against a dockerd on the host) against references measured in the
  * same run, prints a summary and rewrites
  * docs/benchmarks.md. `--only NAME[,NAME]` runs a subset (and leaves the document alone).
  */
@@ -34,6 +35,7 @@ import { benchRunners } from "./runners.js";
 import { benchSafety } from "./safety.js";
 import { type BenchServer, startBenchServer } from "./server.js";
 import { benchVm } from "./vm.js";
+import { benchVmDocker } from "./vm-docker.js";
 
 const REPO_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..", "..");
 const DOC = join(REPO_ROOT, "docs", "benchmarks.md");
@@ -60,6 +62,7 @@ const BENCHMARKS = {
   asset: "Remote Asset API: FetchBlob of a cached 64 MiB asset vs ByteStream Read, a cold fetch vs curl",
   persistent: "A persistent worker with a 1 s start-up answering 50 requests vs the tool started per action",
   vm: "MicroVMs: /bin/true through the VM runner (first use, cold, snapshot-resumed) and in a running VM vs QEMU's boot floor",
+  "vm-docker": "Docker in a microVM: docker run through Execute cold, snapshot-resumed and recycled vs a host dockerd",
 } as const;
 type BenchName = keyof typeof BENCHMARKS;
 
@@ -254,6 +257,11 @@ async function main(): Promise<void> {
       vm: async () => {
         await execution?.server.stop();
         sections.push(await benchVm(ctx));
+      },
+      // Two servers of its own (one worker each, microVMs), a loopback registry and a dockerd on the host.
+      "vm-docker": async () => {
+        await execution?.server.stop();
+        sections.push(await benchVmDocker(ctx));
       },
     };
     for (const [i, name] of only.entries()) {
