@@ -20,6 +20,7 @@ test("worker.vm: defaults, the guest under the data directory, ~ expanded", () =
     snapshots: true,
     snapshotsMaxSizeBytes: 8 * 1024 ** 3,
     bootTimeoutSeconds: 60,
+    dockerd: { startTimeoutSeconds: 120, registryMirrors: [] },
   });
   assert.equal(guestAssetsDir(config), "/srv/berth/vm");
   const moved = parseConfig({ worker: { vm: { dir: "~/guest", memoryBytes: "1GiB" } } });

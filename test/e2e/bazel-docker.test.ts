@@ -7,7 +7,7 @@ import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import type { GuestAssets } from "../../src/vm/guest-assets.js";
 import { DOCKER_IMAGE_MARKER, dockerImage } from "../support/docker-image.js";
-import { type ServerProcess, spawnBerth } from "../support/farm.js";
+import type { ServerProcess } from "../support/farm.js";
 import { testGuestAssets } from "../support/guest.js";
 import { busyboxImage, startRegistry, type TestRegistry } from "../support/registry.js";
 import {
@@ -20,6 +20,7 @@ import {
   readExecutionLog,
   runBazel,
   type SpawnExec,
+  spawnFarm,
   startupOptions,
   tearDownBazel,
 } from "./bazel.js";
@@ -102,33 +103,6 @@ function said(log: string, name: string): string | undefined {
     .split("\n")
     .find((line) => line.startsWith(prefix))
     ?.slice(prefix.length);
-}
-
-/** `berth serve` with one local worker, once that worker has joined. `log` collects its log's lines. */
-async function spawnFarm(args: string[], log: string[]): Promise<ServerProcess> {
-  let joined: () => void = () => undefined;
-  const workerJoined = new Promise<void>((resolve) => {
-    joined = resolve;
-  });
-  const farm = await spawnBerth([...args, "--workers", "1"], [], (line) => {
-    log.push(line);
-    if (/worker \S+ connected to /.test(line)) joined();
-  });
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    await Promise.race([
-      workerJoined,
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`the worker did not join within 60 s:\n${log.join("\n")}`)), 60_000);
-      }),
-    ]);
-  } catch (error) {
-    await farm.stop();
-    throw error;
-  } finally {
-    clearTimeout(timer);
-  }
-  return farm;
 }
 
 describe("Bazel 4.2.3 running an sh_test that uses Docker in a recycled microVM on Berth", { timeout: 900_000 }, () => {

@@ -8,7 +8,7 @@ import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
 import type { GuestAssets } from "../../src/vm/guest-assets.js";
-import { type ServerProcess, spawnBerth } from "../support/farm.js";
+import type { ServerProcess } from "../support/farm.js";
 import { testGuestAssets } from "../support/guest.js";
 import { MEDIA_TYPES, makeLayer } from "../support/layers.js";
 import { busyboxImage, imageWithLayers, MARKER_PATH, startRegistry, type TestRegistry } from "../support/registry.js";
@@ -22,6 +22,7 @@ import {
   readExecutionLog,
   runBazel,
   type SpawnExec,
+  spawnFarm,
   startupOptions,
   tearDownBazel,
 } from "./bazel.js";
@@ -141,32 +142,6 @@ function testScripts(spawns: SpawnExec[], test: string): string[] {
  * `berth serve` with one local worker, once that worker has joined: until then the farm knows no worker's
  * platform and refuses a microVM action (as any other) as unsatisfiable. `log` collects its log's lines.
  */
-async function spawnFarm(args: string[], log: string[]): Promise<ServerProcess> {
-  let joined: () => void = () => undefined;
-  const workerJoined = new Promise<void>((resolve) => {
-    joined = resolve;
-  });
-  const farm = await spawnBerth([...args, "--workers", "1"], [], (line) => {
-    log.push(line);
-    if (/worker \S+ connected to /.test(line)) joined();
-  });
-  let timer: NodeJS.Timeout | undefined;
-  try {
-    await Promise.race([
-      workerJoined,
-      new Promise((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`the worker did not join within 60 s:\n${log.join("\n")}`)), 60_000);
-      }),
-    ]);
-  } catch (error) {
-    await farm.stop();
-    throw error;
-  } finally {
-    clearTimeout(timer);
-  }
-  return farm;
-}
-
 describe("Bazel 4.2.3 running a genrule and sh_tests in microVMs on Berth", { timeout: 600_000 }, () => {
   let root = "";
   let workspace = "";

@@ -3,6 +3,7 @@ import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
+import { type ServerProcess, spawnBerth } from "../support/farm.js";
 
 /** Helpers for the end-to-end tests that drive Bazel 4.2.3 (Debian's bazel-bootstrap) against Berth. */
 
@@ -155,4 +156,31 @@ export async function tearDownBazel(
     for (const stop of stops) await stop();
     if (root !== "") await rm(root, { recursive: true, force: true });
   }
+}
+
+/** `berth serve` with one local worker, once that worker has joined. `log` collects its log's lines. */
+export async function spawnFarm(args: string[], log: string[]): Promise<ServerProcess> {
+  let joined: () => void = () => undefined;
+  const workerJoined = new Promise<void>((resolve) => {
+    joined = resolve;
+  });
+  const farm = await spawnBerth([...args, "--workers", "1"], [], (line) => {
+    log.push(line);
+    if (/worker \S+ connected to /.test(line)) joined();
+  });
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    await Promise.race([
+      workerJoined,
+      new Promise((_, reject) => {
+        timer = setTimeout(() => reject(new Error(`the worker did not join within 60 s:\n${log.join("\n")}`)), 60_000);
+      }),
+    ]);
+  } catch (error) {
+    await farm.stop();
+    throw error;
+  } finally {
+    clearTimeout(timer);
+  }
+  return farm;
 }
