@@ -1,6 +1,6 @@
 import { execFile } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
+import { chown, mkdir, readdir, readFile, rename, rm, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { PinnedLru } from "../cache/pinned-lru.js";
@@ -17,6 +17,11 @@ export interface VmSnapshotsOptions {
   maxBytes: number;
   /** Starts a VM when no snapshot fits yet: a cold boot. */
   cold: VmStarter;
+  /**
+   * Host ids the snapshot-making QEMU runs as, one set per VM made, given back once it is gone (the warm runners'
+   * set): it boots the image and may run its daemon (init-dockerd), so never as root. Absent: it runs as root.
+   */
+  identities?: { acquire(): { uid: number; gid: number }; release(identity: { uid: number; gid: number }): void };
   onError?: (err: unknown) => void;
 }
 
@@ -120,23 +125,31 @@ export class VmSnapshots implements VmStarter {
     await mkdir(join(partial, "share"), { mode: 0o700 });
     try {
       await createScratchDisk(join(partial, SCRATCH), shape.size.scratchDiskBytes);
-      // The worker's own boot, as root: no action runs in it. Its share is empty and never mounted (a mounted
-      // 9p share blocks a migration); the resumed VMs mount theirs.
-      const vm = await QemuVm.start({
-        ...options,
-        runDir: join(partial, "run"),
-        scratchDisk: join(partial, SCRATCH),
-        share: options.share && { ...options.share, path: join(partial, "share") },
-        runAs: undefined,
-        resumeFrom: undefined,
-        // A namespace of its own, empty: the VM's own (its network, its forwards) is not the snapshot's.
-        launchPrefix: ["unshare", "--net", "--"],
-      });
+      // The worker's own boot: no action runs in it, but the image may (its Docker daemon), so QEMU runs as ids
+      // of its own. Its share is empty and never mounted (a mounted 9p share blocks a migration); the resumed VMs
+      // mount theirs.
+      const identity = this.options.identities?.acquire();
       try {
-        if (shape.prepare) await writeFile(join(partial, PREPARED), await shape.prepare.run(vm));
-        await vm.snapshot(join(partial, MEMORY));
+        const vm = await QemuVm.start({
+          ...options,
+          runDir: join(partial, "run"),
+          scratchDisk: join(partial, SCRATCH),
+          share: options.share && { ...options.share, path: join(partial, "share") },
+          runAs: identity && { uid: identity.uid, gid: identity.gid },
+          resumeFrom: undefined,
+          // A namespace of its own, empty: the VM's own (its network, its forwards) is not the snapshot's.
+          launchPrefix: ["unshare", "--net", "--"],
+        });
+        try {
+          if (shape.prepare) await writeFile(join(partial, PREPARED), await shape.prepare.run(vm));
+          await vm.snapshot(join(partial, MEMORY));
+        } finally {
+          await vm.kill();
+        }
+        // The snapshot is the worker's: nothing of it stays writable by ids another runner gets next.
+        await chown(join(partial, SCRATCH), 0, 0);
       } finally {
-        await vm.kill();
+        if (identity) this.options.identities?.release(identity);
       }
       await rm(join(partial, "run"), { recursive: true, force: true });
       await rm(join(partial, "share"), { recursive: true, force: true });

@@ -6,7 +6,7 @@ import { type GuestAssets, loadGuestAssets, qemuAvailable } from "./guest-assets
 import type { Accelerator } from "./qemu-vm.js";
 import { RootDisks } from "./root-disks.js";
 import { coldStarter, type VmSizing, type VmStarter } from "./vm-runner.js";
-import { VmSnapshots } from "./vm-snapshots.js";
+import { VmSnapshots, type VmSnapshotsOptions } from "./vm-snapshots.js";
 
 /** What every slot's VM runner of one worker process shares. */
 export interface WorkerVms {
@@ -32,6 +32,8 @@ export async function openWorkerVms(
   assetsDir: string,
   workDir: string,
   log: Logger,
+  /** Ids for the QEMU that makes snapshots (the warm runners' set): never root. */
+  identities?: VmSnapshotsOptions["identities"],
 ): Promise<WorkerVms | undefined> {
   if (!(await qemuAvailable(vm.qemuPath))) {
     log.info(`no microVMs on this worker: ${vm.qemuPath} does not start`);
@@ -54,6 +56,7 @@ export async function openWorkerVms(
         dir: join(workDir, "vm-snapshots"),
         maxBytes: vm.snapshotsMaxSizeBytes,
         cold: coldStarter,
+        identities,
         onError: (err) => log.warn({ err }, "a VM snapshot failed"),
       })
     : undefined;

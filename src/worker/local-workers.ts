@@ -123,7 +123,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   // VMs boot from images, whose root disks are made from the layers by mounting them: as root only.
   const vms =
     layeredRoots && options.vmAssetsDir !== undefined
-      ? await openWorkerVms(options.worker.vm, options.vmAssetsDir, options.workDir, options.log)
+      ? await openWorkerVms(options.worker.vm, options.vmAssetsDir, options.workDir, options.log, identities)
       : undefined;
   // Warm VMs leaving the pool are saved (with their daemons and images) when the worker makes snapshots at all.
   const savedVms =
