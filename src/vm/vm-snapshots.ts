@@ -130,6 +130,8 @@ export class VmSnapshots implements VmStarter {
       // mount theirs.
       const identity = this.options.identities?.acquire();
       try {
+        // QEMU opens its share itself (9p), as those ids.
+        if (identity) await chown(join(partial, "share"), identity.uid, identity.gid);
         const vm = await QemuVm.start({
           ...options,
           runDir: join(partial, "run"),
