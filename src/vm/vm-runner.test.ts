@@ -219,7 +219,14 @@ test("a command past its timeout is killed with its VM: 137, timed out, no QEMU 
 });
 
 test("the next VM of a shape resumes a snapshot that holds nothing of any action, each on its own disk", async () => {
-  const snapshots = await VmSnapshots.open({ dir: join(dir, "snapshots"), maxBytes: 1024 ** 3, cold: coldStarter });
+  // The snapshot-making QEMU runs as ids of its own (the warm runners' set), never as root.
+  const makerIds = { uid: 61_400, gid: 61_400 };
+  const snapshots = await VmSnapshots.open({
+    dir: join(dir, "snapshots"),
+    maxBytes: 1024 ** 3,
+    cold: coldStarter,
+    identities: { acquire: () => makerIds, release: () => {} },
+  });
   const resuming = new VmRunner({
     assets,
     accelerator: "tcg",
@@ -237,7 +244,15 @@ test("the next VM of a shape resumes a snapshot that holds nothing of any action
   // The snapshot is made beside the first VM, by a VM of its own.
   const [snapshotDir] = await readdir(join(dir, "snapshots"));
   assert.ok(snapshotDir, "a snapshot is being made");
-  await waitFor(async () => (await readdir(join(dir, "snapshots"))).every((name) => !name.endsWith(".partial")));
+  const qemuUids = new Set<string>();
+  await waitFor(async () => {
+    for (const line of execFileSync("ps", ["-o", "uid=,ppid=,args=", "-e"]).toString().split("\n")) {
+      const [uid, ppid] = line.trim().split(/\s+/);
+      if (ppid === String(process.pid) && line.includes("qemu-system")) qemuUids.add(uid ?? "");
+    }
+    return (await readdir(join(dir, "snapshots"))).every((name) => !name.endsWith(".partial"));
+  });
+  assert.deepEqual([...qemuUids], [String(makerIds.uid)], "the snapshot's QEMU ran as the maker's ids only");
   const [made] = await readdir(join(dir, "snapshots"));
   const scratch = join(dir, "snapshots", made as string, "scratch.img");
   const before = execFileSync("sha256sum", [scratch]).toString();
