@@ -275,6 +275,8 @@ function runIn(namespace: string, argv: string[], input: string): Promise<void> 
       stderr += chunk.toString();
     });
     child.once("error", reject);
+    // A command that does not read its input (ip link set …) may exit first: its exit code is what counts.
+    child.stdin.on("error", () => {});
     child.once("exit", (code) =>
       code === 0 ? resolve() : reject(new Error(`${argv.join(" ")} failed (${code}): ${stderr.trim()}`)),
     );
