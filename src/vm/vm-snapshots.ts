@@ -171,10 +171,6 @@ export class VmSnapshots implements VmStarter {
  * and its accelerator.
  */
 async function snapshotKey(options: QemuVmOptions, shape: VmShape): Promise<string> {
-  const fileId = async (path: string) => {
-    const info = await stat(path);
-    return `${path}:${info.ino}:${info.size}:${info.mtimeMs}`;
-  };
   const parts = [
     shape.diskKey,
     await fileId(options.rootDisk),
@@ -193,7 +189,13 @@ async function snapshotKey(options: QemuVmOptions, shape: VmShape): Promise<stri
   return createHash("sha256").update(JSON.stringify(parts)).digest("hex");
 }
 
-async function diskUsage(dir: string): Promise<number> {
+/** A file as a resumed VM must find it again: path, inode, size and time (the guest cached what it read). */
+export async function fileId(path: string): Promise<string> {
+  const info = await stat(path);
+  return `${path}:${info.ino}:${info.size}:${info.mtimeMs}`;
+}
+
+export async function diskUsage(dir: string): Promise<number> {
   const { stdout } = await run("du", ["-s", "-B1", dir]);
   return Number.parseInt(stdout, 10) || 0;
 }

@@ -1,12 +1,9 @@
-import { execFile } from "node:child_process";
-import { mkdir, rename, rm, stat } from "node:fs/promises";
+import { mkdir, rename, rm } from "node:fs/promises";
 import { join, posix } from "node:path";
-import { promisify } from "node:util";
 import { PinnedLru } from "../cache/pinned-lru.js";
 import { QemuVm } from "./qemu-vm.js";
 import type { StartedVm, VmSession, VmStarter } from "./vm-runner.js";
-
-const run = promisify(execFile);
+import { diskUsage, fileId } from "./vm-snapshots.js";
 
 export interface WarmVmSnapshotsOptions {
   /** Where they are kept (emptied at open: a snapshot is its worker process's, like the warm VM it was). */
@@ -85,7 +82,7 @@ export class WarmVmSnapshots {
       await this.lru.insert(
         poolKey,
         { dir, rootDisk: await fileId(rootDisk), prepared: session.dockerd },
-        await du(dir),
+        await diskUsage(dir),
       );
       return true;
     } catch (error) {
@@ -120,14 +117,4 @@ export class WarmVmSnapshots {
   close(): Promise<void> {
     return this.lru.close();
   }
-}
-
-async function fileId(path: string): Promise<string> {
-  const info = await stat(path);
-  return `${path}:${info.ino}:${info.size}:${info.mtimeMs}`;
-}
-
-async function du(dir: string): Promise<number> {
-  const { stdout } = await run("du", ["-s", "-B1", dir]);
-  return Number.parseInt(stdout, 10) || 0;
 }
