@@ -52,8 +52,17 @@ describe("sandboxes made ahead (worker.sandboxesAhead) on a real farm", () => {
   after(() => farm?.close());
 
   let salt = 0;
-  async function run(script: string, platform: { name: string; value: string }[] = []) {
-    const action = await uploadAction(farm.clients, { args: ["sh", "-c", script], platform, salt: String(salt++) });
+  async function run(
+    script: string,
+    platform: { name: string; value: string }[] = [],
+    files: Record<string, string> = {},
+  ) {
+    const action = await uploadAction(farm.clients, {
+      args: ["sh", "-c", script],
+      platform,
+      files,
+      salt: String(salt++),
+    });
     const { response } = await execute(farm.clients, action, { skipCacheLookup: true });
     assert.equal(response.status?.code ?? Code.OK, Code.OK, response.status?.message);
     assert.equal(response.result?.exitCode, 0, await readBlob(farm.clients, response.result?.stderrDigest));
@@ -68,6 +77,29 @@ describe("sandboxes made ahead (worker.sandboxesAhead) on a real farm", () => {
       const seen = await run("cat /proc/1/comm; cat /tmp/mark 2>/dev/null || echo clean; pwd");
       assert.equal(seen, "perl\nclean\n/run/berth/execroot\n", `action ${i}`);
     }
+  });
+
+  test("the action's inputs are laid out where the sandbox made for it sees them", async () => {
+    await idle();
+    const seen = await run("cat /proc/1/comm; cat src/in.txt; ls -A", [], { "src/in.txt": "laid out\n" });
+    assert.equal(seen, "perl\nlaid out\nsrc\n");
+  });
+
+  test("after an action refused once its inputs were laid out, the next runs made ahead with its own inputs only", async () => {
+    await idle();
+    // The worker refuses a working directory through a symlink out of the input root, after the layout.
+    const refused = await uploadAction(farm.clients, {
+      args: ["true"],
+      files: { "secret.txt": "the refused action's\n" },
+      symlinks: { out: "/etc" },
+      workingDirectory: "out",
+      salt: String(salt++),
+    });
+    const { response } = await execute(farm.clients, refused, { skipCacheLookup: true });
+    assert.equal(response.status?.code, Code.INVALID_ARGUMENT, response.status?.message);
+    // The sandbox made while the slot was idle waited through the refusal: this action has it, and nothing else.
+    const script = "cat /proc/1/comm; cat in.txt; ls -A";
+    assert.equal(await run(script, [], { "in.txt": "mine\n" }), "perl\nmine\nin.txt\n");
   });
 
   test("a process the action leaves running is gone before its outputs are read, as in a fresh sandbox", async () => {

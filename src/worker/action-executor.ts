@@ -24,7 +24,7 @@ export interface ActionExecutor {
 export interface ExecutionContext {
   /** Aborted when the hub cancels the action or the stream breaks. */
   signal: AbortSignal;
-  /** The action's own directory (made by the local executor, removed by the cleanup wrapper). */
+  /** The action's own directory (made ahead by ActionDirectories, else by the local executor; removed by the cleanup wrapper). */
   directory: string;
   /** Stamped by the steps and wrappers as they go; the result's execution_metadata is this object. */
   metadata: ExecutedActionMetadata;

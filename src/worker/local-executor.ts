@@ -14,6 +14,7 @@ import {
 } from "../runner/runner.js";
 import type { Runners } from "../runner/runners.js";
 import { Code, StatusError } from "../status/status.js";
+import { INPUT_ROOT_NAME } from "./action-directories.js";
 import type { ActionEnvironments, PreparedEnvironment } from "./action-environments.js";
 import type { ActionExecutor, ExecutedAction, ExecutionContext } from "./action-executor.js";
 import { type ActionInputs, inputsForInstance } from "./action-inputs.js";
@@ -47,7 +48,7 @@ export class LocalActionExecutor implements ActionExecutor {
     const runner = this.runners.for(request.platform.isolation);
     this.environments.check(request.environment);
     const { metadata, directory } = context;
-    const inputRoot = join(directory, "root");
+    const inputRoot = join(directory, INPUT_ROOT_NAME);
     metadata.inputFetchStartTimestamp = nowTimestamp();
     mkdirSync(directory, { recursive: true });
     const inputs = inputsForInstance(this.inputs, assignment.instanceName);

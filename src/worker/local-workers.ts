@@ -1,3 +1,4 @@
+import { readdir } from "node:fs/promises";
 import { availableParallelism, endianness, hostname } from "node:os";
 import { join } from "node:path";
 import { EXPANDED_IMAGE_CAPABILITY, IMAGE_CAPABILITY } from "../action/action-platform.js";
@@ -25,6 +26,7 @@ import { RecyclingVmRunner, WarmVms } from "../vm/recycling-vm-runner.js";
 import { VmRunner } from "../vm/vm-runner.js";
 import { WarmVmSnapshots } from "../vm/warm-vm-snapshots.js";
 import { openWorkerVms } from "../vm/worker-vms.js";
+import { ActionDirectories } from "./action-directories.js";
 import { ActionEnvironments } from "./action-environments.js";
 import type { ActionInputs } from "./action-inputs.js";
 import { DirectoryCache } from "./directory-cache.js";
@@ -206,6 +208,12 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
     });
   };
   const owners = Array.from({ length: options.count }, (_, i) => actionUser(i, sandboxUidBase));
+  // What a crashed worker process left of its actions goes to the trash (opened below) before any action runs.
+  const actionsDir = join(options.workDir, "actions");
+  const leftovers = await readdir(actionsDir).catch(() => [] as string[]);
+  const actionDirectories = owners.map(
+    (owner) => new ActionDirectories(actionsDir, process.getuid?.() === 0 ? owner : undefined),
+  );
   let warmVms: WarmVms | undefined;
   const runners = owners.map((owner, i) => slotRunners(i, owner));
   await warmVms?.open();
@@ -236,6 +244,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
   ];
   const directories = new DirectoryCache();
   const trash = await Trash.open(join(options.workDir, "trash"));
+  for (const name of leftovers) void trash.discard(join(actionsDir, name)).catch(() => {});
   const prefix = options.name ?? `${hostname()}-${process.pid}`;
   const workers = owners.map((owner, i) => {
     const workerName = `${prefix}-${i}`;
@@ -262,7 +271,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
         trash,
         flagfileLimits: persistent.flagfiles,
       }),
-      workDir: join(options.workDir, "actions"),
+      directories: actionDirectories[i] as ActionDirectories,
       images,
       warmKeys,
       log: options.log,
@@ -275,6 +284,7 @@ export async function startWorkers(options: WorkerPoolOptions): Promise<{ stop()
       await pool.close();
       await persistentPool.close();
       await Promise.all(aheadRunners.map((ahead) => ahead.close()));
+      await Promise.all(actionDirectories.map((directories) => directories.close()));
       await warmVms?.close();
       await savedVms?.close();
       await vms?.close();

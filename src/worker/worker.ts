@@ -1,4 +1,3 @@
-import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
 import type { ClientDuplexStream } from "@grpc/grpc-js";
 import type { Property } from "../action/property.js";
@@ -8,6 +7,7 @@ import { type HubMessage, type ImagePull, WorkerHubClient, type WorkerMessage } 
 import type { Logger } from "../log/log.js";
 import { OK_STATUS, toRpcStatus } from "../status/rpc-status.js";
 import { Code, StatusError, toStatusError } from "../status/status.js";
+import type { ActionDirectories } from "./action-directories.js";
 import { type ActionExecutor, executionContext, failedCompletion } from "./action-executor.js";
 import { failureStatus } from "./failure-status.js";
 import type { PullProgress, WorkerImages } from "./worker-images.js";
@@ -24,8 +24,8 @@ export interface WorkerOptions {
   slots: number;
   /** Runs each assignment (see worker-executor.ts). */
   executor: ActionExecutor;
-  /** Each action gets a directory below this one, removed when it is done. */
-  workDir: string;
+  /** Where each action gets a directory of its own, removed when it is done. */
+  directories: ActionDirectories;
   /** The worker's images, which the hub may ask it to pull ahead; undefined when it runs none. */
   images: WorkerImages | undefined;
   /** The keys of the idle warm runners the worker's process holds, reported to the hub as they change. */
@@ -137,16 +137,21 @@ export class Worker {
     if (assignment) {
       const controller = new AbortController();
       this.running.set(assignment.leaseId, controller);
-      const directory = join(this.options.workDir, assignment.leaseId);
-      this.options.executor
-        .execute(assignment, executionContext(directory, controller.signal))
-        .then(
-          ({ completion }) => completion,
-          (err: unknown) => failedCompletion(assignment.leaseId, failureStatus(err, directory)),
+      const { directories, executor } = this.options;
+      directories
+        .take()
+        .then((directory) =>
+          executor.execute(assignment, executionContext(directory, controller.signal)).then(
+            ({ completion }) => completion,
+            (err: unknown) => failedCompletion(assignment.leaseId, failureStatus(err, directory)),
+          ),
         )
+        .catch((err: unknown) => failedCompletion(assignment.leaseId, toStatusError(err)))
         .then((completion) => {
           this.running.delete(assignment.leaseId);
           if (!controller.signal.aborted && stream === this.stream) stream.write({ completion });
+          // After the answer: the next action's directory is not this one's to wait for.
+          directories.prepareNext();
         });
     }
   }
