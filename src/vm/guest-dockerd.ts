@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import { lstat } from "node:fs/promises";
 import { join } from "node:path";
+import { DOCKER_HUB } from "../image/reference.js";
 import type { DockerdRequest } from "../runner/runner.js";
 import { Code, StatusError } from "../status/status.js";
 import type { QemuVm } from "./qemu-vm.js";
@@ -126,9 +127,7 @@ export async function startGuestDockerd(vm: QemuVm, plan: DockerdPlan, image: st
  * VM after it starts), in /root/.docker/config.json, readable by root only.
  */
 export async function writeGuestDockerAuth(vm: QemuVm, auth: NonNullable<DockerdRequest["auth"]>): Promise<void> {
-  const config = JSON.stringify({
-    auths: { [auth.registry]: { auth: Buffer.from(`${auth.username}:${auth.password}`).toString("base64") } },
-  });
+  const config = guestDockerConfig(auth);
   const result = await vm.run(
     {
       argv: [
@@ -146,4 +145,18 @@ export async function writeGuestDockerAuth(vm: QemuVm, auth: NonNullable<Dockerd
   // Its output cannot hold the credentials (printf writes only to the file); the exit code is all that is said.
   if (result.exitCode !== 0)
     throw new Error(`cannot give the VM's docker client its credentials (exit ${result.exitCode})`);
+}
+
+/** Where the docker client looks Docker Hub's credentials up: its v1 index, not the registry's name. */
+const DOCKER_HUB_AUTH_KEY = "https://index.docker.io/v1/";
+
+/**
+ * The guest's ~/.docker/config.json holding `auth`, keyed as the docker client looks it up: by the registry's
+ * host, but for Docker Hub (`docker.io`, however an image names it) by its index URL.
+ */
+export function guestDockerConfig(auth: NonNullable<DockerdRequest["auth"]>): string {
+  const key = auth.registry === DOCKER_HUB ? DOCKER_HUB_AUTH_KEY : auth.registry;
+  return JSON.stringify({
+    auths: { [key]: { auth: Buffer.from(`${auth.username}:${auth.password}`).toString("base64") } },
+  });
 }
