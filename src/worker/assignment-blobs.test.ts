@@ -112,6 +112,20 @@ describe("input blobs that come with an assignment", () => {
     );
   });
 
+  test("a file the worker holds already is taken from its cache, whatever bytes came under its digest", async () => {
+    const content = `held ${randomUUID()}\n`;
+    const tree = uniqueTree(content);
+    const script = "cat bazel-out/bin/in.txt";
+    const first = await executor.run(assignment(tree.root, script, tree.directories, tree.files));
+    assert.equal(inlineText(first, first.result?.stdoutDigest), content);
+    // The same digest again, its bytes forged: the cached copy is laid out, the forged bytes are never written.
+    const genuine = tree.files.find((b) => String(b.data) === content) as Blob;
+    const forged = tree.files.map((b) => (b === genuine ? { ...b, data: Buffer.from("forged\n") } : b));
+    const second = await executor.run(assignment(tree.root, script, tree.directories, forged));
+    assert.equal(second.status?.code, Code.OK, second.status?.message);
+    assert.equal(inlineText(second, second.result?.stdoutDigest), content);
+  });
+
   test("Directory messages that do not match their digest or break REAPI's rules stay out of the worker's cache", async () => {
     const good = encodeTree(dir({ ok: file("ok\n") }));
     const bad = encodeTree(dir({ other: file("other\n") }));
@@ -140,6 +154,10 @@ describe("input blobs that come with an assignment", () => {
     assert.ok(directories.get(key(good.root)), "the genuine Directory is taken in");
     assert.equal(directories.get(key(bad.root)), undefined, "bytes of another Directory under its digest");
     assert.equal(directories.get(key(sha256(swappedData))), undefined, "entries out of order");
-    assert.equal(files.size, 0, "a file whose bytes do not match");
+    assert.equal(
+      await files.get(parseDigest(SHA256, sha256("x"), "test")),
+      undefined,
+      "a file whose bytes do not match",
+    );
   });
 });

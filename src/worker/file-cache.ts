@@ -2,7 +2,7 @@ import { renameSync, writeFileSync } from "node:fs";
 import { chmod, mkdir, rename, rm, unlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { type Lease, PinnedLru } from "../cache/pinned-lru.js";
-import { type Digest, digestKey, formatDigest } from "../digest/digest.js";
+import { type Digest, formatDigest } from "../digest/digest.js";
 import type { RemoteCas } from "./remote-cas.js";
 
 /**
@@ -51,13 +51,13 @@ export class FileCache {
   /**
    * The cached copies of `wanted` (fetching what is absent), pinned until
    * `release`, and the digests the CAS does not have. Small files come in
-   * batches, large ones streamed; those in `atHand` (verified contents by
-   * digest key) are written from there instead.
+   * batches, large ones streamed; those `atHand` has are written from there
+   * instead.
    */
   async ensure(
     cas: RemoteCas,
     wanted: readonly { digest: Digest; executable: boolean }[],
-    atHand?: ReadonlyMap<string, Buffer>,
+    atHand?: BlobsAtHand,
   ): Promise<{ missing: Digest[]; release(): void }> {
     const leases: Lease<string>[] = [];
     const absent = new Map<string, { digest: Digest; executable: boolean }>();
@@ -91,7 +91,7 @@ export class FileCache {
   private async fetchAbsent(
     cas: RemoteCas,
     absent: ReadonlyMap<string, { digest: Digest; executable: boolean }>,
-    atHand: ReadonlyMap<string, Buffer> | undefined,
+    atHand: BlobsAtHand | undefined,
     leases: Lease<string>[],
   ): Promise<Digest[]> {
     if (absent.size === 0) return [];
@@ -146,16 +146,25 @@ export class FileCache {
   private async fetch(
     cas: RemoteCas,
     items: [string, { digest: Digest; executable: boolean }][],
-    atHand: ReadonlyMap<string, Buffer> | undefined,
+    atHand: BlobsAtHand | undefined,
   ): Promise<Set<string>> {
     const found = new Set<string>();
     const small = items.filter(([, i]) => i.digest.sizeBytes <= 1024 * 1024);
     const large = items.filter(([, i]) => i.digest.sizeBytes > 1024 * 1024);
-    const toRead = small.filter(([, i]) => !atHand?.has(digestKey(i.digest))).map(([, i]) => i.digest);
+    const provided = new Map<string, Buffer>();
+    if (atHand) {
+      await Promise.all(
+        small.map(async ([key, item]) => {
+          const data = await atHand.get(item.digest);
+          if (data) provided.set(key, data);
+        }),
+      );
+    }
+    const toRead = small.filter(([key]) => !provided.has(key)).map(([, i]) => i.digest);
     const blobs = await cas.readBlobs(toRead);
     await Promise.all(
       small.map(async ([key, item]) => {
-        const data = atHand?.get(digestKey(item.digest)) ?? blobs.get(item.digest);
+        const data = provided.get(key) ?? blobs.get(item.digest);
         if (!data) return;
         const path = join(this.dir, key);
         const temp = `${path}.part`;
@@ -179,6 +188,15 @@ export class FileCache {
     }
     return found;
   }
+}
+
+/**
+ * Contents of some blobs that came with the work at hand (an assignment's small input files), which the cache
+ * writes instead of reading them from the CAS: undefined for one it does not have, or whose bytes do not match
+ * the digest (each is checked when first asked for).
+ */
+export interface BlobsAtHand {
+  get(digest: Digest): Promise<Buffer | undefined>;
 }
 
 /** A creation's way of saying the CAS lacks the blob: reported as missing, not as a failure. */

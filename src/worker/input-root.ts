@@ -18,7 +18,7 @@ import { imageModeOf } from "../image/open-directories.js";
 import { invalidArgument, missingBlobs } from "../status/status.js";
 import type { ActionInputs } from "./action-inputs.js";
 import type { DirectoryCache } from "./directory-cache.js";
-import { describeMissing, type FileCache } from "./file-cache.js";
+import { type BlobsAtHand, describeMissing, type FileCache } from "./file-cache.js";
 import type { RemoteCas } from "./remote-cas.js";
 
 /** Who owns the directories of an action's tree, so its unprivileged user can write there. */
@@ -55,8 +55,8 @@ export interface TreePlan {
 export interface LayOutOptions {
   /** Gives every directory to this user; without it they stay the worker's. */
   owner?: TreeOwner;
-  /** Contents of some files by digest key (they came with the assignment): written, not fetched. */
-  files?: ReadonlyMap<string, Buffer>;
+  /** Contents of some files (they came with the assignment): written, not fetched. */
+  files?: BlobsAtHand;
   /**
    * Gives each directory its Directory's node_properties.unix_mode (0755 when
    * it has none), as an image's tree needs; without it every directory is 0755.
@@ -77,8 +77,8 @@ export async function materializeInputRoot(
   root: Digest,
   target: string,
   inputs: ActionInputs,
-  /** Contents of some files by digest key (they came with the assignment): written, not fetched. */
-  files?: ReadonlyMap<string, Buffer>,
+  /** Contents of some files (they came with the assignment): written, not fetched. */
+  files?: BlobsAtHand,
 ): Promise<void> {
   const plan = await planTree(fn, root, target, inputs);
   await layOutTree(plan, inputs.cas, inputs.files, { owner: inputs.owner, files });
