@@ -37,19 +37,21 @@ test("each action gets a directory of its own, made before it arrives, with an e
   assert.notEqual(second, first);
   assert.ok(existsSync(join(second, INPUT_ROOT_NAME)));
 
-  // Taken with none made ahead: made then.
-  const third = await directories.take();
+  // Taken with none made ahead: made then; two taken at once are two.
+  const [third, fourth] = await Promise.all([directories.take(), directories.take()]);
   assert.notEqual(third, second);
+  assert.notEqual(third, fourth);
 
   // Closing removes the one no action took, and only that one.
   directories.prepareNext();
   const untaken = await directories.next();
   await directories.close();
   assert.ok(!existsSync(untaken));
-  assert.deepEqual(readdirSync(parent).sort(), [basename(first), basename(second), basename(third)].sort());
+  const taken = [first, second, third, fourth].map((d) => basename(d)).sort();
+  assert.deepEqual(readdirSync(parent).sort(), taken);
   directories.prepareNext();
   await sleep(20);
-  assert.equal(readdirSync(parent).length, 3, "a closed slot makes no more");
+  assert.equal(readdirSync(parent).length, 4, "a closed slot makes no more");
 });
 
 test("what a crashed worker process left of its actions is removed as the next starts, and no action sees it", async (t) => {

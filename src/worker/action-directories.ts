@@ -1,6 +1,6 @@
 import { randomUUID } from "node:crypto";
 import { rmSync } from "node:fs";
-import { chown, mkdir } from "node:fs/promises";
+import { chown, mkdir, rm } from "node:fs/promises";
 import { join } from "node:path";
 import type { TreeOwner } from "./input-root.js";
 
@@ -31,9 +31,12 @@ export class ActionDirectories {
     return this.#next;
   }
 
-  /** A directory for the action at hand, no other's; the next one is made once `prepareNext` is called. */
-  async take(): Promise<string> {
-    const directory = await this.next();
+  /**
+   * A directory for the action at hand, no other's (handed out before any wait, so two takes never share
+   * one); the next one is made once `prepareNext` is called.
+   */
+  take(): Promise<string> {
+    const directory = this.next();
     this.#next = undefined;
     return directory;
   }
@@ -41,9 +44,10 @@ export class ActionDirectories {
   /** Makes the next directory, off the path of the action that took the last (called once it is answered). */
   prepareNext(): void {
     if (this.#closed) return;
-    void this.next().catch(() => {
+    const next = this.next();
+    next.catch(() => {
       // Made again when taken; the error is the taker's then.
-      this.#next = undefined;
+      if (this.#next === next) this.#next = undefined;
     });
   }
 
@@ -56,11 +60,19 @@ export class ActionDirectories {
     if (directory) rmSync(directory, { recursive: true, force: true });
   }
 
+  /** A new directory (never one that was there: mkdir fails on EEXIST), removed again if it cannot be finished. */
   async #make(): Promise<string> {
+    await mkdir(this.parent, { recursive: true });
     const directory = join(this.parent, randomUUID());
-    const inputRoot = join(directory, INPUT_ROOT_NAME);
-    await mkdir(inputRoot, { recursive: true, mode: 0o755 });
-    if (this.owner) await chown(inputRoot, this.owner.uid, this.owner.gid);
+    await mkdir(directory, { mode: 0o755 });
+    try {
+      const inputRoot = join(directory, INPUT_ROOT_NAME);
+      await mkdir(inputRoot, { mode: 0o755 });
+      if (this.owner) await chown(inputRoot, this.owner.uid, this.owner.gid);
+    } catch (err) {
+      await rm(directory, { recursive: true, force: true });
+      throw err;
+    }
     return directory;
   }
 }
