@@ -79,7 +79,7 @@ describe("sandboxes made ahead (worker.sandboxesAhead) on a real farm", () => {
     }
   });
 
-  test("the action's inputs are laid out where the sandbox made for it sees them", async () => {
+  test("a sandbox made ahead sees the action's inputs, and only them", async () => {
     await idle();
     const seen = await run("cat /proc/1/comm; cat src/in.txt; ls -A", [], { "src/in.txt": "laid out\n" });
     assert.equal(seen, "perl\nlaid out\nsrc\n");
