@@ -1,10 +1,7 @@
-import { execFile } from "node:child_process";
-import { constants as fsConstants, openSync, rmSync } from "node:fs";
+import { constants as fsConstants, openSync, readFileSync, rmSync } from "node:fs";
 import { Socket } from "node:net";
 import { join } from "node:path";
-import { promisify } from "node:util";
-
-const run = promisify(execFile);
+import type { Launcher } from "../process/launcher.js";
 
 /** One command for the agent; the paths are as the agent sees them. */
 export interface AgentCommand {
@@ -48,9 +45,12 @@ export class AgentChannel {
   #onReady: (error?: Error) => void = () => {};
   #gone: string | undefined;
 
-  /** The pipes to an agent about to start, made in `controlDir`; `onGone` hears once why it can no longer be reached. */
-  static async open(controlDir: string, onGone: (reason: string) => void): Promise<AgentChannel> {
-    await mkfifo(join(controlDir, "requests"), join(controlDir, "replies"));
+  /**
+   * The pipes to an agent about to start, made in `controlDir` (by `launcher`, see mkfifo); `onGone` hears
+   * once why it can no longer be reached.
+   */
+  static async open(controlDir: string, launcher: Launcher, onGone: (reason: string) => void): Promise<AgentChannel> {
+    await mkfifo(launcher, [join(controlDir, "requests"), join(controlDir, "replies")], controlDir);
     return new AgentChannel(controlDir, onGone);
   }
 
@@ -167,7 +167,31 @@ function ended(reason: string): Error {
   return new Error(`the resident sandbox ended: ${reason}`);
 }
 
-export async function mkfifo(...paths: string[]): Promise<void> {
-  // Not execFileSync: a sandbox is made while others run, and a blocked event loop would stall their actions.
-  await run("mkfifo", ["-m", "0600", "--", ...paths]);
+/**
+ * Makes FIFOs (0600, root's) by running mkfifo(1) through `launcher`: Node has no mkfifo, and forking the
+ * worker itself to run the program (execFile) blocked its event loop for about 3 ms here, the copy of its
+ * large address space, while sandboxes are made beside other slots' actions. The launcher forks its small
+ * self instead. mkfifo's complaint, if any, is written in `scratchDir` and given in the error.
+ */
+export async function mkfifo(launcher: Launcher, paths: readonly string[], scratchDir: string): Promise<void> {
+  const stderrPath = join(scratchDir, `mkfifo-${process.pid}-${nextMkfifo++}.err`);
+  try {
+    const launched = await launcher.launch({
+      argv: ["mkfifo", "-m", "0600", "--", ...paths],
+      env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
+      stdoutPath: "/dev/null",
+      stderrPath,
+      fd3Path: "/dev/null",
+      steps: [],
+    });
+    const { code, signal } = await launched.exited;
+    if (code !== 0) {
+      const said = readFileSync(stderrPath, "utf8").trim();
+      throw new Error(`mkfifo failed (${code === null ? `signal ${signal}` : `exit ${code}`}): ${said}`);
+    }
+  } finally {
+    rmSync(stderrPath, { force: true });
+  }
 }
+
+let nextMkfifo = 0;

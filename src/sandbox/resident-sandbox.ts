@@ -137,6 +137,8 @@ export class ResidentSandbox implements WorkerProcessLauncher {
   #channel: AgentChannel | undefined;
   #layout: ResidentLayout | undefined;
   #launched: Launched | undefined;
+  /** What started the sandbox; it makes the FIFOs of spawnPiped too. */
+  #launcher: Launcher | undefined;
   #agentPid: number | undefined;
   #pidNamespace: number | undefined;
   #nextId = 0;
@@ -183,7 +185,10 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     mkdirSync(this.#controlDir, { mode: 0o700 });
     mkdirSync(this.#ioDir, { mode: 0o700 });
     chownSync(this.#ioDir, this.#uid, this.#gid);
-    const channel = await AgentChannel.open(this.#controlDir, (reason) => {
+    // As in BubblewrapSandbox: a sandbox with a network is started outside the cgroup, which it then joins.
+    const launcher = options.network ? sharedLauncher() : (options.launcher ?? sharedLauncher());
+    this.#launcher = launcher;
+    const channel = await AgentChannel.open(this.#controlDir, launcher, (reason) => {
       this.#gone ??= new Error(`the resident sandbox ended: ${reason}`);
     });
     this.#channel = channel;
@@ -202,8 +207,6 @@ export class ResidentSandbox implements WorkerProcessLauncher {
       masked,
     });
     this.#layout = layout;
-    // As in BubblewrapSandbox: a sandbox with a network is started outside the cgroup, which it then joins.
-    const launcher = options.network ? sharedLauncher() : (options.launcher ?? sharedLauncher());
     const launcherInCgroup = launcher.cgroupProcsFiles.length > 0;
     const steps: LaunchStep[] = [
       ...(options.network
@@ -355,7 +358,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     const id = String(this.#nextId++);
     const names = ["in", "out", "err"].map((name) => `${id}.${name}`);
     const paths = names.map((name) => join(this.#ioDir, name));
-    await mkfifo(...paths);
+    await mkfifo(this.#launcher ?? sharedLauncher(), paths, this.#controlDir);
     for (const path of paths) chownSync(path, this.#uid, this.#gid);
     const [inPath, outPath, errPath] = paths as [string, string, string];
     const stdout = new Socket({
