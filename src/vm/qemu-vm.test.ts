@@ -13,7 +13,7 @@ import { Code, StatusError } from "../status/status.js";
 import type { GuestCommand } from "./agent-protocol.js";
 import { buildRootDisk, createScratchDisk } from "./disk-image.js";
 import type { GuestAssets } from "./guest-assets.js";
-import { QemuVm } from "./qemu-vm.js";
+import { kernelCommandLine, QemuVm } from "./qemu-vm.js";
 
 // One VM booted under TCG (seconds of CPU on a shared machine) serves every test of this file, in order; the
 // last ones snapshot it, resume copies and kill them all.
@@ -89,6 +89,14 @@ test("the command runs on the guest's own kernel, not the host's", async () => {
   assert.equal(guestRelease, assets.kernelRelease);
   assert.notEqual(guestRelease, release());
   assert.equal(vm.kernelRelease, assets.kernelRelease);
+});
+
+test("under TCG the guest does not randomize addresses, so QEMU reuses the code it translated; under KVM it does", async () => {
+  // The test VM runs under TCG (QemuVm's default accelerator).
+  const result = await sh("cat /proc/sys/kernel/randomize_va_space");
+  assert.equal(result.stdout.toString().trim(), "0");
+  assert.match(kernelCommandLine("tcg", "erofs"), / norandmaps /);
+  assert.doesNotMatch(kernelCommandLine("kvm", "erofs"), /norandmaps/);
 });
 
 test("QEMU itself runs under a seccomp filter", async () => {
