@@ -4,7 +4,6 @@ import { chmod, cp, mkdir, mkdtemp, readFile, writeFile } from "node:fs/promises
 import { homedir, tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { fileURLToPath } from "node:url";
 import type { GuestAssets } from "../../src/vm/guest-assets.js";
 import { DOCKER_IMAGE_MARKER, dockerImage } from "../support/docker-image.js";
 import type { ServerProcess } from "../support/farm.js";
@@ -15,6 +14,7 @@ import {
   assertNoRemoteWarnings,
   BAZEL,
   describeRun,
+  FIXTURES,
   nonInternalKinds,
   processSummary,
   readExecutionLog,
@@ -22,6 +22,7 @@ import {
   type SpawnExec,
   spawnFarm,
   startupOptions,
+  stubOverrides,
   tearDownBazel,
 } from "./bazel.js";
 
@@ -44,10 +45,6 @@ import {
  * bash, as Bazel's scripts need. Snapshots are off: the first VM is a cold boot.
  */
 
-// Compiled to dist/test/e2e; the fixtures stay in the source tree.
-const FIXTURES = fileURLToPath(new URL("../../../test/e2e/fixtures/", import.meta.url));
-/** Bazel 4.2.3 fetches these as soon as a test rule is analysed; see fixtures/bazel-stubs. */
-const STUB_REPOSITORIES = ["rules_cc", "rules_java", "remote_coverage_tools"];
 const QEMU = "/usr/bin/qemu-system-x86_64";
 /** What the small image's /etc/berth-image-marker holds: only a container of it can print this. */
 const SMALL_MARKER = "berth e2e: the container pulled inside the VM";
@@ -56,7 +53,7 @@ const VM_MARKER = "/tmp/berth-docker-marker";
 const TEST = "docker_test";
 
 function bazelrc(stubs: string): string {
-  const overrides = STUB_REPOSITORIES.map((name) => `--override_repository=${name}=${join(stubs, name)}`).join(" ");
+  const overrides = stubOverrides(stubs);
   return [
     `build ${overrides}`,
     // The runner's PATH must not reach the actions (it would also change their keys); this one has /usr/bin.

@@ -5,7 +5,6 @@ import { chmod, cp, mkdir, mkdtemp, readFile, writeFile } from "node:fs/promises
 import { homedir, release, tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
-import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
 import type { GuestAssets } from "../../src/vm/guest-assets.js";
 import type { ServerProcess } from "../support/farm.js";
@@ -17,6 +16,7 @@ import {
   assertNoRemoteWarnings,
   BAZEL,
   describeRun,
+  FIXTURES,
   nonInternalKinds,
   processSummary,
   readExecutionLog,
@@ -24,6 +24,7 @@ import {
   type SpawnExec,
   spawnFarm,
   startupOptions,
+  stubOverrides,
   tearDownBazel,
 } from "./bazel.js";
 
@@ -46,10 +47,6 @@ import {
  * with Debian's statically linked bash (bash-static) as /bin/bash.
  */
 
-// Compiled to dist/test/e2e; the fixtures stay in the source tree.
-const FIXTURES = fileURLToPath(new URL("../../../test/e2e/fixtures/", import.meta.url));
-/** Bazel 4.2.3 fetches these as soon as a test rule is analysed; see fixtures/bazel-stubs. */
-const STUB_REPOSITORIES = ["rules_cc", "rules_java", "remote_coverage_tools"];
 const BASH_STATIC = "/bin/bash-static";
 const QEMU = "/usr/bin/qemu-system-x86_64";
 /** What the image's /etc/berth-image-marker holds; the host has no such file. */
@@ -66,7 +63,7 @@ const BAZEL_REMOTE_ERROR = 34;
 const BAZEL_TESTS_FAILED = 3;
 
 function bazelrc(stubs: string): string {
-  const overrides = STUB_REPOSITORIES.map((name) => `--override_repository=${name}=${join(stubs, name)}`).join(" ");
+  const overrides = stubOverrides(stubs);
   return [
     `build ${overrides}`,
     // The runner's PATH must not reach the actions (it would also change their keys); this one has /bin.

@@ -5,7 +5,6 @@ import { chmod, cp, mkdtemp, readdir, readFile, readlink, writeFile } from "node
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 import { type ServerProcess, spawnBerth } from "../support/farm.js";
 import {
@@ -14,6 +13,7 @@ import {
   BAZEL,
   type CommandResult,
   describeRun,
+  FIXTURES,
   nonInternalKinds,
   type ProcessSummary,
   processSummary,
@@ -21,6 +21,7 @@ import {
   runBazel,
   type SpawnExec,
   startupOptions,
+  stubOverrides,
   tearDownBazel,
 } from "./bazel.js";
 
@@ -31,13 +32,9 @@ import {
  * but the failing test comes back from Berth's action cache.
  */
 
-// Compiled to dist/test/e2e; the fixtures stay in the source tree.
-const FIXTURES = fileURLToPath(new URL("../../../test/e2e/fixtures/", import.meta.url));
 const GCC = "/usr/bin/gcc";
 /** The user Berth's sandbox runs actions as; Bazel itself runs as root here. */
 const SANDBOX_UID = "65534";
-/** Bazel 4.2.3 fetches these as soon as a test rule or the C++ toolchain is analysed; see fixtures/bazel-stubs. */
-const STUB_REPOSITORIES = ["rules_cc", "rules_java", "remote_coverage_tools"];
 const GREETING = "Hello from a binary compiled and linked by Berth\n";
 /**
  * What fail_test.sh prints to its standard error. Bazel's test-setup.sh sends the test's stderr to its own
@@ -75,7 +72,7 @@ const EXPECTED_BUILD_SPAWNS: Record<string, number | "some"> = {
 
 /** Options of every build and test; the executor's address is given on the command line. */
 function bazelrc(stubs: string): string {
-  const overrides = STUB_REPOSITORIES.map((name) => `--override_repository=${name}=${join(stubs, name)}`).join(" ");
+  const overrides = stubOverrides(stubs);
   return [
     // `test` and `clean` inherit the options of `build`; `query` does not.
     `build ${overrides}`,

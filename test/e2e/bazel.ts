@@ -3,9 +3,20 @@ import { spawn } from "node:child_process";
 import { existsSync } from "node:fs";
 import { readFile, rm } from "node:fs/promises";
 import { join } from "node:path";
+import { fileURLToPath } from "node:url";
 import { type ServerProcess, spawnBerth } from "../support/farm.js";
 
 /** Helpers for the end-to-end tests that drive Bazel 4.2.3 (Debian's bazel-bootstrap) against Berth. */
+
+// Compiled to dist/test/e2e; the fixtures stay in the source tree.
+export const FIXTURES = fileURLToPath(new URL("../../../test/e2e/fixtures/", import.meta.url));
+/** Bazel 4.2.3 fetches these as soon as a test rule is analysed; see fixtures/bazel-stubs. */
+export const STUB_REPOSITORIES = ["rules_cc", "rules_java", "remote_coverage_tools"];
+
+/** Options pointing Bazel at the stub repositories below `stubs` instead of fetching them. */
+export function stubOverrides(stubs: string): string {
+  return STUB_REPOSITORIES.map((name) => `--override_repository=${name}=${join(stubs, name)}`).join(" ");
+}
 
 export const BAZEL = "/usr/bin/bazel";
 export const BAZEL_COMMAND_TIMEOUT_MS = 120_000;
