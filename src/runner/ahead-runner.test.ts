@@ -27,14 +27,14 @@ function hostProcesses(argv: string[]): string[] {
   });
 }
 
-/** Sandbox agents (perl, the resident sandboxes' pid 1) on the host running as a uid in [from, from + count). */
+/** Sandbox agents (berth-agent, the resident sandboxes' pid 1) on the host running as a uid in [from, from + count). */
 function agentsOf(from: number, count: number): string[] {
   return readdirSync("/proc").filter((pid) => {
     if (!/^\d+$/.test(pid)) return false;
     try {
       const status = readFileSync(`/proc/${pid}/status`, "utf8");
       const uid = Number(/^Uid:\s+(\d+)/m.exec(status)?.[1]);
-      return /^Name:\s+perl$/m.test(status) && uid >= from && uid < from + count;
+      return /^Name:\s+berth-agent$/m.test(status) && uid >= from && uid < from + count;
     } catch {
       return false;
     }
@@ -73,16 +73,16 @@ describe("sandboxes made ahead (worker.sandboxesAhead) on a real farm", () => {
     await run("echo first; echo left > /tmp/mark");
     for (let i = 0; i < 3; i++) {
       await idle();
-      // pid 1 is the resident sandbox's agent (perl), not bwrap: the sandbox was made ahead.
+      // pid 1 is the resident sandbox's agent (berth-agent), not bwrap: the sandbox was made ahead.
       const seen = await run("cat /proc/1/comm; cat /tmp/mark 2>/dev/null || echo clean; pwd");
-      assert.equal(seen, "perl\nclean\n/run/berth/execroot\n", `action ${i}`);
+      assert.equal(seen, "berth-agent\nclean\n/run/berth/execroot\n", `action ${i}`);
     }
   });
 
   test("a sandbox made ahead sees the action's inputs, and only them", async () => {
     await idle();
     const seen = await run("cat /proc/1/comm; cat src/in.txt; ls -A", [], { "src/in.txt": "laid out\n" });
-    assert.equal(seen, "perl\nlaid out\nsrc\n");
+    assert.equal(seen, "berth-agent\nlaid out\nsrc\n");
   });
 
   test("after an action refused once its inputs were laid out, the next runs made ahead with its own inputs only", async () => {
@@ -99,7 +99,7 @@ describe("sandboxes made ahead (worker.sandboxesAhead) on a real farm", () => {
     assert.equal(response.status?.code, Code.INVALID_ARGUMENT, response.status?.message);
     // The sandbox made while the slot was idle waited through the refusal: this action has it, and nothing else.
     const script = "cat /proc/1/comm; cat in.txt; ls -A";
-    assert.equal(await run(script, [], { "in.txt": "mine\n" }), "perl\nmine\nin.txt\n");
+    assert.equal(await run(script, [], { "in.txt": "mine\n" }), "berth-agent\nmine\nin.txt\n");
   });
 
   test("a process the action leaves running is gone before its outputs are read, as in a fresh sandbox", async () => {
@@ -116,7 +116,7 @@ describe("sandboxes made ahead (worker.sandboxesAhead) on a real farm", () => {
   test("the sandboxes used end after their actions: of five, none is left, only the one made for the next", async () => {
     for (let i = 0; i < 5; i++) {
       await idle();
-      assert.equal(await run("cat /proc/1/comm"), "perl\n", `action ${i} ran in a sandbox made ahead`);
+      assert.equal(await run("cat /proc/1/comm"), "berth-agent\n", `action ${i} ran in a sandbox made ahead`);
     }
     // The farm's slots run as uids from sandboxUidBase on (test/support/farm.ts gives each farm 16).
     const sandboxes = () => agentsOf(farm.config.worker.sandboxUidBase, 16);
@@ -127,10 +127,10 @@ describe("sandboxes made ahead (worker.sandboxesAhead) on a real farm", () => {
   test("an action of another shape (other ids inside) runs in a fresh sandbox; the next of that shape in one made ahead", async () => {
     const ids = [{ name: "unixUID", value: "1234" }];
     const fresh = await run("cat /proc/1/comm; id -u", ids);
-    assert.notEqual(fresh.split("\n")[0], "perl");
+    assert.notEqual(fresh.split("\n")[0], "berth-agent");
     assert.equal(fresh.split("\n")[1], "1234");
     await idle();
-    assert.equal(await run("cat /proc/1/comm; id -u", ids), "perl\n1234\n");
+    assert.equal(await run("cat /proc/1/comm; id -u", ids), "berth-agent\n1234\n");
   });
 });
 
@@ -176,10 +176,10 @@ test("back to back, an action runs in a fresh sandbox rather than wait for one; 
     assert.equal(result.exitCode, 0);
     return (await readFile(stdoutPath, "utf8")).trim();
   };
-  // pid 1 of a resident sandbox is its agent (perl); of a fresh one, bwrap.
-  assert.equal(await pidOne(0), "perl", "the first sandbox is made as the runner starts");
+  // pid 1 of a resident sandbox is its agent (berth-agent); of a fresh one, bwrap.
+  assert.equal(await pidOne(0), "berth-agent", "the first sandbox is made as the runner starts");
   assert.equal(await pidOne(1), "bwrap", "right after the last action: a fresh sandbox");
   assert.equal(await pidOne(2), "bwrap", "still back to back");
   await idle();
-  assert.equal(await pidOne(3), "perl", "after a pause: the sandbox made meanwhile");
+  assert.equal(await pidOne(3), "berth-agent", "after a pause: the sandbox made meanwhile");
 });

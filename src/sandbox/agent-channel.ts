@@ -28,7 +28,7 @@ interface Pending {
 }
 
 /**
- * The worker's end of the two pipes to a resident sandbox's agent (agent.pl says what goes over them). They
+ * The worker's end of the two pipes to a resident sandbox's agent (agent.c says what goes over them). They
  * are FIFOs in a directory of root's, opened here at both ends' worth before the launcher opens the agent's
  * (O_RDWR and O_NONBLOCK never wait for the other side), and unlinked once the agent runs: no name is left to
  * open them by.

@@ -2,6 +2,7 @@ import { lstatSync, statSync } from "node:fs";
 import { dirname, join } from "node:path";
 import type { LaunchStep } from "../process/launcher.js";
 import type { ActionRoot } from "./action-root.js";
+import { AGENT_MOUNT } from "./agent-program.js";
 import { INPUT_ROOT_MOUNT } from "./bubblewrap.js";
 import { sandboxArgs } from "./bwrap-args.js";
 import type { WritableArea } from "./disk-usage.js";
@@ -17,6 +18,7 @@ export const IO_MOUNT = "/run/berth/io";
 export const COMMAND_ROOT = "/run/berth/root";
 const STAGED_INPUT = join(STAGING_DIR, "resident-input");
 const STAGED_IO = join(STAGING_DIR, "resident-io");
+const STAGED_AGENT = join(STAGING_DIR, "resident-agent");
 const STATUS_FD = 3;
 
 /** How a resident sandbox is made for one kind of root (see action-root.ts). */
@@ -38,6 +40,8 @@ export interface ResidentLayout {
 
 export interface LayoutOptions {
   root: ActionRoot;
+  /** The host directory of the agent's program (agent-program.ts), bound read-only at AGENT_MOUNT. */
+  agentDir: string;
   inputRoot: string;
   ioDir: string;
   /** The slot's host uid: the action's own files in its input root are those it owns. */
@@ -54,8 +58,8 @@ export interface LayoutOptions {
  * (bwrap-args.ts), plus the io directory, and the agent as the sandbox's pid 1.
  *
  * On the host's root the agent and its commands share one view, the host's root read-only with the input
- * root at INPUT_ROOT_MOUNT. Any other root (an image's overlay, the input root itself) has no perl to run the
- * agent, so the agent runs on the host's root and the action's root is mounted whole, with its own /proc,
+ * root at INPUT_ROOT_MOUNT. Any other root (an image's overlay, the input root itself) may lack the libraries the
+ * agent's program needs, so the agent runs on the host's root and the action's root is mounted whole, with its own /proc,
  * /dev, /tmp and /dev/shm, at COMMAND_ROOT, where the agent chroots each command: the command sees only its
  * root, as with a one-shot sandbox. The agent keeps CAP_SYS_CHROOT (of the sandbox's user namespace) for
  * that, and drops it in each command.
@@ -64,7 +68,8 @@ export async function residentLayout(options: LayoutOptions): Promise<ResidentLa
   const { root, inputRoot, ioDir, user, network, limits } = options;
   const sizes = { tmpSizeBytes: limits.tmpSizeBytes, shmSizeBytes: limits.shmSizeBytes };
   const hostRoot = ["--ro-bind", "/", "/", ...options.masked.flatMap((path) => ["--ro-bind", "/dev/null", path])];
-  const ioBind = ["--bind", STAGED_IO, IO_MOUNT];
+  const ioBind = ["--bind", STAGED_IO, IO_MOUNT, "--ro-bind", STAGED_AGENT, AGENT_MOUNT];
+  const staged = [...bindSteps(ioDir, STAGED_IO), ...bindSteps(options.agentDir, STAGED_AGENT)];
   if (root.kind === "host") {
     const args = sandboxArgs(
       { env: [], network },
@@ -81,7 +86,7 @@ export async function residentLayout(options: LayoutOptions): Promise<ResidentLa
       },
     );
     return {
-      steps: [...stagingSteps(), ...bindSteps(inputRoot, STAGED_INPUT), ...bindSteps(ioDir, STAGED_IO)],
+      steps: [...stagingSteps(), ...bindSteps(inputRoot, STAGED_INPUT), ...staged],
       bwrapOptions: withBefore(args, "--chdir", [...ioBind, "--as-pid-1"]),
       commandRoot: "",
       inputMount: INPUT_ROOT_MOUNT,
@@ -128,7 +133,7 @@ export async function residentLayout(options: LayoutOptions): Promise<ResidentLa
       : ["--bind", setup.layout.inputSource, under(setup.layout.inputMount)]),
   ];
   return {
-    steps: [...setup.steps, ...bindSteps(ioDir, STAGED_IO)],
+    steps: [...setup.steps, ...staged],
     bwrapOptions: withBefore(args, "--chdir", [
       ...commandMounts,
       ...ioBind,

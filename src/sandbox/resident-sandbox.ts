@@ -3,10 +3,10 @@ import { Socket } from "node:net";
 import { isAbsolute, join, relative, resolve, sep } from "node:path";
 import type { Readable, Writable } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
-import { fileURLToPath } from "node:url";
 import { LAUNCH_FAILED, type Launched, type Launcher, type LaunchStep, sharedLauncher } from "../process/launcher.js";
 import { type ActionRoot, HOST_ROOT } from "./action-root.js";
 import { AgentChannel, mkfifo } from "./agent-channel.js";
+import { AGENT_PROGRAM, agentProgramDir } from "./agent-program.js";
 import { type BubblewrapSandboxOptions, parseStatus, reachedLimit, waitForSandboxEnd } from "./bubblewrap.js";
 import { DEFAULT_USER } from "./bwrap-args.js";
 import { DiskMonitor } from "./disk-monitor.js";
@@ -82,23 +82,8 @@ const KILLED = 128 + 9;
 const MAX_TIMER_MS = 2 ** 31 - 1;
 /** bwrap and the agent take milliseconds to start; far longer means something is wrong. */
 const START_LIMIT_MS = 30_000;
-/** The agent's system calls perl has no built-in for: prctl, close, dup3, exit_group (see agent.pl). */
-const AGENT_SYSCALLS: Partial<Record<NodeJS.Architecture, string>> = { x64: "157,3,292,231", arm64: "167,57,24,94" };
-
-let agentScript: string | undefined;
-/** The agent's source, passed with perl -e: nothing inside the sandbox needs to reach a file of Berth's. */
-function agent(): string {
-  if (agentScript === undefined) {
-    const beside = fileURLToPath(new URL("./agent.pl", import.meta.url));
-    // The build copies launcher.pl beside its module; the agent is read from the sources when not copied too.
-    const source = fileURLToPath(new URL("../../../src/sandbox/agent.pl", import.meta.url));
-    agentScript = readFileSync(statOrUndefined(beside) ? beside : source, "utf8");
-  }
-  return agentScript;
-}
-
 /**
- * Starts a bubblewrap sandbox that stays: its first process, the agent (agent.pl), runs commands in it on
+ * Starts a bubblewrap sandbox that stays: its first process, the agent (agent.c), runs commands in it on
  * request. The sandbox has the isolation of a one-shot BubblewrapSandbox for the same root and slot (the
  * same namespaces, mounts, user, cgroup and limits), and its input root is bound from the start, so an
  * action needs no sandbox of its own when it arrives, only its inputs laid out in `options.inputRoot`.
@@ -120,7 +105,7 @@ type Ending = "timeout" | "cancel" | "disk";
  * A started resident sandbox. Commands run one after another or side by side; processes a command leaves
  * running stay until `close()` (a warm runner's state). Its commands share its uid, its /tmp and its
  * namespaces: everything a command does is visible to the next, which is why a sandbox is reused only for the
- * same key. A command cannot reach the agent to run anything as anyone else (see agent.pl); at worst it breaks
+ * same key. A command cannot reach the agent to run anything as anyone else (see agent.c); at worst it breaks
  * its own sandbox, and `run` then rejects.
  *
  * A run that timed out or was cancelled ends the whole sandbox (the only sure way to end every process the
@@ -175,9 +160,6 @@ export class ResidentSandbox implements WorkerProcessLauncher {
   async start(): Promise<void> {
     const options = this.#options;
     if (!isAbsolute(options.inputRoot)) throw new Error(`input root ${options.inputRoot} is not an absolute path`);
-    const syscalls = AGENT_SYSCALLS[process.arch];
-    if (syscalls === undefined)
-      throw new Error(`the sandbox agent does not know system call numbers on ${process.arch}`);
     // The control directory is root's alone and never bound into the sandbox; the io directory is the
     // action's user's, bound at IO_MOUNT for the agent to create output files in.
     mkdirSync(options.stateDir, { mode: 0o700 });
@@ -198,6 +180,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     const masked = root.kind === "host" ? maskableFiles(options.maskedFiles ?? [], this.#uid, this.#gid) : [];
     const layout = await residentLayout({
       root,
+      agentDir: agentProgramDir(),
       inputRoot: resolve(options.inputRoot),
       ioDir: this.#ioDir,
       uid: this.#uid,
@@ -220,7 +203,7 @@ export class ResidentSandbox implements WorkerProcessLauncher {
     const statusPath = join(this.#controlDir, "status");
     this.#launched = await launcher
       .launch({
-        argv: [bwrap, ...layout.bwrapOptions, "--", "/usr/bin/perl", "-e", agent(), syscalls, layout.commandRoot],
+        argv: [bwrap, ...layout.bwrapOptions, "--", AGENT_PROGRAM, layout.commandRoot],
         env: { PATH: process.env.PATH ?? "/usr/bin:/bin" },
         user: { uid: this.#uid, gid: this.#gid },
         stdoutPath: channel.replyPath,
