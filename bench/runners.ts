@@ -4,9 +4,11 @@
  * reused for every command (a warm runner), and the floor, /bin/true forked by a process already running
  * inside a sandbox. Everything runs in the benchmark's own process, side by side, round by round.
  */
+import { execFileSync } from "node:child_process";
 import { chown, mkdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { setTimeout as sleep } from "node:timers/promises";
+import { fileURLToPath } from "node:url";
 import { BubblewrapSandbox } from "../src/sandbox/bubblewrap.js";
 import { type ResidentSandbox, startResidentSandbox } from "../src/sandbox/resident-sandbox.js";
 import type { BenchContext } from "./context.js";
@@ -25,12 +27,13 @@ const WARM_TARGET_MS = 3;
  * run's time, whichever kind it is.
  */
 const SETTLE_MS = 15;
+const SPAWN_FLOOR_SOURCE = fileURLToPath(new URL("../../bench/spawn-floor.c", import.meta.url));
 
 /**
- * The floor, run inside one sandbox: fork, exec /bin/true, wait, `count` times, each timed by the same
- * process with Time::HiRes after the same pause as the other kinds of run; prints the milliseconds, one a line.
+ * The perl agent's way, for comparison with the floor: fork, exec /bin/true, wait, `count` times, each timed
+ * by the same process with Time::HiRes after the same pause; prints the milliseconds, one a line.
  */
-const FLOOR_SCRIPT =
+const PERL_FORK_SCRIPT =
   "use Time::HiRes qw(time sleep); my @ms; for (1 .. $ARGV[0]) { sleep($ARGV[1] / 1000); my $t = time; my $p = fork; " +
   'if ($p == 0) { exec { "/bin/true" } "/bin/true"; POSIX::_exit(127) } waitpid($p, 0); ' +
   'die "true failed\\n" if $?; push @ms, (time - $t) * 1000 } print "$_\\n" for @ms;';
@@ -88,12 +91,14 @@ export async function benchRunners(ctx: BenchContext): Promise<Section> {
     check(result.exitCode, "the warm sandbox");
     return took;
   };
-  const floorRuns = async (count: number): Promise<number[]> => {
-    const result = await fresh.run({
-      ...command,
-      inputRoot: freshRoot,
-      argv: ["/usr/bin/perl", "-MPOSIX", "-e", FLOOR_SCRIPT, String(count), String(SETTLE_MS)],
-    });
+  // The floor's program, compiled into the input root of the sandbox it runs in.
+  execFileSync("cc", ["-O2", "-o", join(freshRoot, "spawn-floor"), SPAWN_FLOOR_SOURCE]);
+  const floorRuns = async (count: number, how: "spawn" | "perl-fork" = "spawn"): Promise<number[]> => {
+    const argv =
+      how === "spawn"
+        ? ["./spawn-floor", String(count), String(SETTLE_MS)]
+        : ["/usr/bin/perl", "-MPOSIX", "-e", PERL_FORK_SCRIPT, String(count), String(SETTLE_MS)];
+    const result = await fresh.run({ ...command, inputRoot: freshRoot, argv });
     check(result.exitCode, "the floor's sandbox");
     const lines = (await readFile(output.stdoutPath, "utf8")).trim().split("\n");
     return lines.map(Number);
@@ -105,13 +110,18 @@ export async function benchRunners(ctx: BenchContext): Promise<Section> {
     await warmRun();
   }
   await floorRuns(WARMUP);
+  await floorRuns(WARMUP, "perl-fork");
   const times = { fresh: [] as number[], ahead: [] as number[], warm: [] as number[], floor: [] as number[] };
+  const perlForks: number[] = [];
   const roundP50s = { fresh: [] as number[], ahead: [] as number[], warm: [] as number[], floor: [] as number[] };
   const perRound = Math.ceil(RUNS / ctx.rounds);
   for (let round = 0; round < ctx.rounds; round++) {
     const from = { fresh: times.fresh.length, ahead: times.ahead.length, warm: times.warm.length };
     // The floor first in even rounds, last in odd ones; the three others interleaved run by run.
-    if (round % 2 === 0) times.floor.push(...(await floorRuns(perRound)));
+    if (round % 2 === 0) {
+      times.floor.push(...(await floorRuns(perRound)));
+      perlForks.push(...(await floorRuns(perRound, "perl-fork")));
+    }
     for (let i = 0; i < perRound; i++) {
       times.fresh.push(await freshRun());
       await sleep(SETTLE_MS);
@@ -120,7 +130,10 @@ export async function benchRunners(ctx: BenchContext): Promise<Section> {
       times.warm.push(await warmRun());
       await sleep(SETTLE_MS);
     }
-    if (round % 2 === 1) times.floor.push(...(await floorRuns(perRound)));
+    if (round % 2 === 1) {
+      perlForks.push(...(await floorRuns(perRound, "perl-fork")));
+      times.floor.push(...(await floorRuns(perRound)));
+    }
     roundP50s.fresh.push(median(times.fresh.slice(from.fresh)));
     roundP50s.ahead.push(median(times.ahead.slice(from.ahead)));
     roundP50s.warm.push(median(times.warm.slice(from.warm)));
@@ -147,15 +160,18 @@ export async function benchRunners(ctx: BenchContext): Promise<Section> {
       "(a) Fresh: `BubblewrapSandbox.run` of `/bin/true` (PATH=/usr/bin:/bin, host root, empty input root), as " +
         "every action runs today: the launcher forks, bwrap makes the namespaces and mounts, runs the command, " +
         "and the sandbox's end is awaited.",
-      "(b) Made ahead: a resident sandbox (src/sandbox/resident-sandbox.ts: bwrap with a perl agent as its pid " +
-        "1) is started before the clock, with its input root bound while still empty; the clock covers " +
-        "`run(/bin/true)` only: the request to the agent over a pipe, its fork and exec, the exit report and " +
-        "the move of the output files. Each sandbox runs one command and is closed after the clock stops, as a " +
+      "(b) Made ahead: a resident sandbox (src/sandbox/resident-sandbox.ts: bwrap with its C agent, " +
+        "src/sandbox/agent.c, as its pid 1) is started before the clock, with its input root bound while still empty; the clock covers " +
+        "`run(/bin/true)` only: the request to the agent over a pipe, its vfork-like clone and exec, the exit " +
+        "report and the move of the output files. Each sandbox runs one command and is closed after the clock stops, as a " +
         "worker's sandboxes made ahead would be used.",
       "(c) Warm: one resident sandbox, started once, runs every command (a warm runner).",
-      "(d) Floor: `/bin/true` forked, exec'd and waited for by a perl process already running inside a " +
-        "one-shot sandbox, which times each run itself (Time::HiRes) and prints the times; it pauses as long " +
-        "between two runs as the others do, so that each of the four starts from the same idle machine.",
+      "(d) Floor: `/bin/true` started with posix_spawn (glibc's vfork-like clone, the cheapest start there " +
+        "is) and waited for by a small C program already running inside a one-shot sandbox " +
+        "(bench/spawn-floor.c, compiled by the benchmark), which times each run itself and prints the times; it " +
+        "pauses as long between two runs as the others do, so that each of the four starts from the same idle " +
+        "machine. For comparison, the same loop as a perl process's fork and exec (the way of the perl agent " +
+        "that the C agent replaced) runs beside the floor in every round.",
       `${RUNS} runs of each after ${WARMUP} of warm-up, in ${ctx.rounds} rounds; (a), (b) and (c) interleaved ` +
         `run by run with ${SETTLE_MS} ms between two runs (the kernel tears namespaces down after a sandbox ` +
         "ends, partly in a kernel worker, which would otherwise weigh on the next run), the floor's block of " +
@@ -182,6 +198,7 @@ export async function benchRunners(ctx: BenchContext): Promise<Section> {
     notes: [
       `p90: fresh ${p90(times.fresh)} ms, made ahead ${p90(times.ahead)} ms, warm ${p90(times.warm)} ms, ` +
         `floor ${p90(times.floor)} ms.`,
+      `perl's fork and exec, p50: ${fmt(median(perlForks))} ms (the floor: ${fmt(p50.floor)} ms).`,
       `Per round p50, ms: fresh ${fmtList(roundP50s.fresh)}; made ahead ${fmtList(roundP50s.ahead)}; ` +
         `warm ${fmtList(roundP50s.warm)}; floor ${fmtList(roundP50s.floor)}.`,
     ],
