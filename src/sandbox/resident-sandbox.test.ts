@@ -221,6 +221,27 @@ for (const ending of ["timeout", "cancel"] as const) {
   });
 }
 
+test("a command gets only what it asked for: its environment (the last of a name wins, PWD its directory), no blocked or ignored signal, a script without #! run by sh", {
+  skip: !isRoot,
+}, async (t) => {
+  const ws = await workspace(t);
+  const sandbox = await start(t, ws);
+  await mkdir(join(ws.inputRoot, "sub"));
+  const env = [PATH, { name: "A", value: "first" }, { name: "PWD", value: "/forged" }, { name: "A", value: "last" }];
+  const seen = await sh(sandbox, ws, 'echo "A=$A PWD=$PWD"; env | grep -c "^A="', { env, workingDirectory: "sub" });
+  assert.equal(seen.exitCode, 0, seen.stderr);
+  assert.equal(seen.stdout, `A=last PWD=${INPUT_ROOT_MOUNT}/sub\n1\n`);
+  // The agent reads its children's ends through a blocked SIGCHLD: none of that reaches the command.
+  const signals = await run(sandbox, ws, ["grep", "-E", "^Sig(Blk|Ign):", "/proc/self/status"]);
+  assert.equal(signals.stdout, "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n");
+  // execvp's rule: a file the kernel will not run is handed to /bin/sh.
+  await writeFile(join(ws.inputRoot, "plain"), "echo run by sh with $1\n");
+  await chmod(join(ws.inputRoot, "plain"), 0o555);
+  const script = await run(sandbox, ws, ["./plain", "an argument"]);
+  assert.equal(script.exitCode, 0, script.stderr);
+  assert.equal(script.stdout, "run by sh with an argument\n");
+});
+
 test("close() kills every process the commands left, wherever they went, and removes the sandbox's files", {
   skip: !isRoot,
 }, async (t) => {
