@@ -162,7 +162,7 @@ export async function benchRunners(ctx: BenchContext): Promise<Section> {
         "and the sandbox's end is awaited.",
       "(b) Made ahead: a resident sandbox (src/sandbox/resident-sandbox.ts: bwrap with its C agent, " +
         "src/sandbox/agent.c, as its pid 1) is started before the clock, with its input root bound while still empty; the clock covers " +
-        "`run(/bin/true)` only: the request to the agent over a pipe, its vfork-like clone and exec, the exit " +
+        "`run(/bin/true)` only: the request to the agent over a pipe, its memory-sharing clone and exec, the exit " +
         "report and the move of the output files. Each sandbox runs one command and is closed after the clock stops, as a " +
         "worker's sandboxes made ahead would be used.",
       "(c) Warm: one resident sandbox, started once, runs every command (a warm runner).",

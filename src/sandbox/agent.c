@@ -7,17 +7,22 @@
  * Why pid 1: the kernel delivers to a PID namespace's first process only the
  * signals it has a handler for when they come from inside the namespace, and
  * the agent has none, so a command (same uid, same sandbox) can neither kill
- * nor stop it. It is also made non-dumpable, so a command can neither ptrace
+ * nor stop it (a SIGCHLD it sends is queued, SIGCHLD being blocked here, and
+ * only wakes the agent for nothing). It is also made non-dumpable, so a command can neither ptrace
  * it nor open anything under /proc/1 (its descriptors, its root); and its two
  * pipes to the worker were FIFOs unlinked as soon as both ends were open, with
  * no name left to open. What a command can still do is end its own sandbox
  * (fill its process limit so that no next command can start, say); the worker
  * then sees the agent gone or a refused start, never more.
  *
- * Why C: a command is started with vfork semantics (clone with CLONE_VM and
- * CLONE_VFORK, on a stack of its own): nothing of the agent's memory is
- * copied, where a fork of the perl agent it replaces copied perl's page tables
- * and took most of a warm command's time on this farm's machines.
+ * Why C: a command is started as posix_spawn starts one, by a clone that
+ * shares the agent's memory (on a stack of its own) until its exec: nothing
+ * is copied, where a fork of the perl agent it replaces copied perl's page
+ * tables and took most of a warm command's time on this farm's machines. Not
+ * with CLONE_VFORK, though: another process of the sandbox could stop the
+ * child before its exec and so hold the agent in clone. The agent waits for
+ * the exec on a close-on-exec pipe instead, and kills a child that has not
+ * got there within START_LIMIT_MS.
  *
  * Requests on descriptor 4, replies on stdout. A request is a count, then that
  * many fields, each ended by a NUL:
@@ -50,8 +55,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/capability.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -63,6 +71,9 @@
 #define REQUESTS 4
 #define REPLIES 1
 #define CHILD_STACK_BYTES (256 * 1024)
+/* Far longer than any start takes (the files are opened before it): a child still short of its exec then
+ * was stopped on purpose by another process of the sandbox. */
+#define START_LIMIT_MS 5000
 
 static const char *root;
 
@@ -102,7 +113,7 @@ static void *grow(void *block, size_t bytes) {
   return grown;
 }
 
-/* One reply line, written whole (a line is far below PIPE_BUF, so the worker never sees half of one). */
+/* One reply line, written whole (at most PIPE_BUF bytes, so the worker never sees half of one). */
 static void reply(const char *first, ...) {
   char line[4096];
   size_t length = 0;
@@ -179,7 +190,6 @@ static void exec_file(const char *file, char **argv, char **envp) {
   with_shell[1] = (char *)file;
   for (size_t i = 1; i <= count; i++) with_shell[i + 1] = argv[i];
   execve("/bin/sh", with_shell, envp);
-  errno = ENOEXEC;
 }
 
 /* execvp's search, on the command's own PATH (the agent's environment is not the command's). */
@@ -232,8 +242,12 @@ static int command(void *argument) {
   if (root[0] != '\0' && chroot(root) < 0) child_failed("chroot", "", errno);
   if (chdir(launch->cwd) < 0) child_failed("cannot enter the working directory ", launch->cwd, errno);
   /* The agent may hold CAP_SYS_CHROOT (in the sandbox's user namespace only) for the chroot above; the
-   * command holds nothing (the sandbox's no_new_privs keeps file capabilities from giving any back). */
+   * command holds nothing. Every set is emptied before the exec, not only the ambient one: under
+   * no_new_privs an exec keeps what file capabilities grant within the permitted set it started with. */
   prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+  struct __user_cap_header_struct header = {_LINUX_CAPABILITY_VERSION_3, 0};
+  struct __user_cap_data_struct no_capabilities[_LINUX_CAPABILITY_U32S_3] = {{0, 0, 0}};
+  if (syscall(SYS_capset, &header, no_capabilities) != 0) child_failed("cannot drop the capabilities", "", errno);
   sigset_t none;
   sigemptyset(&none);
   sigprocmask(SIG_SETMASK, &none, NULL);
@@ -247,6 +261,11 @@ static int open_file(const char *path, int flags) {
   do fd = open(path, flags | O_CLOEXEC, 0644);
   while (fd < 0 && errno == EINTR);
   return fd;
+}
+
+static int blocking(int fd) {
+  int flags = fcntl(fd, F_GETFL);
+  return flags < 0 ? -1 : fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
 }
 
 static int is_named(const char *variable, const char *name) {
@@ -278,24 +297,49 @@ static char **environment(char **variables, size_t count, const char *cwd, char 
 
 static char *child_stack;
 
+/* Waits for the child sharing the agent's memory to exec or end; kills one held short of its exec. */
+static void await_exec(pid_t pid, int exec_seen, int err) {
+  struct pollfd closed = {.fd = exec_seen, .events = POLLIN};
+  int timeout = START_LIMIT_MS;
+  for (;;) {
+    int ready = poll(&closed, 1, timeout);
+    if (ready > 0) return;
+    if (ready < 0 && errno == EINTR) continue;
+    if (ready < 0 || timeout < 0) return;
+    kill(pid, SIGKILL);
+    static const char stopped[] = "berth: the command was held before it could start (stopped by another process "
+                                  "of its sandbox?) and was killed\n";
+    (void)!write(err, stopped, sizeof stopped - 1);
+    timeout = -1;
+  }
+}
+
 static void start(int spawn, char *id, char **fields, size_t count) {
   if (count < 6) return reply("failed ", id, " malformed request", NULL);
   char *stdin_path = fields[0], *stdout_path = fields[1], *stderr_path = fields[2], *cwd = fields[3];
   char *end;
   unsigned long argc = strtoul(fields[4], &end, 10);
-  if (*end != '\0' || argc == 0 || argc > count - 6) return reply("failed ", id, " malformed request", NULL);
+  if (*end != '\0' || fields[4][0] < '0' || fields[4][0] > '9' || argc == 0 || argc > count - 6) return reply("failed ", id, " malformed request", NULL);
   char **args = fields + 5;
   unsigned long envc = strtoul(fields[5 + argc], &end, 10);
-  if (*end != '\0' || envc != count - 6 - argc) return reply("failed ", id, " malformed request", NULL);
+  if (*end != '\0' || fields[5 + argc][0] < '0' || fields[5 + argc][0] > '9' || envc != count - 6 - argc) return reply("failed ", id, " malformed request", NULL);
   char **variables = fields + 6 + argc;
 
   /* Opened here, before the start: a spawn is reported started only once the command's files (FIFOs among
    * them, which the worker unlinks when told) are open. */
-  int flags = O_WRONLY | O_CREAT | O_TRUNC;
+  /* A run's output files are the agent's to create, in a directory the sandbox's commands can write: one
+   * may have planted a link there (refused) or a FIFO without a reader (not waited for). A spawn's may be
+   * the worker's FIFOs, which it opened at its end first. */
+  int flags = O_WRONLY | O_CREAT | O_TRUNC | (spawn ? 0 : O_NOFOLLOW | O_NONBLOCK);
   int in = open_file(stdin_path, O_RDONLY);
   int out = in < 0 ? -1 : open_file(stdout_path, flags);
   int same = strcmp(stderr_path, stdout_path) == 0;
   int err = out < 0 ? -1 : same ? out : open_file(stderr_path, flags);
+  if (err >= 0 && !spawn && (blocking(out) != 0 || blocking(err) != 0)) {
+    close(err);
+    if (!same) close(out);
+    err = -1;
+  }
   if (err < 0) {
     const char *reason = strerror(errno);
     if (in >= 0) close(in);
@@ -313,7 +357,18 @@ static void start(int spawn, char *id, char **fields, size_t count) {
     if (is_named(envp[i], "PATH")) path = envp[i] + 5;
   struct launch launch = {in, out, err, cwd, argv, envp, path};
 
-  pid_t pid = clone(command, child_stack + CHILD_STACK_BYTES, CLONE_VM | CLONE_VFORK | SIGCHLD, &launch);
+  int exec_seen[2];
+  pid_t pid = -1;
+  if (pipe2(exec_seen, O_CLOEXEC) == 0) {
+    pid = clone(command, child_stack + CHILD_STACK_BYTES, CLONE_VM | SIGCHLD, &launch);
+    int error = errno;
+    close(exec_seen[1]);
+    /* Until the child's copy of the pipe closes (its exec, or its end), it runs in this memory: the agent
+     * touches nothing the child reads, and waits. */
+    if (pid > 0) await_exec(pid, exec_seen[0], err);
+    close(exec_seen[0]);
+    errno = error;
+  }
   if (pid < 0) {
     reply("failed ", id, " fork: ", strerror(errno), NULL);
   } else {
@@ -361,7 +416,10 @@ static size_t take_requests(char *buffer, size_t length) {
     char *at = buffer + taken, *limit = buffer + length;
     char *nul = memchr(at, '\0', (size_t)(limit - at));
     if (nul == NULL) return taken;
-    unsigned long count = strtoul(at, NULL, 10);
+    char *count_end;
+    unsigned long count = strtoul(at, &count_end, 10);
+    /* The worker is trusted, but a count that is no plain number could only make the buffer grow forever. */
+    if (count_end != nul || at[0] < '0' || at[0] > '9') _exit(2);
     /* Each field takes a byte at least: a count past what is buffered cannot be whole yet. */
     if (count > (size_t)(limit - nul)) return taken;
     char **fields = grow(NULL, (count + 1) * sizeof *fields);
@@ -409,6 +467,8 @@ int main(int argc, char **argv) {
   }
   root = argv[1];
   if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) die("prctl(PR_SET_DUMPABLE)");
+  /* The reply pipe, stderr and the request pipe: without one of them, a command's file could take its number. */
+  if (fcntl(REPLIES, F_GETFD) < 0 || fcntl(2, F_GETFD) < 0 || fcntl(REQUESTS, F_GETFD) < 0) _exit(2);
   close_inherited();
   /* Descriptors 0 and 3 held by /dev/null: whatever the agent opens later is numbered above 4, so a command's
    * three files never sit where dup2 would have to copy one onto another. */
@@ -416,13 +476,19 @@ int main(int argc, char **argv) {
   if (fcntl(REQUESTS, F_SETFD, FD_CLOEXEC) != 0) die("close-on-exec on the request pipe");
 
   /* SIGCHLD is read from a signalfd; blocked, it interrupts nothing (each command unblocks it for itself). */
+  /* Ignored (inherited so), SIGCHLD would have the kernel reap every child unseen. */
+  signal(SIGCHLD, SIG_DFL);
   sigset_t child_ended;
   sigemptyset(&child_ended);
   sigaddset(&child_ended, SIGCHLD);
   if (sigprocmask(SIG_BLOCK, &child_ended, NULL) != 0) die("sigprocmask");
   int ended = signalfd(-1, &child_ended, SFD_CLOEXEC | SFD_NONBLOCK);
   if (ended < 0) die("signalfd");
-  child_stack = grow(NULL, CHILD_STACK_BYTES);
+  /* With a page below it that faults: a child that ran past its stack would not write over the agent. */
+  long page = sysconf(_SC_PAGESIZE);
+  char *stack = mmap(NULL, CHILD_STACK_BYTES + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (stack == MAP_FAILED || mprotect(stack, page, PROT_NONE) != 0) die("the child's stack");
+  child_stack = stack + page;
 
   size_t capacity = 65536, length = 0;
   char *buffer = grow(NULL, capacity);

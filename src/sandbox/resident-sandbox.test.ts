@@ -363,6 +363,51 @@ test("hostile: a command cannot reach the agent's pipes or its descriptors, trac
   assert.equal(after.stdout, "still here\n");
 });
 
+test("hostile: a FIFO or a link planted where the next command's output goes fails that command, not the agent", {
+  skip: !isRoot,
+}, async (t) => {
+  const ws = await workspace(t);
+  const sandbox = await start(t, ws);
+  // Commands on the host's root see the agent's io directory; ids go up by one (this run is 0).
+  const planted = await sh(sandbox, ws, "mkfifo /run/berth/io/1.out && ln -s /etc/hostname /run/berth/io/2.err");
+  assert.equal(planted.exitCode, 0, planted.stderr);
+  // No reader will ever come to the FIFO: the agent does not wait for one.
+  await assert.rejects(run(sandbox, ws, ["true"]), /could not start the command: cannot open .*No such device/);
+  await assert.rejects(run(sandbox, ws, ["true"]), /could not start the command: cannot open .*symbolic links/);
+  const after = await run(sandbox, ws, ["echo", "still runs"]);
+  assert.equal(after.stdout, "still runs\n");
+});
+
+test("hostile: a process that stops the next command before its exec costs that command, not the agent", {
+  skip: !isRoot,
+  // An agent held in its start would never answer this run (it has no timeout of its own).
+  timeout: 30_000,
+}, async (t) => {
+  const ws = await workspace(t);
+  const sandbox = await start(t, ws);
+  // Waits for the next pid of the sandbox and stops it while it is still the agent's child before its exec.
+  const stopper =
+    'open(L, ">", "/tmp/stopper.log"); my $n; { open(F, "<", "/proc/sys/kernel/ns_last_pid"); $n = <F> + 1; close F } ' +
+    'open(R, ">", "ready"); close R; ' +
+    'for (;;) { next unless kill("STOP", $n); open(C, "<", "/proc/$n/comm"); my $c = <C>; close C; ' +
+    'if ($c eq "berth-agent\\n") { print L "stopped $n\\n"; close L; exit 0 } kill("CONT", $n); $n++ }';
+  const started = await sh(sandbox, ws, `perl -e '${stopper}' </dev/null >/dev/null 2>&1 &`);
+  assert.equal(started.exitCode, 0, started.stderr);
+  // Waited for from outside: a command would start processes of its own, which the stopper would watch.
+  while (!(await exists(join(ws.inputRoot, "ready")))) await sleep(10);
+  // A long PATH to search keeps the child before its exec for milliseconds: the stopper cannot miss it.
+  const dirs = Array.from({ length: 4000 }, (_, i) => `/nonexistent/${i}`).join(":");
+  const slowPath = { name: "PATH", value: `${dirs}:/usr/bin:/bin` };
+  const held = await run(sandbox, ws, ["echo", "never"], { timeoutMs: 0, env: [slowPath] });
+  assert.equal(held.exitCode, 128 + 9, held.stderr);
+  assert.match(held.stderr, /held before it could start/);
+  assert.equal(held.stdout, "");
+  const log = await run(sandbox, ws, ["cat", "/tmp/stopper.log"]);
+  assert.match(log.stdout, /^stopped \d+$/m, "the stopper did stop the command before its exec");
+  const after = await run(sandbox, ws, ["echo", "still runs"]);
+  assert.equal(after.stdout, "still runs\n");
+});
+
 test("hostile: an agent that dies mid-command fails that run cleanly, and close() leaves nothing", {
   skip: !isRoot,
 }, async (t) => {
