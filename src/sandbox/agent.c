@@ -314,22 +314,29 @@ static void await_exec(pid_t pid, int exec_seen, int err) {
   }
 }
 
+/* A field that is a plain decimal number, as the worker writes them. */
+static int number(const char *field, unsigned long *value) {
+  char *end;
+  if (field[0] < '0' || field[0] > '9') return 0;
+  *value = strtoul(field, &end, 10);
+  return *end == '\0';
+}
+
 static void start(int spawn, char *id, char **fields, size_t count) {
   if (count < 6) return reply("failed ", id, " malformed request", NULL);
   char *stdin_path = fields[0], *stdout_path = fields[1], *stderr_path = fields[2], *cwd = fields[3];
-  char *end;
-  unsigned long argc = strtoul(fields[4], &end, 10);
-  if (*end != '\0' || fields[4][0] < '0' || fields[4][0] > '9' || argc == 0 || argc > count - 6) return reply("failed ", id, " malformed request", NULL);
+  unsigned long argc, envc;
+  if (!number(fields[4], &argc) || argc == 0 || argc > count - 6 || !number(fields[5 + argc], &envc) ||
+      envc != count - 6 - argc)
+    return reply("failed ", id, " malformed request", NULL);
   char **args = fields + 5;
-  unsigned long envc = strtoul(fields[5 + argc], &end, 10);
-  if (*end != '\0' || fields[5 + argc][0] < '0' || fields[5 + argc][0] > '9' || envc != count - 6 - argc) return reply("failed ", id, " malformed request", NULL);
   char **variables = fields + 6 + argc;
 
   /* Opened here, before the start: a spawn is reported started only once the command's files (FIFOs among
-   * them, which the worker unlinks when told) are open. */
-  /* A run's output files are the agent's to create, in a directory the sandbox's commands can write: one
-   * may have planted a link there (refused) or a FIFO without a reader (not waited for). A spawn's may be
-   * the worker's FIFOs, which it opened at its end first. */
+   * them, which the worker unlinks when told) are open. A run's output files are the agent's to create, in
+   * a directory the sandbox's commands can write: one may have planted a link there (refused) or a FIFO
+   * without a reader (not waited for). A spawn's may be the worker's FIFOs, which it opened at its end
+   * first. */
   int flags = O_WRONLY | O_CREAT | O_TRUNC | (spawn ? 0 : O_NOFOLLOW | O_NONBLOCK);
   int in = open_file(stdin_path, O_RDONLY);
   int out = in < 0 ? -1 : open_file(stdout_path, flags);
@@ -416,10 +423,9 @@ static size_t take_requests(char *buffer, size_t length) {
     char *at = buffer + taken, *limit = buffer + length;
     char *nul = memchr(at, '\0', (size_t)(limit - at));
     if (nul == NULL) return taken;
-    char *count_end;
-    unsigned long count = strtoul(at, &count_end, 10);
+    unsigned long count;
     /* The worker is trusted, but a count that is no plain number could only make the buffer grow forever. */
-    if (count_end != nul || at[0] < '0' || at[0] > '9') _exit(2);
+    if (!number(at, &count)) _exit(2);
     /* Each field takes a byte at least: a count past what is buffered cannot be whole yet. */
     if (count > (size_t)(limit - nul)) return taken;
     char **fields = grow(NULL, (count + 1) * sizeof *fields);
