@@ -59,6 +59,7 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -263,9 +264,26 @@ static int open_file(const char *path, int flags) {
   return fd;
 }
 
-static int blocking(int fd) {
-  int flags = fcntl(fd, F_GETFL);
-  return flags < 0 ? -1 : fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+/*
+ * Opens a command's file where a process of the sandbox may have put something else first: no link is
+ * followed, no FIFO's other end is waited for, and anything but a file of `type` is refused. Returns the
+ * descriptor, blocking again, or -1 with `*reason` set.
+ */
+static int open_guarded(const char *path, int flags, mode_t type, const char **reason) {
+  int fd = open_file(path, flags | O_NOFOLLOW | O_NONBLOCK);
+  if (fd < 0) {
+    *reason = strerror(errno);
+    return -1;
+  }
+  struct stat info;
+  int file_flags = fcntl(fd, F_GETFL);
+  if (fstat(fd, &info) != 0 || (info.st_mode & S_IFMT) != type || file_flags < 0 ||
+      fcntl(fd, F_SETFL, file_flags & ~O_NONBLOCK) != 0) {
+    *reason = type == S_IFIFO ? "not the worker's FIFO" : "not a regular file";
+    close(fd);
+    return -1;
+  }
+  return fd;
 }
 
 static int is_named(const char *variable, const char *name) {
@@ -297,20 +315,24 @@ static char **environment(char **variables, size_t count, const char *cwd, char 
 
 static char *child_stack;
 
-/* Waits for the child sharing the agent's memory to exec or end; kills one held short of its exec. */
+/*
+ * Waits for the child sharing the agent's memory to exec or end. One still short of its exec after
+ * START_LIMIT_MS is killed, and so is one whose wait failed: the agent goes on only once the child has left
+ * its memory. (errno is not looked at here: until then the child may write it too.)
+ */
 static void await_exec(pid_t pid, int exec_seen, int err) {
   struct pollfd closed = {.fd = exec_seen, .events = POLLIN};
-  int timeout = START_LIMIT_MS;
-  for (;;) {
-    int ready = poll(&closed, 1, timeout);
-    if (ready > 0) return;
-    if (ready < 0 && errno == EINTR) continue;
-    if (ready < 0 || timeout < 0) return;
-    kill(pid, SIGKILL);
-    static const char stopped[] = "berth: the command was held before it could start (stopped by another process "
-                                  "of its sandbox?) and was killed\n";
-    (void)!write(err, stopped, sizeof stopped - 1);
-    timeout = -1;
+  if (poll(&closed, 1, START_LIMIT_MS) > 0) return;
+  kill(pid, SIGKILL);
+  siginfo_t ended;
+  while (waitid(P_PID, pid, &ended, WEXITED | WNOWAIT) != 0 && errno == EINTR) {
+  }
+  /* Never blocking: the command's stderr may be a FIFO that a process of the sandbox keeps full. */
+  int flags = fcntl(err, F_GETFL);
+  if (flags >= 0 && fcntl(err, F_SETFL, flags | O_NONBLOCK) == 0) {
+    static const char held[] = "berth: the command was held before it could start (stopped by another process "
+                               "of its sandbox?) and was killed\n";
+    (void)!write(err, held, sizeof held - 1);
   }
 }
 
@@ -332,23 +354,19 @@ static void start(int spawn, char *id, char **fields, size_t count) {
   char **args = fields + 5;
   char **variables = fields + 6 + argc;
 
-  /* Opened here, before the start: a spawn is reported started only once the command's files (FIFOs among
-   * them, which the worker unlinks when told) are open. A run's output files are the agent's to create, in
-   * a directory the sandbox's commands can write: one may have planted a link there (refused) or a FIFO
-   * without a reader (not waited for). A spawn's may be the worker's FIFOs, which it opened at its end
-   * first. */
-  int flags = O_WRONLY | O_CREAT | O_TRUNC | (spawn ? 0 : O_NOFOLLOW | O_NONBLOCK);
-  int in = open_file(stdin_path, O_RDONLY);
-  int out = in < 0 ? -1 : open_file(stdout_path, flags);
+  /* Opened here, before the start: a spawn is reported started only once the command's files are open.
+   * They are in the io directory, which the sandbox's commands can write and whose next names they can
+   * guess: a run's stdout and stderr are files the agent creates; a spawn's three are FIFOs the worker made
+   * and opened at its end first. A run's stdin is /dev/null. */
+  const char *reason = NULL;
+  mode_t type = spawn ? S_IFIFO : S_IFREG;
+  int flags = O_WRONLY | O_CREAT | O_TRUNC;
+  int in = spawn ? open_guarded(stdin_path, O_RDONLY, type, &reason) : open_file(stdin_path, O_RDONLY);
+  if (in < 0 && reason == NULL) reason = strerror(errno);
+  int out = in < 0 ? -1 : open_guarded(stdout_path, flags, type, &reason);
   int same = strcmp(stderr_path, stdout_path) == 0;
-  int err = out < 0 ? -1 : same ? out : open_file(stderr_path, flags);
-  if (err >= 0 && !spawn && (blocking(out) != 0 || blocking(err) != 0)) {
-    close(err);
-    if (!same) close(out);
-    err = -1;
-  }
+  int err = out < 0 ? -1 : same ? out : open_guarded(stderr_path, flags, type, &reason);
   if (err < 0) {
-    const char *reason = strerror(errno);
     if (in >= 0) close(in);
     if (out >= 0) close(out);
     return reply("failed ", id, " cannot open the command's stdin, stdout or stderr: ", reason, NULL);

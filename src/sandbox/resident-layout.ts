@@ -87,7 +87,9 @@ export async function residentLayout(options: LayoutOptions): Promise<ResidentLa
     );
     return {
       steps: [...stagingSteps(), ...bindSteps(inputRoot, STAGED_INPUT), ...staged],
-      bwrapOptions: withBefore(args, "--chdir", [...ioBind, "--as-pid-1"]),
+      // /run read-only once its mounts are in: on this root the agent shares the commands' view, and a command
+      // that could rename /run/berth would hand the agent its own io directory and working directory.
+      bwrapOptions: withBefore(args, "--chdir", [...ioBind, "--remount-ro", "/run", "--as-pid-1"]),
       commandRoot: "",
       inputMount: INPUT_ROOT_MOUNT,
       writableAreas: [

@@ -368,14 +368,23 @@ test("hostile: a FIFO or a link planted where the next command's output goes fai
 }, async (t) => {
   const ws = await workspace(t);
   const sandbox = await start(t, ws);
-  // Commands on the host's root see the agent's io directory; ids go up by one (this run is 0).
-  const planted = await sh(sandbox, ws, "mkfifo /run/berth/io/1.out && ln -s /etc/hostname /run/berth/io/2.err");
+  // Commands on the host's root see the agent's io directory; ids go up by one (this run is 0). The FIFO at
+  // 3.out has a reader that stays, the command's own sleep.
+  const planted = await sh(
+    sandbox,
+    ws,
+    "cd /run/berth/io && mkfifo 1.out 3.out && ln -s /etc/hostname 2.err && (sleep 1000 <>3.out >/dev/null 2>&1 &) && " +
+      "{ mv /run/berth /run/moved 2>&1 || echo /run/berth stays; }",
+  );
   assert.equal(planted.exitCode, 0, planted.stderr);
+  // Nor can the command move the agent's io and working directories away and put its own in their place.
+  assert.match(planted.stdout, /Read-only file system\n\/run\/berth stays\n$/);
   // No reader will ever come to the FIFO: the agent does not wait for one.
   await assert.rejects(run(sandbox, ws, ["true"]), /could not start the command: cannot open .*No such device/);
   await assert.rejects(run(sandbox, ws, ["true"]), /could not start the command: cannot open .*symbolic links/);
-  const after = await run(sandbox, ws, ["echo", "still runs"]);
-  assert.equal(after.stdout, "still runs\n");
+  await assert.rejects(run(sandbox, ws, ["true"]), /could not start the command: cannot open .*not a regular file/);
+  const after = await run(sandbox, ws, ["sh", "-c", "echo still runs; pwd"]);
+  assert.equal(after.stdout, `still runs\n${INPUT_ROOT_MOUNT}\n`);
 });
 
 test("hostile: a process that stops the next command before its exec costs that command, not the agent", {
