@@ -8,10 +8,10 @@
  * signals it has a handler for when they come from inside the namespace, and
  * the agent has none, so a command (same uid, same sandbox) can neither kill
  * nor stop it (a SIGCHLD it sends is queued, SIGCHLD being blocked here, and
- * only wakes the agent for nothing). It is also made non-dumpable, so a command can neither ptrace
- * it nor open anything under /proc/1 (its descriptors, its root); and its two
- * pipes to the worker were FIFOs unlinked as soon as both ends were open, with
- * no name left to open. What a command can still do is end its own sandbox
+ * only wakes the agent for nothing). It is also made non-dumpable, so a
+ * command can neither ptrace it nor open anything under /proc/1 (its
+ * descriptors, its root); and its two pipes to the worker were FIFOs unlinked
+ * as soon as both ends were open, with no name left to open. What a command can still do is end its own sandbox
  * (fill its process limit so that no next command can start, say); the worker
  * then sees the agent gone or a refused start, never more.
  *
@@ -34,7 +34,9 @@
  * signal number for a command a signal ended), followed by ` alone` when no
  * process but the agent was left in the sandbox as the command's end was seen.
  * STDIN is opened read-only, STDOUT and STDERR write-only, created and
- * truncated (FIFOs as well as files). A command that cannot be started exits
+ * truncated: a run's outputs are regular files, a spawn's three files the
+ * worker's FIFOs, and anything else found there (a link, another FIFO) fails
+ * the request rather than hold the agent. A command that cannot be started exits
  * 127 with the reason on its stderr, as a shell's would. The command's PATH
  * (from its own environment; /bin:/usr/bin without one) is searched for a
  * program name without a slash. When the worker closes descriptor 4, the
