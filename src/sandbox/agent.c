@@ -11,9 +11,10 @@
  * only wakes the agent for nothing). It is also made non-dumpable, so a
  * command can neither ptrace it nor open anything under /proc/1 (its
  * descriptors, its root); and its two pipes to the worker were FIFOs unlinked
- * as soon as both ends were open, with no name left to open. What a command can still do is end its own sandbox
- * (fill its process limit so that no next command can start, say); the worker
- * then sees the agent gone or a refused start, never more.
+ * as soon as both ends were open, with no name left to open. What a command
+ * can still do is end its own sandbox (fill its process limit so that no next
+ * command can start, say); the worker then sees the agent gone or a refused
+ * start, never more.
  *
  * Why C: a command is started as posix_spawn starts one, by a clone that
  * shares the agent's memory (on a stack of its own) until its exec: nothing
@@ -36,10 +37,10 @@
  * STDIN is opened read-only, STDOUT and STDERR write-only, created and
  * truncated: a run's outputs are regular files, a spawn's three files the
  * worker's FIFOs, and anything else found there (a link, another FIFO) fails
- * the request rather than hold the agent. A command that cannot be started exits
- * 127 with the reason on its stderr, as a shell's would. The command's PATH
- * (from its own environment; /bin:/usr/bin without one) is searched for a
- * program name without a slash. When the worker closes descriptor 4, the
+ * the request rather than hold the agent. A command that cannot be started
+ * exits 127 with the reason on its stderr, as a shell's would. The command's
+ * PATH (from its own environment; /bin:/usr/bin without one) is searched for
+ * a program name without a slash. When the worker closes descriptor 4, the
  * agent exits and the kernel ends the sandbox.
  *
  * Usage: berth-agent ROOT, where ROOT is the directory each command is
