@@ -75,6 +75,8 @@ export const ConfigSchema = z
     actionCache: z
       .object({
         maxSizeBytes: bytes.default(1024 ** 3),
+        /** Results recently read or stored, kept in memory too (encoded); 0: none. */
+        memoryCacheSizeBytes: bytes.default(16 * 1024 ** 2),
         /** Total bytes of stdout, stderr and files returned inline with one result. */
         maxInlineBytes: bytes.default(1024 ** 2),
       })

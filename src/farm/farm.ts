@@ -3,6 +3,7 @@ import { join } from "node:path";
 import type { ActionCache } from "../ac/action-cache.js";
 import { CompletenessCheckingActionCache } from "../ac/completeness-checking-action-cache.js";
 import { DiskActionCache } from "../ac/disk-action-cache.js";
+import { MemoryCachedActionCache } from "../ac/memory-cached-action-cache.js";
 import { WriteBehindActionCache } from "../ac/write-behind-action-cache.js";
 import type { BlobStore } from "../cas/blob-store.js";
 import { DiskBlobStore } from "../cas/disk-blob-store.js";
@@ -78,7 +79,10 @@ export async function openFarm(config: Config, log: Logger): Promise<Farm> {
           maxTotalBytes: config.cas.memoryCacheSizeBytes,
         })
       : disk;
-  const written = new WriteBehindActionCache(new DiskActionCache(acFiles, onDamaged), (digest, error) =>
+  const onDisk = new DiskActionCache(acFiles, onDamaged);
+  const memoryBytes = config.actionCache.memoryCacheSizeBytes;
+  const stored = memoryBytes > 0 ? new MemoryCachedActionCache(onDisk, memoryBytes) : onDisk;
+  const written = new WriteBehindActionCache(stored, (digest, error) =>
     log.warn({ action: formatDigest(digest), err: error }, "an action result could not be stored"),
   );
   const ac = new CompletenessCheckingActionCache(written, cas, (digest, missing) =>
