@@ -89,3 +89,31 @@ test("memory stays within its cap: the least recently used go first, and a resul
   await small.put("", await action("big"), result(0, "y".repeat(200)));
   assert.equal(small.bytes, 0);
 });
+
+test("a read that began before a put does not put its older result back in memory", async (t) => {
+  const { disk, wipe } = await diskCache(t);
+  const a = await action("a");
+  await disk.put("", a, result(1));
+  let release: () => void = () => {};
+  const gate = new Promise<void>((resolve) => {
+    release = resolve;
+  });
+  let hold = true;
+  const slowReads: ActionCache = {
+    get: async (instance, digest) => {
+      const held = hold;
+      const found = await disk.get(instance, digest);
+      if (held) await gate;
+      return found;
+    },
+    put: (instance, digest, value) => disk.put(instance, digest, value),
+  };
+  const cache = new MemoryCachedActionCache(slowReads, 1 << 20);
+  const early = cache.get("", a);
+  hold = false;
+  await cache.put("", a, result(2));
+  release();
+  await early;
+  await wipe();
+  assert.equal((await cache.get("", a))?.exitCode, 2, "memory holds the put's result");
+});

@@ -1,3 +1,4 @@
+import { PinnedLru } from "../cache/pinned-lru.js";
 import { type Digest, digestKey } from "../digest/digest.js";
 import { ActionResult } from "../gen/build/bazel/remote/execution/v2/remote_execution.js";
 import type { ActionCache } from "./action-cache.js";
@@ -14,60 +15,50 @@ const LARGEST_SHARE = 16;
  * is held here only once it has succeeded there.
  */
 export class MemoryCachedActionCache implements ActionCache {
-  /** Insertion order is recency order: a hit is deleted and set again. */
-  readonly #entries = new Map<string, Uint8Array>();
-  #totalBytes = 0;
+  /** Nothing here is ever pinned: the cache only orders the entries and keeps them within the cap. */
+  readonly #entries: PinnedLru<string, Uint8Array>;
+  /** Puts begun so far. */
+  #puts = 0;
 
   constructor(
     private readonly inner: ActionCache,
     /** Total bytes of encoded results held; the least recently used go first. */
     private readonly maxTotalBytes: number,
-  ) {}
+  ) {
+    this.#entries = new PinnedLru({ maxBytes: maxTotalBytes });
+  }
 
   async get(instanceName: string, actionDigest: Digest): Promise<ActionResult | undefined> {
     const key = keyOf(instanceName, actionDigest);
-    const held = this.#entries.get(key);
-    if (held) {
-      this.#entries.delete(key);
-      this.#entries.set(key, held);
-      return ActionResult.decode(held);
-    }
+    const held = this.#entries.touch(key);
+    if (held) return ActionResult.decode(held);
+    const putsBefore = this.#puts;
     const result = await this.inner.get(instanceName, actionDigest);
-    if (result) this.#remember(key, result);
+    // A put since the read began may have held a newer result, which this older read must not replace.
+    if (result && this.#puts === putsBefore) this.#remember(key, result);
     return result;
   }
 
   async put(instanceName: string, actionDigest: Digest, result: ActionResult): Promise<void> {
     const key = keyOf(instanceName, actionDigest);
     // Whatever happens below, an older result of the action must not be answered from here.
-    this.#forget(key);
+    this.#puts++;
+    void this.#entries.delete(key);
     await this.inner.put(instanceName, actionDigest, result);
     this.#remember(key, result);
   }
 
   /** Bytes held now. */
   get bytes(): number {
-    return this.#totalBytes;
+    return this.#entries.bytes;
   }
 
+  /** Synchronous: without a disposal, the index changes before delete and insert return. */
   #remember(key: string, result: ActionResult): void {
     const encoded = ActionResult.encode(result).finish();
     if (encoded.byteLength > this.maxTotalBytes / LARGEST_SHARE) return;
-    this.#forget(key);
-    this.#entries.set(key, encoded);
-    this.#totalBytes += encoded.byteLength;
-    for (const [oldest, bytes] of this.#entries) {
-      if (this.#totalBytes <= this.maxTotalBytes) break;
-      this.#entries.delete(oldest);
-      this.#totalBytes -= bytes.byteLength;
-    }
-  }
-
-  #forget(key: string): void {
-    const held = this.#entries.get(key);
-    if (held === undefined) return;
-    this.#entries.delete(key);
-    this.#totalBytes -= held.byteLength;
+    void this.#entries.delete(key);
+    void this.#entries.insert(key, encoded, encoded.byteLength);
   }
 }
 
