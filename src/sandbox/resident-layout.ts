@@ -58,11 +58,11 @@ export interface LayoutOptions {
  * (bwrap-args.ts), plus the io directory, and the agent as the sandbox's pid 1.
  *
  * On the host's root the agent and its commands share one view, the host's root read-only with the input
- * root at INPUT_ROOT_MOUNT. Any other root (an image's overlay, the input root itself) may lack the libraries the
- * agent's program needs, so the agent runs on the host's root and the action's root is mounted whole, with its own /proc,
- * /dev, /tmp and /dev/shm, at COMMAND_ROOT, where the agent chroots each command: the command sees only its
- * root, as with a one-shot sandbox. The agent keeps CAP_SYS_CHROOT (of the sandbox's user namespace) for
- * that, and drops it in each command.
+ * root at INPUT_ROOT_MOUNT. Any other root (an image's overlay, the input root itself) may lack the libraries
+ * the agent's program needs, so the agent runs on the host's root and the action's root is mounted whole,
+ * with its own /proc, /dev, /tmp and /dev/shm, at COMMAND_ROOT, where the agent chroots each command: the
+ * command sees only its root, as with a one-shot sandbox. The agent keeps CAP_SYS_CHROOT (of the sandbox's
+ * user namespace) for that, and drops every capability in each command.
  */
 export async function residentLayout(options: LayoutOptions): Promise<ResidentLayout> {
   const { root, inputRoot, ioDir, user, network, limits } = options;
